@@ -1,0 +1,18 @@
+//! Synod: a WASM-pluggable distributed control platform.
+//!
+//! A command's path through a node, and the module that holds each stage:
+//!
+//! - [`runtime`] runs a command-handler component deterministically: a fresh
+//!   wasmtime instance per command, fuel and memory bounds, the plugin's
+//!   key-value namespace behind the `synod:plugin/state` interface, writes
+//!   buffered until the handler returns `ok`.
+//! - [`state`] is the deterministic data model those writes change, and the
+//!   running digest every node keeps of what it applied.
+//! - [`toolchain`] builds plugins from source: a Rust guest crate to
+//!   `wasm32-unknown-unknown`, then to a component.
+//!
+//! `main.rs` only parses the command line and calls into these.
+
+pub mod runtime;
+pub mod state;
+pub mod toolchain;

@@ -1,0 +1,186 @@
+//! The one place where the engine's determinism-relevant settings live.
+//!
+//! In: nothing but these constants (and [`PluginLimits`] per plugin). Out: a
+//! configured [`wasmtime::Engine`] and its [`EngineFingerprint`].
+//!
+//! Every setting that can change what a command computes, how much fuel it
+//! uses or where it traps is here and in the fingerprint: the wasmtime
+//! version, Cranelift, NaN canonicalization, relaxed SIMD, threads, fuel,
+//! the wasm stack size and the target architecture. Nodes whose
+//! fingerprints differ must not form one cluster.
+
+use serde::{Deserialize, Serialize};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Strategy};
+
+/// The exact wasmtime release every node runs (pinned with `=` in
+/// `Cargo.toml`; a test checks the two agree).
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Native stack a command may use, in bytes. Where deep recursion traps
+/// depends on it, so it is part of the fingerprint.
+pub const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// Largest linear memory any plugin may be granted, in bytes; the pooling
+/// allocator reserves slots of this size.
+pub const MAX_MEMORY_CEILING: usize = 256 * 1024 * 1024;
+
+/// Instances that may be live at once across the node (commands run one at a
+/// time; queries and drivers add a few).
+const POOL_INSTANCES: u32 = 64;
+
+/// Core instances a single component may create. wit-component output for a
+/// plugin uses 3 (the module plus its import shims); headroom for adapters.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+
+/// Default per-command resource limits. A plugin may be installed with its
+/// own [`PluginLimits`]; these numbers are documented in `wit/README.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginLimits {
+    /// Fuel per command (≈ one unit per wasm instruction).
+    pub fuel: u64,
+    /// Linear memory per instance, in bytes (at most [`MAX_MEMORY_CEILING`]).
+    pub memory_bytes: usize,
+    /// Largest successful output or error message, in bytes.
+    pub output_bytes: usize,
+    /// Distinct keys one command may write or delete.
+    pub max_writes: usize,
+    /// Largest key, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Total bytes of keys and values one command may write.
+    pub max_write_bytes: usize,
+    /// Events one command may emit.
+    pub max_events: usize,
+    /// Largest event payload, in bytes.
+    pub max_event_bytes: usize,
+    /// Plugin log lines kept per command (more are counted and dropped).
+    pub max_log_lines: usize,
+    /// Longest plugin log line kept, in bytes (longer lines are cut).
+    pub max_log_line_bytes: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            fuel: 100_000_000,
+            memory_bytes: 64 * 1024 * 1024,
+            output_bytes: 1024 * 1024,
+            max_writes: 10_000,
+            max_key_bytes: 1024,
+            max_value_bytes: 1024 * 1024,
+            max_write_bytes: 16 * 1024 * 1024,
+            max_events: 1_000,
+            max_event_bytes: 64 * 1024,
+            max_log_lines: 100,
+            max_log_line_bytes: 1024,
+        }
+    }
+}
+
+/// What a cluster compares between nodes: equal fingerprints mean equal
+/// results, fuel and traps for the same component and inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineFingerprint {
+    /// wasmtime release.
+    pub wasmtime: String,
+    /// Native architecture Cranelift compiles for (stack frame sizes, and so
+    /// where recursion traps, depend on it).
+    pub arch: String,
+    /// Every determinism-relevant engine setting, as `name=value` pairs.
+    pub settings: Vec<String>,
+    /// blake3 over all of the above; the short form shown to operators.
+    pub hash: String,
+}
+
+/// Build the engine every command handler runs on.
+pub fn build_engine() -> Result<(Engine, EngineFingerprint), wasmtime::Error> {
+    let mut config = Config::new();
+    config
+        .strategy(Strategy::Cranelift)
+        // Float results must not depend on the CPU: NaN bit patterns are
+        // canonicalized, relaxed SIMD is off (and deterministic if a later
+        // change turns it on).
+        .cranelift_nan_canonicalization(true)
+        .wasm_relaxed_simd(false)
+        .relaxed_simd_deterministic(true)
+        // Threads: wasmtime is built without its `threads` feature, so the
+        // proposal cannot be enabled at all.
+        // Fuel, not time, bounds a command: it stops at the same instruction
+        // on every node. Epoch interruption would not, so it stays off.
+        .consume_fuel(true)
+        .epoch_interruption(false)
+        .max_wasm_stack(MAX_WASM_STACK)
+        // Trap messages are reported to callers and hashed into the digest;
+        // backtraces carry nothing a node must agree on.
+        .wasm_backtrace_max_frames(None)
+        .memory_init_cow(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling()));
+    let engine = Engine::new(&config)?;
+    Ok((engine, fingerprint()))
+}
+
+fn pooling() -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(POOL_INSTANCES * 2)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_memories_per_component(2)
+        .max_tables_per_component(4)
+        .max_memory_size(MAX_MEMORY_CEILING);
+    pool
+}
+
+fn fingerprint() -> EngineFingerprint {
+    let limits = PluginLimits::default();
+    let settings = vec![
+        "strategy=cranelift".to_owned(),
+        "nan_canonicalization=true".to_owned(),
+        "relaxed_simd=false".to_owned(),
+        "threads=false".to_owned(),
+        "consume_fuel=true".to_owned(),
+        "epoch_interruption=false".to_owned(),
+        format!("max_wasm_stack={MAX_WASM_STACK}"),
+        format!("max_memory_ceiling={MAX_MEMORY_CEILING}"),
+        // Defaults matter for plugins installed without explicit limits.
+        format!("default_limits={limits:?}"),
+    ];
+    let arch = std::env::consts::ARCH.to_owned();
+    let mut h = blake3::Hasher::new_derive_key("synod 2026-11 engine fingerprint v1");
+    h.update(WASMTIME_VERSION.as_bytes());
+    h.update(arch.as_bytes());
+    for s in &settings {
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    EngineFingerprint {
+        wasmtime: WASMTIME_VERSION.to_owned(),
+        arch,
+        settings,
+        hash: h.finalize().to_hex()[..16].to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_version_matches_the_manifest() {
+        let manifest = include_str!("../../../Cargo.toml");
+        assert!(
+            manifest.contains(&format!("version = \"={WASMTIME_VERSION}\"")),
+            "Cargo.toml must pin wasmtime to ={WASMTIME_VERSION}"
+        );
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_engine_builds() {
+        let (_, a) = build_engine().unwrap();
+        let (_, b) = build_engine().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.hash.len(), 16);
+    }
+}

@@ -1,0 +1,39 @@
+//! The deterministic data model: what a command may change, and how every
+//! node proves it changed the same thing.
+//!
+//! In: the effects of one applied command ([`Effects`]: its result, buffered
+//! writes and events). Out: the plugin namespaces after those writes, and a
+//! running [`Digest`] that two nodes compare to detect divergence.
+//!
+//! Everything here is a pure function of its inputs: ordered maps only, no
+//! clocks, no randomness, no hashing with per-process seeds.
+
+mod digest;
+mod kv;
+
+pub use digest::Digest;
+pub use kv::{KvState, Namespace, StateReadError, StateView, WriteSet};
+
+use serde::{Deserialize, Serialize};
+
+/// One event a handler emitted, published after its command commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Dot-separated topic, relative to the plugin (`heater.on`).
+    pub topic: String,
+    /// Opaque payload (JSON by convention).
+    pub payload: Vec<u8>,
+}
+
+/// Everything one command changed or produced that every node must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// The handler's output on success, or the deterministic error text.
+    pub result: Result<Vec<u8>, String>,
+    /// State writes to commit (empty when the command failed).
+    pub writes: WriteSet,
+    /// Events to publish (empty when the command failed).
+    pub events: Vec<Event>,
+    /// Fuel the command consumed: part of the contract, so part of the digest.
+    pub fuel_used: u64,
+}

@@ -1,0 +1,72 @@
+//! `counter`: the smallest useful plugin. One integer, three operations.
+//!
+//! - command `increment` `{"by": n}` (default 1) → `{"value": v}`
+//! - command `reset` `{}` → `{"value": 0}`, emits `reset`
+//! - query `get` → `{"value": v}`
+//!
+//! Non-numeric input is refused as invalid input; overflow is rejected.
+
+use serde::{Deserialize, Serialize};
+use synod_sdk::{Command, Context, Error, Plugin, events, export_plugin, reply, state};
+
+struct Counter;
+
+const KEY: &str = "value";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Increment {
+    #[serde(default = "one")]
+    by: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Serialize)]
+struct Value {
+    value: i64,
+}
+
+fn current() -> Result<i64, Error> {
+    Ok(state::get::<i64>(KEY)?.unwrap_or(0))
+}
+
+impl Plugin for Counter {
+    const COMMANDS: &'static [&'static str] = &["increment", "reset"];
+    const QUERIES: &'static [&'static str] = &["get"];
+
+    fn handle(_ctx: &Context, command: &Command) -> Result<Vec<u8>, Error> {
+        match command.name.as_str() {
+            "increment" => {
+                let Increment { by } = if command.payload.is_empty() {
+                    Increment { by: 1 }
+                } else {
+                    command.json()?
+                };
+                let value = current()?
+                    .checked_add(by)
+                    .ok_or_else(|| Error::rejected(format!("adding {by} would overflow the counter")))?;
+                state::set(KEY, &value)?;
+                reply(&Value { value })
+            }
+            "reset" => {
+                let previous = current()?;
+                state::set(KEY, &0i64)?;
+                events::emit("reset", &serde_json::json!({ "previous": previous }))?;
+                reply(&Value { value: 0 })
+            }
+            other => Err(Error::invalid(format!("unknown command `{other}`"))),
+        }
+    }
+
+    fn query(_ctx: &Context, name: &str, _payload: &[u8]) -> Result<Vec<u8>, Error> {
+        match name {
+            "get" => reply(&Value { value: current()? }),
+            other => Err(Error::invalid(format!("unknown query `{other}`"))),
+        }
+    }
+}
+
+export_plugin!(Counter);
