@@ -6,6 +6,9 @@
 //!   wasmtime instance per command, fuel and memory bounds, the plugin's
 //!   key-value namespace behind the `synod:plugin/state` interface, writes
 //!   buffered until the handler returns `ok`.
+//! - [`apply`] is the only writer of replicated state: it runs each
+//!   committed command on the plugin's active version, commits the writes of
+//!   those that succeed and chains every outcome into the state digest.
 //! - [`state`] is the deterministic data model those writes change, and the
 //!   running digest every node keeps of what it applied.
 //! - [`toolchain`] builds plugins from source: a Rust guest crate to
@@ -13,6 +16,9 @@
 //!
 //! `main.rs` only parses the command line and calls into these.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod apply;
 pub mod runtime;
 pub mod state;
 pub mod toolchain;

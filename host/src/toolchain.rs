@@ -7,8 +7,10 @@
 //! it has the `wasm32-unknown-unknown` target installed; otherwise a Debian
 //! rustc unpacked by `sdk/install-wasm-toolchain.sh` (into
 //! `$SYNOD_WASM_RUST`, default `~/.cache/synod-wasm-rust`), which builds the
-//! standard library from source. Compiler errors reach the user verbatim on
-//! stderr.
+//! standard library from source. When neither is there and the machine has
+//! apt-get, the build runs that script itself (it is compiled into `synod`)
+//! unless `SYNOD_NO_TOOLCHAIN_INSTALL` is set. Compiler errors reach the user
+//! verbatim on stderr.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -112,6 +114,36 @@ pub struct BuildOptions {
     pub out_dir: Option<PathBuf>,
 }
 
+/// The fallback installer, `sdk/install-wasm-toolchain.sh`.
+const INSTALL_SCRIPT: &str = include_str!("../../sdk/install-wasm-toolchain.sh");
+
+/// Find the guest toolchain, installing the fallback if that is possible and
+/// allowed (see the module docs).
+pub fn detect_or_install() -> Result<Toolchain, BuildError> {
+    let missing = match detect() {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    let has_apt = Command::new("apt-get").arg("--version").stdout(Stdio::null()).status().is_ok();
+    if std::env::var_os("SYNOD_NO_TOOLCHAIN_INSTALL").is_some() || !has_apt {
+        return Err(missing);
+    }
+    eprintln!(
+        "synod: rustup has no {TARGET} target here; installing the fallback toolchain into {} \
+         (set SYNOD_NO_TOOLCHAIN_INSTALL=1 to skip)",
+        fallback_root().display()
+    );
+    let status = Command::new("bash")
+        .args(["-c", INSTALL_SCRIPT])
+        .env("SYNOD_WASM_RUST", fallback_root())
+        .status()
+        .map_err(|source| BuildError::Spawn { program: "bash".into(), source })?;
+    if !status.success() {
+        return Err(missing);
+    }
+    detect()
+}
+
 /// Find the guest toolchain (see the module docs for the order).
 pub fn detect() -> Result<Toolchain, BuildError> {
     let sysroot = host_sysroot()?;
@@ -172,7 +204,7 @@ fn guest_cargo(dir: &Path) -> Command {
 /// Build every plugin crate under `dir` (a crate or a workspace) and turn
 /// each into a component.
 pub fn build(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, BuildError> {
-    let toolchain = detect()?;
+    let toolchain = detect_or_install()?;
     let dir = &dir.canonicalize().map_err(|source| BuildError::Io { path: dir.to_owned(), source })?;
     let meta = metadata(dir)?;
     let target_dir = options

@@ -1,1 +1,10 @@
+//! Runtime tests: real components built from `plugins/` by the project's
+//! own plugin build, run through the library's apply stage.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod determinism;
+mod harness;
+mod isolation;
+mod load_errors;
+mod misbehave;

@@ -10,5 +10,5 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use exports::synod::plugin::handler::{Command, CommandContext, Error as GuestError};
-pub use synod::plugin::types::HostError;
+pub use self::exports::synod::plugin::handler::{Command, CommandContext, Error as GuestError};
+pub use self::synod::plugin::types::HostError;

@@ -71,6 +71,9 @@ pub enum LoadError {
     /// `describe` failed, so the host cannot know its commands.
     #[error("the plugin's `describe` failed: {0}")]
     Describe(CommandError),
+    /// `describe` listed a name the host cannot route.
+    #[error("the plugin's `describe` lists a bad name: {0}")]
+    BadName(#[from] crate::state::NameError),
     /// Limits asked for beyond what this node can grant.
     #[error("invalid plugin limits: {reason}")]
     Limits {
@@ -87,6 +90,12 @@ pub enum LoadError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandError {
+    /// No plugin of this name is installed.
+    #[error("unknown plugin `{name}`")]
+    UnknownPlugin {
+        /// The name asked for.
+        name: String,
+    },
     /// The plugin does not list this command in `describe`.
     #[error("unknown command `{name}`")]
     UnknownCommand {

@@ -162,6 +162,12 @@ impl Runtime {
             sha256: sha2::Sha256::digest(bytes).into(),
         };
         plugin.info = plugin.describe().map_err(LoadError::Describe)?;
+        for name in &plugin.info.commands {
+            crate::state::check_name("command", name)?;
+        }
+        for name in &plugin.info.queries {
+            crate::state::check_name("query", name)?;
+        }
         Ok(plugin)
     }
 
@@ -391,7 +397,8 @@ impl Plugin {
 }
 
 impl Outcome {
-    fn failed(error: CommandError) -> Self {
+    /// An outcome that never reached the guest.
+    pub fn failed(error: CommandError) -> Self {
         Outcome {
             result: Err(error),
             fuel_used: 0,

@@ -10,9 +10,11 @@
 
 mod digest;
 mod kv;
+mod name;
 
 pub use digest::Digest;
 pub use kv::{KvState, Namespace, StateReadError, StateView, WriteSet};
+pub use name::{MAX_NAME_BYTES, NameError, check_name, parse_name};
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,89 @@
+//! Builds the example plugins once per test process and gives each test its
+//! own node: a runtime and a state machine of its own.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use synod::apply::StateMachine;
+use synod::runtime::{Context, Outcome, PluginLimits, Runtime};
+use synod::toolchain::{BuildOptions, BuiltPlugin};
+
+/// The example plugins, built from source with `synod plugin build`'s code.
+pub fn built() -> &'static BTreeMap<String, BuiltPlugin> {
+    static BUILT: OnceLock<BTreeMap<String, BuiltPlugin>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let built = synod::toolchain::build(&dir, &BuildOptions::default())
+            .unwrap_or_else(|e| panic!("building plugins/ failed: {e}"));
+        built.into_iter().map(|b| (b.name.clone(), b)).collect()
+    })
+}
+
+/// The component bytes of an example plugin.
+pub fn component(name: &str) -> Vec<u8> {
+    let b = &built()[name];
+    std::fs::read(&b.component).unwrap()
+}
+
+/// The core module an example plugin's component was made from.
+pub fn core_module(name: &str) -> Vec<u8> {
+    std::fs::read(&built()[name].core_module).unwrap()
+}
+
+/// The `wit/` directory.
+pub fn wit_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wit")
+}
+
+/// One node's runtime stage: what a cluster member runs for every entry.
+pub struct Node {
+    pub sm: StateMachine,
+    next_index: u64,
+}
+
+impl Node {
+    /// A node with `installs` = (name, example plugin) active.
+    pub fn new(installs: &[(&str, &str)]) -> Node {
+        let runtime = Runtime::new().unwrap();
+        let mut sm = StateMachine::default();
+        for (name, plugin) in installs {
+            let p = runtime.load(&component(plugin), PluginLimits::default()).unwrap();
+            sm.activate(name, Arc::new(p));
+        }
+        Node { sm, next_index: 1 }
+    }
+
+    /// The context of the next entry: index-derived, like a leader's.
+    fn next_ctx(&mut self) -> Context {
+        let index = self.next_index;
+        self.next_index += 1;
+        Context { index, term: 1 + index / 100, timestamp_ms: 1_800_000_000_000 + index * 7, caller: "test".into() }
+    }
+
+    /// Apply a command with a JSON payload as the next log entry.
+    pub fn cmd(&mut self, plugin: &str, command: &str, payload: serde_json::Value) -> Outcome {
+        let bytes = serde_json::to_vec(&payload).unwrap();
+        self.cmd_raw(plugin, command, &bytes)
+    }
+
+    /// Apply a command with raw payload bytes as the next log entry.
+    pub fn cmd_raw(&mut self, plugin: &str, command: &str, payload: &[u8]) -> Outcome {
+        let ctx = self.next_ctx();
+        self.sm.apply_command(&ctx, plugin, command, payload).unwrap()
+    }
+
+    /// Run a query against the current state.
+    pub fn query(&self, plugin: &str, name: &str, payload: serde_json::Value) -> Outcome {
+        let ctx = Context { index: self.sm.last_applied(), term: 1, timestamp_ms: 0, caller: "test".into() };
+        self.sm.query(&ctx, plugin, name, &serde_json::to_vec(&payload).unwrap())
+    }
+}
+
+/// The JSON output of a successful outcome.
+pub fn ok_json(outcome: &Outcome) -> serde_json::Value {
+    match &outcome.result {
+        Ok(bytes) => serde_json::from_slice(bytes).unwrap(),
+        Err(e) => panic!("expected success, got {e:?} (logs: {:?})", outcome.logs),
+    }
+}
