@@ -42,4 +42,5 @@ for deb in "$work"/*.deb; do
     dpkg -x "$deb" "$dest"
 done
 touch "$dest/.complete"
-echo "wasm toolchain: installed $("$dest/usr/bin/rustc" --version 2>/dev/null || echo rustc) in $dest"
+libs="$dest/usr/lib/$(uname -m)-linux-gnu:$dest/usr/lib:$dest/usr/lib/llvm-22/lib"
+echo "wasm toolchain: installed $(LD_LIBRARY_PATH="$libs" "$dest/usr/bin/rustc" --version 2>/dev/null || echo rustc) in $dest"
