@@ -14,11 +14,26 @@
 //! - [`toolchain`] builds plugins from source: a Rust guest crate to
 //!   `wasm32-unknown-unknown`, then to a component.
 //!
+//! - [`api`] takes requests in over HTTP; [`node`] wires a running node:
+//!   the libp2p transport ([`p2p`]), Raft ([`consensus`]: types, the redb
+//!   log store, the state machine store, the network), the plugin store
+//!   ([`artifacts`]) and the operations the API offers.
+//! - [`dev`] runs a local three-node cluster; [`client`] is the CLI's HTTP
+//!   client; [`config`] is `synod.toml`.
+//!
 //! `main.rs` only parses the command line and calls into these.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod api;
 pub mod apply;
+pub mod artifacts;
+pub mod client;
+pub mod config;
+pub mod consensus;
+pub mod dev;
+pub mod node;
+pub mod p2p;
 pub mod runtime;
 pub mod state;
 pub mod toolchain;

@@ -11,11 +11,72 @@ use clap::{Parser, Subcommand};
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Cmd,
+    command: Action,
 }
 
 #[derive(Subcommand)]
-enum Cmd {
+enum Action {
+    /// Run a node.
+    Node {
+        /// The node's TOML config.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Override `id`.
+        #[arg(long)]
+        id: Option<u64>,
+        /// Override `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override `http` (listen address).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// Override `p2p` (listen multiaddr).
+        #[arg(long)]
+        p2p: Option<String>,
+    },
+    /// Run a three-node cluster on loopback (Ctrl-C stops it).
+    Dev {
+        /// Where the nodes keep their keys, configs, logs and data.
+        #[arg(long, default_value = ".synod-dev")]
+        dir: PathBuf,
+    },
+    /// Print the PeerId of the key in a data dir (creating the key).
+    NodeId {
+        /// The node's data dir.
+        data_dir: PathBuf,
+    },
+    /// Run a command through the cluster: `synod cmd counter increment '{"by":2}'`.
+    Cmd {
+        /// Plugin name.
+        plugin: String,
+        /// Command name.
+        command: String,
+        /// JSON payload.
+        #[arg(default_value = "")]
+        payload: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Ask a plugin a read-only question.
+    Query {
+        /// Plugin name.
+        plugin: String,
+        /// Query name.
+        query: String,
+        /// JSON payload.
+        #[arg(default_value = "")]
+        payload: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Show the cluster: leader, members, applied index and digest per node.
+    Status {
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
     /// Work with plugins.
     Plugin {
         #[command(subcommand)]
@@ -42,6 +103,40 @@ enum PluginCmd {
         /// the guest workspace).
         #[arg(long)]
         target_dir: Option<PathBuf>,
+        /// Cargo features to enable (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+    },
+    /// Upload a component as a new version of a plugin (the first version
+    /// of a plugin becomes active at once).
+    Push {
+        /// The component file.
+        file: PathBuf,
+        /// Plugin name.
+        #[arg(long)]
+        name: String,
+        /// Version label.
+        #[arg(long)]
+        version: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// List plugins and their versions.
+    List {
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Make a version active (hot reload; activate an older one to roll back).
+    Activate {
+        /// Plugin name.
+        name: String,
+        /// Version label.
+        version: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
     },
     /// Validate a component as a command handler and print what it declares.
     Inspect {
@@ -54,6 +149,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,16 +160,73 @@ fn main() -> ExitCode {
     }
 }
 
+fn print(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn node(config: PathBuf, id: Option<u64>, data_dir: Option<PathBuf>, http: Option<std::net::SocketAddr>, p2p: Option<String>) -> anyhow::Result<()> {
+    let mut config = synod::config::NodeConfig::load(&config)?;
+    config.id = id.unwrap_or(config.id);
+    config.data_dir = data_dir.unwrap_or(config.data_dir);
+    config.http = http.unwrap_or(config.http);
+    config.p2p = p2p.unwrap_or(config.p2p);
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", config.http))?;
+    let node = synod::node::RunningNode::start(config, listener).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn payload(text: String) -> Vec<u8> {
+    text.into_bytes()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run_async(cli))
+}
+
+async fn run_async(cli: Cli) -> anyhow::Result<()> {
+    use synod::client::Client;
     match cli.command {
-        Cmd::Plugin { command: PluginCmd::Build { dir, packages, out_dir, target_dir } } => {
-            let options = synod::toolchain::BuildOptions { packages, target_dir, out_dir };
+        Action::Node { config, id, data_dir, http, p2p } => node(config, id, data_dir, http, p2p).await?,
+        Action::Dev { dir } => synod::dev::run(&dir, &std::env::current_exe()?).await?,
+        Action::NodeId { data_dir } => {
+            let key = synod::p2p::identity::load_or_create(&data_dir)?;
+            println!("{}", key.public().to_peer_id());
+        }
+        Action::Cmd { plugin, command, payload: p, node } => {
+            print(&Client::new(&node).post(&format!("/v1/commands/{plugin}/{command}"), payload(p)).await?)?
+        }
+        Action::Query { plugin, query, payload: p, node } => {
+            print(&Client::new(&node).post(&format!("/v1/queries/{plugin}/{query}"), payload(p)).await?)?
+        }
+        Action::Status { node } => print(&Client::new(&node).get("/v1/cluster").await?)?,
+        Action::Plugin { command: PluginCmd::Push { file, name, version, node } } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            print(&Client::new(&node).post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?
+        }
+        Action::Plugin { command: PluginCmd::List { node } } => print(&Client::new(&node).get("/v1/plugins").await?)?,
+        Action::Plugin { command: PluginCmd::Activate { name, version, node } } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "version": version }))?;
+            print(&Client::new(&node).post(&format!("/v1/plugins/{name}/activate"), body).await?)?
+        }
+        Action::Plugin { command: PluginCmd::Build { dir, packages, out_dir, target_dir, features } } => {
+            let options = synod::toolchain::BuildOptions { packages, target_dir, out_dir, features };
             for built in synod::toolchain::build(&dir, &options)? {
                 let size = std::fs::metadata(&built.component)?.len();
                 println!("{}\t{}\t{size} bytes", built.name, built.component.display());
             }
         }
-        Cmd::Plugin { command: PluginCmd::Inspect { file } } => {
+        Action::Plugin { command: PluginCmd::Inspect { file } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let runtime = synod::runtime::Runtime::new()?;
             let plugin = runtime.load(&bytes, synod::runtime::PluginLimits::default())?;
@@ -85,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
-        Cmd::Engine => {
+        Action::Engine => {
             let runtime = synod::runtime::Runtime::new()?;
             println!("{}", serde_json::to_string_pretty(runtime.fingerprint())?);
         }

@@ -112,6 +112,8 @@ pub struct BuildOptions {
     pub target_dir: Option<PathBuf>,
     /// Where components go (default: `<target_dir>/components`).
     pub out_dir: Option<PathBuf>,
+    /// Cargo features to enable in the plugin crates.
+    pub features: Vec<String>,
 }
 
 /// The fallback installer, `sdk/install-wasm-toolchain.sh`.
@@ -226,6 +228,9 @@ pub fn build(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, Bui
     cmd.args(["build", "--release", "--target", TARGET, "--target-dir"]).arg(&target_dir);
     for p in &wanted {
         cmd.args(["-p", &p.name]);
+    }
+    if !options.features.is_empty() {
+        cmd.arg("--features").arg(options.features.join(","));
     }
     if let Toolchain::Fallback { root, linker } = &toolchain {
         let lib = |p: &str| root.join(p).display().to_string();

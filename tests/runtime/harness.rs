@@ -1,35 +1,13 @@
 //! Builds the example plugins once per test process and gives each test its
 //! own node: a runtime and a state machine of its own.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use synod::apply::StateMachine;
 use synod::runtime::{Context, Outcome, PluginLimits, Runtime};
-use synod::toolchain::{BuildOptions, BuiltPlugin};
 
-/// The example plugins, built from source with `synod plugin build`'s code.
-pub fn built() -> &'static BTreeMap<String, BuiltPlugin> {
-    static BUILT: OnceLock<BTreeMap<String, BuiltPlugin>> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
-        let built = synod::toolchain::build(&dir, &BuildOptions::default())
-            .unwrap_or_else(|e| panic!("building plugins/ failed: {e}"));
-        built.into_iter().map(|b| (b.name.clone(), b)).collect()
-    })
-}
-
-/// The component bytes of an example plugin.
-pub fn component(name: &str) -> Vec<u8> {
-    let b = &built()[name];
-    std::fs::read(&b.component).unwrap()
-}
-
-/// The core module an example plugin's component was made from.
-pub fn core_module(name: &str) -> Vec<u8> {
-    std::fs::read(&built()[name].core_module).unwrap()
-}
+pub use crate::plugins::{component, core_module};
 
 /// The `wit/` directory.
 pub fn wit_dir() -> PathBuf {

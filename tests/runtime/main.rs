@@ -8,3 +8,5 @@ mod harness;
 mod isolation;
 mod load_errors;
 mod misbehave;
+#[path = "../common/plugins.rs"]
+mod plugins;

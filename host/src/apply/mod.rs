@@ -1,9 +1,10 @@
 //! Apply stage: the only writer of replicated state.
 //!
-//! In: committed commands in log order, each with its [`Context`]. Out: the
-//! command's [`Outcome`] for the caller, and the state after it — plugin
-//! namespaces, the running [`Digest`] and the last applied index — identical
-//! on every node that applied the same entries with the same plugins.
+//! In: committed operations in log order — commands, and plugin lifecycle
+//! changes (install, activate, remove) — each with its [`Context`]. Out: the
+//! operation's result for the caller, and the state after it — plugin
+//! namespaces, the plugin registry, the running [`Digest`] and the last
+//! applied index — identical on every node that applied the same entries.
 //!
 //! A failed command is still applied: its error is the deterministic result,
 //! its writes are dropped, and the digest records it. Only a local fault
@@ -12,8 +13,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::runtime::{CommandError, Context, Outcome, Plugin};
-use crate::state::{Digest, KvState};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{CommandError, Context, Outcome, Plugin, PluginLimits};
+use crate::state::{Digest, Effects, KvState, WriteSet};
 
 /// A local fault while applying: this node cannot apply the entry and must
 /// not pretend it did (other nodes may have applied it fine).
@@ -37,22 +40,71 @@ pub enum ApplyError {
     },
 }
 
+/// One installed version of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// sha256 of the component bytes, hex: where to find them.
+    pub sha256: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// Per-command limits of this version.
+    pub limits: PluginLimits,
+    /// Log index of the install entry.
+    pub installed_at: u64,
+}
+
+/// A plugin's versions and which one runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// Installed versions by label.
+    pub versions: BTreeMap<String, VersionRecord>,
+    /// The version commands run on.
+    pub active: Option<String>,
+    /// Log index where `active` became active.
+    pub activated_at: u64,
+}
+
+/// One plugin's namespace as plain data: (plugin, [(key, value)]).
+pub type NamespaceImage = (String, Vec<(String, Vec<u8>)>);
+
+/// The replicated state as plain data: what a snapshot carries (besides the
+/// plugin bytes, which the consensus layer adds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// Plugin namespaces: (plugin, [(key, value)]) in order.
+    pub kv: Vec<NamespaceImage>,
+    /// Running digest.
+    pub digest: [u8; 32],
+    /// Last applied operation index.
+    pub last_applied: u64,
+    /// The plugin registry.
+    pub registry: BTreeMap<String, PluginRecord>,
+}
+
 /// The replicated state of one node, and the plugins that change it.
 #[derive(Default)]
 pub struct StateMachine {
-    /// Active version of each plugin by name.
+    /// Which versions exist and which is active, per plugin name.
+    registry: BTreeMap<String, PluginRecord>,
+    /// Compiled active version of each plugin by name.
     plugins: BTreeMap<String, Arc<Plugin>>,
     /// Plugin key-value data.
     kv: KvState,
-    /// Running digest of every applied entry's effects.
+    /// Running digest of every applied operation's effects.
     digest: Digest,
-    /// Index of the last applied entry (0 before the first).
+    /// Index of the last applied operation (0 before the first).
     last_applied: u64,
+    /// Recent (index, digest) pairs, so nodes at different positions can
+    /// still compare at a common index.
+    history: std::collections::VecDeque<(u64, Digest)>,
 }
+
+/// How many recent digests to keep for comparison.
+const HISTORY: usize = 4096;
 
 impl StateMachine {
     /// Make `plugin` the active version of `name` for entries applied from
-    /// now on.
+    /// now on, outside the log (tests and tools that have no cluster).
     pub fn activate(&mut self, name: &str, plugin: Arc<Plugin>) {
         self.plugins.insert(name.to_owned(), plugin);
     }
@@ -60,6 +112,48 @@ impl StateMachine {
     /// The active version of `name`.
     pub fn plugin(&self, name: &str) -> Option<&Arc<Plugin>> {
         self.plugins.get(name)
+    }
+
+    /// The plugin registry.
+    pub fn registry(&self) -> &BTreeMap<String, PluginRecord> {
+        &self.registry
+    }
+
+    fn check_order(&self, index: u64) -> Result<(), ApplyError> {
+        if index <= self.last_applied {
+            return Err(ApplyError::OutOfOrder { index, last_applied: self.last_applied });
+        }
+        Ok(())
+    }
+
+    /// Record a lifecycle result under `name` in the digest.
+    fn commit_lifecycle(&mut self, index: u64, name: &str, result: &Result<Vec<u8>, CommandError>) {
+        let effects = Effects {
+            result: result.clone().map_err(|e| e.to_string()),
+            writes: WriteSet::default(),
+            events: Vec::new(),
+            fuel_used: 0,
+        };
+        self.digest = self.digest.chain(index, name, &effects);
+        self.advance(index);
+    }
+
+    fn advance(&mut self, index: u64) {
+        self.last_applied = index;
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((index, self.digest));
+    }
+
+    /// The digest right after operation `index`, if it is recent enough to
+    /// be remembered (or is the current one).
+    pub fn digest_at(&self, index: u64) -> Option<Digest> {
+        if index == self.last_applied {
+            return Some(self.digest);
+        }
+        let pos = self.history.binary_search_by_key(&index, |(i, _)| *i).ok()?;
+        Some(self.history[pos].1)
     }
 
     /// Apply one committed command at `ctx.index`.
@@ -70,9 +164,7 @@ impl StateMachine {
         command: &str,
         payload: &[u8],
     ) -> Result<Outcome, ApplyError> {
-        if ctx.index <= self.last_applied {
-            return Err(ApplyError::OutOfOrder { index: ctx.index, last_applied: self.last_applied });
-        }
+        self.check_order(ctx.index)?;
         let outcome = match self.plugins.get(plugin) {
             Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin))),
             None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
@@ -82,8 +174,95 @@ impl StateMachine {
         }
         self.kv.apply(plugin, &outcome.writes);
         self.digest = self.digest.chain(ctx.index, plugin, &outcome.effects());
-        self.last_applied = ctx.index;
+        self.advance(ctx.index);
         Ok(outcome)
+    }
+
+    /// Apply an install of `version` of `name`; `plugin` is the compiled
+    /// component the record names. The first version becomes active.
+    pub fn apply_install(
+        &mut self,
+        index: u64,
+        name: &str,
+        version: &str,
+        record: VersionRecord,
+        plugin: Arc<Plugin>,
+    ) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let entry = self.registry.entry(name.to_owned()).or_default();
+        let result = match entry.versions.get(version) {
+            Some(existing) if existing.sha256 != record.sha256 => Err(CommandError::Lifecycle {
+                message: format!(
+                    "plugin `{name}` already has a version `{version}` with other bytes ({}); \
+                     choose a new version label",
+                    existing.sha256
+                ),
+            }),
+            _ => {
+                let sha256 = record.sha256.clone();
+                entry.versions.insert(version.to_owned(), record);
+                let activated = entry.active.is_none();
+                if activated {
+                    entry.active = Some(version.to_owned());
+                    entry.activated_at = index;
+                    self.plugins.insert(name.to_owned(), plugin);
+                }
+                Ok(lifecycle_reply(name, version, &sha256, activated))
+            }
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
+    }
+
+    /// The record of `version` of `name`, if installed.
+    pub fn version(&self, name: &str, version: &str) -> Option<&VersionRecord> {
+        self.registry.get(name).and_then(|r| r.versions.get(version))
+    }
+
+    /// Apply an activation: commands from the next entry on run `version`.
+    /// `plugin` is `None` when the version is not installed (an error result).
+    pub fn apply_activate(
+        &mut self,
+        index: u64,
+        name: &str,
+        version: &str,
+        plugin: Option<Arc<Plugin>>,
+    ) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let result = match (self.registry.get_mut(name), plugin) {
+            (Some(record), Some(plugin)) if record.versions.contains_key(version) => {
+                let sha256 = record.versions[version].sha256.clone();
+                record.active = Some(version.to_owned());
+                record.activated_at = index;
+                self.plugins.insert(name.to_owned(), plugin);
+                Ok(lifecycle_reply(name, version, &sha256, true))
+            }
+            (None, _) => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
+            _ => Err(CommandError::Lifecycle {
+                message: format!("plugin `{name}` has no version `{version}`"),
+            }),
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
+    }
+
+    /// Apply a removal of `name` and all its versions. Its state namespace
+    /// stays: a later install under the same name sees it again.
+    pub fn apply_remove(
+        &mut self,
+        index: u64,
+        name: &str,
+    ) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let result = match self.registry.remove(name) {
+            Some(_) => {
+                self.plugins.remove(name);
+                Ok(serde_json::to_vec(&serde_json::json!({ "removed": name })).unwrap_or_default())
+            }
+            None => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
     }
 
     /// Run a read-only query against the current state.
@@ -104,8 +283,52 @@ impl StateMachine {
         self.digest
     }
 
-    /// Index of the last applied entry.
+    /// Index of the last applied operation.
     pub fn last_applied(&self) -> u64 {
         self.last_applied
     }
+
+    /// The state as plain data, for a snapshot.
+    pub fn image(&self) -> Image {
+        Image {
+            kv: self
+                .kv
+                .namespaces()
+                .map(|(name, ns)| {
+                    (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect())
+                })
+                .collect(),
+            digest: self.digest.0,
+            last_applied: self.last_applied,
+            registry: self.registry.clone(),
+        }
+    }
+
+    /// Rebuild from a snapshot's image; `load` compiles each active version.
+    pub fn restore<E>(
+        image: Image,
+        mut load: impl FnMut(&VersionRecord) -> Result<Arc<Plugin>, E>,
+    ) -> Result<StateMachine, E> {
+        let mut plugins = BTreeMap::new();
+        for (name, record) in &image.registry {
+            if let Some(v) = record.active.as_ref().and_then(|a| record.versions.get(a)) {
+                plugins.insert(name.clone(), load(v)?);
+            }
+        }
+        Ok(StateMachine {
+            registry: image.registry,
+            plugins,
+            kv: KvState::from_parts(image.kv),
+            digest: Digest(image.digest),
+            last_applied: image.last_applied,
+            history: std::collections::VecDeque::new(),
+        })
+    }
+}
+
+fn lifecycle_reply(name: &str, version: &str, sha256: &str, active: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "plugin": name, "version": version, "sha256": sha256, "active": active,
+    }))
+    .unwrap_or_default()
 }

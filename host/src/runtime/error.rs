@@ -96,6 +96,13 @@ pub enum CommandError {
         /// The name asked for.
         name: String,
     },
+    /// A plugin lifecycle operation could not be applied (unknown version,
+    /// a version label reused for other bytes).
+    #[error("{message}")]
+    Lifecycle {
+        /// What was wrong.
+        message: String,
+    },
     /// The plugin does not list this command in `describe`.
     #[error("unknown command `{name}`")]
     UnknownCommand {

@@ -135,6 +135,45 @@ impl Runtime {
 
     /// Validate and compile a command-handler component, ready to run.
     pub fn load(&self, bytes: &[u8], limits: PluginLimits) -> Result<Plugin, LoadError> {
+        self.check_bytes(bytes, &limits)?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        self.finish(component, sha2::Sha256::digest(bytes).into(), limits)
+    }
+
+    /// Validate and compile `bytes` to this engine's native artifact, for a
+    /// compile cache ([`Runtime::load_precompiled`] loads it back).
+    pub fn precompile(&self, bytes: &[u8], limits: &PluginLimits) -> Result<Vec<u8>, LoadError> {
+        self.check_bytes(bytes, limits)?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        self.check_world(&component)?;
+        component.serialize().map_err(|e| LoadError::Compile { reason: format!("{e:#}") })
+    }
+
+    /// Load an artifact made by [`Runtime::precompile`] on an engine with
+    /// this fingerprint; `sha256` is that of the original component.
+    ///
+    /// # Safety
+    ///
+    /// `artifact` must come from [`Runtime::precompile`] of a node with the
+    /// same engine fingerprint and must not have been tampered with: wasmtime
+    /// checks its header, not its code. Keep such artifacts in a directory
+    /// only this node writes.
+    pub unsafe fn load_precompiled(
+        &self,
+        artifact: &[u8],
+        sha256: [u8; 32],
+        limits: PluginLimits,
+    ) -> Result<Plugin, LoadError> {
+        check_limits(&limits)?;
+        // SAFETY: the caller guarantees the artifact's origin (see above).
+        let component = unsafe { Component::deserialize(&self.engine, artifact) }
+            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        self.finish(component, sha256, limits)
+    }
+
+    fn check_bytes(&self, bytes: &[u8], limits: &PluginLimits) -> Result<(), LoadError> {
         if bytes.len() > self.max_component_bytes {
             return Err(LoadError::TooLarge { size: bytes.len(), limit: self.max_component_bytes });
         }
@@ -144,9 +183,15 @@ impl Runtime {
         if wasmparser::Parser::is_core_wasm(bytes) {
             return Err(LoadError::CoreModule);
         }
-        check_limits(&limits)?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        check_limits(limits)
+    }
+
+    fn finish(
+        &self,
+        component: Component,
+        sha256: [u8; 32],
+        limits: PluginLimits,
+    ) -> Result<Plugin, LoadError> {
         self.check_world(&component)?;
         let pre = self
             .linker
@@ -154,13 +199,8 @@ impl Runtime {
             .map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
         let pre = CommandHandlerPre::new(pre)
             .map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
-        let mut plugin = Plugin {
-            pre,
-            engine: self.engine.clone(),
-            limits,
-            info: PluginInfo::default(),
-            sha256: sha2::Sha256::digest(bytes).into(),
-        };
+        let mut plugin =
+            Plugin { pre, engine: self.engine.clone(), limits, info: PluginInfo::default(), sha256 };
         plugin.info = plugin.describe().map_err(LoadError::Describe)?;
         for name in &plugin.info.commands {
             crate::state::check_name("command", name)?;

@@ -148,6 +148,20 @@ impl KvState {
         self.namespaces.get(plugin).cloned().unwrap_or_default()
     }
 
+    /// Every namespace in name order (for snapshots).
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Namespace)> {
+        self.namespaces.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Rebuild from `(plugin, entries)` pairs (a snapshot).
+    pub fn from_parts(parts: Vec<crate::apply::NamespaceImage>) -> KvState {
+        let namespaces = parts
+            .into_iter()
+            .map(|(name, entries)| (name, Namespace(Arc::new(entries.into_iter().collect()))))
+            .collect();
+        KvState { namespaces }
+    }
+
     /// Commit a command's writes to `plugin`'s namespace.
     pub fn apply(&mut self, plugin: &str, writes: &WriteSet) {
         if writes.is_empty() {

@@ -5,6 +5,7 @@
 //! - query `get` → `{"value": v}`
 //!
 //! Non-numeric input is refused as invalid input; overflow is rejected.
+//! Built with `--features v2`, every reply also carries `"version": 2`.
 
 use serde::{Deserialize, Serialize};
 use synod_sdk::{Command, Context, Error, Plugin, events, export_plugin, reply, state};
@@ -27,7 +28,13 @@ fn one() -> i64 {
 #[derive(Serialize)]
 struct Value {
     value: i64,
+    /// Present in the `v2` build only: which release answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
 }
+
+/// `Some(2)` in the `v2` build.
+const VERSION: Option<u32> = if cfg!(feature = "v2") { Some(2) } else { None };
 
 fn current() -> Result<i64, Error> {
     Ok(state::get::<i64>(KEY)?.unwrap_or(0))
@@ -49,13 +56,13 @@ impl Plugin for Counter {
                     .checked_add(by)
                     .ok_or_else(|| Error::rejected(format!("adding {by} would overflow the counter")))?;
                 state::set(KEY, &value)?;
-                reply(&Value { value })
+                reply(&Value { value, version: VERSION })
             }
             "reset" => {
                 let previous = current()?;
                 state::set(KEY, &0i64)?;
                 events::emit("reset", &serde_json::json!({ "previous": previous }))?;
-                reply(&Value { value: 0 })
+                reply(&Value { value: 0, version: VERSION })
             }
             other => Err(Error::invalid(format!("unknown command `{other}`"))),
         }
@@ -63,7 +70,7 @@ impl Plugin for Counter {
 
     fn query(_ctx: &Context, name: &str, _payload: &[u8]) -> Result<Vec<u8>, Error> {
         match name {
-            "get" => reply(&Value { value: current()? }),
+            "get" => reply(&Value { value: current()?, version: VERSION }),
             other => Err(Error::invalid(format!("unknown query `{other}`"))),
         }
     }

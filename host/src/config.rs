@@ -1,0 +1,195 @@
+//! Node configuration: `synod.toml`, then command-line overrides.
+//!
+//! In: TOML text (every field documented below; unknown fields are an
+//! error, so a typo does not silently fall back to a default). Out: a
+//! validated [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown fields.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's explanation, with line and column.
+        reason: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One node's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Numeric id of this node, unique in the cluster (> 0). Bound to the
+    /// node's key: peers refuse this id from any other key.
+    pub id: u64,
+    /// Where the node keeps its key (`node.key`), Raft log, snapshots and
+    /// plugin store. Created if missing.
+    pub data_dir: PathBuf,
+    /// HTTP API listen address.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    /// libp2p listen address (multiaddr); port 0 picks a free port.
+    #[serde(default = "default_p2p")]
+    pub p2p: String,
+    /// Initialize a new cluster of this node and `peers` on first start.
+    /// Set on exactly one node of a new cluster; ignored once initialized.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// The other members this node trusts: only these keys may connect.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Raft timing and log compaction.
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// Limits on what clients may send.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// A trusted member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: u64,
+    /// Its libp2p PeerId (printed by `synod node` at start, derived from
+    /// its `node.key`).
+    pub peer_id: String,
+    /// Its libp2p address.
+    pub p2p: String,
+    /// Its HTTP API address (sent to clients that must go to the leader).
+    pub http: String,
+}
+
+/// Raft tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout range, ms: a follower that hears nothing for a
+    /// random time in [min, max) stands for election.
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range, ms.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log before it) after this many
+    /// entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot, for slightly lagging
+    /// followers that need not a whole snapshot.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_after_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// Client limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest command payload, bytes (larger → 413).
+    pub max_payload_bytes: usize,
+    /// Largest plugin component, bytes (larger → 413).
+    pub max_plugin_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_payload_bytes: 1024 * 1024, max_plugin_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7001))
+}
+
+fn default_p2p() -> String {
+    "/ip4/127.0.0.1/tcp/7101".to_owned()
+}
+
+impl NodeConfig {
+    /// Read and validate a TOML file.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: NodeConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
+        Ok(config)
+    }
+
+    /// Check values that TOML types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.id == 0 {
+            return bad("id must be greater than 0".into());
+        }
+        if self.peers.iter().any(|p| p.id == self.id) {
+            return bad(format!("peers lists this node's own id {}", self.id));
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return bad("peers lists an id twice".into());
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return bad("election_timeout_min_ms must exceed twice heartbeat_ms (> 0)".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad("election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        if r.snapshot_after_entries == 0 {
+            return bad("snapshot_after_entries must be greater than 0".into());
+        }
+        Ok(())
+    }
+
+    /// TOML text of this configuration (for `synod dev`).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_defaults_and_typos_are_errors() {
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http, default_http());
+        assert_eq!(c.raft, RaftConfig::default());
+        let e = toml::from_str::<NodeConfig>("id = 1\ndata_dir = \"d\"\nhttp_addr = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field `http_addr`"), "{e}");
+        let c: NodeConfig = toml::from_str("id = 0\ndata_dir = \"d\"").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! What nodes say to each other (postcard-encoded, over libp2p).
+//!
+//! `/synod/raft/1` carries [`RaftRpc`]: openraft's three RPCs, client writes
+//! forwarded by followers, read-index requests, and status for digest
+//! comparison. `/synod/blob/1` carries [`BlobRpc`]: plugin bytes.
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::types::{NodeId, Request, Response, TypeConfig};
+
+/// A request on `/synod/raft/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    /// openraft: replicate entries / heartbeat.
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// openraft: request a vote.
+    Vote(VoteRequest<NodeId>),
+    /// openraft: one chunk of a snapshot.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client write a follower received, for the leader to propose. The
+    /// leader stamps the timestamp.
+    Write(Request),
+    /// Confirm leadership for a linearizable read; the answer is the index
+    /// the reader must have applied before it reads.
+    ReadIndex,
+    /// This node's applied index and digest.
+    Status,
+}
+
+/// A response on `/synod/raft/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    /// To [`RaftRpc::Append`].
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRpc::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRpc::Snapshot`].
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// To [`RaftRpc::Write`]: the log index and what applying it produced.
+    Write(Result<(u64, Response), WriteError>),
+    /// To [`RaftRpc::ReadIndex`].
+    ReadIndex(Result<u64, WriteError>),
+    /// To [`RaftRpc::Status`].
+    Status(NodeStatus),
+    /// The request was refused (sender not bound to the id it claims,
+    /// undecodable request).
+    Refused(String),
+}
+
+/// Why a write or read could not be served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WriteError {
+    /// This node is not the leader.
+    #[error("not the leader (leader: {leader_id:?} at {leader_http:?})")]
+    NotLeader {
+        /// The leader's id, when known.
+        leader_id: Option<NodeId>,
+        /// The leader's HTTP address, when known.
+        leader_http: Option<String>,
+    },
+    /// Anything else (the leader stepped down mid-request, storage fault).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A node's position, for digest comparison and `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub id: NodeId,
+    /// Last applied log index.
+    pub applied_index: u64,
+    /// Index of the last applied operation that changed the digest.
+    pub digest_index: u64,
+    /// The state digest at `digest_index`, hex.
+    pub digest: String,
+    /// Engine fingerprint hash.
+    pub engine: String,
+}
+
+/// A request on `/synod/blob/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BlobRpc {
+    /// Store these component bytes (the receiver hashes them itself).
+    Push(Vec<u8>),
+    /// Send the bytes with this sha256 if you have them.
+    Fetch(String),
+}
+
+/// A response on `/synod/blob/1`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum BlobReply {
+    /// Stored durably under this sha256.
+    Stored(String),
+    /// The bytes asked for.
+    Bytes(Vec<u8>),
+    /// Not here.
+    NotFound,
+    /// The request failed (refused sender, disk fault).
+    Failed(String),
+}

@@ -1,0 +1,170 @@
+//! `synod dev`: a three-node cluster on loopback in one command.
+//!
+//! In: a directory (default `.synod-dev`). Out: three `synod node` child
+//! processes with generated keys and configs, initialized as one cluster,
+//! their addresses printed; stopped together on Ctrl-C. Running it again in
+//! the same directory restarts the same cluster with its data.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::config::{NodeConfig, PeerConfig};
+
+/// Why the dev cluster could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// Files or processes.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A node's key could not be made.
+    #[error(transparent)]
+    Key(#[from] crate::p2p::P2pError),
+    /// A generated config was invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The cluster did not come up.
+    #[error("the cluster did not become ready within {0:?}; see the node.log files")]
+    NotReady(Duration),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |source| DevError::Io { what, source }
+}
+
+fn free_port() -> Result<u16, DevError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+}
+
+/// Write (or reuse) configs for `nodes` nodes under `dir`.
+pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
+    let mut configs = Vec::new();
+    let mut peers = Vec::new();
+    for id in 1..=nodes {
+        let data_dir = dir.join(format!("n{id}"));
+        let path = data_dir.join("synod.toml");
+        if path.exists() {
+            configs.push((path.clone(), NodeConfig::load(&path)?));
+            continue;
+        }
+        std::fs::create_dir_all(&data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+        let key = crate::p2p::identity::load_or_create(&data_dir)?;
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port()?);
+        peers.push(PeerConfig { id, peer_id: key.public().to_peer_id().to_string(), p2p: p2p.clone(), http: http.to_string() });
+        let data_dir = std::path::absolute(&data_dir).map_err(io("resolving the data dir"))?;
+        let config = NodeConfig {
+            id,
+            data_dir,
+            http,
+            p2p,
+            bootstrap: id == 1,
+            peers: Vec::new(),
+            raft: Default::default(),
+            limits: Default::default(),
+        };
+        configs.push((path, config));
+    }
+    if !peers.is_empty() {
+        for (path, config) in &mut configs {
+            config.peers = peers.iter().filter(|p| p.id != config.id).cloned().collect();
+            config.validate()?;
+            std::fs::write(&*path, config.to_toml()?).map_err(io(format!("writing {}", path.display())))?;
+        }
+    }
+    Ok(configs)
+}
+
+/// Run the dev cluster until Ctrl-C.
+pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
+    let configs = prepare(dir, 3)?;
+    let mut children = Vec::new();
+    for (path, config) in &configs {
+        let log_path = config.data_dir.join("node.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        let err = log.try_clone().map_err(io("opening the node log"))?;
+        let child = tokio::process::Command::new(exe)
+            .args(["node", "--config"])
+            .arg(path)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("starting {}", exe.display())))?;
+        children.push(child);
+    }
+
+    let wait = Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + wait;
+    for (_, config) in &configs {
+        let client = Client::new(&config.http.to_string());
+        while client.get("/readyz").await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                stop(&mut children).await;
+                return Err(DevError::NotReady(wait));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let first = configs.first().map(|(_, c)| c.http.to_string()).unwrap_or_default();
+    println!("synod dev: a three-node cluster is running on loopback\n");
+    for (path, c) in &configs {
+        println!("  node {}  http://{}  p2p {}  config {}", c.id, c.http, c.p2p, path.display());
+    }
+    println!(
+        "\nlogs: {dir}/n*/node.log   data: {dir}\n\
+         try:\n  \
+         export SYNOD_NODE=http://{first}\n  \
+         synod plugin build plugins\n  \
+         synod plugin push plugins/target/components/counter.wasm --name counter --version 1\n  \
+         synod cmd counter increment '{{\"by\": 2}}'\n  \
+         synod status\n\
+         Ctrl-C stops all three nodes (run again to restart the same cluster).",
+        dir = dir.display()
+    );
+
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => println!("\nstopping…"),
+        _ = async {
+            loop {
+                for c in children.iter_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        return status;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } => eprintln!("a node exited; stopping the others (see its node.log)"),
+    }
+    stop(&mut children).await;
+    Ok(())
+}
+
+/// SIGTERM each node (they shut down cleanly), then kill what lingers.
+async fn stop(children: &mut [tokio::process::Child]) {
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+    }
+    for c in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), c.wait()).await.is_err() {
+            let _ = c.kill().await;
+        }
+    }
+}

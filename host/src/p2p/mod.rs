@@ -1,0 +1,696 @@
+//! Transport stage: node-to-node requests over libp2p.
+//!
+//! In: opaque request bytes addressed to a [`PeerId`] on a [`Protocol`]
+//! (from the consensus network and the blob fetcher), and requests from
+//! peers on the wire. Out: the peer's response bytes to the caller, and
+//! inbound requests to the node's [`InboundHandler`], whose bytes go back as
+//! the response. This stage knows nothing of what the bytes mean.
+//!
+//! Connections are TCP + noise (authenticated by the node key from
+//! [`identity::load_or_create`]) + yamux, and are made or accepted only with
+//! peers on the allowlist: a peer off the list never reaches the handler.
+//! One task owns the libp2p swarm ([`swarm`]); [`P2p`] handles talk to it
+//! over a channel, and each inbound request runs on its own task.
+
+mod codec;
+mod error;
+pub mod identity;
+mod swarm;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use error::P2pError;
+
+use swarm::{Command, SwarmTask};
+
+/// Default cap on one `/synod/raft/1` message (request or response).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Default cap on one `/synod/blob/1` message: a plugin component plus
+/// framing.
+pub const DEFAULT_MAX_BLOB_BYTES: usize = 80 * 1024 * 1024;
+/// Default time a request may take, from sending to the whole answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection with no open stream is kept. Longer than Raft's
+/// heartbeat interval, so a quiet cluster does not redial every beat.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The protocol version advertised over identify.
+///
+/// libp2p 0.57 fixes identify's own stream protocol at `/ipfs/id/1.0.0`;
+/// this string travels inside it, and a peer with a different one is
+/// logged.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/synod/id/1.0.0";
+
+/// Which of the node's two request-response protocols a message uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `/synod/raft/1`: Raft RPCs and forwarded client writes; small and
+    /// latency-sensitive.
+    Raft,
+    /// `/synod/blob/1`: plugin bytes; large, under its own cap so a blob
+    /// transfer limit does not also allow huge Raft messages.
+    Blob,
+}
+
+impl Protocol {
+    /// The protocol's name on the wire.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Raft => "/synod/raft/1",
+            Protocol::Blob => "/synod/blob/1",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to start the transport.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// The node key; its PeerId is how peers know this node.
+    pub keypair: Keypair,
+    /// Where to listen, e.g. `/ip4/127.0.0.1/tcp/0` (port 0 picks one).
+    pub listen: Multiaddr,
+    /// Peers allowed at start, with the address to dial each at if known
+    /// (a peer without one can still connect to us, and be answered).
+    pub allowed: Vec<(PeerId, Option<Multiaddr>)>,
+    /// Cap on one `/synod/raft/1` request or response, both directions.
+    pub max_message_bytes: usize,
+    /// Cap on one `/synod/blob/1` request or response, both directions.
+    pub max_blob_bytes: usize,
+    /// How long a request may take, sending to whole answer, on either
+    /// side: an inbound request whose handler is slower is dropped too.
+    pub request_timeout: Duration,
+}
+
+impl P2pConfig {
+    /// A config with the default caps and timeout and an empty allowlist.
+    pub fn new(keypair: Keypair, listen: Multiaddr) -> Self {
+        Self {
+            keypair,
+            listen,
+            allowed: Vec::new(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// Answers requests from peers.
+///
+/// Inbound requests are handed to this; the returned bytes are the
+/// response. Each call runs on its own task, so calls overlap and a slow
+/// one delays nobody else. A handler that panics, or outlasts the request
+/// timeout, resets the peer's stream: the peer sees a failed request.
+pub trait InboundHandler: Send + Sync + 'static {
+    /// Answers `request`, which `from` sent on `protocol`.
+    fn handle(
+        &self,
+        from: PeerId,
+        protocol: Protocol,
+        request: Vec<u8>,
+    ) -> BoxFuture<'static, Vec<u8>>;
+}
+
+/// A handle on the running transport; clones share it.
+///
+/// The swarm task stops on [`P2p::shutdown`], or once every handle is
+/// dropped.
+#[derive(Clone, Debug)]
+pub struct P2p {
+    /// Into the swarm task. Unbounded so [`P2p::allow`] and
+    /// [`P2p::disallow`] need not be async; every request is awaited by
+    /// its caller, which bounds how many are queued.
+    commands: mpsc::UnboundedSender<Command>,
+    /// This node's PeerId, kept here so reading it needs no round trip.
+    local_peer_id: PeerId,
+    /// Connected peers as last published by the swarm task.
+    connected: watch::Receiver<Vec<PeerId>>,
+    /// Cap on `/synod/raft/1` messages, checked before queueing.
+    max_message_bytes: usize,
+    /// Cap on `/synod/blob/1` messages, checked before queueing.
+    max_blob_bytes: usize,
+}
+
+impl P2p {
+    /// Binds `config.listen`, starts the swarm task and returns the handle
+    /// with the address actually bound (port 0 resolved; without a
+    /// `/p2p/` suffix).
+    ///
+    /// Must be called within a tokio runtime.
+    pub async fn start(
+        config: P2pConfig,
+        handler: Arc<dyn InboundHandler>,
+    ) -> Result<(P2p, Multiaddr), P2pError> {
+        let local_peer_id = config.keypair.public().to_peer_id();
+        let mut swarm = swarm::build(&config)?;
+        let addr = swarm::listen(&mut swarm, &config.listen).await?;
+
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        let (connected_tx, connected) = watch::channel(Vec::new());
+        let task = SwarmTask::new(
+            swarm,
+            config.allowed,
+            commands,
+            handler,
+            connected_tx,
+            config.request_timeout,
+        );
+        tokio::spawn(task.run());
+        tracing::info!(peer_id = %local_peer_id, %addr, "p2p transport listening");
+
+        let p2p = P2p {
+            commands: commands_tx,
+            local_peer_id,
+            connected,
+            max_message_bytes: config.max_message_bytes,
+            max_blob_bytes: config.max_blob_bytes,
+        };
+        Ok((p2p, addr))
+    }
+
+    /// This node's PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// Sends one request and awaits its response; dials `peer` at its known
+    /// address if not connected.
+    ///
+    /// Fails without sending if `peer` is not allowed or the request is
+    /// over the protocol's cap.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        protocol: Protocol,
+        request: Vec<u8>,
+    ) -> Result<Vec<u8>, P2pError> {
+        let limit = match protocol {
+            Protocol::Raft => self.max_message_bytes,
+            Protocol::Blob => self.max_blob_bytes,
+        };
+        if request.len() > limit {
+            return Err(P2pError::TooLarge {
+                protocol,
+                size: request.len(),
+                limit,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                peer,
+                protocol,
+                request,
+                reply,
+            })
+            .map_err(|_| P2pError::Stopped)?;
+        answer.await.map_err(|_| P2pError::Stopped)?
+    }
+
+    /// Adds `peer` to the allowlist; with `addr`, also records (or
+    /// replaces) where to dial it.
+    pub fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
+        self.send(Command::Allow { peer, addr });
+    }
+
+    /// Removes `peer` from the allowlist and closes its connections.
+    pub fn disallow(&self, peer: PeerId) {
+        self.send(Command::Disallow { peer });
+    }
+
+    /// The peers with at least one open connection, sorted.
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        self.connected.borrow().clone()
+    }
+
+    /// Stops the swarm task: closes the listener and every connection, and
+    /// fails requests still waiting with [`P2pError::Stopped`]. Returns once
+    /// the swarm is gone; calling it again is harmless.
+    pub async fn shutdown(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { done }).is_ok() {
+            // An error means the task ended for another shutdown call.
+            let _ = stopped.await;
+        }
+    }
+
+    fn send(&self, command: Command) {
+        if let Err(e) = self.commands.send(command) {
+            tracing::debug!(command = ?e.0, "p2p transport stopped; command ignored");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::Notify;
+    use tokio::time::timeout;
+
+    use super::*;
+
+    /// Upper bound on any single wait in these tests; all run on loopback,
+    /// but on a busy machine with an unoptimised libp2p stack.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Records every request and answers `re:` + the request; a request of
+    /// exactly `b"wait"` is held until `gate` is notified.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<(PeerId, Protocol, Vec<u8>)>>,
+        gate: Notify,
+    }
+
+    impl Recorder {
+        fn seen(&self) -> Vec<(PeerId, Protocol, Vec<u8>)> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl InboundHandler for Arc<Recorder> {
+        fn handle(
+            &self,
+            from: PeerId,
+            protocol: Protocol,
+            request: Vec<u8>,
+        ) -> BoxFuture<'static, Vec<u8>> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((from, protocol, request.clone()));
+            let this = Arc::clone(self);
+            Box::pin(async move {
+                if request == b"wait" {
+                    this.gate.notified().await;
+                }
+                let mut response = b"re:".to_vec();
+                response.extend_from_slice(&request);
+                response
+            })
+        }
+    }
+
+    struct Node {
+        p2p: P2p,
+        addr: Multiaddr,
+        recorder: Arc<Recorder>,
+    }
+
+    impl Node {
+        fn id(&self) -> PeerId {
+            self.p2p.local_peer_id()
+        }
+    }
+
+    fn config(keypair: Keypair, allowed: Vec<(PeerId, Option<Multiaddr>)>) -> P2pConfig {
+        P2pConfig {
+            allowed,
+            request_timeout: Duration::from_secs(5),
+            ..P2pConfig::new(keypair, "/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        }
+    }
+
+    async fn start(config: P2pConfig) -> Node {
+        let recorder = Arc::new(Recorder::default());
+        let (p2p, addr) = P2p::start(config, Arc::new(Arc::clone(&recorder)))
+            .await
+            .unwrap();
+        Node {
+            p2p,
+            addr,
+            recorder,
+        }
+    }
+
+    /// B, then A, each allowing the other; A knows B's address.
+    async fn pair(
+        tweak_a: impl FnOnce(&mut P2pConfig),
+        tweak_b: impl FnOnce(&mut P2pConfig),
+    ) -> (Node, Node) {
+        let ka = Keypair::generate_ed25519();
+        let kb = Keypair::generate_ed25519();
+        let pa = ka.public().to_peer_id();
+        let pb = kb.public().to_peer_id();
+        let mut cb = config(kb, vec![(pa, None)]);
+        tweak_b(&mut cb);
+        let b = start(cb).await;
+        let mut ca = config(ka, vec![(pb, Some(b.addr.clone()))]);
+        tweak_a(&mut ca);
+        let a = start(ca).await;
+        (a, b)
+    }
+
+    async fn request(
+        from: &Node,
+        to: PeerId,
+        protocol: Protocol,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, P2pError> {
+        timeout(WAIT, from.p2p.request(to, protocol, bytes.to_vec()))
+            .await
+            .expect("request hung")
+    }
+
+    #[tokio::test]
+    async fn listen_address_has_the_real_port() {
+        let node = start(config(Keypair::generate_ed25519(), vec![])).await;
+        let text = node.addr.to_string();
+        assert!(text.starts_with("/ip4/127.0.0.1/tcp/"), "{text}");
+        assert!(!text.ends_with("/tcp/0"), "port 0 not resolved: {text}");
+        node.p2p.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn raft_request_reaches_the_handler_and_the_answer_comes_back() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+
+        let answer = request(&a, b.id(), Protocol::Raft, b"append entries")
+            .await
+            .unwrap();
+
+        assert_eq!(answer, b"re:append entries");
+        assert_eq!(
+            b.recorder.seen(),
+            vec![(a.id(), Protocol::Raft, b"append entries".to_vec())]
+        );
+        assert!(a.recorder.seen().is_empty());
+        assert_eq!(a.p2p.connected_peers(), vec![b.id()]);
+
+        // B answers back over the connection A made, without knowing A's address.
+        let answer = request(&b, a.id(), Protocol::Raft, b"vote").await.unwrap();
+        assert_eq!(answer, b"re:vote");
+        assert_eq!(
+            a.recorder.seen(),
+            vec![(b.id(), Protocol::Raft, b"vote".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn blob_carries_a_multi_megabyte_payload() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+        // Not a repeating byte, so a misplaced chunk would show.
+        let blob: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+
+        let answer = request(&a, b.id(), Protocol::Blob, &blob).await.unwrap();
+
+        assert_eq!(answer.len(), blob.len() + 3);
+        assert_eq!(&answer[..3], b"re:");
+        assert!(answer[3..] == blob[..]);
+        let seen = b.recorder.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].0, seen[0].1), (a.id(), Protocol::Blob));
+        assert!(seen[0].2 == blob);
+    }
+
+    #[tokio::test]
+    async fn raft_cap_is_separate_from_the_blob_cap() {
+        // Both sides: B must accept the blob, A must accept its echo.
+        let cap = |c: &mut P2pConfig| c.max_message_bytes = 64 * 1024;
+        let (a, b) = pair(cap, cap).await;
+        let big = vec![7u8; 64 * 1024 + 1];
+
+        let err = request(&a, b.id(), Protocol::Raft, &big).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                P2pError::TooLarge {
+                    protocol: Protocol::Raft,
+                    limit: 65536,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "a /synod/raft/1 message of 65537 bytes is over the limit of 65536 bytes"
+        );
+        assert!(b.recorder.seen().is_empty());
+        // The same bytes fit the blob protocol.
+        let answer = request(&a, b.id(), Protocol::Blob, &big).await.unwrap();
+        assert_eq!(answer.len(), big.len() + 3);
+    }
+
+    #[tokio::test]
+    async fn oversized_request_fails_and_the_peer_keeps_working() {
+        // A may send 1 MiB; B accepts 1 KiB. A's own cap is 64 KiB on blobs.
+        let (a, b) = pair(
+            |c| c.max_blob_bytes = 64 * 1024,
+            |c| c.max_message_bytes = 1024,
+        )
+        .await;
+
+        // Refused locally: never sent.
+        let err = request(&a, b.id(), Protocol::Blob, &vec![1; 64 * 1024 + 1])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                P2pError::TooLarge {
+                    protocol: Protocol::Blob,
+                    limit: 65536,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
+        // Refused by B's codec from the length prefix.
+        let err = request(&a, b.id(), Protocol::Raft, &[2; 4096])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::Request { peer, .. } if *peer == b.id()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("size limit"), "{err}");
+        assert!(
+            b.recorder.seen().is_empty(),
+            "oversized request reached the handler"
+        );
+
+        // The same peer still answers normal requests.
+        let answer = request(&a, b.id(), Protocol::Raft, b"small").await.unwrap();
+        assert_eq!(answer, b"re:small");
+        assert_eq!(
+            b.recorder.seen(),
+            vec![(a.id(), Protocol::Raft, b"small".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_response_fails_the_request() {
+        // B answers `re:` + request, so 1000 bytes in is 1003 out, over A's 1002.
+        let (a, b) = pair(|c| c.max_message_bytes = 1002, |_| {}).await;
+        let err = request(&a, b.id(), Protocol::Raft, &[3; 1000])
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("over the limit of 1002 bytes"),
+            "{err}"
+        );
+        assert_eq!(
+            request(&a, b.id(), Protocol::Raft, b"ok").await.unwrap(),
+            b"re:ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn slow_handler_does_not_block_other_requests() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+
+        let slow = tokio::spawn({
+            let p2p = a.p2p.clone();
+            let to = b.id();
+            async move { p2p.request(to, Protocol::Raft, b"wait".to_vec()).await }
+        });
+        // Wait until B's handler holds the slow request.
+        timeout(WAIT, async {
+            while b.recorder.seen().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+
+        // If the swarm loop awaited the slow handler, this would hang.
+        let fast = request(&a, b.id(), Protocol::Raft, b"fast").await.unwrap();
+        assert_eq!(fast, b"re:fast");
+        assert!(!slow.is_finished());
+
+        b.recorder.gate.notify_one();
+        let slow = timeout(WAIT, slow).await.unwrap().unwrap().unwrap();
+        assert_eq!(slow, b"re:wait");
+    }
+
+    #[tokio::test]
+    async fn unanswered_request_times_out_and_the_peer_keeps_working() {
+        // Only A's is short: were B's as short, B might give up on the
+        // stream first and A would see it closed rather than time out.
+        let (a, b) = pair(|c| c.request_timeout = Duration::from_millis(300), |_| {}).await;
+
+        // B's handler never releases `wait`.
+        let err = request(&a, b.id(), Protocol::Raft, b"wait")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::Timeout { peer, after } if *peer == b.id() && *after == Duration::from_millis(300)),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("did not answer within 300ms"),
+            "{err}"
+        );
+
+        assert_eq!(
+            request(&a, b.id(), Protocol::Raft, b"next").await.unwrap(),
+            b"re:next"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_peer_is_refused() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+        // C knows and allows A; A has never heard of C.
+        let kc = Keypair::generate_ed25519();
+        let c = start(config(kc, vec![(a.id(), Some(a.addr.clone()))])).await;
+
+        let err = request(&c, a.id(), Protocol::Raft, b"let me in")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }),
+            "{err:?}"
+        );
+        let err = request(&c, a.id(), Protocol::Blob, b"let me in")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }),
+            "{err:?}"
+        );
+
+        // A refuses to talk to C too, without trying.
+        let err = request(&a, c.id(), Protocol::Raft, b"hello?")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::NotAllowed { peer } if *peer == c.id()),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("peer {} is not on this node's allowlist", c.id())
+        );
+
+        assert!(
+            a.recorder.seen().is_empty(),
+            "A's handler saw {:?}",
+            a.recorder.seen()
+        );
+        assert!(!a.p2p.connected_peers().contains(&c.id()));
+        // A still works with the peer it does allow.
+        assert_eq!(
+            request(&a, b.id(), Protocol::Raft, b"hi").await.unwrap(),
+            b"re:hi"
+        );
+    }
+
+    #[tokio::test]
+    async fn allow_at_runtime_lets_a_refused_peer_in_and_disallow_shuts_it_out() {
+        let a = start(config(Keypair::generate_ed25519(), vec![])).await;
+        let c = start(config(
+            Keypair::generate_ed25519(),
+            vec![(a.id(), Some(a.addr.clone()))],
+        ))
+        .await;
+
+        assert!(request(&c, a.id(), Protocol::Raft, b"first").await.is_err());
+        assert!(a.recorder.seen().is_empty());
+
+        a.p2p.allow(c.id(), None);
+        let answer = request(&c, a.id(), Protocol::Raft, b"second")
+            .await
+            .unwrap();
+        assert_eq!(answer, b"re:second");
+        assert_eq!(
+            a.recorder.seen(),
+            vec![(c.id(), Protocol::Raft, b"second".to_vec())]
+        );
+
+        a.p2p.disallow(c.id());
+        let err = request(&a, c.id(), Protocol::Raft, b"x").await.unwrap_err();
+        assert!(matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
+        assert!(request(&c, a.id(), Protocol::Raft, b"third").await.is_err());
+        assert_eq!(
+            a.recorder.seen().len(),
+            1,
+            "a disallowed peer reached the handler"
+        );
+    }
+
+    #[tokio::test]
+    async fn peer_without_an_address_cannot_be_dialled() {
+        let a = start(config(Keypair::generate_ed25519(), vec![])).await;
+        let stranger = Keypair::generate_ed25519().public().to_peer_id();
+        a.p2p.allow(stranger, None);
+        let err = request(&a, stranger, Protocol::Raft, b"x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, P2pError::Dial { peer, .. } if *peer == stranger),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_the_node() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+        assert_eq!(
+            request(&a, b.id(), Protocol::Raft, b"up").await.unwrap(),
+            b"re:up"
+        );
+
+        b.p2p.shutdown().await;
+        b.p2p.shutdown().await;
+        let err = request(&b, a.id(), Protocol::Raft, b"x").await.unwrap_err();
+        assert!(matches!(err, P2pError::Stopped), "{err:?}");
+        assert!(b.p2p.connected_peers().is_empty());
+
+        // B's listener and connections are gone, so A cannot reach it.
+        assert!(
+            request(&a, b.id(), Protocol::Raft, b"anyone?")
+                .await
+                .is_err()
+        );
+        assert_eq!(b.recorder.seen().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_stops_the_task() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+        assert!(request(&a, b.id(), Protocol::Raft, b"up").await.is_ok());
+        let mut connected = a.p2p.connected.clone();
+        let b_id = b.id();
+        drop(b);
+        // A sees the connection close once B's swarm is dropped.
+        timeout(WAIT, connected.wait_for(|peers| !peers.contains(&b_id)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

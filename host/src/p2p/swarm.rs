@@ -1,0 +1,555 @@
+//! The swarm task: the one owner of the libp2p [`Swarm`].
+//!
+//! In: [`Command`]s from [`super::P2p`] handles, swarm events, and answers
+//! from inbound-request tasks. Out: outbound requests on the wire, replies
+//! to the callers that made them, inbound requests handed to the
+//! [`InboundHandler`] each on its own task, and the set of connected peers.
+//!
+//! Nothing here awaits a handler or a caller: the loop only moves messages,
+//! so a slow handler never stalls Raft heartbeats to other peers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::request_response::{
+    self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
+};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::codec::FrameCodec;
+use super::{
+    IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError,
+    Protocol,
+};
+
+/// Wire name of [`Protocol::Raft`].
+const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Raft.name());
+/// Wire name of [`Protocol::Blob`].
+const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Blob.name());
+
+/// Everything the node speaks on a connection.
+///
+/// Raft and blob traffic are two request-response behaviours rather than
+/// two protocols of one, because a behaviour sends every request on the
+/// first protocol the peer supports, and because each needs its own size
+/// cap.
+#[derive(NetworkBehaviour)]
+pub(super) struct SynodBehaviour {
+    /// First on purpose: the derived behaviour asks its fields in order, so
+    /// a peer off the list is refused before the request-response
+    /// behaviours ever get a handler on its connection.
+    allowed: allow_block_list::Behaviour<AllowedPeers>,
+    /// `/synod/raft/1`: Raft RPCs and forwarded client writes.
+    raft: request_response::Behaviour<FrameCodec>,
+    /// `/synod/blob/1`: plugin bytes, under a larger cap.
+    blob: request_response::Behaviour<FrameCodec>,
+    /// Tells peers our listen addresses and protocol version, and logs
+    /// theirs, which is what an operator checks first when nodes disagree.
+    identify: identify::Behaviour,
+}
+
+impl SynodBehaviour {
+    fn protocol(&mut self, protocol: Protocol) -> &mut request_response::Behaviour<FrameCodec> {
+        match protocol {
+            Protocol::Raft => &mut self.raft,
+            Protocol::Blob => &mut self.blob,
+        }
+    }
+}
+
+/// What a [`super::P2p`] handle asks of the swarm task.
+pub(super) enum Command {
+    /// Send `request` to `peer` and deliver the answer on `reply`.
+    Request {
+        /// The peer to ask.
+        peer: PeerId,
+        /// Which protocol to use.
+        protocol: Protocol,
+        /// The request bytes, already checked against the cap.
+        request: Vec<u8>,
+        /// Where the caller waits.
+        reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
+    },
+    /// Put `peer` on the allowlist, remembering `addr` to dial it at.
+    Allow {
+        /// The peer to admit.
+        peer: PeerId,
+        /// Its listen address, if known.
+        addr: Option<Multiaddr>,
+    },
+    /// Take `peer` off the allowlist and close its connections.
+    Disallow {
+        /// The peer to refuse.
+        peer: PeerId,
+    },
+    /// Stop the task; `done` fires once the swarm is dropped.
+    Shutdown {
+        /// Fired after the swarm and its listener are gone.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Shows sizes, not request bytes, which may be megabytes.
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Request {
+                peer,
+                protocol,
+                request,
+                ..
+            } => {
+                write!(f, "Request({peer}, {protocol}, {} bytes)", request.len())
+            }
+            Command::Allow { peer, addr } => write!(f, "Allow({peer}, {addr:?})"),
+            Command::Disallow { peer } => write!(f, "Disallow({peer})"),
+            Command::Shutdown { .. } => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// A handler's response on its way back to the swarm task.
+struct Answer {
+    /// Which behaviour the request came in on.
+    protocol: Protocol,
+    /// libp2p's handle on the waiting inbound stream.
+    channel: ResponseChannel<Vec<u8>>,
+    /// The handler's bytes.
+    response: Vec<u8>,
+}
+
+/// A caller waiting for an outbound request.
+struct Pending {
+    /// The peer asked, for error messages.
+    peer: PeerId,
+    /// Where the caller waits.
+    reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
+}
+
+/// Builds the swarm: TCP + noise + yamux, and [`SynodBehaviour`].
+pub(super) fn build(config: &P2pConfig) -> Result<Swarm<SynodBehaviour>, P2pError> {
+    let rr_config =
+        request_response::Config::default().with_request_timeout(config.request_timeout);
+    let raft = request_response::Behaviour::with_codec(
+        FrameCodec::new(config.max_message_bytes),
+        [(RAFT_PROTOCOL, ProtocolSupport::Full)],
+        rr_config.clone(),
+    );
+    let blob = request_response::Behaviour::with_codec(
+        FrameCodec::new(config.max_blob_bytes),
+        [(BLOB_PROTOCOL, ProtocolSupport::Full)],
+        rr_config,
+    );
+    let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| P2pError::Transport {
+            reason: e.to_string(),
+        })?
+        .with_behaviour(|key| SynodBehaviour {
+            allowed: allow_block_list::Behaviour::default(),
+            raft,
+            blob,
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+                    .with_agent_version(format!("synod/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+        })
+        .map_err(|e| match e {})?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+/// Starts listening on `addr` and waits until the listener has an address
+/// (port 0 resolved).
+pub(super) async fn listen(
+    swarm: &mut Swarm<SynodBehaviour>,
+    addr: &Multiaddr,
+) -> Result<Multiaddr, P2pError> {
+    let listen_err = |reason: String| P2pError::Listen {
+        addr: addr.clone(),
+        reason,
+    };
+    let id = swarm
+        .listen_on(addr.clone())
+        .map_err(|e| listen_err(e.to_string()))?;
+    loop {
+        match swarm.select_next_some().await {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } if listener_id == id => return Ok(address),
+            SwarmEvent::ListenerError { listener_id, error } if listener_id == id => {
+                return Err(listen_err(error.to_string()));
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } if listener_id == id => {
+                return Err(listen_err(match reason {
+                    Ok(()) => "the listener closed".to_owned(),
+                    Err(e) => e.to_string(),
+                }));
+            }
+            // Nothing can connect before there is an address to connect to.
+            other => tracing::trace!(?other, "swarm event while starting to listen"),
+        }
+    }
+}
+
+/// The swarm task's state.
+pub(super) struct SwarmTask {
+    /// The swarm; owned here alone.
+    swarm: Swarm<SynodBehaviour>,
+    /// Commands from the handles; closed when every handle is dropped.
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Where inbound requests go.
+    handler: Arc<dyn InboundHandler>,
+    /// Cloned into each inbound-request task to send its answer back.
+    answers_tx: mpsc::UnboundedSender<Answer>,
+    /// Answers of inbound-request tasks.
+    answers: mpsc::UnboundedReceiver<Answer>,
+    /// Where to dial each allowed peer. Passed with every request rather
+    /// than given to libp2p once, because libp2p forgets an address after a
+    /// failed dial and a restarting peer would then never be found again.
+    addresses: HashMap<PeerId, Multiaddr>,
+    /// Callers waiting for outbound requests, by protocol and request id
+    /// (each behaviour numbers its requests separately).
+    pending: HashMap<(Protocol, OutboundRequestId), Pending>,
+    /// The last dial error per peer: libp2p's request failure only says
+    /// "dial failure", the operator needs the reason.
+    dial_errors: HashMap<PeerId, String>,
+    /// Published connected peers, read by [`super::P2p::connected_peers`].
+    connected: watch::Sender<Vec<PeerId>>,
+    /// The configured request timeout, for error messages.
+    request_timeout: Duration,
+}
+
+impl SwarmTask {
+    /// Wraps a listening swarm; `allowed` seeds the allowlist.
+    pub(super) fn new(
+        mut swarm: Swarm<SynodBehaviour>,
+        allowed: Vec<(PeerId, Option<Multiaddr>)>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        handler: Arc<dyn InboundHandler>,
+        connected: watch::Sender<Vec<PeerId>>,
+        request_timeout: Duration,
+    ) -> Self {
+        let mut addresses = HashMap::new();
+        for (peer, addr) in allowed {
+            swarm.behaviour_mut().allowed.allow_peer(peer);
+            if let Some(addr) = addr {
+                addresses.insert(peer, addr);
+            }
+        }
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        Self {
+            swarm,
+            commands,
+            handler,
+            answers_tx,
+            answers,
+            addresses,
+            pending: HashMap::new(),
+            dial_errors: HashMap::new(),
+            connected,
+            request_timeout,
+        }
+    }
+
+    /// Runs until [`Command::Shutdown`] or until every handle is dropped.
+    pub(super) async fn run(mut self) {
+        let done = loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => break None,
+                    Some(Command::Shutdown { done }) => break Some(done),
+                    Some(command) => self.on_command(command),
+                },
+                // Never `None`: this task holds a sender.
+                Some(answer) = self.answers.recv() => self.on_answer(answer),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+            }
+        };
+        let SwarmTask {
+            swarm,
+            pending,
+            connected,
+            ..
+        } = self;
+        // Dropping the swarm closes the listener and every connection;
+        // dropping `pending` tells waiting callers the transport stopped.
+        drop(swarm);
+        drop(pending);
+        connected.send_replace(Vec::new());
+        tracing::debug!("p2p swarm task stopped");
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                protocol,
+                request,
+                reply,
+            } => self.send_request(peer, protocol, request, reply),
+            Command::Allow { peer, addr } => {
+                self.swarm.behaviour_mut().allowed.allow_peer(peer);
+                if let Some(addr) = addr {
+                    self.addresses.insert(peer, addr);
+                }
+            }
+            Command::Disallow { peer } => {
+                // Also closes the peer's open connections.
+                self.swarm.behaviour_mut().allowed.disallow_peer(peer);
+                self.addresses.remove(&peer);
+            }
+            // Handled by `run`, which must leave its loop.
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn is_allowed(&self, peer: &PeerId) -> bool {
+        self.swarm
+            .behaviour()
+            .allowed
+            .allowed_peers()
+            .contains(peer)
+    }
+
+    fn send_request(
+        &mut self,
+        peer: PeerId,
+        protocol: Protocol,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
+    ) {
+        if !self.is_allowed(&peer) {
+            let _ = reply.send(Err(P2pError::NotAllowed { peer }));
+            return;
+        }
+        let addresses = self.addresses.get(&peer).cloned().into_iter().collect();
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .protocol(protocol)
+            .send_request_with_addresses(&peer, request, addresses);
+        self.pending.insert((protocol, id), Pending { peer, reply });
+    }
+
+    fn on_answer(
+        &mut self,
+        Answer {
+            protocol,
+            channel,
+            response,
+        }: Answer,
+    ) {
+        if self
+            .swarm
+            .behaviour_mut()
+            .protocol(protocol)
+            .send_response(channel, response)
+            .is_err()
+        {
+            // The requester timed out or its connection closed meanwhile;
+            // the behaviour reports that as an inbound failure.
+            tracing::debug!(%protocol, "response dropped: the request is no longer waiting");
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<SynodBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(SynodBehaviourEvent::Raft(event)) => {
+                self.on_request_response(Protocol::Raft, event)
+            }
+            SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => {
+                self.on_request_response(Protocol::Blob, event)
+            }
+            SwarmEvent::Behaviour(SynodBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != IDENTIFY_PROTOCOL_VERSION {
+                    tracing::warn!(
+                        peer = %peer_id,
+                        theirs = %info.protocol_version,
+                        ours = IDENTIFY_PROTOCOL_VERSION,
+                        agent = %info.agent_version,
+                        "peer runs a different synod protocol version"
+                    );
+                } else {
+                    tracing::debug!(peer = %peer_id, agent = %info.agent_version, "identified peer");
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.dial_errors.remove(&peer_id);
+                self.publish_connected();
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                self.publish_connected();
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "dial failed");
+                self.dial_errors.insert(peer, error.to_string());
+            }
+            SwarmEvent::IncomingConnectionError {
+                peer_id,
+                send_back_addr,
+                error,
+                ..
+            } => {
+                // A refused peer is worth an operator's attention: it is
+                // usually a node missing from this node's membership.
+                tracing::info!(peer = ?peer_id, addr = %send_back_addr, %error, "incoming connection refused");
+            }
+            other => tracing::trace!(?other, "swarm event"),
+        }
+    }
+
+    fn on_request_response(
+        &mut self,
+        protocol: Protocol,
+        event: request_response::Event<Vec<u8>, Vec<u8>>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    self.on_inbound_request(peer, protocol, request, channel);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(pending) = self.pending.remove(&(protocol, request_id)) {
+                        let _ = pending.reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(pending) = self.pending.remove(&(protocol, request_id)) {
+                    let _ = pending
+                        .reply
+                        .send(Err(self.outbound_error(pending.peer, error)));
+                } else {
+                    tracing::debug!(%peer, %protocol, %error, "outbound failure for an unknown request");
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %protocol, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_inbound_request(
+        &mut self,
+        peer: PeerId,
+        protocol: Protocol,
+        request: Vec<u8>,
+        channel: ResponseChannel<Vec<u8>>,
+    ) {
+        // A disallowed peer's connection is closed asynchronously, so a
+        // request already in flight may still arrive; it must not reach the
+        // handler. Dropping the channel resets the stream.
+        if !self.is_allowed(&peer) {
+            tracing::info!(%peer, %protocol, "dropped a request from a peer not on the allowlist");
+            return;
+        }
+        let answer = self.handler.handle(peer, protocol, request);
+        let answers = self.answers_tx.clone();
+        tokio::spawn(async move {
+            let response = answer.await;
+            // Fails only if the swarm task has stopped; nobody is left to
+            // answer then.
+            let _ = answers.send(Answer {
+                protocol,
+                channel,
+                response,
+            });
+        });
+    }
+
+    fn outbound_error(&mut self, peer: PeerId, error: OutboundFailure) -> P2pError {
+        match error {
+            OutboundFailure::DialFailure => P2pError::Dial {
+                peer,
+                reason: self.dial_errors.remove(&peer).unwrap_or_else(|| {
+                    if self.addresses.contains_key(&peer) {
+                        "dial failed".to_owned()
+                    } else {
+                        "no known address for the peer".to_owned()
+                    }
+                }),
+            },
+            OutboundFailure::Timeout => P2pError::Timeout {
+                peer,
+                after: self.request_timeout,
+            },
+            OutboundFailure::ConnectionClosed => P2pError::Request {
+                peer,
+                reason:
+                    "the connection closed before the answer came (the peer may have shut down, \
+                         or may not have this node on its allowlist)"
+                        .to_owned(),
+            },
+            OutboundFailure::UnsupportedProtocols => P2pError::Request {
+                peer,
+                reason:
+                    "the peer does not speak this protocol (is it a synod node of a compatible \
+                         version?)"
+                        .to_owned(),
+            },
+            OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                P2pError::Request {
+                    peer,
+                    reason: format!(
+                        "the peer closed the stream without answering ({e}); it may have refused a message \
+                     over its size limit, or its handler failed or outlasted its request timeout"
+                    ),
+                }
+            }
+            OutboundFailure::Io(e) => P2pError::Request {
+                peer,
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn publish_connected(&self) {
+        let mut peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        peers.sort();
+        self.connected.send_replace(peers);
+    }
+}

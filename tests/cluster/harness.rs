@@ -1,0 +1,168 @@
+//! Spawns real `synod node` processes on loopback ports in a temp dir,
+//! reads their addresses back from the generated configs, and kills them on
+//! drop (printing their logs if the test failed).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use synod::client::{Client, ClientError};
+use synod::config::NodeConfig;
+
+/// Clusters are CPU-hungry; on a 2-core machine they run one at a time so
+/// election timing reflects the code, not the scheduler.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+pub struct Member {
+    pub config: NodeConfig,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// A member that is not running yet (`Cluster::restart` starts it).
+    pub fn new(config: NodeConfig, config_path: PathBuf) -> Member {
+        Member { config, config_path, child: None }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Member>,
+}
+
+fn spawn(config_path: &PathBuf, config: &NodeConfig) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.data_dir.join("node.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_synod"))
+        .args(["node", "--config"])
+        .arg(config_path)
+        .env("RUST_LOG", "info,openraft=warn")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap()
+}
+
+impl Cluster {
+    /// `n` nodes (node 1 bootstraps), each config adjusted by `tune`.
+    pub fn start(n: u64, tune: impl Fn(&mut NodeConfig)) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = BTreeMap::new();
+        for (config_path, mut config) in synod::dev::prepare(dir.path(), n).unwrap() {
+            tune(&mut config);
+            std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
+            let child = Some(spawn(&config_path, &config));
+            nodes.insert(config.id, Member { config, config_path, child });
+        }
+        Cluster { dir, nodes }
+    }
+
+    pub fn client(&self, id: u64) -> Client {
+        Client::new(&self.nodes[&id].config.http.to_string())
+    }
+
+    pub fn live(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|(_, m)| m.child.is_some()).map(|(id, _)| *id).collect()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        let m = self.nodes.get_mut(&id).unwrap();
+        assert!(m.child.is_none(), "node {id} is running");
+        m.child = Some(spawn(&m.config_path, &m.config));
+    }
+
+    /// The leader every live node agrees on (and which is itself alive).
+    pub async fn leader(&self) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let live = self.live();
+        loop {
+            let mut seen = Vec::new();
+            for id in self.live() {
+                if let Ok(v) = self.client(id).get("/readyz").await {
+                    seen.push(v["leader"].as_u64());
+                }
+            }
+            if seen.len() == live.len() && seen.iter().all(|l| l.is_some() && *l == seen[0])
+                && let Some(Some(l)) = seen.first()
+                    && live.contains(l) {
+                        return *l;
+                    }
+            assert!(tokio::time::Instant::now() < deadline, "no agreed leader: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until every live node has applied the same operations, and
+    /// return (digest index, digest).
+    pub async fn converged(&self) -> (u64, String) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut seen = Vec::new();
+            for id in self.live() {
+                if let Ok(v) = self.client(id).get("/v1/cluster").await {
+                    let me = &v["nodes"][0];
+                    seen.push((me["digest_index"].as_u64().unwrap_or(0), me["digest"].as_str().unwrap_or("").to_owned()));
+                }
+            }
+            if seen.len() == self.live().len() && seen.windows(2).all(|w| w[0] == w[1]) {
+                return seen[0].clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nodes did not converge: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Upload a component through node `via`.
+    pub async fn push(&self, via: u64, name: &str, version: &str, bytes: Vec<u8>) -> Result<Value, ClientError> {
+        self.client(via).post(&format!("/v1/plugins/{name}?version={version}"), bytes).await
+    }
+
+    /// Run a command through node `via`.
+    pub async fn cmd(&self, via: u64, plugin: &str, command: &str, payload: Value) -> Result<Value, ClientError> {
+        self.client(via)
+            .post(&format!("/v1/commands/{plugin}/{command}"), serde_json::to_vec(&payload).unwrap())
+            .await
+    }
+
+    /// A node's local view of a plugin's state.
+    pub async fn local_state(&self, id: u64, plugin: &str) -> Value {
+        self.client(id).get(&format!("/v1/state/{plugin}?consistency=local&limit=1000000")).await.unwrap()["entries"].clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        for (id, m) in self.nodes.iter_mut() {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if failed {
+                let log = std::fs::read_to_string(m.config.data_dir.join("node.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {id} log (last 40 lines) ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}

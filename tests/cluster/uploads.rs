@@ -1,0 +1,99 @@
+//! Bad uploads are refused with a reason and leave the log untouched; a
+//! stranger's key cannot take part.
+
+use std::time::Duration;
+
+use serde_json::json;
+use synod::client::ClientError;
+
+use crate::harness::{Cluster, serial};
+use crate::plugins::{component, core_module};
+
+async fn applied(c: &Cluster) -> Vec<u64> {
+    let mut out = Vec::new();
+    for id in c.live() {
+        let v = c.client(id).get("/readyz").await.unwrap();
+        out.push(v["applied_index"].as_u64().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_and_never_logged() {
+    let _serial = serial().await;
+    let c = Cluster::start(3, |config| config.limits.max_plugin_bytes = 120_000);
+    let leader = c.leader().await;
+    c.converged().await;
+    let before = applied(&c).await;
+
+    let counter = component("counter");
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("not wasm", b"hello, I am not a plugin".to_vec(), 400, "not a WebAssembly binary"),
+        ("core module", core_module("counter"), 400, "core WebAssembly module, not a component"),
+        ("truncated", counter[..counter.len() / 2].to_vec(), 400, "does not compile"),
+        ("too large", component("thermostat"), 413, "over the limit of 120000"),
+    ];
+    for (what, bytes, want, text) in cases {
+        match c.push(leader, "bad", "1", bytes).await {
+            Err(ClientError::Status { status, body }) => {
+                assert_eq!(status, want, "{what}: {body}");
+                assert!(body["error"].as_str().unwrap().contains(text), "{what}: {body}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    match c.client(leader).post("/v1/plugins/bad", counter.clone()).await {
+        Err(ClientError::Status { status: 400, body }) => assert!(body["error"].as_str().unwrap().contains("version")),
+        other => panic!("missing version: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(applied(&c).await, before, "a refused upload reached the log");
+    let plugins = c.client(leader).get("/v1/plugins").await.unwrap();
+    assert_eq!(plugins["plugins"], json!({}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_key_cannot_join() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(3, |_| {});
+    let leader = c.leader().await;
+    let term = c.client(leader).get("/v1/cluster").await.unwrap()["term"].as_u64().unwrap();
+
+    // A fourth process with its own key claims to be node 2, lists the real
+    // members as its peers and tries to form a cluster with them.
+    let stranger_dir = c.dir.path().join("stranger");
+    let mut configs = synod::dev::prepare(&stranger_dir, 1).unwrap();
+    let (path, mut config) = configs.remove(0);
+    config.id = 2;
+    config.bootstrap = true;
+    config.peers = c
+        .nodes
+        .values()
+        .filter(|m| m.config.id != 2)
+        .map(|m| synod::config::PeerConfig {
+            id: m.config.id,
+            peer_id: synod::p2p::identity::load_or_create(&m.config.data_dir).unwrap().public().to_peer_id().to_string(),
+            p2p: m.config.p2p.clone(),
+            http: m.config.http.to_string(),
+        })
+        .collect();
+    std::fs::write(&path, config.to_toml().unwrap()).unwrap();
+    let stranger_http = config.http;
+    c.nodes.insert(99, crate::harness::Member::new(config, path));
+    c.restart(99);
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The stranger never got a vote: it has no leader, and the real cluster
+    // kept its leader and term.
+    let s = synod::client::Client::new(&stranger_http.to_string()).get("/readyz").await;
+    match s {
+        Err(ClientError::Status { status: 503, .. }) => {}
+        other => panic!("the stranger found a leader: {other:?}"),
+    }
+    c.kill(99);
+    c.nodes.remove(&99);
+    assert_eq!(c.leader().await, leader);
+    let view = c.client(leader).get("/v1/cluster").await.unwrap();
+    assert_eq!(view["term"].as_u64().unwrap(), term);
+    assert_eq!(view["members"].as_object().unwrap().len(), 3);
+}

@@ -1,0 +1,53 @@
+//! The example plugins, built from source once per test process with the
+//! same code as `synod plugin build`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use synod::toolchain::{BuildOptions, BuiltPlugin};
+
+fn plugins_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins")
+}
+
+/// Every example plugin, built.
+pub fn built() -> &'static BTreeMap<String, BuiltPlugin> {
+    static BUILT: OnceLock<BTreeMap<String, BuiltPlugin>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let built = synod::toolchain::build(&plugins_dir(), &BuildOptions::default())
+            .unwrap_or_else(|e| panic!("building plugins/ failed: {e}"));
+        built.into_iter().map(|b| (b.name.clone(), b)).collect()
+    })
+}
+
+/// The component bytes of an example plugin.
+pub fn component(name: &str) -> Vec<u8> {
+    std::fs::read(&built()[name].component).unwrap()
+}
+
+/// The core module an example plugin's component was made from.
+#[allow(dead_code)]
+pub fn core_module(name: &str) -> Vec<u8> {
+    std::fs::read(&built()[name].core_module).unwrap()
+}
+
+/// `counter` built with its `v2` feature: replies carry `"version": 2`.
+#[allow(dead_code)]
+pub fn counter_v2() -> Vec<u8> {
+    static V2: OnceLock<Vec<u8>> = OnceLock::new();
+    V2.get_or_init(|| {
+        built(); // v1 first, so the two builds never race for the target dir
+        let out = std::env::temp_dir().join(format!("synod-counter-v2-{}", std::process::id()));
+        let options = BuildOptions {
+            packages: vec!["counter".into()],
+            features: vec!["v2".into()],
+            out_dir: Some(out),
+            ..Default::default()
+        };
+        let built = synod::toolchain::build(&plugins_dir(), &options)
+            .unwrap_or_else(|e| panic!("building counter v2 failed: {e}"));
+        std::fs::read(&built[0].component).unwrap()
+    })
+    .clone()
+}
