@@ -7,6 +7,7 @@ mod failover;
 mod harness;
 mod hot_reload;
 mod load;
+mod membership;
 #[path = "../common/plugins.rs"]
 mod plugins;
 mod snapshot;

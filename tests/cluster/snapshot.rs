@@ -28,8 +28,11 @@ async fn restarted_node_catches_up_by_snapshot_with_plugin_bytes() {
     let (_, digest) = c.converged().await;
     assert_eq!(c.local_state(absent, "counter").await, json!({"value": 300}));
     // It got the plugin bytes from the snapshot, and runs commands with them.
-    let blobs = c.nodes[&absent].config.data_dir.join("plugins/blobs");
-    assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 1);
+    let data = &c.nodes[&absent].config.data_dir;
+    assert_eq!(std::fs::read_dir(data.join("plugins/blobs")).unwrap().count(), 1);
+    // ...and compiled them once into the cache keyed by engine fingerprint.
+    let compiled: Vec<_> = std::fs::read_dir(data.join("plugins/compiled")).unwrap().collect();
+    assert_eq!(compiled.len(), 1);
     let r = c.cmd(absent, "counter", "increment", json!({"by": 1})).await.unwrap();
     assert_eq!(r["result"], json!({"value": 301}));
     let (_, after) = c.converged().await;
