@@ -78,6 +78,16 @@ impl Client {
         self.send(self.http.post(&url).body(body), &url).await
     }
 
+    /// POST `body` to `path` with extra headers (e.g. `Synod-Request-Id`).
+    pub async fn post_with_headers(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.post(&url).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req, &url).await
+    }
+
     /// DELETE `path`.
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);

@@ -62,6 +62,59 @@ pub struct NodeConfig {
     /// Limits on what clients may send.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The NATS bus (command intake, events, notifications). Without a
+    /// `url` the node runs without it; HTTP and Raft never depend on it.
+    #[serde(default)]
+    pub nats: NatsConfig,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated (`nats://127.0.0.1:4222`).
+    pub url: Option<String>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// NKey seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (JWT + NKey).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate to verify the server (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM, with `tls_key`) for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub tls_required: bool,
+    /// JetStream stream for events (created if absent).
+    pub stream: String,
+    /// Queue group command subscribers share: one node takes each request.
+    pub queue_group: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            stream: "SYNOD_EVENTS".to_owned(),
+            queue_group: "synod".to_owned(),
+        }
+    }
 }
 
 /// A trusted member.

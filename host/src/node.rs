@@ -100,6 +100,8 @@ pub struct NodeInner {
     pub http_addr: std::net::SocketAddr,
     /// Members from the config file, until the membership carries them.
     seed_members: BTreeMap<NodeId, NodeInfo>,
+    /// The NATS client, when a bus is configured.
+    pub bus: OnceLock<async_nats::Client>,
 }
 
 /// A started node.
@@ -226,7 +228,18 @@ impl RunningNode {
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
 
-        let inner = Arc::new(NodeInner { id: config.id, config, raft, shared, p2p, artifacts, p2p_addr, http_addr, seed_members });
+        let inner = Arc::new(NodeInner {
+            id: config.id,
+            config,
+            raft,
+            shared,
+            p2p,
+            artifacts,
+            p2p_addr,
+            http_addr,
+            seed_members,
+            bus: OnceLock::new(),
+        });
         let _ = cell.set(inner.clone());
         tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
 
@@ -234,6 +247,14 @@ impl RunningNode {
             match inner.raft.initialize(inner.seed_members.clone()).await {
                 Ok(()) => tracing::info!(members = ?inner.seed_members.keys().collect::<Vec<_>>(), "cluster initialized"),
                 Err(e) => tracing::warn!(error = %e, "initialize skipped"),
+            }
+        }
+        if inner.config.nats.url.is_some() {
+            match crate::bus::start(inner.clone()).await {
+                Ok(client) => {
+                    let _ = inner.bus.set(client);
+                }
+                Err(e) => tracing::error!(error = %e, "NATS bus not started; HTTP and Raft carry on"),
             }
         }
         tokio::spawn(watch_membership(inner.clone()));
@@ -294,6 +315,10 @@ async fn compare_digests(node: Arc<NodeInner>) {
                         "STATE DIVERGENCE: a member applied the same entries to a different state"
                     );
                     node.shared.divergence.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(client) = node.bus.get() {
+                        let body = serde_json::json!({ "node": node.id, "peer": status.id, "index": status.digest_index });
+                        crate::bus::notify(client, "divergence", body).await;
+                    }
                 }
         }
     }
@@ -385,7 +410,18 @@ impl NodeInner {
     /// Replicate `op` through the leader, wherever it is; waits out an
     /// election (up to a few seconds) rather than failing at once.
     pub async fn write(&self, op: Op, caller: &str) -> Result<(u64, Response), WriteError> {
-        let request = Request { timestamp_ms: 0, caller: caller.to_owned(), op };
+        self.write_request(op, caller, None).await
+    }
+
+    /// [`NodeInner::write`] with a client request id for deduplication. For
+    /// a retry, the index returned is the first application's.
+    pub async fn write_request(
+        &self,
+        op: Op,
+        caller: &str,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), WriteError> {
+        let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let result = match self.leader().0 {
@@ -400,7 +436,7 @@ impl NodeInner {
                 Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                other => return other,
+                other => return other.map(|(index, r)| (r.first_index.unwrap_or(index), r)),
             }
         }
     }

@@ -37,6 +37,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
+    }
+
+    /// The HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> &Value {
+        &self.body
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body)).into_response()
@@ -80,7 +97,7 @@ fn command_error(e: &CommandError) -> ApiError {
 /// Plugin output in JSON: the value itself when it is JSON, else base64
 /// under `result_base64` would be needed; outputs are JSON by convention, so
 /// non-JSON output is returned as a string of its UTF-8 (lossy).
-fn output_json(bytes: &[u8]) -> Value {
+pub fn output_json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
@@ -137,15 +154,46 @@ fn check_payload(node: &NodeInner, body: &Bytes) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Header naming a client's request id: a retry with the same id is applied
+/// at most once (within `apply::DEDUP_WINDOW` identified requests).
+pub const REQUEST_ID_HEADER: &str = "synod-request-id";
+
 async fn run_command(
     State(node): State<Arc<NodeInner>>,
     Path((plugin, command)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_or(body, "payload", node.config.limits.max_payload_bytes)?;
+    let request_id = match headers.get(REQUEST_ID_HEADER) {
+        None => None,
+        Some(v) => Some(check_request_id(v.to_str().unwrap_or(""))?),
+    };
+    let (index, response) = submit_command(&node, plugin, command, body, request_id).await?;
+    Ok(Json(json!({ "result": output_json(&response), "index": index })).into_response())
+}
+
+/// Check a client request id: 1–128 visible ASCII characters.
+pub fn check_request_id(id: &str) -> Result<String, ApiError> {
+    if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed", "Synod-Request-Id must be 1-128 visible ASCII characters"))
+    }
+}
+
+/// Validate and run one command; shared by HTTP and the NATS bus so both
+/// answer the same way. Returns the index and the plugin's output.
+pub async fn submit_command(
+    node: &NodeInner,
+    plugin: String,
+    command: String,
+    body: Bytes,
+    request_id: Option<String>,
+) -> Result<(u64, Vec<u8>), ApiError> {
     check_name("plugin", &plugin)?;
     check_name("command", &command)?;
-    check_payload(&node, &body)?;
+    check_payload(node, &body)?;
     // Refuse what cannot succeed before it reaches the log. This node may
     // lag the leader (a plugin installed a moment ago through another node):
     // before answering 404, catch up to everything committed and look again.
@@ -160,9 +208,9 @@ async fn run_command(
         Some(true) => {}
     }
     let op = Op::Command { plugin, command, payload: body.to_vec() };
-    let (index, response) = node.write(op, "anonymous").await?;
+    let (index, response) = node.write_request(op, "anonymous", request_id).await?;
     match response.result {
-        Some(Ok(out)) => Ok(Json(json!({ "result": output_json(&out), "index": index })).into_response()),
+        Some(Ok(out)) => Ok((index, out)),
         Some(Err(e)) => {
             let mut err = command_error(&e);
             err.body["index"] = json!(index);
@@ -331,7 +379,11 @@ async fn activate_plugin(
     check_name("plugin", &name)?;
     let Activate { version } = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("expected {{\"version\": \"...\"}}: {e}")))?;
-    lifecycle(&node, Op::ActivatePlugin { name, version }).await
+    let response = lifecycle(&node, Op::ActivatePlugin { name: name.clone(), version: version.clone() }).await?;
+    if let Some(client) = node.bus.get() {
+        crate::bus::notify(client, "plugin.activated", json!({ "plugin": name, "version": version })).await;
+    }
+    Ok(response)
 }
 
 async fn remove_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<String>) -> ApiResult {
@@ -371,6 +423,11 @@ async fn cluster(State(node): State<Arc<NodeInner>>) -> ApiResult {
         "applied_index": metrics.last_applied.map(|l| l.index),
         "nodes": nodes,
         "divergence": node.shared.divergence.load(std::sync::atomic::Ordering::Relaxed),
+        "bus": crate::bus::state(node.bus.get()),
+        "events": node.with_state(|sm| {
+            let (published_upto, pending, dropped) = sm.outbox_state();
+            json!({ "published_upto": published_upto, "pending_commands": pending, "dropped": dropped })
+        }),
         "engine": node.artifacts.runtime().fingerprint(),
     }))
     .into_response())
@@ -401,5 +458,6 @@ async fn ready(State(node): State<Arc<NodeInner>>) -> Response {
     let metrics = node.raft.metrics().borrow().clone();
     let ready = metrics.current_leader.is_some();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": ready, "leader": metrics.current_leader, "applied_index": metrics.last_applied.map(|l| l.index) }))).into_response()
+    let bus = crate::bus::state(node.bus.get());
+    (status, Json(json!({ "ready": ready, "leader": metrics.current_leader, "applied_index": metrics.last_applied.map(|l| l.index), "bus": bus }))).into_response()
 }

@@ -16,7 +16,34 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{CommandError, Context, Outcome, Plugin, PluginLimits};
-use crate::state::{Digest, Effects, KvState, WriteSet};
+use crate::state::{Digest, Effects, Event, KvState, WriteSet};
+
+/// Client request ids remembered for deduplication: a retry with the same
+/// id within the last this-many identified requests is answered with the
+/// first result instead of being applied again.
+pub const DEDUP_WINDOW: usize = 100_000;
+
+/// Events kept for publishing while the bus is away; past this the oldest
+/// are dropped (and counted) rather than growing without bound.
+pub const OUTBOX_LIMIT: usize = 1_000_000;
+
+/// The first result of an identified request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    /// Log index where it was applied.
+    pub index: u64,
+    /// What it returned.
+    pub result: Result<Vec<u8>, CommandError>,
+}
+
+/// Events of one applied command, waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// The plugin that emitted them.
+    pub plugin: String,
+    /// In emission order.
+    pub events: Vec<Event>,
+}
 
 /// A local fault while applying: this node cannot apply the entry and must
 /// not pretend it did (other nodes may have applied it fine).
@@ -79,6 +106,14 @@ pub struct Image {
     pub last_applied: u64,
     /// The plugin registry.
     pub registry: BTreeMap<String, PluginRecord>,
+    /// Remembered request ids, oldest first.
+    pub dedup: Vec<(String, Remembered)>,
+    /// Unpublished events by log index.
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    /// Events up to this index are known to be in the stream.
+    pub published_upto: u64,
+    /// Events dropped because the outbox was full.
+    pub outbox_dropped: u64,
 }
 
 /// The replicated state of one node, and the plugins that change it.
@@ -97,6 +132,16 @@ pub struct StateMachine {
     /// Recent (index, digest) pairs, so nodes at different positions can
     /// still compare at a common index.
     history: std::collections::VecDeque<(u64, Digest)>,
+    /// Remembered request ids.
+    dedup: BTreeMap<String, Remembered>,
+    /// The same ids, oldest first, to bound the window.
+    dedup_order: std::collections::VecDeque<String>,
+    /// Unpublished events by log index.
+    outbox: BTreeMap<u64, OutboxEntry>,
+    /// Events up to this index are known to be in the stream.
+    published_upto: u64,
+    /// Events dropped because the outbox was full.
+    outbox_dropped: u64,
 }
 
 /// How many recent digests to keep for comparison.
@@ -265,6 +310,55 @@ impl StateMachine {
         Ok(result)
     }
 
+    /// The first result of request `id`, if it is in the window.
+    pub fn remembered(&self, id: &str) -> Option<&Remembered> {
+        self.dedup.get(id)
+    }
+
+    /// Remember the result of request `id` (evicting the oldest past
+    /// [`DEDUP_WINDOW`]). Called in log order on every node.
+    pub fn remember(&mut self, id: &str, remembered: Remembered) {
+        if self.dedup.insert(id.to_owned(), remembered).is_none() {
+            self.dedup_order.push_back(id.to_owned());
+            while self.dedup_order.len() > DEDUP_WINDOW {
+                if let Some(old) = self.dedup_order.pop_front() {
+                    self.dedup.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Queue a command's events for publishing.
+    pub fn queue_events(&mut self, index: u64, plugin: &str, events: &[Event]) {
+        if events.is_empty() || index <= self.published_upto {
+            return;
+        }
+        self.outbox.insert(index, OutboxEntry { plugin: plugin.to_owned(), events: events.to_vec() });
+        while self.outbox.len() > OUTBOX_LIMIT {
+            if let Some((_, dropped)) = self.outbox.pop_first() {
+                self.outbox_dropped += dropped.events.len() as u64;
+            }
+        }
+    }
+
+    /// Events up to `upto` are in the stream: forget them.
+    pub fn mark_published(&mut self, upto: u64) {
+        if upto > self.published_upto {
+            self.published_upto = upto;
+            self.outbox = self.outbox.split_off(&(upto + 1));
+        }
+    }
+
+    /// Unpublished events after `after`, at most `limit` commands' worth.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Vec<(u64, OutboxEntry)> {
+        self.outbox.range(after + 1..).take(limit).map(|(i, e)| (*i, e.clone())).collect()
+    }
+
+    /// (published up to, unpublished commands, dropped events).
+    pub fn outbox_state(&self) -> (u64, usize, u64) {
+        (self.published_upto, self.outbox.len(), self.outbox_dropped)
+    }
+
     /// Run a read-only query against the current state.
     pub fn query(&self, ctx: &Context, plugin: &str, name: &str, payload: &[u8]) -> Outcome {
         match self.plugins.get(plugin) {
@@ -301,6 +395,14 @@ impl StateMachine {
             digest: self.digest.0,
             last_applied: self.last_applied,
             registry: self.registry.clone(),
+            dedup: self
+                .dedup_order
+                .iter()
+                .filter_map(|id| self.dedup.get(id).map(|r| (id.clone(), r.clone())))
+                .collect(),
+            outbox: self.outbox.iter().map(|(i, e)| (*i, e.clone())).collect(),
+            published_upto: self.published_upto,
+            outbox_dropped: self.outbox_dropped,
         }
     }
 
@@ -322,6 +424,11 @@ impl StateMachine {
             digest: Digest(image.digest),
             last_applied: image.last_applied,
             history: std::collections::VecDeque::new(),
+            dedup_order: image.dedup.iter().map(|(id, _)| id.clone()).collect(),
+            dedup: image.dedup.into_iter().collect(),
+            outbox: image.outbox.into_iter().collect(),
+            published_upto: image.published_upto,
+            outbox_dropped: image.outbox_dropped,
         })
     }
 }

@@ -19,7 +19,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::types::{NodeId, NodeInfo, Op, Request, Response, TypeConfig};
-use crate::apply::{ApplyError, Image, StateMachine, VersionRecord};
+use crate::apply::{ApplyError, Image, Remembered, StateMachine, VersionRecord};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::runtime::Context;
 
@@ -201,11 +201,31 @@ impl StateMachineStore {
                     caller: request.caller,
                 };
                 let mut sm = self.shared.sm.write().map_err(sm_err)?;
+                if let Some(first) = request.request_id.as_deref().and_then(|id| sm.remembered(id)) {
+                    return Ok(Response {
+                        result: Some(first.result.clone()),
+                        first_index: Some(first.index),
+                        ..Response::default()
+                    });
+                }
                 let outcome = sm.apply_command(&ctx, &plugin, &command, &payload).map_err(host)?;
                 for line in &outcome.logs {
                     tracing::debug!(target: "synod::plugin", plugin, index, level = line.level, "{}", line.message);
                 }
-                Ok(Response { result: Some(outcome.result), events: outcome.events, fuel_used: outcome.fuel_used })
+                if let Some(id) = &request.request_id {
+                    sm.remember(id, Remembered { index, result: outcome.result.clone() });
+                }
+                sm.queue_events(index, &plugin, &outcome.events);
+                Ok(Response {
+                    result: Some(outcome.result),
+                    events: outcome.events,
+                    fuel_used: outcome.fuel_used,
+                    first_index: None,
+                })
+            }
+            Op::EventsPublished { upto } => {
+                self.shared.sm.write().map_err(sm_err)?.mark_published(upto);
+                Ok(Response::default())
             }
             Op::InstallPlugin { name, version, sha256, size, limits } => {
                 let record = VersionRecord { sha256, size, limits, installed_at: index };

@@ -52,6 +52,10 @@ pub struct Request {
     pub timestamp_ms: u64,
     /// Who asked (authenticated caller, or "anonymous").
     pub caller: String,
+    /// The client's id for this request (`Synod-Request-Id`): a retry with
+    /// the same id is answered from the first application, not applied
+    /// again (see `apply::DEDUP_WINDOW`).
+    pub request_id: Option<String>,
     /// What to do.
     pub op: Op,
 }
@@ -95,6 +99,12 @@ pub enum Op {
         /// Plugin name.
         name: String,
     },
+    /// The leader confirmed the event stream holds every event up to this
+    /// index: every node drops them from its outbox.
+    EventsPublished {
+        /// Last log index whose events are in the stream.
+        upto: u64,
+    },
 }
 
 /// What applying one entry produced.
@@ -106,4 +116,51 @@ pub struct Response {
     pub events: Vec<Event>,
     /// Fuel the command used.
     pub fuel_used: u64,
+    /// For a retried request: the index it was first applied at (the
+    /// result is the first one's).
+    pub first_index: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every response crosses nodes postcard-encoded (forwarded writes):
+    /// each error variant must survive the trip.
+    #[test]
+    fn responses_round_trip_through_postcard() {
+        let errors = vec![
+            CommandError::UnknownPlugin { name: "p".into() },
+            CommandError::Lifecycle { message: "m".into() },
+            CommandError::UnknownCommand { name: "c".into() },
+            CommandError::UnknownQuery { name: "q".into() },
+            CommandError::InvalidInput { message: "i".into() },
+            CommandError::Rejected { message: "r".into() },
+            CommandError::Internal { message: "x".into() },
+            CommandError::OutOfFuel { limit: 1 },
+            CommandError::OutOfMemory { limit: 2 },
+            CommandError::StackOverflow,
+            CommandError::Trap { message: "t".into() },
+            CommandError::OutputTooLarge { size: 3, limit: 4 },
+            CommandError::Host { reason: "h".into() },
+        ];
+        for e in errors {
+            let r = Response { result: Some(Err(e)), events: Vec::new(), fuel_used: 9, first_index: Some(3) };
+            let bytes = postcard::to_allocvec(&r).unwrap();
+            assert_eq!(postcard::from_bytes::<Response>(&bytes).unwrap(), r);
+        }
+        let req = Request {
+            timestamp_ms: 1,
+            caller: "c".into(),
+            request_id: Some("id".into()),
+            op: Op::InstallPlugin {
+                name: "n".into(),
+                version: "v".into(),
+                sha256: "s".into(),
+                size: 5,
+                limits: PluginLimits::default(),
+            },
+        };
+        assert_eq!(postcard::from_bytes::<Request>(&postcard::to_allocvec(&req).unwrap()).unwrap(), req);
+    }
 }

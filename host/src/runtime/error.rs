@@ -87,8 +87,10 @@ pub enum LoadError {
 /// All variants but [`CommandError::Host`] are deterministic: every node
 /// reaches the same one at the same point, so they are results to commit
 /// (with the command's writes dropped), not faults.
+///
+/// Serialized with postcard in the log and between nodes, so no serde
+/// attribute that needs a self-describing format (internal tags, flatten).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandError {
     /// No plugin of this name is installed.
     #[error("unknown plugin `{name}`")]

@@ -1,0 +1,146 @@
+//! NATS bus: requests in from clients and devices, events and notices out.
+//!
+//! In: `synod.cmd.<plugin>.<command>` requests (queue group: one node takes
+//! each), with an optional `Synod-Request-Id` header. Out: the same
+//! `{result, index}` or error JSON as the HTTP API (status in the
+//! `Synod-Status` header); committed events on the JetStream stream
+//! (`synod.evt.<plugin>.<topic>`, see [`events`]); notices on `synod.sys.>`.
+//! `synod.tel.<device>.<metric>` is reserved for device telemetry.
+//!
+//! The connection retries in the background forever: Raft and HTTP never
+//! wait for NATS.
+
+pub mod events;
+
+use std::sync::Arc;
+
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::api::{REQUEST_ID_HEADER, check_request_id, output_json};
+use crate::config::NatsConfig;
+use crate::node::NodeInner;
+
+/// Subjects of command requests.
+pub const COMMAND_SUBJECTS: &str = "synod.cmd.>";
+
+/// Why the bus could not be set up (the node runs on without it).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A credentials or TLS file could not be read.
+    #[error("nats credentials: {0}")]
+    Credentials(std::io::Error),
+    /// The client refused the options.
+    #[error("nats: {0}")]
+    Connect(String),
+}
+
+/// Connect (in the background) with the configured credentials and TLS.
+pub async fn connect(config: &NatsConfig, url: &str, name: String) -> Result<Client, BusError> {
+    let mut options = ConnectOptions::new().name(name).retry_on_initial_connect().max_reconnects(None);
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(path) = &config.creds_file {
+        options = options.credentials_file(path).await.map_err(BusError::Credentials)?;
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    options.connect(servers).await.map_err(|e| BusError::Connect(e.to_string()))
+}
+
+/// Start the bus for `node`: connect, serve command requests, publish
+/// events while leader. Returns the client (also stored on the node).
+pub async fn start(node: Arc<NodeInner>) -> Result<Client, BusError> {
+    let config = node.config.nats.clone();
+    let Some(url) = config.url.clone() else {
+        return Err(BusError::Connect("no nats.url configured".into()));
+    };
+    let client = connect(&config, &url, format!("synod-node-{}", node.id)).await?;
+    tokio::spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone()));
+    tokio::spawn(events::publish_loop(node.clone(), client.clone(), config.stream.clone()));
+    Ok(client)
+}
+
+/// The bus state as shown in `/readyz` and `synod status`.
+pub fn state(client: Option<&Client>) -> &'static str {
+    match client.map(Client::connection_state) {
+        None => "disabled",
+        Some(async_nats::connection::State::Connected) => "connected",
+        Some(async_nats::connection::State::Disconnected) => "disconnected",
+        Some(async_nats::connection::State::Pending) => "connecting",
+    }
+}
+
+async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String) {
+    loop {
+        let mut sub = match client.queue_subscribe(COMMAND_SUBJECTS, group.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to {COMMAND_SUBJECTS}; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(msg) = sub.next().await {
+            let (node, client) = (node.clone(), client.clone());
+            tokio::spawn(async move { answer(&node, &client, msg).await });
+        }
+    }
+}
+
+/// Run one bus request and reply — never dropping it, whatever is wrong.
+async fn answer(node: &NodeInner, client: &Client, msg: async_nats::Message) {
+    let Some(reply) = msg.reply.clone() else {
+        tracing::debug!(subject = %msg.subject, "command without a reply subject ignored");
+        return;
+    };
+    let (status, body) = match run(node, &msg).await {
+        Ok((index, out)) => (200, json!({ "result": output_json(&out), "index": index })),
+        Err(e) => (e.status(), e.body().clone()),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Synod-Status", status.to_string().as_str());
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    if let Err(e) = client.publish_with_headers(reply, headers, bytes.into()).await {
+        tracing::warn!(error = %e, "cannot send a bus reply");
+    }
+}
+
+async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), crate::api::ApiError> {
+    let parts: Vec<&str> = msg.subject.split('.').collect();
+    let [_, _, plugin, command] = parts.as_slice() else {
+        return Err(crate::api::ApiError::bad_request(format!(
+            "subject {:?} is not synod.cmd.<plugin>.<command>",
+            msg.subject.as_str()
+        )));
+    };
+    let request_id = match msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER).or_else(|| h.get("Synod-Request-Id"))) {
+        Some(v) => Some(check_request_id(v.as_str())?),
+        None => None,
+    };
+    crate::api::submit_command(node, (*plugin).to_owned(), (*command).to_owned(), msg.payload.clone(), request_id).await
+}
+
+/// Publish a best-effort notice on `synod.sys.<what>`.
+pub async fn notify(client: &Client, what: &str, body: serde_json::Value) {
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    if let Err(e) = client.publish(format!("synod.sys.{what}"), bytes.into()).await {
+        tracing::debug!(error = %e, what, "cannot publish a notice");
+    }
+}

@@ -1,0 +1,117 @@
+//! Events reach the JetStream stream exactly once, in log order — across a
+//! leader kill and across a NATS outage.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Cluster, serial};
+use crate::nats::NatsServer;
+use crate::plugins::component;
+
+/// Every message in the stream: (Nats-Msg-Id, Synod-Index).
+async fn stream_messages(url: &str) -> Vec<(String, u64)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream("SYNOD_EVENTS").await else { return Vec::new() };
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+            let index = m.headers.get("Synod-Index").unwrap().as_str().parse().unwrap();
+            out.push((id, index));
+        }
+    }
+    out
+}
+
+/// Wait until the stream holds an event for every index in `acked`, then
+/// check exactly-once and order.
+async fn assert_exactly_once(url: &str, acked: &BTreeSet<u64>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let msgs = stream_messages(url).await;
+        let indexes: BTreeSet<u64> = msgs.iter().map(|(_, i)| *i).collect();
+        if acked.is_subset(&indexes) {
+            eprintln!("stream: {} events for {} acknowledged toggles; first {:?}, last {:?}", msgs.len(), acked.len(), msgs.first(), msgs.last());
+            let ids: BTreeSet<&String> = msgs.iter().map(|(id, _)| id).collect();
+            assert_eq!(ids.len(), msgs.len(), "an event is in the stream twice");
+            assert!(msgs.windows(2).all(|w| w[0].1 <= w[1].1), "events out of log order");
+            return;
+        }
+        let missing: Vec<_> = acked.difference(&indexes).take(10).collect();
+        assert!(tokio::time::Instant::now() < deadline, "events never published for {missing:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reports alternating 10 °C / 30 °C against a 20 °C setpoint: every one
+/// switches the heater and so emits exactly one event.
+async fn toggle(c: &Cluster, via: u64, i: u64) -> Option<u64> {
+    let t = if i.is_multiple_of(2) { 10.0 } else { 30.0 };
+    let call = c.cmd(via, "thermostat", "report", json!({"zone": "hall", "temperature": t}));
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(r)) if r["result"]["changed"] == json!(true) => r["index"].as_u64(),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_while_events_flow() {
+    let _serial = serial().await;
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let mut c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
+    let leader = c.leader().await;
+    c.push(leader, "thermostat", "1", component("thermostat")).await.unwrap();
+    c.cmd(leader, "thermostat", "set_setpoint", json!({"zone": "hall", "setpoint": 20})).await.unwrap();
+    let via = c.live().into_iter().find(|id| *id != leader).unwrap();
+
+    let mut acked = BTreeSet::new();
+    for i in 0..60 {
+        if i == 30 {
+            c.kill(leader);
+        }
+        if let Some(index) = toggle(&c, via, i).await {
+            acked.insert(index);
+        }
+    }
+    assert!(acked.len() > 40, "only {} toggles acknowledged", acked.len());
+    c.restart(leader);
+    assert_exactly_once(&url, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
+    let _serial = serial().await;
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
+    let leader = c.leader().await;
+    c.push(leader, "thermostat", "1", component("thermostat")).await.unwrap();
+    c.cmd(leader, "thermostat", "set_setpoint", json!({"zone": "hall", "setpoint": 20})).await.unwrap();
+    let mut acked = BTreeSet::new();
+    for i in 0..10 {
+        acked.extend(toggle(&c, leader, i).await);
+    }
+    assert_exactly_once(&url, &acked).await;
+
+    nats.stop();
+    // HTTP and Raft carry on without the bus.
+    for i in 10..30 {
+        acked.insert(toggle(&c, leader, i).await.expect("a command failed while NATS was down"));
+    }
+    let ready = c.client(leader).get("/readyz").await.unwrap();
+    assert_ne!(ready["bus"], json!("connected"));
+
+    nats.restart();
+    // The bus reconnects by itself and the events of the outage arrive.
+    assert_exactly_once(&url, &acked).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while c.client(leader).get("/readyz").await.unwrap()["bus"] != json!("connected") {
+        assert!(tokio::time::Instant::now() < deadline, "the bus did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
