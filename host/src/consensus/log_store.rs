@@ -4,7 +4,14 @@
 //! crash. Every mutation is one redb write transaction committed with
 //! `Durability::Immediate` (fsync) before openraft is told it happened: an
 //! append is reported flushed only after its fsync, and the vote is on disk
-//! before `save_vote` returns.
+//! before `save_vote` returns. The one exception is the committed id (see
+//! `save_committed`).
+//!
+//! Appends are written inline: openraft 0.9 awaits each append's flush in
+//! its core loop (`RaftCore::append_to_log`), so a background group commit
+//! never sees two appends at once; it was measured slower (2.9k vs 4.3k
+//! writes/s on three nodes) and is left for openraft 0.10's non-blocking
+//! log IO.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -64,9 +71,12 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
+    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T, durable: bool) -> Result<()> {
         let bytes = postcard::to_allocvec(value).map_err(write_err)?;
-        let txn = self.db.begin_write().map_err(write_err)?;
+        let mut txn = self.db.begin_write().map_err(write_err)?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(write_err)?;
+        }
         {
             let mut table = txn.open_table(META).map_err(write_err)?;
             table.insert(key, bytes.as_slice()).map_err(write_err)?;
@@ -141,7 +151,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
-        self.put_meta(VOTE, vote)
+        self.put_meta(VOTE, vote, true)
             .map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))
     }
 
@@ -149,8 +159,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get_meta(VOTE)
     }
 
+    /// The committed id is a hint openraft can re-derive after a restart
+    /// (from a quorum), so it is not fsynced on its own: it is visible at
+    /// once and becomes durable with the next fsynced append — one fsync per
+    /// write saved on every node.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        self.put_meta(COMMITTED, &committed)
+        self.put_meta(COMMITTED, &committed, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {

@@ -18,10 +18,10 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::types::{NodeId, NodeInfo, Op, Request, Response, TypeConfig};
+use super::types::{NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
 use crate::apply::{ApplyError, Image, Remembered, StateMachine, VersionRecord};
 use crate::artifacts::{ArtifactError, Artifacts};
-use crate::runtime::Context;
+use crate::runtime::{CommandError, Context};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
@@ -189,14 +189,53 @@ impl StateMachineStore {
         }
     }
 
-    async fn apply_one(&self, log_id: LogId<NodeId>, request: Request) -> Result<Response> {
-        let index = log_id.index;
-        let host = |e: ApplyError| sm_err(e);
+    /// Apply one log entry's request (a batch: each of its requests).
+    async fn apply_entry(&self, log_id: LogId<NodeId>, request: Request) -> Result<Response> {
+        let base = log_id.index * OPS_PER_ENTRY;
         match request.op {
+            Op::Batch(requests) => {
+                if requests.len() as u64 > OPS_PER_ENTRY {
+                    return Err(sm_err(format!("entry {} carries more than {OPS_PER_ENTRY} operations", log_id.index)));
+                }
+                let mut items = Vec::with_capacity(requests.len());
+                for (position, r) in requests.into_iter().enumerate() {
+                    let item = match r.op {
+                        Op::Batch(_) => Response {
+                            result: Some(Err(CommandError::Lifecycle { message: "nested batch refused".into() })),
+                            index: base + position as u64,
+                            ..Response::default()
+                        },
+                        _ => self.apply_one(log_id.leader_id.term, base + position as u64, r).await?,
+                    };
+                    items.push(item);
+                }
+                Ok(Response { index: base, items, ..Response::default() })
+            }
+            _ => self.apply_one(log_id.leader_id.term, base, request).await,
+        }
+    }
+
+    /// Apply one operation at operation index `index`.
+    async fn apply_one(&self, term: u64, index: u64, request: Request) -> Result<Response> {
+        let host = |e: ApplyError| sm_err(e);
+        let mut response = self.apply_op(term, index, request, host).await?;
+        response.index = index;
+        Ok(response)
+    }
+
+    async fn apply_op(
+        &self,
+        term: u64,
+        index: u64,
+        request: Request,
+        host: impl Fn(ApplyError) -> StorageError<NodeId>,
+    ) -> Result<Response> {
+        match request.op {
+            Op::Batch(_) => Err(sm_err("nested batch")),
             Op::Command { plugin, command, payload } => {
                 let ctx = Context {
                     index,
-                    term: log_id.leader_id.term,
+                    term,
                     timestamp_ms: request.timestamp_ms,
                     caller: request.caller,
                 };
@@ -220,7 +259,7 @@ impl StateMachineStore {
                     result: Some(outcome.result),
                     events: outcome.events,
                     fuel_used: outcome.fuel_used,
-                    first_index: None,
+                    ..Response::default()
                 })
             }
             Op::EventsPublished { upto } => {
@@ -303,7 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             let response = match entry.payload {
                 EntryPayload::Blank => Response::default(),
-                EntryPayload::Normal(request) => self.apply_one(entry.log_id, request).await?,
+                EntryPayload::Normal(request) => self.apply_entry(entry.log_id, request).await?,
                 EntryPayload::Membership(m) => {
                     self.shared.meta.write().map_err(sm_err)?.membership =
                         StoredMembership::new(Some(entry.log_id), m);

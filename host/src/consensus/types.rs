@@ -100,12 +100,23 @@ pub enum Op {
         name: String,
     },
     /// The leader confirmed the event stream holds every event up to this
-    /// index: every node drops them from its outbox.
+    /// operation index: every node drops them from its outbox.
     EventsPublished {
-        /// Last log index whose events are in the stream.
+        /// Last operation index whose events are in the stream.
         upto: u64,
     },
+    /// Several requests in one log entry, applied in order: how the leader
+    /// turns many concurrent writes into one append and one fsync (openraft
+    /// 0.9 flushes each append before taking the next). At most
+    /// [`OPS_PER_ENTRY`] requests; no nesting.
+    Batch(Vec<Request>),
 }
+
+/// Operations one log entry may carry. An operation's index is
+/// `log index × OPS_PER_ENTRY + position`: unique, increasing in log order,
+/// the same on every node. It is what clients see as `index`, what seeds the
+/// command's randomness, and what names its events.
+pub const OPS_PER_ENTRY: u64 = 1000;
 
 /// What applying one entry produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +130,10 @@ pub struct Response {
     /// For a retried request: the index it was first applied at (the
     /// result is the first one's).
     pub first_index: Option<u64>,
+    /// The operation index (see [`OPS_PER_ENTRY`]).
+    pub index: u64,
+    /// For a batch: each request's response, in order.
+    pub items: Vec<Response>,
 }
 
 #[cfg(test)]
@@ -145,7 +160,7 @@ mod tests {
             CommandError::Host { reason: "h".into() },
         ];
         for e in errors {
-            let r = Response { result: Some(Err(e)), events: Vec::new(), fuel_used: 9, first_index: Some(3) };
+            let r = Response { result: Some(Err(e)), events: Vec::new(), fuel_used: 9, first_index: Some(3), index: 4, items: Vec::new() };
             let bytes = postcard::to_allocvec(&r).unwrap();
             assert_eq!(postcard::from_bytes::<Response>(&bytes).unwrap(), r);
         }

@@ -1,6 +1,7 @@
 //! `counter`: the smallest useful plugin. One integer, three operations.
 //!
-//! - command `increment` `{"by": n}` (default 1) → `{"value": v}`
+//! - command `increment` `{"by": n, "note": "…"}` (default 1; the note, if
+//!   any, is stored under `note`) → `{"value": v}`
 //! - command `reset` `{}` → `{"value": 0}`, emits `reset`
 //! - query `get` → `{"value": v}`
 //!
@@ -19,6 +20,10 @@ const KEY: &str = "value";
 struct Increment {
     #[serde(default = "one")]
     by: i64,
+    /// Optional text stored with the increment (under `note`): lets a
+    /// benchmark write a realistic value per command.
+    #[serde(default)]
+    note: Option<String>,
 }
 
 fn one() -> i64 {
@@ -47,11 +52,14 @@ impl Plugin for Counter {
     fn handle(_ctx: &Context, command: &Command) -> Result<Vec<u8>, Error> {
         match command.name.as_str() {
             "increment" => {
-                let Increment { by } = if command.payload.is_empty() {
-                    Increment { by: 1 }
+                let Increment { by, note } = if command.payload.is_empty() {
+                    Increment { by: 1, note: None }
                 } else {
                     command.json()?
                 };
+                if let Some(note) = note {
+                    state::set("note", &note)?;
+                }
                 let value = current()?
                     .checked_add(by)
                     .ok_or_else(|| Error::rejected(format!("adding {by} would overflow the counter")))?;

