@@ -485,21 +485,43 @@ impl NodeInner {
         request_id: Option<String>,
     ) -> Result<(u64, Response), WriteError> {
         let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
+        let (index, response) = self
+            .on_leader(
+                || self.write_local(request.clone()),
+                || RaftRpc::Write(request.clone()),
+                |reply| match reply {
+                    RaftReply::Write(w) => w,
+                    other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                },
+            )
+            .await?;
+        Ok((response.first_index.unwrap_or(index), response))
+    }
+
+    /// Run an operation on the leader: locally if this node leads, else
+    /// forwarded over libp2p. While no leader is known (an election), wait
+    /// and retry for up to five seconds rather than failing at once.
+    async fn on_leader<T, Fut>(
+        &self,
+        local: impl Fn() -> Fut,
+        remote: impl Fn() -> RaftRpc,
+        pick: impl Fn(RaftReply) -> Result<T, WriteError>,
+    ) -> Result<T, WriteError>
+    where
+        Fut: std::future::Future<Output = Result<T, WriteError>>,
+    {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let result = match self.leader().0 {
-                Some(l) if l == self.id => self.write_local(request.clone()).await,
-                Some(l) => self.forward(l, RaftRpc::Write(request.clone())).await.and_then(|r| match r {
-                    RaftReply::Write(w) => w,
-                    other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
-                }),
+                Some(l) if l == self.id => local().await,
+                Some(l) => self.forward(l, remote()).await.and_then(&pick),
                 None => Err(self.not_leader()),
             };
             match result {
                 Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                other => return other.map(|(index, r)| (r.first_index.unwrap_or(index), r)),
+                other => return other,
             }
         }
     }
@@ -525,23 +547,16 @@ impl NodeInner {
     /// Wait until this node has applied everything committed before now, as
     /// confirmed by the leader: what makes a following read linearizable.
     pub async fn read_barrier(&self) -> Result<(), WriteError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let index = loop {
-            let result = match self.leader().0 {
-                Some(l) if l == self.id => self.read_index_local().await,
-                Some(l) => self.forward(l, RaftRpc::ReadIndex).await.and_then(|r| match r {
+        let index = self
+            .on_leader(
+                || self.read_index_local(),
+                || RaftRpc::ReadIndex,
+                |reply| match reply {
                     RaftReply::ReadIndex(i) => i,
                     other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
-                }),
-                None => Err(self.not_leader()),
-            };
-            match result {
-                Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => break other?,
-            }
-        };
+                },
+            )
+            .await?;
         self.raft
             .wait(Some(Duration::from_secs(5)))
             .applied_index_at_least(Some(index), "read barrier")

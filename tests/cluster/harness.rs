@@ -129,6 +129,25 @@ impl Cluster {
         }
     }
 
+    /// The members as `[[peers]]` entries, for a node joining or
+    /// impersonating them (`except` one id).
+    pub fn peer_configs(&self, except: Option<u64>) -> Vec<synod::config::PeerConfig> {
+        self.nodes
+            .values()
+            .filter(|m| Some(m.config.id) != except)
+            .map(|m| synod::config::PeerConfig {
+                id: m.config.id,
+                peer_id: synod::p2p::identity::load_or_create(&m.config.data_dir)
+                    .unwrap()
+                    .public()
+                    .to_peer_id()
+                    .to_string(),
+                p2p: m.config.p2p.clone(),
+                http: m.config.http.to_string(),
+            })
+            .collect()
+    }
+
     /// Upload a component through node `via`.
     pub async fn push(&self, via: u64, name: &str, version: &str, bytes: Vec<u8>) -> Result<Value, ClientError> {
         self.client(via).post(&format!("/v1/plugins/{name}?version={version}"), bytes).await

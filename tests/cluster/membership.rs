@@ -22,16 +22,7 @@ async fn add_a_fourth_node_then_remove_it() {
     let (path, mut config) = synod::dev::prepare(&c.dir.path().join("new"), 1).unwrap().remove(0);
     config.id = 4;
     config.bootstrap = false;
-    config.peers = c
-        .nodes
-        .values()
-        .map(|m| synod::config::PeerConfig {
-            id: m.config.id,
-            peer_id: synod::p2p::identity::load_or_create(&m.config.data_dir).unwrap().public().to_peer_id().to_string(),
-            p2p: m.config.p2p.clone(),
-            http: m.config.http.to_string(),
-        })
-        .collect();
+    config.peers = c.peer_configs(None);
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     let peer_id = synod::p2p::identity::load_or_create(&config.data_dir).unwrap().public().to_peer_id().to_string();
     let add = json!({"id": 4, "peer_id": peer_id, "p2p": config.p2p, "http": config.http.to_string()});

@@ -66,17 +66,7 @@ async fn a_stranger_key_cannot_join() {
     let (path, mut config) = configs.remove(0);
     config.id = 2;
     config.bootstrap = true;
-    config.peers = c
-        .nodes
-        .values()
-        .filter(|m| m.config.id != 2)
-        .map(|m| synod::config::PeerConfig {
-            id: m.config.id,
-            peer_id: synod::p2p::identity::load_or_create(&m.config.data_dir).unwrap().public().to_peer_id().to_string(),
-            p2p: m.config.p2p.clone(),
-            http: m.config.http.to_string(),
-        })
-        .collect();
+    config.peers = c.peer_configs(Some(2));
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     let stranger_http = config.http;
     c.nodes.insert(99, crate::harness::Member::new(config, path));
