@@ -132,10 +132,17 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
 }
 
+/// Concurrent request streams per protocol (inbound + outbound).
+const MAX_CONCURRENT_STREAMS: usize = 2048;
+
 /// Builds the swarm: TCP + noise + yamux, and [`SynodBehaviour`].
 pub(super) fn build(config: &P2pConfig) -> Result<Swarm<SynodBehaviour>, P2pError> {
-    let rr_config =
-        request_response::Config::default().with_request_timeout(config.request_timeout);
+    // Followers forward client writes to the leader: under load hundreds are
+    // in flight per connection, far past the default cap of 100 streams
+    // (an overflowing request fails and the caller retries after a pause).
+    let rr_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     let raft = request_response::Behaviour::with_codec(
         FrameCodec::new(config.max_message_bytes),
         [(RAFT_PROTOCOL, ProtocolSupport::Full)],
