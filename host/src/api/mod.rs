@@ -138,15 +138,20 @@ fn body_or(body: Result<Bytes, BytesRejection>, what: &str, limit: usize) -> Res
     })
 }
 
-fn check_payload(node: &NodeInner, body: &Bytes) -> Result<(), ApiError> {
-    let limit = node.config.limits.max_payload_bytes;
-    if body.len() > limit {
+/// A 413 when `size` exceeds `limit`, naming `what`.
+fn check_size(what: &str, size: usize, limit: usize) -> Result<(), ApiError> {
+    if size > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("payload is {} bytes, over the limit of {limit}", body.len()),
+            format!("{what} is {size} bytes, over the limit of {limit}"),
         ));
     }
+    Ok(())
+}
+
+fn check_payload(node: &NodeInner, body: &Bytes) -> Result<(), ApiError> {
+    check_size("payload", body.len(), node.config.limits.max_payload_bytes)?;
     if !body.is_empty() {
         serde_json::from_slice::<serde::de::IgnoredAny>(body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", format!("body is not valid JSON: {e}")))?;
@@ -343,14 +348,7 @@ async fn upload_plugin(
         .version
         .filter(|v| !v.is_empty() && v.len() <= 64 && !v.chars().any(char::is_control))
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "`version` query parameter required (1-64 characters)"))?;
-    let limit = node.config.limits.max_plugin_bytes;
-    if body.len() > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("plugin is {} bytes, over the limit of {limit}", body.len()),
-        ));
-    }
+    check_size("plugin", body.len(), node.config.limits.max_plugin_bytes)?;
     let defaults = PluginLimits::default();
     let limits = PluginLimits {
         fuel: params.fuel.unwrap_or(defaults.fuel),
