@@ -214,13 +214,22 @@ pub async fn submit_command(
     }
     let op = Op::Command { plugin, command, payload: body.to_vec() };
     let (index, response) = node.write_request(op, "anonymous", request_id).await?;
-    match response.result {
-        Some(Ok(out)) => Ok((index, out)),
-        Some(Err(e)) => {
-            let mut err = command_error(&e);
+    match applied(response) {
+        Ok(out) => Ok((index, out)),
+        // A command's failure was still applied: say where.
+        Err(mut err) => {
             err.body["index"] = json!(index);
             Err(err)
         }
+    }
+}
+
+/// What an applied operation produced: its output, or its error as the
+/// API reports it.
+fn applied(response: crate::consensus::Response) -> Result<Vec<u8>, ApiError> {
+    match response.result {
+        Some(Ok(out)) => Ok(out),
+        Some(Err(e)) => Err(command_error(&e)),
         None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "entry produced no result")),
     }
 }
@@ -357,11 +366,8 @@ async fn upload_plugin(
     };
     let (index, response) =
         node.upload(&name, &version, body.to_vec(), limits, "anonymous").await.map_err(upload_error)?;
-    match response.result {
-        Some(Ok(out)) => Ok((StatusCode::CREATED, Json(json!({ "result": output_json(&out), "index": index }))).into_response()),
-        Some(Err(e)) => Err(command_error(&e)),
-        None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "entry produced no result")),
-    }
+    let out = applied(response)?;
+    Ok((StatusCode::CREATED, Json(json!({ "result": output_json(&out), "index": index }))).into_response())
 }
 
 #[derive(Deserialize)]
@@ -391,11 +397,8 @@ async fn remove_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<Stri
 
 async fn lifecycle(node: &NodeInner, op: Op) -> ApiResult {
     let (index, response) = node.write(op, "anonymous").await?;
-    match response.result {
-        Some(Ok(out)) => Ok(Json(json!({ "result": output_json(&out), "index": index })).into_response()),
-        Some(Err(e)) => Err(command_error(&e)),
-        None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "entry produced no result")),
-    }
+    let out = applied(response)?;
+    Ok(Json(json!({ "result": output_json(&out), "index": index })).into_response())
 }
 
 async fn cluster(State(node): State<Arc<NodeInner>>) -> ApiResult {

@@ -19,7 +19,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::types::{NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
-use crate::apply::{ApplyError, Image, Remembered, StateMachine, VersionRecord};
+use crate::apply::{Image, Remembered, StateMachine, VersionRecord};
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::runtime::{CommandError, Context};
 
@@ -217,19 +217,14 @@ impl StateMachineStore {
 
     /// Apply one operation at operation index `index`.
     async fn apply_one(&self, term: u64, index: u64, request: Request) -> Result<Response> {
-        let host = |e: ApplyError| sm_err(e);
-        let mut response = self.apply_op(term, index, request, host).await?;
+        let mut response = self.apply_op(term, index, request).await?;
         response.index = index;
         Ok(response)
     }
 
-    async fn apply_op(
-        &self,
-        term: u64,
-        index: u64,
-        request: Request,
-        host: impl Fn(ApplyError) -> StorageError<NodeId>,
-    ) -> Result<Response> {
+    /// A [`crate::apply::ApplyError`] is a local fault: it becomes a storage error, which
+    /// stops this node rather than letting it diverge.
+    async fn apply_op(&self, term: u64, index: u64, request: Request) -> Result<Response> {
         match request.op {
             Op::Batch(_) => Err(sm_err("nested batch")),
             Op::Command { plugin, command, payload } => {
@@ -247,7 +242,7 @@ impl StateMachineStore {
                         ..Response::default()
                     });
                 }
-                let outcome = sm.apply_command(&ctx, &plugin, &command, &payload).map_err(host)?;
+                let outcome = sm.apply_command(&ctx, &plugin, &command, &payload).map_err(sm_err)?;
                 for line in &outcome.logs {
                     tracing::debug!(target: "synod::plugin", plugin, index, level = line.level, "{}", line.message);
                 }
@@ -270,7 +265,7 @@ impl StateMachineStore {
                 let record = VersionRecord { sha256, size, limits, installed_at: index };
                 let plugin = self.plugin_for(&record).await?;
                 let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_install(index, &name, &version, record, plugin).map_err(host)?;
+                let result = sm.apply_install(index, &name, &version, record, plugin).map_err(sm_err)?;
                 Ok(Response { result: Some(result), ..Response::default() })
             }
             Op::ActivatePlugin { name, version } => {
@@ -280,12 +275,12 @@ impl StateMachineStore {
                     None => None,
                 };
                 let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_activate(index, &name, &version, plugin).map_err(host)?;
+                let result = sm.apply_activate(index, &name, &version, plugin).map_err(sm_err)?;
                 Ok(Response { result: Some(result), ..Response::default() })
             }
             Op::RemovePlugin { name } => {
                 let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_remove(index, &name).map_err(host)?;
+                let result = sm.apply_remove(index, &name).map_err(sm_err)?;
                 Ok(Response { result: Some(result), ..Response::default() })
             }
         }
