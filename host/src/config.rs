@@ -139,9 +139,12 @@ pub struct RaftConfig {
     /// Leader heartbeat interval, ms.
     pub heartbeat_ms: u64,
     /// Election timeout range, ms: a follower that hears nothing for a
-    /// random time in [min, max) stands for election.
+    /// random time in [min, max) stands for election. openraft 0.9 adds a
+    /// leader lease of `election_timeout_max_ms` on top while the last
+    /// leader's vote stands, so a lost leader is replaced after
+    /// max + [min, max) ms of silence.
     pub election_timeout_min_ms: u64,
-    /// Upper end of the election timeout range, ms.
+    /// Upper end of the election timeout range, ms (also the leader lease).
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log before it) after this many
     /// entries since the last one.
@@ -154,9 +157,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_after_entries: 10_000,
             keep_entries_after_snapshot: 1_000,
         }
