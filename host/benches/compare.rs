@@ -64,7 +64,13 @@ struct Options {
     inflight: Vec<usize>,
     json: PathBuf,
     restart_entries: u64,
+    /// Which systems to drive (all four by default).
+    systems: Vec<String>,
+    /// Stop after the throughput table (no failover, restart or RSS runs).
+    table_only: bool,
 }
+
+const SYSTEMS: [&str; 4] = ["synod-http", "synod-nats", "etcd", "jetstream-kv"];
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -73,6 +79,8 @@ fn options() -> anyhow::Result<Options> {
         inflight: vec![1, 16, 64, 256],
         json: PathBuf::from("bench-results.json"),
         restart_entries: 100_000,
+        systems: SYSTEMS.iter().map(|s| s.to_string()).collect(),
+        table_only: false,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -84,6 +92,13 @@ fn options() -> anyhow::Result<Options> {
             "--inflight" => o.inflight = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--json" => o.json = v()?.into(),
             "--restart-entries" => o.restart_entries = v()?.parse()?,
+            "--systems" => {
+                o.systems = v()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = o.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
+                    bail!("unknown system {bad}: one of {}", SYSTEMS.join(", "));
+                }
+            }
+            "--table-only" => o.table_only = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -330,8 +345,7 @@ async fn main() -> anyhow::Result<()> {
     let mut results: BTreeMap<String, BTreeMap<usize, Stats>> = BTreeMap::new();
     let mut synod_commands: u64 = 0;
     for &inflight in &o.inflight {
-        let systems: Vec<&str> = vec!["synod-http", "synod-nats", "etcd", "jetstream-kv"];
-        for system in systems {
+        for system in o.systems.iter().map(String::as_str) {
             let stats = match system {
                 "synod-http" => {
                     let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
@@ -384,6 +398,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let loaded_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+    let ratio = |a: &str, b: &str, k: usize| {
+        let (x, y) = (results.get(a).and_then(|m| m.get(&k)), results.get(b).and_then(|m| m.get(&k)));
+        match (x, y) {
+            (Some(x), Some(y)) if y.ops_per_sec > 0.0 => x.ops_per_sec / y.ops_per_sec,
+            _ => 0.0,
+        }
+    };
+    let mut ratios = BTreeMap::new();
+    for &k in &o.inflight {
+        let r = json!({
+            "synod_http/etcd": ratio("synod-http", "etcd", k),
+            "synod_http/jetstream_kv": ratio("synod-http", "jetstream-kv", k),
+            "synod_nats/etcd": ratio("synod-nats", "etcd", k),
+            "synod_nats/jetstream_kv": ratio("synod-nats", "jetstream-kv", k),
+        });
+        println!("ratios at {k} in flight: {r}");
+        ratios.insert(k, r);
+    }
+    if o.table_only {
+        return Ok(());
+    }
 
     // Per-command wasm overhead, in process.
     let runtime = synod::runtime::Runtime::new()?;
@@ -464,24 +499,6 @@ async fn main() -> anyhow::Result<()> {
     println!("leader SIGKILL → first successful command: median {failover_median:.0} ms of {failovers:.0?}");
     println!("restart of a node with ≥{synod_commands} applied commands ({target} log entries) → ready and caught up: {restart_ms:.0} ms");
     println!("synod RSS per node: idle {idle_rss:.1?} MB, after load {loaded_rss:.1?} MB");
-    let ratio = |a: &str, b: &str, k: usize| {
-        let (x, y) = (results.get(a).and_then(|m| m.get(&k)), results.get(b).and_then(|m| m.get(&k)));
-        match (x, y) {
-            (Some(x), Some(y)) if y.ops_per_sec > 0.0 => x.ops_per_sec / y.ops_per_sec,
-            _ => 0.0,
-        }
-    };
-    let mut ratios = BTreeMap::new();
-    for &k in &o.inflight {
-        let r = json!({
-            "synod_http/etcd": ratio("synod-http", "etcd", k),
-            "synod_http/jetstream_kv": ratio("synod-http", "jetstream-kv", k),
-            "synod_nats/etcd": ratio("synod-nats", "etcd", k),
-            "synod_nats/jetstream_kv": ratio("synod-nats", "jetstream-kv", k),
-        });
-        println!("ratios at {k} in flight: {r}");
-        ratios.insert(k, r);
-    }
     let versions = json!({
         "etcd": String::from_utf8_lossy(&Command::new("etcd").arg("--version").output()?.stdout).lines().next().unwrap_or("").to_owned(),
         "nats-server": String::from_utf8_lossy(&Command::new("nats-server").arg("--version").output()?.stdout).trim().to_owned(),
