@@ -202,7 +202,7 @@ impl Synod {
         let (path, _) = &self.configs[&id];
         let proc = spawn(
             &format!("synod-{id}"),
-            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", "warn"),
+            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", "warn").env("TOKIO_WORKER_THREADS", synod::dev::DEV_WORKER_THREADS),
             &self.dir.join(format!("synod-{id}.log")),
         )?;
         self.procs.insert(id, proc);

@@ -50,6 +50,13 @@ fn port(preferred: u16) -> Result<u16, DevError> {
     Ok(l.local_addr().map_err(io("finding a free port"))?.port())
 }
 
+/// Worker threads per dev node (tokio's `TOKIO_WORKER_THREADS`). The dev
+/// nodes share one machine's cores, so one thread each avoids cross-thread
+/// wakeups inside a node without starving the others: measured on 2 cores,
+/// 12.4k against 11.8k writes/s at 64 in flight and a lower p50 at 1 in
+/// flight. A production node keeps tokio's default (one per core).
+pub const DEV_WORKER_THREADS: &str = "1";
+
 /// Write (or reuse) configs for `nodes` nodes under `dir`, on free ports.
 pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
     prepare_with_ports(dir, nodes, None)
@@ -151,6 +158,7 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
             .args(["node", "--config"])
             .arg(path)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("TOKIO_WORKER_THREADS", DEV_WORKER_THREADS)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .kill_on_drop(true)
