@@ -37,7 +37,7 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    synod::dev::free_port().unwrap_or(0)
 }
 
 fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {

@@ -46,8 +46,29 @@ fn port(preferred: u16) -> Result<u16, DevError> {
     if preferred != 0 && TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
         return Ok(preferred);
     }
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+    free_port().map_err(io("finding a free port"))
+}
+
+/// A free loopback port for a server to listen on later. Taken below
+/// Linux's ephemeral range (32768 and up by default), where the kernel
+/// picks local ports for outgoing connections: a port from `bind(0)` can be
+/// taken by some client's connection between this check and the server's
+/// own bind, which made clusters started side by side (the tests) fail now
+/// and then with "cannot listen". A process-wide counter keeps picks apart.
+pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes started side by side begin at different places.
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let port = (LOW + seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Worker threads per dev node (tokio's `TOKIO_WORKER_THREADS`). The dev

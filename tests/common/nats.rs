@@ -1,7 +1,6 @@
 //! A real `nats-server -js` on a free loopback port with its store in a temp
 //! dir; killed on drop. Restartable on the same port and store.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = synod::dev::free_port().unwrap();
         let mut s = NatsServer { child: None, port, store: tempfile::tempdir().unwrap() };
         s.restart();
         s
