@@ -68,6 +68,8 @@ struct Options {
     systems: Vec<String>,
     /// Stop after the throughput table (no failover, restart or RSS runs).
     table_only: bool,
+    /// Keep the data dirs and logs (node logs at `SYNOD_BENCH_LOG` level).
+    keep_dir: bool,
 }
 
 const SYSTEMS: [&str; 4] = ["synod-http", "synod-nats", "etcd", "jetstream-kv"];
@@ -81,6 +83,7 @@ fn options() -> anyhow::Result<Options> {
         restart_entries: 100_000,
         systems: SYSTEMS.iter().map(|s| s.to_string()).collect(),
         table_only: false,
+        keep_dir: false,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -99,6 +102,7 @@ fn options() -> anyhow::Result<Options> {
                 }
             }
             "--table-only" => o.table_only = true,
+            "--keep-dir" => o.keep_dir = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -202,7 +206,7 @@ impl Synod {
         let (path, _) = &self.configs[&id];
         let proc = spawn(
             &format!("synod-{id}"),
-            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", "warn").env("TOKIO_WORKER_THREADS", synod::dev::DEV_WORKER_THREADS),
+            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", std::env::var("SYNOD_BENCH_LOG").unwrap_or_else(|_| "warn".into())).env("TOKIO_WORKER_THREADS", synod::dev::DEV_WORKER_THREADS),
             &self.dir.join(format!("synod-{id}.log")),
         )?;
         self.procs.insert(id, proc);
@@ -245,6 +249,14 @@ async fn main() -> anyhow::Result<()> {
     let (warmup, run) = (Duration::from_secs(o.warmup), Duration::from_secs(o.seconds));
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
+    // With --keep-dir, every process's data and log stay for a look afterwards.
+    let _tmp = if o.keep_dir {
+        eprintln!("keeping {}", dir.display());
+        tmp.keep();
+        None
+    } else {
+        Some(tmp)
+    };
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
     for tool in ["etcd", "nats-server"] {
         if Command::new(tool).arg("--version").stdout(Stdio::null()).status().is_err() {

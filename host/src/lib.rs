@@ -15,7 +15,7 @@
 //!   `wasm32-unknown-unknown`, then to a component.
 //!
 //! - [`api`] takes requests in over HTTP; [`node`] wires a running node:
-//!   the libp2p transport ([`p2p`]), Raft ([`consensus`]: types, the redb
+//!   the libp2p transport ([`p2p`]), Raft ([`consensus`]: types, the segment
 //!   log store, the state machine store, the network), the plugin store
 //!   ([`artifacts`]) and the operations the API offers.
 //! - [`bus`] is the NATS side: command intake by request/reply, committed
