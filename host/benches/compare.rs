@@ -219,14 +219,17 @@ impl Synod {
 
     async fn leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        // The node that names itself leader: another node's answer may be
+        // stale right after a restart, and killing a follower by mistake
+        // would time nothing.
         loop {
             for id in self.procs.keys() {
                 if let Ok(r) = http.get(format!("{}/readyz", self.http(*id))).send().await
                     && let Ok(v) = r.json::<Value>().await
-                        && let Some(l) = v["leader"].as_u64()
-                            && self.procs.contains_key(&l) {
-                                return Ok(l);
-                            }
+                    && v["leader"].as_u64() == Some(*id)
+                {
+                    return Ok(*id);
+                }
             }
             if Instant::now() > deadline {
                 bail!("no synod leader");
@@ -252,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
     // With --keep-dir, every process's data and log stay for a look afterwards.
     let _tmp = if o.keep_dir {
         eprintln!("keeping {}", dir.display());
-        tmp.keep();
+        let _ = tmp.keep();
         None
     } else {
         Some(tmp)
