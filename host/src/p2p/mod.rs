@@ -10,15 +10,19 @@
 //! [`identity::load_or_create`]) + yamux, and are made or accepted only with
 //! peers on the allowlist: a peer off the list never reaches the handler.
 //! One task owns the libp2p swarm ([`swarm`]); [`P2p`] handles talk to it
-//! over a channel, and each inbound request runs on its own task.
+//! over a channel, and each inbound request runs on its own task. Raft
+//! traffic goes over one long-lived stream per peer ([`raft_stream`]),
+//! plugin bytes over libp2p request-response.
 
 mod codec;
 mod error;
 pub mod identity;
+mod raft_stream;
 mod swarm;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -47,7 +51,12 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// logged.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/synod/id/1.0.0";
 
-/// Which of the node's two request-response protocols a message uses.
+/// The allowlist, with the address to dial each peer at if known. Shared
+/// by the handles (which change it), the swarm task, the dialer and the
+/// Raft streams, so a change is seen everywhere at once.
+type Peers = Arc<RwLock<HashMap<PeerId, Option<Multiaddr>>>>;
+
+/// Which of the node's two protocols a message uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     /// `/synod/raft/1`: Raft RPCs and forwarded client writes; small and
@@ -141,6 +150,10 @@ pub struct P2p {
     max_message_bytes: usize,
     /// Cap on `/synod/blob/1` messages, checked before queueing.
     max_blob_bytes: usize,
+    /// The allowlist and addresses.
+    peers: Peers,
+    /// `/synod/raft/1` requests.
+    raft: Arc<raft_stream::RaftStreams>,
 }
 
 impl P2p {
@@ -154,14 +167,32 @@ impl P2p {
         handler: Arc<dyn InboundHandler>,
     ) -> Result<(P2p, Multiaddr), P2pError> {
         let local_peer_id = config.keypair.public().to_peer_id();
-        let mut swarm = swarm::build(&config)?;
+        let peers: Peers = Arc::new(RwLock::new(config.allowed.iter().cloned().collect()));
+        let mut swarm = swarm::build(&config, peers.clone())?;
         let addr = swarm::listen(&mut swarm, &config.listen).await?;
+
+        let mut control = swarm.behaviour().raft.new_control();
+        let incoming = control.accept(raft_stream::RAFT_PROTOCOL).map_err(|e| P2pError::Transport {
+            reason: format!("cannot accept {}: {e:?}", Protocol::Raft),
+        })?;
+        raft_stream::serve(
+            incoming,
+            handler.clone(),
+            peers.clone(),
+            config.max_message_bytes,
+            config.request_timeout,
+        );
+        let raft = Arc::new(raft_stream::RaftStreams::new(
+            control,
+            config.max_message_bytes,
+            config.request_timeout,
+        ));
 
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(Vec::new());
         let task = SwarmTask::new(
             swarm,
-            config.allowed,
+            peers.clone(),
             commands,
             handler,
             connected_tx,
@@ -176,6 +207,8 @@ impl P2p {
             connected,
             max_message_bytes: config.max_message_bytes,
             max_blob_bytes: config.max_blob_bytes,
+            peers,
+            raft,
         };
         Ok((p2p, addr))
     }
@@ -207,6 +240,15 @@ impl P2p {
                 limit,
             });
         }
+        if self.commands.is_closed() {
+            return Err(P2pError::Stopped);
+        }
+        if protocol == Protocol::Raft {
+            if !self.lock_peers().contains_key(&peer) {
+                return Err(P2pError::NotAllowed { peer });
+            }
+            return self.raft.request(peer, request).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request {
@@ -222,12 +264,23 @@ impl P2p {
     /// Adds `peer` to the allowlist; with `addr`, also records (or
     /// replaces) where to dial it.
     pub fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
-        self.send(Command::Allow { peer, addr });
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        let known = peers.entry(peer).or_default();
+        if addr.is_some() {
+            *known = addr;
+        }
+        drop(peers);
+        self.send(Command::Allow { peer });
     }
 
     /// Removes `peer` from the allowlist and closes its connections.
     pub fn disallow(&self, peer: PeerId) {
+        self.peers.write().unwrap_or_else(|e| e.into_inner()).remove(&peer);
         self.send(Command::Disallow { peer });
+    }
+
+    fn lock_peers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PeerId, Option<Multiaddr>>> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The peers with at least one open connection, sorted.
@@ -396,6 +449,26 @@ mod tests {
             a.recorder.seen(),
             vec![(b.id(), Protocol::Raft, b"vote".to_vec())]
         );
+    }
+
+    /// Raft requests share one stream per peer: many at once each get
+    /// their own answer, whatever order the peer finishes them in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_raft_requests_each_get_their_own_answer() {
+        let (a, b) = pair(|_| {}, |_| {}).await;
+        let asks = (0..300u32).map(|i| {
+            let p2p = a.p2p.clone();
+            let to = b.id();
+            // Sizes vary so frames of different lengths interleave.
+            let body: Vec<u8> = format!("{i}:").bytes().chain(std::iter::repeat_n(b'x', (i as usize * 37) % 5000)).collect();
+            async move { (body.clone(), p2p.request(to, Protocol::Raft, body).await) }
+        });
+        for (body, answer) in futures::future::join_all(asks).await {
+            let mut want = b"re:".to_vec();
+            want.extend_from_slice(&body);
+            assert!(answer.unwrap() == want, "answer does not match its request");
+        }
+        assert_eq!(b.recorder.seen().len(), 300);
     }
 
     #[tokio::test]

@@ -9,8 +9,10 @@
 //! so a slow handler never stalls Raft heartbeats to other peers.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -18,49 +20,94 @@ use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::request_response::{
     self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
 };
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::core::Endpoint;
+use libp2p::core::transport::PortUse;
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::FrameCodec;
 use super::{
     IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError,
-    Protocol,
+    Peers, Protocol,
 };
 
-/// Wire name of [`Protocol::Raft`].
-const RAFT_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Raft.name());
 /// Wire name of [`Protocol::Blob`].
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Blob.name());
 
 /// Everything the node speaks on a connection.
-///
-/// Raft and blob traffic are two request-response behaviours rather than
-/// two protocols of one, because a behaviour sends every request on the
-/// first protocol the peer supports, and because each needs its own size
-/// cap.
 #[derive(NetworkBehaviour)]
 pub(super) struct SynodBehaviour {
     /// First on purpose: the derived behaviour asks its fields in order, so
-    /// a peer off the list is refused before the request-response
-    /// behaviours ever get a handler on its connection.
+    /// a peer off the list is refused before the other behaviours ever get
+    /// a handler on its connection.
     allowed: allow_block_list::Behaviour<AllowedPeers>,
-    /// `/synod/raft/1`: Raft RPCs and forwarded client writes.
-    raft: request_response::Behaviour<FrameCodec>,
-    /// `/synod/blob/1`: plugin bytes, under a larger cap.
+    /// Where to dial a peer that is dialled by id alone.
+    book: AddressBook,
+    /// `/synod/raft/1`: long-lived streams for Raft RPCs and forwarded
+    /// client writes (see [`super::raft_stream`]).
+    pub(super) raft: libp2p_stream::Behaviour,
+    /// `/synod/blob/1`: plugin bytes, request-response under a larger cap.
     blob: request_response::Behaviour<FrameCodec>,
     /// Tells peers our listen addresses and protocol version, and logs
     /// theirs, which is what an operator checks first when nodes disagree.
     identify: identify::Behaviour,
 }
 
-impl SynodBehaviour {
-    fn protocol(&mut self, protocol: Protocol) -> &mut request_response::Behaviour<FrameCodec> {
-        match protocol {
-            Protocol::Raft => &mut self.raft,
-            Protocol::Blob => &mut self.blob,
-        }
+/// Gives libp2p the configured address of a peer it dials by id alone, as
+/// the Raft streams do; it adds nothing to a connection.
+pub(super) struct AddressBook {
+    peers: Peers,
+}
+
+impl NetworkBehaviour for AddressBook {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        Ok(peer.and_then(|p| peers.get(&p).cloned().flatten()).into_iter().collect())
     }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+
+    fn on_swarm_event(&mut self, _: FromSwarm) {}
 }
 
 /// What a [`super::P2p`] handle asks of the swarm task.
@@ -76,12 +123,10 @@ pub(super) enum Command {
         /// Where the caller waits.
         reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
     },
-    /// Put `peer` on the allowlist, remembering `addr` to dial it at.
+    /// Put `peer` on the allowlist (its address is in [`Peers`]).
     Allow {
         /// The peer to admit.
         peer: PeerId,
-        /// Its listen address, if known.
-        addr: Option<Multiaddr>,
     },
     /// Take `peer` off the allowlist and close its connections.
     Disallow {
@@ -107,7 +152,7 @@ impl fmt::Debug for Command {
             } => {
                 write!(f, "Request({peer}, {protocol}, {} bytes)", request.len())
             }
-            Command::Allow { peer, addr } => write!(f, "Allow({peer}, {addr:?})"),
+            Command::Allow { peer } => write!(f, "Allow({peer})"),
             Command::Disallow { peer } => write!(f, "Disallow({peer})"),
             Command::Shutdown { .. } => f.write_str("Shutdown"),
         }
@@ -136,18 +181,10 @@ struct Pending {
 const MAX_CONCURRENT_STREAMS: usize = 2048;
 
 /// Builds the swarm: TCP + noise + yamux, and [`SynodBehaviour`].
-pub(super) fn build(config: &P2pConfig) -> Result<Swarm<SynodBehaviour>, P2pError> {
-    // Followers forward client writes to the leader: under load hundreds are
-    // in flight per connection, far past the default cap of 100 streams
-    // (an overflowing request fails and the caller retries after a pause).
+pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehaviour>, P2pError> {
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    let raft = request_response::Behaviour::with_codec(
-        FrameCodec::new(config.max_message_bytes),
-        [(RAFT_PROTOCOL, ProtocolSupport::Full)],
-        rr_config.clone(),
-    );
     let blob = request_response::Behaviour::with_codec(
         FrameCodec::new(config.max_blob_bytes),
         [(BLOB_PROTOCOL, ProtocolSupport::Full)],
@@ -165,7 +202,8 @@ pub(super) fn build(config: &P2pConfig) -> Result<Swarm<SynodBehaviour>, P2pErro
         })?
         .with_behaviour(|key| SynodBehaviour {
             allowed: allow_block_list::Behaviour::default(),
-            raft,
+            book: AddressBook { peers },
+            raft: libp2p_stream::Behaviour::new(),
             blob,
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
@@ -175,10 +213,9 @@ pub(super) fn build(config: &P2pConfig) -> Result<Swarm<SynodBehaviour>, P2pErro
         .map_err(|e| match e {})?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
-                // Send the request with the protocol proposal instead of
+                // Send the first bytes with the protocol proposal instead of
                 // waiting a round trip for the peer to accept it: every
-                // Synod node speaks both protocols. Heartbeat round trip
-                // 452 -> 386 µs in a loaded three-node cluster.
+                // Synod node speaks both protocols.
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
         .build();
@@ -235,10 +272,11 @@ pub(super) struct SwarmTask {
     answers_tx: mpsc::UnboundedSender<Answer>,
     /// Answers of inbound-request tasks.
     answers: mpsc::UnboundedReceiver<Answer>,
-    /// Where to dial each allowed peer. Passed with every request rather
-    /// than given to libp2p once, because libp2p forgets an address after a
-    /// failed dial and a restarting peer would then never be found again.
-    addresses: HashMap<PeerId, Multiaddr>,
+    /// The allowlist and where to dial each peer. Addresses are passed with
+    /// every request rather than given to libp2p once, because libp2p
+    /// forgets an address after a failed dial and a restarting peer would
+    /// then never be found again.
+    peers: Peers,
     /// Callers waiting for outbound requests, by protocol and request id
     /// (each behaviour numbers its requests separately).
     pending: HashMap<(Protocol, OutboundRequestId), Pending>,
@@ -252,21 +290,17 @@ pub(super) struct SwarmTask {
 }
 
 impl SwarmTask {
-    /// Wraps a listening swarm; `allowed` seeds the allowlist.
+    /// Wraps a listening swarm; `peers` seeds the allowlist.
     pub(super) fn new(
         mut swarm: Swarm<SynodBehaviour>,
-        allowed: Vec<(PeerId, Option<Multiaddr>)>,
+        peers: Peers,
         commands: mpsc::UnboundedReceiver<Command>,
         handler: Arc<dyn InboundHandler>,
         connected: watch::Sender<Vec<PeerId>>,
         request_timeout: Duration,
     ) -> Self {
-        let mut addresses = HashMap::new();
-        for (peer, addr) in allowed {
-            swarm.behaviour_mut().allowed.allow_peer(peer);
-            if let Some(addr) = addr {
-                addresses.insert(peer, addr);
-            }
+        for peer in peers.read().unwrap_or_else(|e| e.into_inner()).keys() {
+            swarm.behaviour_mut().allowed.allow_peer(*peer);
         }
         let (answers_tx, answers) = mpsc::unbounded_channel();
         Self {
@@ -275,7 +309,7 @@ impl SwarmTask {
             handler,
             answers_tx,
             answers,
-            addresses,
+            peers,
             pending: HashMap::new(),
             dial_errors: HashMap::new(),
             connected,
@@ -299,13 +333,16 @@ impl SwarmTask {
         };
         let SwarmTask {
             swarm,
+            commands,
             pending,
             connected,
             ..
         } = self;
         // Dropping the swarm closes the listener and every connection;
-        // dropping `pending` tells waiting callers the transport stopped.
+        // dropping `pending` tells waiting callers the transport stopped,
+        // and dropping `commands` tells handles (the Raft streams look).
         drop(swarm);
+        drop(commands);
         drop(pending);
         connected.send_replace(Vec::new());
         tracing::debug!("p2p swarm task stopped");
@@ -322,16 +359,12 @@ impl SwarmTask {
                 request,
                 reply,
             } => self.send_request(peer, protocol, request, reply),
-            Command::Allow { peer, addr } => {
+            Command::Allow { peer } => {
                 self.swarm.behaviour_mut().allowed.allow_peer(peer);
-                if let Some(addr) = addr {
-                    self.addresses.insert(peer, addr);
-                }
             }
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
                 self.swarm.behaviour_mut().allowed.disallow_peer(peer);
-                self.addresses.remove(&peer);
             }
             // Handled by `run`, which must leave its loop.
             Command::Shutdown { .. } => {}
@@ -357,13 +390,17 @@ impl SwarmTask {
             let _ = reply.send(Err(P2pError::NotAllowed { peer }));
             return;
         }
-        let addresses = self.addresses.get(&peer).cloned().into_iter().collect();
+        let addresses = self.address(&peer).into_iter().collect();
         let id = self
             .swarm
             .behaviour_mut()
-            .protocol(protocol)
+            .blob
             .send_request_with_addresses(&peer, request, addresses);
         self.pending.insert((protocol, id), Pending { peer, reply });
+    }
+
+    fn address(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).get(peer).cloned().flatten()
     }
 
     fn on_answer(
@@ -377,7 +414,7 @@ impl SwarmTask {
         if self
             .swarm
             .behaviour_mut()
-            .protocol(protocol)
+            .blob
             .send_response(channel, response)
             .is_err()
         {
@@ -389,9 +426,6 @@ impl SwarmTask {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<SynodBehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(SynodBehaviourEvent::Raft(event)) => {
-                self.on_request_response(Protocol::Raft, event)
-            }
             SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => {
                 self.on_request_response(Protocol::Blob, event)
             }
@@ -520,7 +554,7 @@ impl SwarmTask {
             OutboundFailure::DialFailure => P2pError::Dial {
                 peer,
                 reason: self.dial_errors.remove(&peer).unwrap_or_else(|| {
-                    if self.addresses.contains_key(&peer) {
+                    if self.address(&peer).is_some() {
                         "dial failed".to_owned()
                     } else {
                         "no known address for the peer".to_owned()
