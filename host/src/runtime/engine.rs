@@ -124,6 +124,15 @@ pub fn build_engine() -> Result<(Engine, EngineFingerprint), wasmtime::Error> {
         // backtraces carry nothing a node must agree on.
         .wasm_backtrace_max_frames(None)
         .memory_init_cow(true)
+        // Bounds checks in the compiled code instead of guard pages and
+        // signal handlers. With guard pages wasmtime must `mprotect` a
+        // memory back to its initial size after every instance (and again
+        // when the next one grows it), and each `mprotect` costs a TLB
+        // shootdown on every core; without them a reused slot stays
+        // read-write. 11.3 -> 7.1 µs per command (`cargo bench --bench
+        // runtime`). Traps are the same traps either way.
+        .signals_based_traps(false)
+        .memory_guard_size(0)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling()));
     let engine = Engine::new(&config)?;
     Ok((engine, fingerprint()))
@@ -165,6 +174,8 @@ fn fingerprint() -> EngineFingerprint {
         "threads=false".to_owned(),
         "consume_fuel=true".to_owned(),
         "epoch_interruption=false".to_owned(),
+        "signals_based_traps=false".to_owned(),
+        "memory_guard_size=0".to_owned(),
         format!("max_wasm_stack={MAX_WASM_STACK}"),
         format!("max_memory_ceiling={MAX_MEMORY_CEILING}"),
         // The whole table, not a name for it: any changed cost changes this.
