@@ -104,6 +104,8 @@ pub struct NodeInner {
     pub bus: OnceLock<async_nats::Client>,
     /// Writes waiting for the next batch (see [`batcher`]).
     batch: tokio::sync::mpsc::UnboundedSender<Queued>,
+    /// Writes waiting to be forwarded to the leader (see [`forwarder`]).
+    forward: tokio::sync::mpsc::UnboundedSender<Queued>,
 }
 
 /// A write waiting to be proposed, and where its answer goes.
@@ -157,6 +159,34 @@ async fn batcher(raft: Raft<TypeConfig>, mut queue: tokio::sync::mpsc::Unbounded
                 }
             }
         }
+    }
+}
+
+/// Forwarded batches a follower has in flight to the leader at once.
+const FORWARDS_IN_FLIGHT: usize = 4;
+
+/// Forward queued writes to the leader in batches: one RPC for every write
+/// that arrived while the node waited for a free slot (at most
+/// [`FORWARDS_IN_FLIGHT`] batches in flight). A write sent to a follower
+/// (over HTTP, or from the NATS queue group, which spreads them over all
+/// nodes) then costs the follower and the leader a share of one RPC, not
+/// one each.
+async fn forwarder(node: std::sync::Weak<NodeInner>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < crate::consensus::types::OPS_PER_ENTRY as usize {
+            match queue.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        let Some(node) = node.upgrade() else { return };
+        tokio::spawn(async move {
+            node.forward_batch(batch).await;
+            drop(slot);
+        });
     }
 }
 
@@ -284,6 +314,7 @@ impl RunningNode {
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let (batch, queue) = tokio::sync::mpsc::unbounded_channel();
+        let (forward, forward_queue) = tokio::sync::mpsc::unbounded_channel();
 
         let inner = Arc::new(NodeInner {
             id: config.id,
@@ -297,8 +328,10 @@ impl RunningNode {
             seed_members,
             bus: OnceLock::new(),
             batch,
+            forward,
         });
         tokio::spawn(batcher(inner.raft.clone(), queue));
+        tokio::spawn(forwarder(Arc::downgrade(&inner), forward_queue));
         let _ = cell.set(inner.clone());
         tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
 
@@ -435,7 +468,10 @@ impl NodeInner {
             RaftRpc::Append(r) => RaftReply::Append(self.raft.append_entries(r).await),
             RaftRpc::Vote(r) => RaftReply::Vote(self.raft.vote(r).await),
             RaftRpc::Snapshot(r) => RaftReply::Snapshot(self.raft.install_snapshot(r).await),
-            RaftRpc::Write(r) => RaftReply::Write(self.write_local(r).await),
+            RaftRpc::WriteBatch(writes) => {
+                // All queue at once, so they share this node's next proposal.
+                RaftReply::WriteBatch(futures::future::join_all(writes.into_iter().map(|w| self.write_local(w))).await)
+            }
             RaftRpc::ReadIndex => RaftReply::ReadIndex(self.read_index_local().await),
             RaftRpc::Status => RaftReply::Status(self.status()),
         }
@@ -486,35 +522,57 @@ impl NodeInner {
     ) -> Result<(u64, Response), WriteError> {
         let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
         let (index, response) = self
-            .on_leader(
-                || self.write_local(request.clone()),
-                || RaftRpc::Write(request.clone()),
-                |reply| match reply {
-                    RaftReply::Write(w) => w,
-                    other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
-                },
-            )
+            .on_leader(|| self.write_local(request.clone()), |_| self.forward_write(request.clone()))
             .await?;
         Ok((response.first_index.unwrap_or(index), response))
+    }
+
+    /// Queue a write for the [`forwarder`] and wait for the leader's answer.
+    async fn forward_write(&self, request: Request) -> Result<(u64, Response), WriteError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.forward
+            .send(Queued { request, reply })
+            .map_err(|_| WriteError::Failed("the node is shutting down".into()))?;
+        answer.await.unwrap_or_else(|_| Err(WriteError::Failed("the node is shutting down".into())))
+    }
+
+    /// Send one batch of queued writes to the leader and hand out the
+    /// answers; when there is no other leader to send to, each write is told
+    /// so and retries (see [`NodeInner::on_leader`]).
+    async fn forward_batch(&self, batch: Vec<Queued>) {
+        let (requests, replies): (Vec<Request>, Vec<_>) = batch.into_iter().map(|q| (q.request, q.reply)).unzip();
+        let n = replies.len();
+        let answers = match self.leader().0 {
+            Some(l) if l != self.id => match self.forward(l, RaftRpc::WriteBatch(requests)).await {
+                Ok(RaftReply::WriteBatch(answers)) if answers.len() == n => answers,
+                Ok(RaftReply::Refused(why)) => vec![Err(WriteError::Failed(format!("the leader refused: {why}"))); n],
+                Ok(_) => vec![Err(WriteError::Failed("the leader's answer does not match the batch".into())); n],
+                Err(e) => vec![Err(e); n],
+            },
+            _ => vec![Err(self.not_leader()); n],
+        };
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
     }
 
     /// Run an operation on the leader: locally if this node leads, else
     /// forwarded over libp2p. While no leader is known (an election), wait
     /// and retry for up to five seconds rather than failing at once.
-    async fn on_leader<T, Fut>(
+    async fn on_leader<T, Fut, RemoteFut>(
         &self,
         local: impl Fn() -> Fut,
-        remote: impl Fn() -> RaftRpc,
-        pick: impl Fn(RaftReply) -> Result<T, WriteError>,
+        remote: impl Fn(NodeId) -> RemoteFut,
     ) -> Result<T, WriteError>
     where
         Fut: std::future::Future<Output = Result<T, WriteError>>,
+        RemoteFut: std::future::Future<Output = Result<T, WriteError>>,
     {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let result = match self.leader().0 {
                 Some(l) if l == self.id => local().await,
-                Some(l) => self.forward(l, remote()).await.and_then(&pick),
+                Some(l) => remote(l).await,
                 None => Err(self.not_leader()),
             };
             match result {
@@ -550,10 +608,11 @@ impl NodeInner {
         let index = self
             .on_leader(
                 || self.read_index_local(),
-                || RaftRpc::ReadIndex,
-                |reply| match reply {
-                    RaftReply::ReadIndex(i) => i,
-                    other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                |l| async move {
+                    match self.forward(l, RaftRpc::ReadIndex).await? {
+                        RaftReply::ReadIndex(i) => i,
+                        other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                    }
                 },
             )
             .await?;

@@ -22,9 +22,9 @@ pub enum RaftRpc {
     Vote(VoteRequest<NodeId>),
     /// openraft: one chunk of a snapshot.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A client write a follower received, for the leader to propose. The
-    /// leader stamps the timestamp.
-    Write(Request),
+    /// Client writes a follower received, for the leader to propose (in
+    /// its next batch). The leader stamps the timestamp.
+    WriteBatch(Vec<Request>),
     /// Confirm leadership for a linearizable read; the answer is the index
     /// the reader must have applied before it reads.
     ReadIndex,
@@ -41,8 +41,9 @@ pub enum RaftReply {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     /// To [`RaftRpc::Snapshot`].
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    /// To [`RaftRpc::Write`]: the log index and what applying it produced.
-    Write(Result<(u64, Response), WriteError>),
+    /// To [`RaftRpc::WriteBatch`], one per write in order: the log index
+    /// and what applying it produced.
+    WriteBatch(Vec<Result<(u64, Response), WriteError>>),
     /// To [`RaftRpc::ReadIndex`].
     ReadIndex(Result<u64, WriteError>),
     /// To [`RaftRpc::Status`].
