@@ -1,12 +1,14 @@
 //! The swarm task: the one owner of the libp2p [`Swarm`].
 //!
 //! In: [`Command`]s from [`super::P2p`] handles, swarm events, and answers
-//! from inbound-request tasks. Out: outbound requests on the wire, replies
-//! to the callers that made them, inbound requests handed to the
-//! [`InboundHandler`] each on its own task, and the set of connected peers.
+//! from inbound-request tasks. Out: `/synod/blob/1` requests on the wire,
+//! replies to the callers that made them, inbound blob requests handed to
+//! the [`InboundHandler`] each on its own task, and the set of connected
+//! peers. Raft streams (see [`super::raft_stream`]) are driven by the
+//! `raft` behaviour here but read and written by their own tasks.
 //!
 //! Nothing here awaits a handler or a caller: the loop only moves messages,
-//! so a slow handler never stalls Raft heartbeats to other peers.
+//! so a slow handler never stalls anything else.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
