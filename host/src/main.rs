@@ -161,8 +161,17 @@ fn main() -> ExitCode {
 }
 
 fn print(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    out(serde_json::to_string_pretty(value)?)
+}
+
+/// Print a line on stdout. A reader that went away (`synod status | head`)
+/// is not an error: the rest of the output has nowhere to go.
+fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn node(config: PathBuf, id: Option<u64>, data_dir: Option<PathBuf>, http: Option<std::net::SocketAddr>, p2p: Option<String>) -> anyhow::Result<()> {
@@ -201,7 +210,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Action::Dev { dir } => synod::dev::run(&dir, &std::env::current_exe()?).await?,
         Action::NodeId { data_dir } => {
             let key = synod::p2p::identity::load_or_create(&data_dir)?;
-            println!("{}", key.public().to_peer_id());
+            out(key.public().to_peer_id())?;
         }
         Action::Cmd { plugin, command, payload: p, node } => {
             print(&Client::new(&node).post(&format!("/v1/commands/{plugin}/{command}"), payload(p)).await?)?
@@ -223,7 +232,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             let options = synod::toolchain::BuildOptions { packages, target_dir, out_dir, features };
             for built in synod::toolchain::build(&dir, &options)? {
                 let size = std::fs::metadata(&built.component)?.len();
-                println!("{}\t{}\t{size} bytes", built.name, built.component.display());
+                out(format_args!("{}\t{}\t{size} bytes", built.name, built.component.display()))?;
             }
         }
         Action::Plugin { command: PluginCmd::Inspect { file } } => {
@@ -236,11 +245,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 "queries": plugin.info().queries,
                 "limits": plugin.limits(),
             });
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            out(serde_json::to_string_pretty(&info)?)?;
         }
         Action::Engine => {
             let runtime = synod::runtime::Runtime::new()?;
-            println!("{}", serde_json::to_string_pretty(runtime.fingerprint())?);
+            out(serde_json::to_string_pretty(runtime.fingerprint())?)?;
         }
     }
     Ok(())
