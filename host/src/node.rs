@@ -108,10 +108,28 @@ pub struct NodeInner {
     forward: tokio::sync::mpsc::UnboundedSender<Queued>,
 }
 
+/// Where a queued write's answer goes.
+type Reply = tokio::sync::oneshot::Sender<Result<(u64, Response), WriteError>>;
+
 /// A write waiting to be proposed, and where its answer goes.
 struct Queued {
     request: Request,
-    reply: tokio::sync::oneshot::Sender<Result<(u64, Response), WriteError>>,
+    reply: Reply,
+}
+
+/// `first` and whatever else is already queued, up to one entry's worth.
+fn take_batch(first: Queued, queue: &mut tokio::sync::mpsc::UnboundedReceiver<Queued>) -> (Vec<Request>, Vec<Reply>) {
+    let (mut requests, mut replies) = (vec![first.request], vec![first.reply]);
+    while requests.len() < crate::consensus::types::OPS_PER_ENTRY as usize {
+        match queue.try_recv() {
+            Ok(q) => {
+                requests.push(q.request);
+                replies.push(q.reply);
+            }
+            Err(_) => break,
+        }
+    }
+    (requests, replies)
 }
 
 /// Propose queued writes as batches: one log entry (one append, one fsync
@@ -120,17 +138,7 @@ struct Queued {
 /// next, so without this a leader does one fsync per client write.
 async fn batcher(raft: Raft<TypeConfig>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
     while let Some(first) = queue.recv().await {
-        let mut requests = vec![first.request];
-        let mut replies = vec![first.reply];
-        while requests.len() < crate::consensus::types::OPS_PER_ENTRY as usize {
-            match queue.try_recv() {
-                Ok(q) => {
-                    requests.push(q.request);
-                    replies.push(q.reply);
-                }
-                Err(_) => break,
-            }
-        }
+        let (mut requests, replies) = take_batch(first, &mut queue);
         let now = now_ms();
         for r in &mut requests {
             r.timestamp_ms = now;
@@ -175,16 +183,10 @@ async fn forwarder(node: std::sync::Weak<NodeInner>, mut queue: tokio::sync::mps
     let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < crate::consensus::types::OPS_PER_ENTRY as usize {
-            match queue.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
+        let (requests, replies) = take_batch(first, &mut queue);
         let Some(node) = node.upgrade() else { return };
         tokio::spawn(async move {
-            node.forward_batch(batch).await;
+            node.forward_batch(requests, replies).await;
             drop(slot);
         });
     }
@@ -539,8 +541,7 @@ impl NodeInner {
     /// Send one batch of queued writes to the leader and hand out the
     /// answers; when there is no other leader to send to, each write is told
     /// so and retries (see [`NodeInner::on_leader`]).
-    async fn forward_batch(&self, batch: Vec<Queued>) {
-        let (requests, replies): (Vec<Request>, Vec<_>) = batch.into_iter().map(|q| (q.request, q.reply)).unzip();
+    async fn forward_batch(&self, requests: Vec<Request>, replies: Vec<Reply>) {
         let n = replies.len();
         let answers = match self.leader().0 {
             Some(l) if l != self.id => match self.forward(l, RaftRpc::WriteBatch(requests)).await {
