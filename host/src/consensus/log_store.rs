@@ -167,15 +167,28 @@ fn read_value<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> io::Res
 }
 
 /// The committed-id hint, or `None` when missing or damaged.
-fn read_committed(file: &File) -> Option<LogId<NodeId>> {
-    let mut frame = [0u8; FRAME];
-    file.read_exact_at(&mut frame, 0).ok()?;
-    let mut body = vec![0u8; u32_at(&frame, 0) as usize];
-    file.read_exact_at(&mut body, FRAME as u64).ok()?;
-    if crc32fast::hash(&body) != u32_at(&frame, 4) {
-        return None;
-    }
-    postcard::from_bytes::<Option<LogId<NodeId>>>(&body).ok().flatten()
+fn read_committed(mut file: &File) -> Option<LogId<NodeId>> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
+    postcard::from_bytes::<Option<LogId<NodeId>>>(frame_body(&bytes, 0)?).ok().flatten()
+}
+
+/// Fill in the frame (`len`, `crc`) at `start` of `buf` for the body that
+/// follows it to the end; returns the body length.
+fn seal_frame(buf: &mut [u8], start: usize) -> io::Result<u32> {
+    let body = &buf[start + FRAME..];
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("log record larger than 4 GiB"))?;
+    let crc = crc32fast::hash(body);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(len)
+}
+
+/// The body of the whole frame at `at` whose CRC matches, if there is one.
+fn frame_body(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let head = bytes.get(at..at + FRAME)?;
+    let body = bytes.get(at + FRAME..at + FRAME + u32_at(head, 0) as usize)?;
+    (crc32fast::hash(body) == u32_at(head, 4)).then_some(body)
 }
 
 /// Append one entry's record to `buf`; returns the body length.
@@ -185,14 +198,8 @@ fn encode(entry: &Entry<TypeConfig>, buf: &mut Vec<u8>) -> io::Result<u32> {
     buf.extend_from_slice(&entry.log_id.leader_id.term.to_le_bytes());
     buf.extend_from_slice(&entry.log_id.leader_id.node_id.to_le_bytes());
     buf.extend_from_slice(&entry.log_id.index.to_le_bytes());
-    let payload = postcard::to_allocvec(entry).map_err(io::Error::other)?;
-    buf.extend_from_slice(&payload);
-    let body = &buf[start + FRAME..];
-    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("log entry larger than 4 GiB"))?;
-    let crc = crc32fast::hash(body);
-    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    Ok(len)
+    *buf = postcard::to_extend(entry, std::mem::take(buf)).map_err(io::Error::other)?;
+    seal_frame(buf, start)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -217,15 +224,10 @@ fn body_log_id(body: &[u8]) -> LogId<NodeId> {
 fn scan(bytes: &[u8]) -> (Vec<(u64, u32, LogId<NodeId>)>, usize) {
     let mut records = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= FRAME + LOG_ID {
-        let len = u32_at(bytes, at) as usize;
-        let crc = u32_at(bytes, at + 4);
-        let Some(body) = bytes.get(at + FRAME..at + FRAME + len) else { break };
-        if len < LOG_ID || crc32fast::hash(body) != crc {
-            break;
-        }
-        records.push((at as u64, len as u32, body_log_id(body)));
-        at += FRAME + len;
+    // A zero-filled frame has an empty body (whose CRC is 0): the end.
+    while let Some(body) = frame_body(bytes, at).filter(|b| b.len() >= LOG_ID) {
+        records.push((at as u64, body.len() as u32, body_log_id(body)));
+        at += FRAME + body.len();
     }
     (records, at)
 }
@@ -437,11 +439,8 @@ impl Inner {
     /// per commit. It is a hint (openraft re-derives it from a quorum), so
     /// a torn or lost write only makes it unknown after a crash.
     fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> io::Result<()> {
-        let body = postcard::to_allocvec(&committed).map_err(io::Error::other)?;
-        let mut buf = Vec::with_capacity(FRAME + body.len());
-        buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        buf.extend_from_slice(&body);
+        let mut buf = postcard::to_extend(&committed, vec![0; FRAME]).map_err(io::Error::other)?;
+        seal_frame(&mut buf, 0)?;
         self.committed_file.write_all_at(&buf, 0)?;
         self.committed = committed;
         Ok(())
