@@ -22,7 +22,7 @@ mod swarm;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -53,8 +53,45 @@ pub const IDENTIFY_PROTOCOL_VERSION: &str = "/synod/id/1.0.0";
 
 /// The allowlist, with the address to dial each peer at if known. Shared
 /// by the handles (which change it), the swarm task, the dialer and the
-/// Raft streams, so a change is seen everywhere at once.
-type Peers = Arc<RwLock<HashMap<PeerId, Option<Multiaddr>>>>;
+/// Raft streams, so a change is seen everywhere at once; clones share it.
+#[derive(Clone, Debug, Default)]
+struct Peers(Arc<RwLock<HashMap<PeerId, Option<Multiaddr>>>>);
+
+impl Peers {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<PeerId, Option<Multiaddr>>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<PeerId, Option<Multiaddr>>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.read().contains_key(peer)
+    }
+
+    /// Where to dial `peer`, if it is allowed and its address is known.
+    fn address(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.read().get(peer).cloned().flatten()
+    }
+
+    fn ids(&self) -> Vec<PeerId> {
+        self.read().keys().copied().collect()
+    }
+
+    /// Allow `peer`; with `addr`, also record (or replace) its address.
+    fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
+        let mut peers = self.write();
+        let known = peers.entry(peer).or_default();
+        if addr.is_some() {
+            *known = addr;
+        }
+    }
+
+    fn remove(&self, peer: &PeerId) {
+        self.write().remove(peer);
+    }
+}
 
 /// Which of the node's two protocols a message uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,7 +204,10 @@ impl P2p {
         handler: Arc<dyn InboundHandler>,
     ) -> Result<(P2p, Multiaddr), P2pError> {
         let local_peer_id = config.keypair.public().to_peer_id();
-        let peers: Peers = Arc::new(RwLock::new(config.allowed.iter().cloned().collect()));
+        let peers = Peers::default();
+        for (peer, addr) in &config.allowed {
+            peers.allow(*peer, addr.clone());
+        }
         let mut swarm = swarm::build(&config, peers.clone())?;
         let addr = swarm::listen(&mut swarm, &config.listen).await?;
 
@@ -243,17 +283,16 @@ impl P2p {
         if self.commands.is_closed() {
             return Err(P2pError::Stopped);
         }
+        if !self.peers.contains(&peer) {
+            return Err(P2pError::NotAllowed { peer });
+        }
         if protocol == Protocol::Raft {
-            if !self.lock_peers().contains_key(&peer) {
-                return Err(P2pError::NotAllowed { peer });
-            }
             return self.raft.request(peer, request).await;
         }
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request {
                 peer,
-                protocol,
                 request,
                 reply,
             })
@@ -264,23 +303,14 @@ impl P2p {
     /// Adds `peer` to the allowlist; with `addr`, also records (or
     /// replaces) where to dial it.
     pub fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
-        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        let known = peers.entry(peer).or_default();
-        if addr.is_some() {
-            *known = addr;
-        }
-        drop(peers);
+        self.peers.allow(peer, addr);
         self.send(Command::Allow { peer });
     }
 
     /// Removes `peer` from the allowlist and closes its connections.
     pub fn disallow(&self, peer: PeerId) {
-        self.peers.write().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+        self.peers.remove(&peer);
         self.send(Command::Disallow { peer });
-    }
-
-    fn lock_peers(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PeerId, Option<Multiaddr>>> {
-        self.peers.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The peers with at least one open connection, sorted.

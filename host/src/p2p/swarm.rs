@@ -76,8 +76,7 @@ impl NetworkBehaviour for AddressBook {
         _: &[Multiaddr],
         _: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        Ok(peer.and_then(|p| peers.get(&p).cloned().flatten()).into_iter().collect())
+        Ok(peer.and_then(|p| self.peers.address(&p)).into_iter().collect())
     }
 
     fn handle_established_inbound_connection(
@@ -114,12 +113,11 @@ impl NetworkBehaviour for AddressBook {
 
 /// What a [`super::P2p`] handle asks of the swarm task.
 pub(super) enum Command {
-    /// Send `request` to `peer` and deliver the answer on `reply`.
+    /// Send `request` to `peer` on `/synod/blob/1` and deliver the answer
+    /// on `reply`.
     Request {
         /// The peer to ask.
         peer: PeerId,
-        /// Which protocol to use.
-        protocol: Protocol,
         /// The request bytes, already checked against the cap.
         request: Vec<u8>,
         /// Where the caller waits.
@@ -146,13 +144,8 @@ pub(super) enum Command {
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Request {
-                peer,
-                protocol,
-                request,
-                ..
-            } => {
-                write!(f, "Request({peer}, {protocol}, {} bytes)", request.len())
+            Command::Request { peer, request, .. } => {
+                write!(f, "Request({peer}, {} bytes)", request.len())
             }
             Command::Allow { peer } => write!(f, "Allow({peer})"),
             Command::Disallow { peer } => write!(f, "Disallow({peer})"),
@@ -163,8 +156,6 @@ impl fmt::Debug for Command {
 
 /// A handler's response on its way back to the swarm task.
 struct Answer {
-    /// Which behaviour the request came in on.
-    protocol: Protocol,
     /// libp2p's handle on the waiting inbound stream.
     channel: ResponseChannel<Vec<u8>>,
     /// The handler's bytes.
@@ -179,7 +170,7 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
 }
 
-/// Concurrent request streams per protocol (inbound + outbound).
+/// Concurrent blob request streams (inbound + outbound).
 const MAX_CONCURRENT_STREAMS: usize = 2048;
 
 /// Builds the swarm: TCP + noise + yamux, and [`SynodBehaviour`].
@@ -279,9 +270,8 @@ pub(super) struct SwarmTask {
     /// forgets an address after a failed dial and a restarting peer would
     /// then never be found again.
     peers: Peers,
-    /// Callers waiting for outbound requests, by protocol and request id
-    /// (each behaviour numbers its requests separately).
-    pending: HashMap<(Protocol, OutboundRequestId), Pending>,
+    /// Callers waiting for outbound requests, by request id.
+    pending: HashMap<OutboundRequestId, Pending>,
     /// The last dial error per peer: libp2p's request failure only says
     /// "dial failure", the operator needs the reason.
     dial_errors: HashMap<PeerId, String>,
@@ -301,8 +291,8 @@ impl SwarmTask {
         connected: watch::Sender<Vec<PeerId>>,
         request_timeout: Duration,
     ) -> Self {
-        for peer in peers.read().unwrap_or_else(|e| e.into_inner()).keys() {
-            swarm.behaviour_mut().allowed.allow_peer(*peer);
+        for peer in peers.ids() {
+            swarm.behaviour_mut().allowed.allow_peer(peer);
         }
         let (answers_tx, answers) = mpsc::unbounded_channel();
         Self {
@@ -357,10 +347,9 @@ impl SwarmTask {
         match command {
             Command::Request {
                 peer,
-                protocol,
                 request,
                 reply,
-            } => self.send_request(peer, protocol, request, reply),
+            } => self.send_request(peer, request, reply),
             Command::Allow { peer } => {
                 self.swarm.behaviour_mut().allowed.allow_peer(peer);
             }
@@ -373,45 +362,24 @@ impl SwarmTask {
         }
     }
 
-    fn is_allowed(&self, peer: &PeerId) -> bool {
-        self.swarm
-            .behaviour()
-            .allowed
-            .allowed_peers()
-            .contains(peer)
-    }
-
     fn send_request(
         &mut self,
         peer: PeerId,
-        protocol: Protocol,
         request: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
     ) {
-        if !self.is_allowed(&peer) {
-            let _ = reply.send(Err(P2pError::NotAllowed { peer }));
-            return;
-        }
-        let addresses = self.address(&peer).into_iter().collect();
+        let addresses = self.peers.address(&peer).into_iter().collect();
         let id = self
             .swarm
             .behaviour_mut()
             .blob
             .send_request_with_addresses(&peer, request, addresses);
-        self.pending.insert((protocol, id), Pending { peer, reply });
-    }
-
-    fn address(&self, peer: &PeerId) -> Option<Multiaddr> {
-        self.peers.read().unwrap_or_else(|e| e.into_inner()).get(peer).cloned().flatten()
+        self.pending.insert(id, Pending { peer, reply });
     }
 
     fn on_answer(
         &mut self,
-        Answer {
-            protocol,
-            channel,
-            response,
-        }: Answer,
+        Answer { channel, response }: Answer,
     ) {
         if self
             .swarm
@@ -422,14 +390,14 @@ impl SwarmTask {
         {
             // The requester timed out or its connection closed meanwhile;
             // the behaviour reports that as an inbound failure.
-            tracing::debug!(%protocol, "response dropped: the request is no longer waiting");
+            tracing::debug!("blob response dropped: the request is no longer waiting");
         }
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<SynodBehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => {
-                self.on_request_response(Protocol::Blob, event)
+                self.on_request_response(event)
             }
             SwarmEvent::Behaviour(SynodBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -481,23 +449,20 @@ impl SwarmTask {
         }
     }
 
-    fn on_request_response(
-        &mut self,
-        protocol: Protocol,
-        event: request_response::Event<Vec<u8>, Vec<u8>>,
-    ) {
+    fn on_request_response(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        let protocol = Protocol::Blob;
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    self.on_inbound_request(peer, protocol, request, channel);
+                    self.on_inbound_request(peer, request, channel);
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(pending) = self.pending.remove(&(protocol, request_id)) {
+                    if let Some(pending) = self.pending.remove(&request_id) {
                         let _ = pending.reply.send(Ok(response));
                     }
                 }
@@ -508,7 +473,7 @@ impl SwarmTask {
                 error,
                 ..
             } => {
-                if let Some(pending) = self.pending.remove(&(protocol, request_id)) {
+                if let Some(pending) = self.pending.remove(&request_id) {
                     let _ = pending
                         .reply
                         .send(Err(self.outbound_error(pending.peer, error)));
@@ -526,28 +491,23 @@ impl SwarmTask {
     fn on_inbound_request(
         &mut self,
         peer: PeerId,
-        protocol: Protocol,
         request: Vec<u8>,
         channel: ResponseChannel<Vec<u8>>,
     ) {
         // A disallowed peer's connection is closed asynchronously, so a
         // request already in flight may still arrive; it must not reach the
         // handler. Dropping the channel resets the stream.
-        if !self.is_allowed(&peer) {
-            tracing::info!(%peer, %protocol, "dropped a request from a peer not on the allowlist");
+        if !self.peers.contains(&peer) {
+            tracing::info!(%peer, "dropped a blob request from a peer not on the allowlist");
             return;
         }
-        let answer = self.handler.handle(peer, protocol, request);
+        let answer = self.handler.handle(peer, Protocol::Blob, request);
         let answers = self.answers_tx.clone();
         tokio::spawn(async move {
             let response = answer.await;
             // Fails only if the swarm task has stopped; nobody is left to
             // answer then.
-            let _ = answers.send(Answer {
-                protocol,
-                channel,
-                response,
-            });
+            let _ = answers.send(Answer { channel, response });
         });
     }
 
@@ -556,7 +516,7 @@ impl SwarmTask {
             OutboundFailure::DialFailure => P2pError::Dial {
                 peer,
                 reason: self.dial_errors.remove(&peer).unwrap_or_else(|| {
-                    if self.address(&peer).is_some() {
+                    if self.peers.address(&peer).is_some() {
                         "dial failed".to_owned()
                     } else {
                         "no known address for the peer".to_owned()
