@@ -97,10 +97,36 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, id: u64, kind: u8, body: 
     w.flush().await
 }
 
+/// A frame to write: id, kind, body.
+type Outgoing = (u64, u8, Vec<u8>);
+
+/// Runs one stream, either side, until it breaks: writes what `queue`
+/// holds and hands every frame read to `on_frame`.
+async fn pump(
+    stream: Stream,
+    queue: &mut mpsc::UnboundedReceiver<Outgoing>,
+    max_bytes: usize,
+    mut on_frame: impl FnMut(Frame),
+) -> io::Result<()> {
+    let (mut reader, mut writer) = stream.split();
+    let writing = async {
+        while let Some((id, kind, body)) = queue.recv().await {
+            write_frame(&mut writer, id, kind, &body).await?;
+        }
+        Ok(())
+    };
+    let reading = async {
+        loop {
+            on_frame(read_frame(&mut reader, max_bytes).await?);
+        }
+    };
+    tokio::select! { r = writing => r, r = reading => r }
+}
+
 /// An open stream to a peer: where requests queue, and who waits.
 #[derive(Clone)]
 struct Link {
-    frames: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    frames: mpsc::UnboundedSender<Outgoing>,
     waiters: Waiters,
 }
 
@@ -133,7 +159,7 @@ impl RaftStreams {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&link.waiters).insert(id, tx);
-        if link.frames.send((id, request)).is_err() {
+        if link.frames.send((id, OK, request)).is_err() {
             lock(&link.waiters).remove(&id);
             return Err(closed(peer));
         }
@@ -190,39 +216,21 @@ fn closed(peer: PeerId) -> P2pError {
 /// their waiters. When the stream breaks, every request still on it fails
 /// at once, and the next request opens a new stream.
 fn spawn_link(peer: PeerId, stream: Stream, max_bytes: usize) -> Link {
-    let (frames, mut queue) = mpsc::unbounded_channel::<(u64, Vec<u8>)>();
+    let (frames, mut queue) = mpsc::unbounded_channel();
     let waiters: Waiters = Arc::default();
     let link = Link { frames, waiters: waiters.clone() };
     tokio::spawn(async move {
-        let (mut reader, mut writer) = stream.split();
-        let why = {
-            let writing = async {
-                while let Some((id, body)) = queue.recv().await {
-                    write_frame(&mut writer, id, OK, &body).await?;
-                }
-                Ok::<(), io::Error>(())
+        let why = pump(stream, &mut queue, max_bytes, |frame| {
+            let answer = match (frame.kind, frame.body) {
+                (_, Err(size)) => Err(P2pError::TooLarge { protocol: Protocol::Raft, size, limit: max_bytes }),
+                (OK, Ok(body)) => Ok(body),
+                (_, Ok(reason)) => Err(P2pError::Request { peer, reason: String::from_utf8_lossy(&reason).into_owned() }),
             };
-            let reading = async {
-                loop {
-                    let frame = read_frame(&mut reader, max_bytes).await?;
-                    let answer = match (frame.kind, frame.body) {
-                        (_, Err(size)) => {
-                            Err(P2pError::TooLarge { protocol: Protocol::Raft, size, limit: max_bytes })
-                        }
-                        (OK, Ok(body)) => Ok(body),
-                        (_, Ok(reason)) => {
-                            Err(P2pError::Request { peer, reason: String::from_utf8_lossy(&reason).into_owned() })
-                        }
-                    };
-                    if let Some(waiter) = lock(&waiters).remove(&frame.id) {
-                        let _ = waiter.send(answer);
-                    }
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), io::Error>(())
-            };
-            tokio::select! { r = writing => r, r = reading => r }
-        };
+            if let Some(waiter) = lock(&waiters).remove(&frame.id) {
+                let _ = waiter.send(answer);
+            }
+        })
+        .await;
         tracing::debug!(%peer, result = ?why, "raft stream closed");
         // No new request gets onto this link; those queued or waiting fail
         // now (dropping their senders) rather than at their timeout.
@@ -256,54 +264,40 @@ async fn serve_stream(
     max_bytes: usize,
     timeout: Duration,
 ) {
-    let (mut reader, mut writer) = stream.split();
-    let (answers, mut queue) = mpsc::unbounded_channel::<(u64, u8, Vec<u8>)>();
-    let writing = async {
-        while let Some((id, kind, body)) = queue.recv().await {
-            write_frame(&mut writer, id, kind, &body).await?;
-        }
-        Ok::<(), io::Error>(())
-    };
-    let reading = async {
-        loop {
-            let frame = read_frame(&mut reader, max_bytes).await?;
-            let refuse = |reason: String| {
-                let _ = answers.send((frame.id, REFUSED, reason.into_bytes()));
-            };
-            let body = match frame.body {
-                Err(size) => {
-                    refuse(format!("a request of {size} bytes is over the peer's size limit of {max_bytes} bytes"));
-                    continue;
-                }
-                Ok(body) => body,
-            };
-            // A disallowed peer's connection closes asynchronously; what it
-            // still sends must not reach the handler.
-            if !peers.contains(&peer) {
-                tracing::info!(%peer, "refused a raft request from a peer not on the allowlist");
-                refuse("this node does not have the sender on its allowlist".to_owned());
-                continue;
+    let (answers, mut queue) = mpsc::unbounded_channel();
+    let why = pump(stream, &mut queue, max_bytes, |frame| {
+        let refuse = |reason: String| {
+            let _ = answers.send((frame.id, REFUSED, reason.into_bytes()));
+        };
+        let body = match frame.body {
+            Err(size) => {
+                return refuse(format!("a request of {size} bytes is over the peer's size limit of {max_bytes} bytes"));
             }
-            let work = handler.handle(peer, Protocol::Raft, body);
-            let answers = answers.clone();
-            let id = frame.id;
-            tokio::spawn(async move {
-                match tokio::time::timeout(timeout, work).await {
-                    Ok(answer) if answer.len() > max_bytes => {
-                        let reason = format!("the answer of {} bytes is over the limit of {max_bytes} bytes", answer.len());
-                        let _ = answers.send((id, REFUSED, reason.into_bytes()));
-                    }
-                    Ok(answer) => {
-                        let _ = answers.send((id, OK, answer));
-                    }
-                    // The requester gives up at the same timeout.
-                    Err(_) => tracing::debug!(%peer, "raft request outlasted the request timeout"),
-                }
-            });
+            Ok(body) => body,
+        };
+        // A disallowed peer's connection closes asynchronously; what it
+        // still sends must not reach the handler.
+        if !peers.contains(&peer) {
+            tracing::info!(%peer, "refused a raft request from a peer not on the allowlist");
+            return refuse("this node does not have the sender on its allowlist".to_owned());
         }
-        #[allow(unreachable_code)]
-        Ok::<(), io::Error>(())
-    };
-    let why = tokio::select! { r = writing => r, r = reading => r };
+        let work = handler.handle(peer, Protocol::Raft, body);
+        let answers = answers.clone();
+        let id = frame.id;
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, work).await {
+                Ok(answer) if answer.len() > max_bytes => {
+                    let reason = format!("the answer of {} bytes is over the limit of {max_bytes} bytes", answer.len());
+                    let _ = answers.send((id, REFUSED, reason.into_bytes()));
+                }
+                Ok(answer) => {
+                    let _ = answers.send((id, OK, answer));
+                }
+                // The requester gives up at the same timeout.
+                Err(_) => tracing::debug!(%peer, "raft request outlasted the request timeout"),
+            }
+        });
+    })
+    .await;
     tracing::debug!(%peer, result = ?why, "inbound raft stream closed");
 }
