@@ -16,21 +16,47 @@
 //! raft-log/seg-<seq>.log   records, in index order, across segments,
 //!                          then zeros to the end of the file
 //!          spare.tmp       the next segment, being zero-filled
-//!          vote            postcard(Vote)
-//!          purged          postcard(Option<LogId>)
+//!          vote            len u32 LE | crc32 u32 LE | postcard(Vote)
+//!          purged          len u32 LE | crc32 u32 LE | postcard(Option<LogId>)
 //!          committed       len u32 LE | crc32 u32 LE | postcard(Option<LogId>)
 //! record = len u32 LE | crc32 u32 LE | body
 //! body   = term u64 LE | leader node u64 LE | index u64 LE | postcard(Entry)
 //! ```
 //!
-//! On open every segment is scanned and checked against its CRCs. A torn
-//! record at the end of the last segment (a crash mid-append: never
-//! acknowledged) is zeroed, as is everything after it; damage anywhere else
-//! is an error, not silently skipped. Past the last record there are only
-//! zeros (truncation zeroes what it removes), so no stale record can ever
-//! be read back as a new one. Truncation removes later segments before it shortens the one it
-//! ends in, and purging records the purged id before it deletes segments, so
-//! a crash between steps always leaves a log without holes.
+//! On open every segment is scanned front to back and checked against its
+//! CRCs; the scan of a segment stops at the first bytes that are not a whole
+//! record (a zero frame is the normal end). What may follow there:
+//!
+//! - In any segment but the last: only zeros. Anything else is an error
+//!   naming the file and offset.
+//! - In the last segment: zeros, or a torn final append. An append is one
+//!   write of whole records, front to back, and openraft hears of it only
+//!   after its sync, so a crash in the middle of one leaves a partial record
+//!   and zeros after the last acknowledged record; that tail is zeroed, with
+//!   a warning. But if a whole record (a CRC match on a body that continues
+//!   the log) lies anywhere after the bad bytes, they are not a torn tail:
+//!   an acknowledged record was damaged, or the disk reordered writes.
+//!   Opening then refuses, naming the file and the offset of the damaged
+//!   record, rather than cut acknowledged entries away. (A power cut during
+//!   an append of several records, on a disk that persists its pages out of
+//!   order, can look the same; it too is refused, since from the bytes alone
+//!   it cannot be told from lost acknowledged data.)
+//!
+//! Entries read back are checked again: each record's CRC, and that its log
+//! id is the one the scan found there; a mismatch is a read error naming the
+//! file and offset, never an entry with the wrong contents.
+//!
+//! `vote` and `purged` are framed like a record. They are only ever replaced
+//! whole by a rename, so they are never torn: a file that is there but empty,
+//! cut short, longer than its frame or off its CRC is an error naming it. A
+//! missing file means none (no vote yet, nothing purged). A damaged
+//! `committed` only makes the hint unknown.
+//!
+//! Past the last record there are only zeros (truncation zeroes what it
+//! removes), so no stale record can ever be read back as a new one.
+//! Truncation removes later segments before it shortens the one it ends in,
+//! and purging records the purged id before it deletes segments, so a crash
+//! between steps always leaves a log without holes.
 //!
 //! Why not an embedded database: a redb transaction per append cost about
 //! 340 µs (several page writes and syncs) against 140 µs for one append and
@@ -72,6 +98,11 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 
 fn corrupt(msg: String) -> io::Error {
     io::Error::new(ErrorKind::InvalidData, msg)
+}
+
+/// Damage found on open: what to do about it, since the node cannot.
+fn refuse(msg: String) -> io::Error {
+    corrupt(format!("{msg}; refusing to start (restore this node's data dir or remove the node and re-add it)"))
 }
 
 /// Where one entry's record lies.
@@ -158,12 +189,27 @@ fn zero_filled(path: &Path, size: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// `value` as one frame: `len | crc | postcard(value)`.
+fn framed<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let mut buf = postcard::to_extend(value, vec![0; FRAME]).map_err(io::Error::other)?;
+    seal_frame(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// The value framed in `name` (see [`framed`]), or `None` when there is no
+/// such file. The file is only ever replaced whole by a rename, so anything
+/// but one whole frame that matches its CRC is damage, not a torn write.
 fn read_value<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> io::Result<Option<T>> {
-    match std::fs::read(dir.join(name)) {
-        Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| corrupt(format!("{name}: {e}"))),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    let path = dir.join(name);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let body = frame_body(&bytes, 0).filter(|body| FRAME + body.len() == bytes.len()).ok_or_else(|| {
+        refuse(format!("{}: damaged ({} bytes that are not one frame matching its CRC)", path.display(), bytes.len()))
+    })?;
+    postcard::from_bytes(body).map(Some).map_err(|e| refuse(format!("{}: damaged ({e})", path.display())))
 }
 
 /// The committed-id hint, or `None` when missing or damaged.
@@ -232,6 +278,38 @@ fn scan(bytes: &[u8]) -> (Vec<(u64, u32, LogId<NodeId>)>, usize) {
     (records, at)
 }
 
+/// The offset of the first whole record after the bad bytes at `end` of a
+/// segment, if there is one: the sign that those bytes are not a torn final
+/// append. `last` is the last whole record before them in the log, if any.
+///
+/// Records start at any byte offset (they are not padded), so every offset
+/// after `end` is tried, not only aligned ones; a damaged length field
+/// cannot hide the records behind it. A record there that belongs to this
+/// log continues it: its index is past `last`'s, by at most one per
+/// `FRAME + LOG_ID` bytes (the smallest record) between `end` and it, and
+/// its term is no lower. Those tests come before the CRC, so a tail of
+/// garbage or of a large torn body costs one pass over the bytes, not a CRC
+/// over megabytes at each of millions of offsets. (With no whole record
+/// before the damage there is nothing to continue, and only the length
+/// test comes first.) A match also needs the CRC over a plausible length (a
+/// body at least a log id long, inside the file), so random bytes pass with
+/// odds of about 2^-32 per candidate.
+fn record_after(bytes: &[u8], end: usize, last: Option<LogId<NodeId>>) -> Option<usize> {
+    let min = FRAME + LOG_ID;
+    (end + 1..(bytes.len() + 1).saturating_sub(min)).find(|&at| {
+        let len = u32_at(bytes, at) as usize;
+        if len < LOG_ID || bytes.len() - at - FRAME < len {
+            return false;
+        }
+        let id = body_log_id(&bytes[at + FRAME..]);
+        let continues = last.is_none_or(|last| {
+            let most = last.index.saturating_add(1 + ((at - end) / min) as u64);
+            last.index < id.index && id.index <= most && last.leader_id.term <= id.leader_id.term
+        });
+        continues && frame_body(bytes, at).is_some()
+    })
+}
+
 impl Inner {
     fn open(dir: PathBuf, segment_bytes: u64) -> io::Result<Inner> {
         std::fs::create_dir_all(&dir)?;
@@ -264,6 +342,8 @@ impl Inner {
             spare: None,
         };
         let purged_index = purged.map(|p| p.index);
+        // The last whole record scanned, purged or not.
+        let mut last_seen: Option<LogId<NodeId>> = None;
         for (n, &seq) in seqs.iter().enumerate() {
             let path = segment_path(&inner.dir, seq);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -277,14 +357,23 @@ impl Inner {
             };
             if !clean {
                 if !last {
-                    return Err(corrupt(format!("{}: damaged record at offset {end}", path.display())));
+                    return Err(refuse(format!("{}: damaged record at offset {end}", path.display())));
                 }
-                // The tail of the last segment: an append that crashed before
-                // its sync returned, so nobody was told it happened.
+                let before = records.last().map(|r| r.2).or(last_seen);
+                if let Some(next) = record_after(&bytes, end, before) {
+                    return Err(refuse(format!(
+                        "{}: damaged record at offset {end} is followed by valid records (the next at offset {next})",
+                        path.display()
+                    )));
+                }
+                // The tail of the last segment, with no whole record after
+                // it: an append that crashed before its sync returned, so
+                // nobody was told it happened.
                 tracing::warn!(segment = %path.display(), offset = end, "zeroing a torn append at the end of the raft log");
                 zero(&file, end as u64, bytes.len() as u64)?;
                 file.sync_data()?;
             }
+            last_seen = records.last().map(|r| r.2).or(last_seen);
             for (offset, len, log_id) in records {
                 if purged_index.is_some_and(|p| log_id.index <= p) {
                     continue;
@@ -395,7 +484,8 @@ impl Inner {
         file
     }
 
-    /// The raw bodies of the entries in `range`.
+    /// The records (frame and body) of the entries in `range`, each checked
+    /// against its CRC and against the log id its slot says it holds.
     fn read(&self, start: Bound<u64>, end: Bound<u64>) -> io::Result<Vec<Vec<u8>>> {
         let from = match start {
             Bound::Included(x) => self.position(x),
@@ -407,14 +497,23 @@ impl Inner {
             Bound::Excluded(x) => self.position(x),
             Bound::Unbounded => self.slots.len(),
         };
-        let mut bodies = Vec::with_capacity(to.saturating_sub(from));
+        let mut records = Vec::with_capacity(to.saturating_sub(from));
         for slot in self.slots.range(from..to.max(from)) {
             let segment = self.segments.get(&slot.seg).ok_or_else(|| io::Error::other("log segment missing"))?;
-            let mut body = vec![0u8; slot.len as usize];
-            segment.file.read_exact_at(&mut body, slot.offset + FRAME as u64)?;
-            bodies.push(body);
+            let mut record = vec![0u8; FRAME + slot.len as usize];
+            segment.file.read_exact_at(&mut record, slot.offset)?;
+            let body = frame_body(&record, 0).filter(|b| b.len() + FRAME == record.len());
+            if body.is_none_or(|b| body_log_id(b) != slot.log_id) {
+                return Err(corrupt(format!(
+                    "{}: damaged record at offset {} (entry {})",
+                    segment_path(&self.dir, slot.seg).display(),
+                    slot.offset,
+                    slot.log_id.index
+                )));
+            }
+            records.push(record);
         }
-        Ok(bodies)
+        Ok(records)
     }
 
     /// Remove entries from `index` on, newest segment first.
@@ -439,17 +538,14 @@ impl Inner {
     /// per commit. It is a hint (openraft re-derives it from a quorum), so
     /// a torn or lost write only makes it unknown after a crash.
     fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> io::Result<()> {
-        let mut buf = postcard::to_extend(&committed, vec![0; FRAME]).map_err(io::Error::other)?;
-        seal_frame(&mut buf, 0)?;
-        self.committed_file.write_all_at(&buf, 0)?;
+        self.committed_file.write_all_at(&framed(&committed)?, 0)?;
         self.committed = committed;
         Ok(())
     }
 
     /// Record `log_id` as purged, then drop what it covers.
     fn purge(&mut self, log_id: LogId<NodeId>) -> io::Result<()> {
-        let bytes = postcard::to_allocvec(&Some(log_id)).map_err(io::Error::other)?;
-        replace_file(&self.dir, "purged", &bytes)?;
+        replace_file(&self.dir, "purged", &framed(&Some(log_id))?)?;
         self.purged = Some(log_id);
         let at = self.position(log_id.index.saturating_add(1));
         self.slots.drain(..at);
@@ -503,11 +599,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>> {
-        let bodies = self
+        let records = self
             .lock()
             .and_then(|inner| inner.read(range.start_bound().cloned(), range.end_bound().cloned()))
             .map_err(read_err)?;
-        bodies.iter().map(|b| postcard::from_bytes(&b[LOG_ID..]).map_err(read_err)).collect()
+        records.iter().map(|r| postcard::from_bytes(&r[FRAME + LOG_ID..]).map_err(read_err)).collect()
     }
 }
 
@@ -526,7 +622,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
         let vote_err = |e: io::Error| StorageError::from(StorageIOError::write_vote(&e));
         let mut inner = self.lock().map_err(vote_err)?;
-        let bytes = postcard::to_allocvec(vote).map_err(|e| vote_err(io::Error::other(e)))?;
+        let bytes = framed(vote).map_err(vote_err)?;
         replace_file(&inner.dir, "vote", &bytes).map_err(vote_err)?;
         inner.vote = Some(*vote);
         Ok(())
@@ -728,6 +824,160 @@ mod tests {
         assert_eq!(state.last_purged_log_id, Some(blank(20).log_id));
         assert_eq!(state.last_log_id, Some(blank(35).log_id));
         assert_eq!(log.try_get_log_entries(30..=31).await.unwrap().len(), 2);
+    }
+
+    /// 100 entries, one append each, in one segment of `dir`; the segment
+    /// and where each record starts.
+    fn hundred(dir: &Path) -> (PathBuf, Vec<u64>) {
+        let log = LogStore::open_sized(dir, 64 << 10).unwrap();
+        for i in 1..=100 {
+            log.write_entries([blank(i)]).unwrap();
+        }
+        drop(log);
+        let segs = segments(dir);
+        assert_eq!(segs.len(), 1, "the test wants one segment");
+        let offsets: Vec<u64> = scan(&std::fs::read(&segs[0]).unwrap()).0.iter().map(|r| r.0).collect();
+        assert_eq!(offsets.len(), 100);
+        (segs[0].clone(), offsets)
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    }
+
+    /// Damage to an acknowledged record in the last segment, with whole
+    /// records after it, is not a torn append: opening refuses, naming the
+    /// file and the record's offset, and leaves the file as it found it
+    /// (nothing is cut away). Whether the damage is in the body or zeroes
+    /// the frame (so the log seems to end there).
+    #[test]
+    fn damage_followed_by_records_is_refused() {
+        for zero_frame in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (seg, offsets) = hundred(dir.path());
+            let at = offsets[49];
+            if zero_frame {
+                let f = OpenOptions::new().write(true).open(&seg).unwrap();
+                f.write_all_at(&[0; FRAME], at).unwrap();
+            } else {
+                flip(&seg, at + (FRAME + LOG_ID) as u64);
+            }
+            let before = std::fs::read(&seg).unwrap();
+
+            let err = LogStore::open_sized(dir.path(), 64 << 10).err().expect("damage before records must not open");
+            assert_eq!(err.kind(), ErrorKind::InvalidData);
+            let msg = err.to_string();
+            let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(msg.contains(&name), "{msg}");
+            assert!(msg.contains(&format!("damaged record at offset {at} ")), "{msg}");
+            assert!(msg.contains(&format!("the next at offset {}", offsets[50])), "{msg}");
+            assert!(std::fs::read(&seg).unwrap() == before, "a refused open must not change the segment");
+        }
+    }
+
+    /// The torn final append is still cut off when 100 entries precede it,
+    /// whether it is the first half of a record or a frame of garbage, and
+    /// the log goes on from entry 100, across another reopen.
+    #[tokio::test]
+    async fn torn_tail_after_many_records_is_repaired() {
+        let mut record = Vec::new();
+        encode(&blank(101), &mut record).unwrap();
+        let half = record[..record.len() / 2].to_vec();
+        let mut garbage = record.clone();
+        garbage[FRAME..].fill(0xa7);
+        for torn in [half, garbage] {
+            let dir = tempfile::tempdir().unwrap();
+            let (seg, offsets) = hundred(dir.path());
+            let end = scan(&std::fs::read(&seg).unwrap()).1 as u64;
+            assert!(end > offsets[99]);
+            let f = OpenOptions::new().write(true).open(&seg).unwrap();
+            f.write_all_at(&torn, end).unwrap();
+            drop(f);
+
+            let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+            assert_eq!(indexes(&mut log).await, (1..=100).collect::<Vec<_>>());
+            let tail = std::fs::read(&seg).unwrap().split_off(end as usize);
+            assert!(tail.iter().all(|b| *b == 0), "the torn tail must be zeroed");
+            log.write_entries([blank(101)]).unwrap();
+            drop(log);
+            let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+            assert_eq!(indexes(&mut log).await, (1..=101).collect::<Vec<_>>());
+        }
+    }
+
+    /// A record damaged after open is caught when it is read: an error
+    /// naming the file and offset, not an entry with wrong contents. So is
+    /// a whole, CRC-clean record in the wrong place (51's bytes where 50's
+    /// were). The entries around it still read.
+    #[tokio::test]
+    async fn damage_after_open_is_a_read_error() {
+        for swap in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (seg, offsets) = hundred(dir.path());
+            let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+            let at = offsets[49];
+            if swap {
+                let bytes = std::fs::read(&seg).unwrap();
+                let next = &bytes[offsets[50] as usize..offsets[51] as usize];
+                assert_eq!(next.len() as u64, offsets[50] - at, "records 50 and 51 are the same size");
+                let f = OpenOptions::new().write(true).open(&seg).unwrap();
+                f.write_all_at(next, at).unwrap();
+            } else {
+                flip(&seg, at + (FRAME + LOG_ID) as u64);
+            }
+            let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+            for range in [50..51, 1..101] {
+                let err = log.try_get_log_entries(range).await.err().expect("a damaged record must not be served");
+                let msg = err.to_string();
+                assert!(msg.contains(&name) && msg.contains(&format!("damaged record at offset {at} ")), "{msg}");
+            }
+            assert_eq!(log.try_get_log_entries(1..50).await.unwrap().len(), 49);
+            assert_eq!(log.try_get_log_entries(51..101).await.unwrap().len(), 50);
+        }
+    }
+
+    /// The vote and the purge point carry a CRC: a flipped byte, a file cut
+    /// short or an empty file is an open error naming the file, not a vote
+    /// or purge point silently forgotten or misread.
+    #[tokio::test]
+    async fn damaged_vote_or_purged_file_is_refused() {
+        for name in ["vote", "purged"] {
+            for damage in ["flip", "cut", "empty"] {
+                let dir = tempfile::tempdir().unwrap();
+                {
+                    let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+                    log.save_vote(&Vote::new(7, 2)).await.unwrap();
+                    log.write_entries((1..=5).map(blank)).unwrap();
+                    log.purge(blank(3).log_id).await.unwrap();
+                }
+                let path = dir.path().join("raft-log").join(name);
+                let len = std::fs::metadata(&path).unwrap().len();
+                match damage {
+                    "flip" => flip(&path, len - 1),
+                    "cut" => std::fs::write(&path, &std::fs::read(&path).unwrap()[..len as usize - 1]).unwrap(),
+                    _ => std::fs::write(&path, b"").unwrap(),
+                }
+                let err = LogStore::open_sized(dir.path(), 64 << 10).err().expect("a damaged file must not open");
+                assert_eq!(err.kind(), ErrorKind::InvalidData, "{name} {damage}");
+                assert!(err.to_string().contains(&path.display().to_string()), "{name} {damage}: {err}");
+            }
+        }
+        // Undamaged, both read back; missing, both are none.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+            assert_eq!(log.read_vote().await.unwrap(), None);
+            assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, None);
+            log.save_vote(&Vote::new(7, 2)).await.unwrap();
+            log.write_entries((1..=5).map(blank)).unwrap();
+            log.purge(blank(3).log_id).await.unwrap();
+        }
+        let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(7, 2)));
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(blank(3).log_id));
     }
 
     /// A data dir from a build that kept the log in redb is refused with
