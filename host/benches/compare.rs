@@ -438,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
     // Per-command wasm overhead, in process.
     let runtime = synod::runtime::Runtime::new()?;
     let plugin = Arc::new(runtime.load(&counter, synod::runtime::PluginLimits::default())?);
-    let mut sm = synod::apply::StateMachine::default();
+    let mut sm = synod::replica::Replica::default();
     sm.activate("counter", plugin);
     let t = Instant::now();
     let n = 20_000u64;

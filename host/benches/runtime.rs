@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use synod::apply::StateMachine;
+use synod::replica::Replica;
 use synod::runtime::{Context, PluginLimits, Runtime};
 use synod::toolchain::BuildOptions;
 
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let plugin = Arc::new(runtime.load(&bytes, PluginLimits::default())?);
     let compile = started.elapsed();
 
-    let mut sm = StateMachine::default();
+    let mut sm = Replica::default();
     sm.activate("counter", plugin.clone());
     let payload = br#"{"by":1}"#;
     let mut index = 0;

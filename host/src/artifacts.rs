@@ -59,6 +59,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// True for a well-formed content address (64 lower-case hex digits).
+pub fn is_sha256(sha256: &str) -> bool {
+    check_hash(sha256).is_ok()
+}
+
 fn check_hash(sha256: &str) -> Result<(), ArtifactError> {
     if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(())

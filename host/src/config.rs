@@ -173,17 +173,37 @@ impl Default for RaftConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest command payload, bytes (larger → 413).
+    /// Largest command payload, bytes (larger → 413). At most 15 MiB: one
+    /// command must fit one Raft message (16 MiB) with room to spare.
     pub max_payload_bytes: usize,
     /// Largest plugin component, bytes (larger → 413).
     pub max_plugin_bytes: usize,
+    /// Bytes of commands the leader packs into one log entry (and a
+    /// follower into one forwarded batch); a single larger command goes
+    /// alone. Keeps every entry well inside a Raft message, so a burst of
+    /// large commands replicates in several appends instead of stalling.
+    pub max_entry_bytes: usize,
+    /// Most fuel per command an upload may ask for (`?fuel=`).
+    pub max_plugin_fuel: u64,
+    /// Most linear memory per command an upload may ask for
+    /// (`?memory_bytes=`), at most the engine's ceiling (256 MiB).
+    pub max_plugin_memory_bytes: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_payload_bytes: 1024 * 1024, max_plugin_bytes: 64 * 1024 * 1024 }
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            max_plugin_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 4 * 1024 * 1024,
+            max_plugin_fuel: 1_000_000_000,
+            max_plugin_memory_bytes: crate::runtime::MAX_MEMORY_CEILING,
+        }
     }
 }
+
+/// Room left in a Raft message for everything but command payloads.
+const MESSAGE_HEADROOM: usize = 1024 * 1024;
 
 fn default_http() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7001))
@@ -227,6 +247,32 @@ impl NodeConfig {
         if r.snapshot_after_entries == 0 {
             return bad("snapshot_after_entries must be greater than 0".into());
         }
+        let l = &self.limits;
+        let message = crate::node::MAX_RAFT_MESSAGE_BYTES;
+        if l.max_payload_bytes + MESSAGE_HEADROOM > message {
+            return bad(format!(
+                "limits.max_payload_bytes {} cannot fit a Raft message of {message} bytes; at most {}",
+                l.max_payload_bytes,
+                message - MESSAGE_HEADROOM
+            ));
+        }
+        if l.max_entry_bytes == 0 || l.max_entry_bytes + MESSAGE_HEADROOM > message {
+            return bad(format!(
+                "limits.max_entry_bytes {} must be between 1 and {}",
+                l.max_entry_bytes,
+                message - MESSAGE_HEADROOM
+            ));
+        }
+        if l.max_plugin_fuel == 0 {
+            return bad("limits.max_plugin_fuel must be greater than 0".into());
+        }
+        if l.max_plugin_memory_bytes > crate::runtime::MAX_MEMORY_CEILING {
+            return bad(format!(
+                "limits.max_plugin_memory_bytes {} is over the engine's ceiling of {}",
+                l.max_plugin_memory_bytes,
+                crate::runtime::MAX_MEMORY_CEILING
+            ));
+        }
         Ok(())
     }
 
@@ -250,5 +296,14 @@ mod tests {
         assert!(e.to_string().contains("unknown field `http_addr`"), "{e}");
         let c: NodeConfig = toml::from_str("id = 0\ndata_dir = \"d\"").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    /// A payload limit no Raft message can carry is refused at load, not
+    /// discovered as a replication stall.
+    #[test]
+    fn payload_limit_must_fit_a_message() {
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"\n[limits]\nmax_payload_bytes = 33554432").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_payload_bytes 33554432 cannot fit a Raft message"), "{e}");
     }
 }

@@ -6,18 +6,21 @@
 //!   wasmtime instance per command, fuel and memory bounds, the plugin's
 //!   key-value namespace behind the `synod:plugin/state` interface, writes
 //!   buffered until the handler returns `ok`.
-//! - [`apply`] is the only writer of replicated state: it runs each
-//!   committed command on the plugin's active version, commits the writes of
-//!   those that succeed and chains every outcome into the state digest.
+//! - [`replica`] is the replicated state as one unit and its only writer:
+//!   it applies each committed entry whole — commands on the plugin's
+//!   active version, plugin lifecycle, membership — and chains every
+//!   outcome into the state digest.
 //! - [`state`] is the deterministic data model those writes change, and the
 //!   running digest every node keeps of what it applied.
 //! - [`toolchain`] builds plugins from source: a Rust guest crate to
 //!   `wasm32-unknown-unknown`, then to a component.
 //!
-//! - [`api`] takes requests in over HTTP; [`node`] wires a running node:
-//!   the libp2p transport ([`p2p`]), Raft ([`consensus`]: types, the segment
-//!   log store, the state machine store, the network), the plugin store
-//!   ([`artifacts`]) and the operations the API offers.
+//! - [`api`] takes requests in over HTTP and [`bus`] over NATS; both call
+//!   the transport-neutral service of [`node`], which also holds the write
+//!   path (batcher, forwarder), the peer protocol and the wiring of a
+//!   running node: the libp2p transport ([`p2p`]), Raft ([`consensus`]: a
+//!   thin openraft adapter — types, the segment log store, snapshot files,
+//!   the network) and the plugin store ([`artifacts`]).
 //! - [`bus`] is the NATS side: command intake by request/reply, committed
 //!   events to JetStream exactly once, notices on `synod.sys.>`.
 //! - [`dev`] runs a local three-node cluster; [`client`] is the CLI's HTTP
@@ -28,7 +31,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod api;
-pub mod apply;
 pub mod artifacts;
 pub mod bus;
 pub mod client;
@@ -37,6 +39,7 @@ pub mod consensus;
 pub mod dev;
 pub mod node;
 pub mod p2p;
+pub mod replica;
 pub mod runtime;
 pub mod state;
 pub mod toolchain;

@@ -188,6 +188,14 @@ async fn node(config: PathBuf, id: Option<u64>, data_dir: Option<PathBuf>, http:
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        // A storage fault (disk full, failing disk) stops Raft for good:
+        // say why and exit non-zero, so a supervisor restarts the node once
+        // the disk is fixed, rather than leave a member that answers and
+        // never moves. Everything acknowledged is already on disk.
+        fatal = node.fatal() => {
+            tracing::error!(error = %fatal, "stopping: this node can no longer apply or vote");
+            return Err(anyhow::anyhow!("{fatal} (free disk space or fix the disk, then restart the node; nothing acknowledged is lost)"));
+        }
     }
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use synod::apply::StateMachine;
+use synod::replica::Replica;
 use synod::runtime::{Context, Outcome, PluginLimits, Runtime};
 
 pub use crate::plugins::{component, core_module};
@@ -16,7 +16,7 @@ pub fn wit_dir() -> PathBuf {
 
 /// One node's runtime stage: what a cluster member runs for every entry.
 pub struct Node {
-    pub sm: StateMachine,
+    pub sm: Replica,
     next_index: u64,
 }
 
@@ -24,7 +24,7 @@ impl Node {
     /// A node with `installs` = (name, example plugin) active.
     pub fn new(installs: &[(&str, &str)]) -> Node {
         let runtime = Runtime::new().unwrap();
-        let mut sm = StateMachine::default();
+        let mut sm = Replica::default();
         for (name, plugin) in installs {
             let p = runtime.load(&component(plugin), PluginLimits::default()).unwrap();
             sm.activate(name, Arc::new(p));

@@ -82,7 +82,7 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
             };
             match resumed {
                 Ok(last) => {
-                    let published = node.with_state(|sm| sm.outbox_state().0).unwrap_or(0);
+                    let published = node.with_replica(|r| r.outbox_state().0).unwrap_or(0);
                     cursor = Some(last.saturating_sub(1).max(published));
                     tracing::info!(resume_after = cursor, "publishing events");
                 }
@@ -94,7 +94,7 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
             }
         }
         let Some(after) = cursor else { continue };
-        let batch = node.with_state(|sm| sm.outbox_after(after, BATCH)).unwrap_or_default();
+        let batch = node.with_replica(|r| r.outbox_after(after, BATCH)).unwrap_or_default();
         for (index, entry) in batch {
             let mut ok = true;
             for (ordinal, event) in entry.events.iter().enumerate() {

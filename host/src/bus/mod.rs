@@ -18,9 +18,9 @@ use async_nats::{Client, ConnectOptions, HeaderMap};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::api::{REQUEST_ID_HEADER, check_request_id, output_json};
 use crate::config::NatsConfig;
-use crate::node::NodeInner;
+use crate::node::service::{REQUEST_ID_HEADER, check_request_id, output_json};
+use crate::node::{NodeInner, ServiceError};
 
 /// Subjects of command requests.
 pub const COMMAND_SUBJECTS: &str = "synod.cmd.>";
@@ -64,16 +64,21 @@ pub async fn connect(config: &NatsConfig, url: &str, name: String) -> Result<Cli
     options.connect(servers).await.map_err(|e| BusError::Connect(e.to_string()))
 }
 
+/// Command requests one node works on at once; past this a request is
+/// answered 429 at once rather than queued without bound.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
 /// Start the bus for `node`: connect, serve command requests, publish
-/// events while leader. Returns the client (also stored on the node).
-pub async fn start(node: Arc<NodeInner>) -> Result<Client, BusError> {
+/// events while leader (both tasks in `tasks`). Returns the client (also
+/// stored on the node).
+pub async fn start(node: Arc<NodeInner>, tasks: &mut tokio::task::JoinSet<()>) -> Result<Client, BusError> {
     let config = node.config.nats.clone();
     let Some(url) = config.url.clone() else {
         return Err(BusError::Connect("no nats.url configured".into()));
     };
     let client = connect(&config, &url, format!("synod-node-{}", node.id)).await?;
-    tokio::spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone()));
-    tokio::spawn(events::publish_loop(node.clone(), client.clone(), config.stream.clone()));
+    tasks.spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone()));
+    tasks.spawn(events::publish_loop(node.clone(), client.clone(), config.stream.clone()));
     Ok(client)
 }
 
@@ -88,6 +93,7 @@ pub fn state(client: Option<&Client>) -> &'static str {
 }
 
 async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let mut sub = match client.queue_subscribe(COMMAND_SUBJECTS, group.clone()).await {
             Ok(s) => s,
@@ -99,22 +105,45 @@ async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String) {
         };
         while let Some(msg) = sub.next().await {
             let (node, client) = (node.clone(), client.clone());
-            tokio::spawn(async move { answer(&node, &client, msg).await });
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    tokio::spawn(async move {
+                        answer(&node, &client, msg).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    let busy = ServiceError::from(crate::consensus::rpc::WriteError::Overloaded);
+                    tokio::spawn(async move { reply(&client, &msg, Err(busy)).await });
+                }
+            }
         }
     }
 }
 
 /// Run one bus request and reply — never dropping it, whatever is wrong.
 async fn answer(node: &NodeInner, client: &Client, msg: async_nats::Message) {
+    let result = run(node, &msg).await;
+    reply(client, &msg, result).await;
+}
+
+/// Answer `msg` with the HTTP API's JSON, the status in `Synod-Status`
+/// (and `Retry-After` with a 429).
+async fn reply(client: &Client, msg: &async_nats::Message, result: Result<(u64, Vec<u8>), ServiceError>) {
     let Some(reply) = msg.reply.clone() else {
         tracing::debug!(subject = %msg.subject, "command without a reply subject ignored");
         return;
     };
-    let (status, body) = match run(node, &msg).await {
-        Ok((index, out)) => (200, json!({ "result": output_json(&out), "index": index })),
-        Err(e) => (e.status(), e.body().clone()),
-    };
     let mut headers = HeaderMap::new();
+    let (status, body) = match result {
+        Ok((index, out)) => (200, json!({ "result": output_json(&out), "index": index })),
+        Err(e) => {
+            if let Some(secs) = e.retry_after {
+                headers.insert("Retry-After", secs.to_string().as_str());
+            }
+            (e.status, e.body())
+        }
+    };
     headers.insert("Synod-Status", status.to_string().as_str());
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     if let Err(e) = client.publish_with_headers(reply, headers, bytes.into()).await {
@@ -122,10 +151,10 @@ async fn answer(node: &NodeInner, client: &Client, msg: async_nats::Message) {
     }
 }
 
-async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), crate::api::ApiError> {
+async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), ServiceError> {
     let parts: Vec<&str> = msg.subject.split('.').collect();
     let [_, _, plugin, command] = parts.as_slice() else {
-        return Err(crate::api::ApiError::bad_request(format!(
+        return Err(ServiceError::bad_request(format!(
             "subject {:?} is not synod.cmd.<plugin>.<command>",
             msg.subject.as_str()
         )));
@@ -134,7 +163,7 @@ async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8
         Some(v) => Some(check_request_id(v.as_str())?),
         None => None,
     };
-    crate::api::submit_command(node, (*plugin).to_owned(), (*command).to_owned(), msg.payload.clone(), request_id).await
+    node.submit(plugin, command, msg.payload.to_vec(), request_id).await
 }
 
 /// Publish a best-effort notice on `synod.sys.<what>`.

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use libp2p::PeerId;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -25,6 +25,9 @@ use crate::p2p::{P2p, Protocol};
 pub struct Network {
     /// The node's transport.
     pub p2p: P2p,
+    /// Largest Raft message the transport carries (both ends use the same
+    /// cap): an append over it is split, not retried forever.
+    pub max_message_bytes: usize,
 }
 
 /// openraft's handle on one member.
@@ -33,17 +36,37 @@ pub struct Connection {
     target: NodeId,
     /// `None` when the membership carries an unparsable PeerId.
     peer: Option<PeerId>,
+    /// See [`Network::max_message_bytes`].
+    max_message_bytes: usize,
+}
+
+/// Room the request's envelope (vote, ids, lengths) takes besides entries.
+const ENVELOPE_BYTES: usize = 4096;
+
+/// How many of `rpc`'s leading entries fit one message of `max` bytes (at
+/// least one: a single entry is capped far below a message at proposal).
+fn entries_that_fit(rpc: &AppendEntriesRequest<TypeConfig>, max: usize) -> u64 {
+    let mut total = ENVELOPE_BYTES;
+    let mut n = 0u64;
+    for entry in &rpc.entries {
+        total += postcard::experimental::serialized_size(entry).unwrap_or(usize::MAX / 2);
+        if total > max {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Connection {
+        // No allowlisting here: openraft asks for a client as soon as a
+        // membership is appended, before it commits. The node allows a key
+        // once the membership naming it is applied (`node::follow_membership`).
         let peer = PeerId::from_str(&node.peer_id).ok();
-        if let (Some(peer), Ok(addr)) = (peer, node.p2p_addr.parse()) {
-            self.p2p.allow(peer, Some(addr));
-        }
-        Connection { p2p: self.p2p.clone(), target, peer }
+        Connection { p2p: self.p2p.clone(), target, peer, max_message_bytes: self.max_message_bytes }
     }
 }
 
@@ -76,6 +99,16 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let entries = rpc.entries.len();
+        let size = postcard::experimental::serialized_size(&rpc).unwrap_or(usize::MAX);
+        if size > self.max_message_bytes && entries > 1 {
+            // openraft sends fewer entries next time instead of retrying a
+            // message the transport would refuse, forever, while followers
+            // time out and elections churn.
+            let fit = entries_that_fit(&rpc, self.max_message_bytes);
+            tracing::debug!(target = self.target, size, entries, fit, "append over the message cap; asking openraft to split it");
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
         match self.call(RaftRpc::Append(rpc)).await? {
             RaftReply::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(self.unexpected(other)),

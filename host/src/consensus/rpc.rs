@@ -23,8 +23,12 @@ pub enum RaftRpc {
     /// openraft: one chunk of a snapshot.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// Client writes a follower received, for the leader to propose (in
-    /// its next batch). The leader stamps the timestamp.
+    /// its next batch). The leader stamps the timestamp. Commands only:
+    /// the leader refuses anything else in a forwarded batch.
     WriteBatch(Vec<Request>),
+    /// A plugin lifecycle change (install, activate, remove) a follower
+    /// received; the leader validates it itself before proposing it.
+    Lifecycle(Request),
     /// Confirm leadership for a linearizable read; the answer is the index
     /// the reader must have applied before it reads.
     ReadIndex,
@@ -44,6 +48,8 @@ pub enum RaftReply {
     /// To [`RaftRpc::WriteBatch`], one per write in order: the log index
     /// and what applying it produced.
     WriteBatch(Vec<Result<(u64, Response), WriteError>>),
+    /// To [`RaftRpc::Lifecycle`].
+    Lifecycle(Result<(u64, Response), WriteError>),
     /// To [`RaftRpc::ReadIndex`].
     ReadIndex(Result<u64, WriteError>),
     /// To [`RaftRpc::Status`].
@@ -64,6 +70,13 @@ pub enum WriteError {
         /// The leader's HTTP address, when known.
         leader_http: Option<String>,
     },
+    /// The node's write queue is full: retry after a short pause (429).
+    #[error("overloaded: too many writes are waiting; retry shortly")]
+    Overloaded,
+    /// The request is not one this path takes (a peer forwarded an
+    /// internal operation, or a lifecycle change failed validation).
+    #[error("{0}")]
+    Refused(String),
     /// Anything else (the leader stepped down mid-request, storage fault).
     #[error("{0}")]
     Failed(String),

@@ -1,27 +1,42 @@
-//! openraft's view of the replicated state machine.
+//! openraft's view of the replicated state: a thin adapter around
+//! [`Replica`].
 //!
 //! In: committed entries, in order, from openraft. Out: each entry applied
-//! through [`crate::apply::StateMachine`] (the only writer), its
-//! [`Response`], and snapshots: the whole state plus the bytes of every
-//! installed plugin, kept durably as `snapshot.bin` in the data dir so a
-//! restart resumes from it instead of re-running the whole history.
+//! whole by [`Replica::apply_entry`] on a dedicated apply thread (wasm never
+//! runs on a tokio worker, so a fuel-heavy command does not delay
+//! heartbeats, reads or the HTTP API), its [`Response`], and snapshots.
+//!
+//! A snapshot is the replica captured between two entries under its lock
+//! ([`Replica::capture`], O(number of namespaces)), then serialised with the
+//! bytes of every installed plugin off the apply path, and kept durably as
+//! `snapshot.bin` in the data dir so a restart resumes from it:
+//!
+//! ```text
+//! snapshot.bin = "SYNODSNAP1" | len u64 LE | blake3(body) 32 bytes | body
+//! body         = postcard(SnapshotFile { meta, data = postcard(SnapshotData) })
+//! ```
+//!
+//! Each write goes to a temp file of its own (built and installed snapshots
+//! may be written at once), is synced and renamed over `snapshot.bin`. A
+//! snapshot whose checksum fails, or whose label (`meta.last_log_id`)
+//! differs from the position of the state inside it, is refused.
 
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 
-use super::types::{NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
-use crate::apply::{Image, Remembered, StateMachine, VersionRecord};
-use crate::artifacts::{ArtifactError, Artifacts};
-use crate::runtime::{CommandError, Context};
+use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
+use crate::artifacts::Artifacts;
+use crate::replica::{Image, Replica, VersionRecord};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
@@ -42,21 +57,14 @@ impl BlobSource for NoBlobSource {
 
 /// What readers outside openraft (API, status) share with the store.
 pub struct Shared {
-    /// The replicated state.
-    pub sm: RwLock<StateMachine>,
-    /// Raft bookkeeping of the state machine.
-    pub meta: RwLock<Meta>,
+    /// The replicated state. The apply thread holds the write lock for one
+    /// entry at a time; readers take it briefly and run wasm after letting
+    /// go (see [`Replica::query_view`]).
+    pub replica: RwLock<Replica>,
     /// Set when a member's digest differed from ours at the same index.
     pub divergence: std::sync::atomic::AtomicBool,
-}
-
-/// The state machine's Raft position.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Meta {
-    /// Last entry applied (of any kind).
-    pub last_applied: Option<LogId<NodeId>>,
-    /// Last membership applied.
-    pub membership: StoredMembership<NodeId, NodeInfo>,
+    /// The last applied membership, for whoever keeps the peer allowlist.
+    pub membership: tokio::sync::watch::Sender<StoredMembership<NodeId, NodeInfo>>,
 }
 
 /// A snapshot as stored and shipped.
@@ -69,11 +77,16 @@ struct SnapshotFile {
 /// The state inside a snapshot's data.
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
-    raft: Meta,
     image: Image,
     /// (sha256, bytes) of every installed plugin version.
     blobs: Vec<(String, Vec<u8>)>,
 }
+
+/// Leads every snapshot file.
+const MAGIC: &[u8; 10] = b"SYNODSNAP1";
+
+/// Entries handed to the apply thread, and where their responses go.
+type ApplyJob = (Vec<Entry<TypeConfig>>, tokio::sync::oneshot::Sender<std::result::Result<Vec<Response>, String>>);
 
 /// The openraft state machine store of one node.
 #[derive(Clone)]
@@ -86,6 +99,8 @@ pub struct StateMachineStore {
     blobs: Arc<dyn BlobSource>,
     /// `snapshot.bin` in the data dir.
     snapshot_path: PathBuf,
+    /// The apply thread's queue.
+    apply: std::sync::mpsc::Sender<ApplyJob>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -96,26 +111,68 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::read_snapshot(None, &std::io::Error::other(e.to_string())).into()
 }
 
+/// The apply thread: applies each job's entries in order, one entry per
+/// hold of the replica's write lock.
+fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync::mpsc::Receiver<ApplyJob>) {
+    while let Ok((entries, reply)) = jobs.recv() {
+        let mut responses = Vec::with_capacity(entries.len());
+        let mut failed = None;
+        for entry in entries {
+            let applied = match shared.replica.write() {
+                Ok(mut replica) => replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string()),
+                Err(_) => Err("replica lock poisoned".to_owned()),
+            };
+            match applied {
+                Ok(r) => responses.push(r),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Ok(replica) = shared.replica.read() {
+            let membership = replica.membership();
+            shared.membership.send_if_modified(|m| {
+                let changed = m.log_id() != membership.log_id();
+                if changed {
+                    *m = membership.clone();
+                }
+                changed
+            });
+        }
+        let _ = reply.send(match failed {
+            None => Ok(responses),
+            Some(e) => Err(e),
+        });
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
 impl StateMachineStore {
-    /// Open the store, resuming from the snapshot in `data_dir` if any.
-    pub fn open(
-        data_dir: &std::path::Path,
-        artifacts: Arc<Artifacts>,
-        blobs: Arc<dyn BlobSource>,
-    ) -> Result<StateMachineStore> {
+    /// Open the store, resuming from the snapshot in `data_dir` if any, and
+    /// start its apply thread.
+    pub fn open(data_dir: &std::path::Path, artifacts: Arc<Artifacts>, blobs: Arc<dyn BlobSource>) -> Result<StateMachineStore> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            replica: RwLock::new(Replica::default()),
+            divergence: Default::default(),
+            membership: tokio::sync::watch::Sender::new(StoredMembership::default()),
+        });
         let store = StateMachineStore {
-            shared: Arc::new(Shared {
-                sm: RwLock::new(StateMachine::default()),
-                meta: RwLock::new(Meta::default()),
-                divergence: Default::default(),
-            }),
-            artifacts,
+            shared: shared.clone(),
+            artifacts: artifacts.clone(),
             blobs,
             snapshot_path: data_dir.join("snapshot.bin"),
+            apply: tx,
         };
         if let Some(file) = store.read_snapshot_file()? {
-            store.restore(&file.data)?;
+            store.restore(&file.meta, &file.data)?;
         }
+        std::thread::Builder::new()
+            .name("synod-apply".into())
+            .spawn(move || apply_thread(shared, artifacts, rx))
+            .map_err(sm_err)?;
         Ok(store)
     }
 
@@ -125,229 +182,187 @@ impl StateMachineStore {
     }
 
     fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>> {
-        match std::fs::read(&self.snapshot_path) {
-            Ok(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(snap_err),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(snap_err(e)),
+        let bytes = match std::fs::read(&self.snapshot_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(e)),
+        };
+        let path = self.snapshot_path.display();
+        let header = MAGIC.len() + 8 + 32;
+        if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(snap_err(format!("{path} is not a Synod snapshot")));
         }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&bytes[MAGIC.len()..MAGIC.len() + 8]);
+        let body = &bytes[header..];
+        if u64::from_le_bytes(len) != body.len() as u64 {
+            return Err(snap_err(format!("{path} is truncated ({} of {} bytes)", body.len(), u64::from_le_bytes(len))));
+        }
+        if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
+            return Err(snap_err(format!("{path} is damaged: its checksum does not match")));
+        }
+        postcard::from_bytes(body).map(Some).map_err(|e| snap_err(format!("{path}: {e}")))
     }
 
-    fn write_snapshot_file(&self, file: &SnapshotFile) -> Result<()> {
-        let bytes = postcard::to_allocvec(file).map_err(snap_err)?;
-        let tmp = self.snapshot_path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(snap_err)?;
-        f.write_all(&bytes).map_err(snap_err)?;
-        f.sync_all().map_err(snap_err)?;
-        std::fs::rename(&tmp, &self.snapshot_path).map_err(snap_err)?;
-        if let Some(dir) = self.snapshot_path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(snap_err)?;
+    /// Write `snapshot.bin` so that after a crash it is the old file or the
+    /// new one, whole: a temp file of this call's own, fsync, rename, fsync
+    /// the directory.
+    fn write_snapshot_file(path: &std::path::Path, file: &SnapshotFile) -> Result<()> {
+        let body = postcard::to_allocvec(file).map_err(snap_err)?;
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(MAGIC)?;
+            f.write_all(&(body.len() as u64).to_le_bytes())?;
+            f.write_all(blake3::hash(&body).as_bytes())?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        Ok(())
+        written.map_err(snap_err)
     }
 
-    /// Replace the whole state with a snapshot's data.
-    fn restore(&self, data: &[u8]) -> Result<()> {
+    /// Replace the whole state with a snapshot's, after checking that the
+    /// snapshot's label and the state inside it agree.
+    fn restore(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> Result<()> {
         let data: SnapshotData = postcard::from_bytes(data).map_err(snap_err)?;
+        if data.image.log_id != meta.last_log_id {
+            return Err(snap_err(format!(
+                "snapshot {} is labelled {:?} but holds the state at {:?}",
+                meta.snapshot_id, meta.last_log_id, data.image.log_id
+            )));
+        }
         for (sha256, bytes) in &data.blobs {
             let stored = self.artifacts.put(bytes).map_err(snap_err)?;
             if &stored != sha256 {
                 return Err(snap_err(format!("snapshot blob {sha256} hashes to {stored}")));
             }
         }
-        let sm = StateMachine::restore(data.image, |v: &VersionRecord| self.artifacts.load(&v.sha256, v.limits))
-            .map_err(snap_err)?;
-        *self.shared.sm.write().map_err(sm_err)? = sm;
-        *self.shared.meta.write().map_err(sm_err)? = data.raft;
+        let replica = Replica::restore(data.image, self.artifacts.as_ref()).map_err(snap_err)?;
+        let membership = replica.membership().clone();
+        *self.shared.replica.write().map_err(sm_err)? = replica;
+        self.shared.membership.send_replace(membership);
         Ok(())
     }
 
-    /// The compiled plugin for `record`, fetching its bytes from a peer first
-    /// if this node does not have them.
-    async fn plugin_for(&self, record: &VersionRecord) -> Result<Arc<crate::runtime::Plugin>> {
-        if !self.artifacts.has(&record.sha256) {
-            let mut last = String::new();
-            for attempt in 0..20u64 {
-                match self.blobs.fetch(record.sha256.clone()).await {
-                    Ok(bytes) => match self.artifacts.put(&bytes) {
-                        Ok(sha) if sha == record.sha256 => break,
-                        Ok(sha) => last = format!("a peer sent bytes hashing to {sha}"),
-                        Err(e) => return Err(sm_err(e)),
-                    },
-                    Err(e) => last = e,
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
-            }
-            if !self.artifacts.has(&record.sha256) {
-                return Err(sm_err(format!("plugin bytes {} unavailable: {last}", record.sha256)));
-            }
+    /// Make sure this node has the bytes of `sha256`, fetching them from a
+    /// peer if not.
+    async fn ensure_bytes(&self, sha256: &str) -> Result<()> {
+        if self.artifacts.has(sha256) {
+            return Ok(());
         }
-        match self.artifacts.load(&record.sha256, record.limits) {
-            Ok(p) => Ok(p),
-            // Validated before it entered the log; failing here is local.
-            Err(e @ ArtifactError::Load(_)) => Err(sm_err(format!("installed plugin no longer loads: {e}"))),
-            Err(e) => Err(sm_err(e)),
+        let mut last = String::new();
+        for attempt in 0..20u64 {
+            match self.blobs.fetch(sha256.to_owned()).await {
+                Ok(bytes) => match self.artifacts.put(&bytes) {
+                    Ok(sha) if sha == sha256 => return Ok(()),
+                    Ok(sha) => last = format!("a peer sent bytes hashing to {sha}"),
+                    Err(e) => return Err(sm_err(e)),
+                },
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
         }
+        Err(sm_err(format!("plugin bytes {sha256} unavailable: {last}")))
     }
 
-    /// Apply one log entry's request (a batch: each of its requests).
-    async fn apply_entry(&self, log_id: LogId<NodeId>, request: Request) -> Result<Response> {
-        let base = log_id.index * OPS_PER_ENTRY;
-        match request.op {
-            Op::Batch(requests) => {
-                if requests.len() as u64 > OPS_PER_ENTRY {
-                    return Err(sm_err(format!("entry {} carries more than {OPS_PER_ENTRY} operations", log_id.index)));
+    /// Fetch, before apply, the bytes of every plugin version the entries
+    /// install or activate (apply itself never waits for the network).
+    async fn prefetch(&self, entries: &[Entry<TypeConfig>]) -> Result<()> {
+        let mut wanted = Vec::new();
+        for entry in entries {
+            let EntryPayload::Normal(request) = &entry.payload else { continue };
+            let ops = match &request.op {
+                Op::Batch(requests) => requests.iter().map(|r| &r.op).collect(),
+                op => vec![op],
+            };
+            for op in ops {
+                match op {
+                    Op::InstallPlugin { sha256, .. } => wanted.push(sha256.clone()),
+                    Op::ActivatePlugin { name, version } => {
+                        let record: Option<VersionRecord> =
+                            self.shared.replica.read().map_err(sm_err)?.version(name, version).cloned();
+                        if let Some(r) = record {
+                            wanted.push(r.sha256);
+                        }
+                    }
+                    _ => {}
                 }
-                let mut items = Vec::with_capacity(requests.len());
-                for (position, r) in requests.into_iter().enumerate() {
-                    let item = match r.op {
-                        Op::Batch(_) => Response {
-                            result: Some(Err(CommandError::Lifecycle { message: "nested batch refused".into() })),
-                            index: base + position as u64,
-                            ..Response::default()
-                        },
-                        _ => self.apply_one(log_id.leader_id.term, base + position as u64, r).await?,
-                    };
-                    items.push(item);
-                }
-                Ok(Response { index: base, items, ..Response::default() })
-            }
-            _ => self.apply_one(log_id.leader_id.term, base, request).await,
-        }
-    }
-
-    /// Apply one operation at operation index `index`.
-    async fn apply_one(&self, term: u64, index: u64, request: Request) -> Result<Response> {
-        let mut response = self.apply_op(term, index, request).await?;
-        response.index = index;
-        Ok(response)
-    }
-
-    /// A [`crate::apply::ApplyError`] is a local fault: it becomes a storage error, which
-    /// stops this node rather than letting it diverge.
-    async fn apply_op(&self, term: u64, index: u64, request: Request) -> Result<Response> {
-        match request.op {
-            Op::Batch(_) => Err(sm_err("nested batch")),
-            Op::Command { plugin, command, payload } => {
-                let ctx = Context {
-                    index,
-                    term,
-                    timestamp_ms: request.timestamp_ms,
-                    caller: request.caller,
-                };
-                let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                if let Some(first) = request.request_id.as_deref().and_then(|id| sm.remembered(id)) {
-                    return Ok(Response {
-                        result: Some(first.result.clone()),
-                        first_index: Some(first.index),
-                        ..Response::default()
-                    });
-                }
-                let outcome = sm.apply_command(&ctx, &plugin, &command, &payload).map_err(sm_err)?;
-                for line in &outcome.logs {
-                    tracing::debug!(target: "synod::plugin", plugin, index, level = line.level, "{}", line.message);
-                }
-                if let Some(id) = &request.request_id {
-                    sm.remember(id, Remembered { index, result: outcome.result.clone() });
-                }
-                sm.queue_events(index, &plugin, &outcome.events);
-                Ok(Response {
-                    result: Some(outcome.result),
-                    events: outcome.events,
-                    fuel_used: outcome.fuel_used,
-                    ..Response::default()
-                })
-            }
-            Op::EventsPublished { upto } => {
-                self.shared.sm.write().map_err(sm_err)?.mark_published(upto);
-                Ok(Response::default())
-            }
-            Op::InstallPlugin { name, version, sha256, size, limits } => {
-                let record = VersionRecord { sha256, size, limits, installed_at: index };
-                let plugin = self.plugin_for(&record).await?;
-                let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_install(index, &name, &version, record, plugin).map_err(sm_err)?;
-                Ok(Response { result: Some(result), ..Response::default() })
-            }
-            Op::ActivatePlugin { name, version } => {
-                let record = self.shared.sm.read().map_err(sm_err)?.version(&name, &version).cloned();
-                let plugin = match &record {
-                    Some(r) => Some(self.plugin_for(r).await?),
-                    None => None,
-                };
-                let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_activate(index, &name, &version, plugin).map_err(sm_err)?;
-                Ok(Response { result: Some(result), ..Response::default() })
-            }
-            Op::RemovePlugin { name } => {
-                let mut sm = self.shared.sm.write().map_err(sm_err)?;
-                let result = sm.apply_remove(index, &name).map_err(sm_err)?;
-                Ok(Response { result: Some(result), ..Response::default() })
             }
         }
+        for sha256 in wanted {
+            // A malformed hash is refused by the replica as a lifecycle result.
+            if crate::artifacts::is_sha256(&sha256) {
+                self.ensure_bytes(&sha256).await?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let (image, raft) = {
-            let sm = self.shared.sm.read().map_err(sm_err)?;
-            let meta = self.shared.meta.read().map_err(sm_err)?;
-            (sm.image(), meta.clone())
-        };
+        // One read of the lock: the state between two entries, whole.
+        let captured = self.shared.replica.read().map_err(sm_err)?.capture();
+        let log_id = captured.log_id();
         let mut blobs = Vec::new();
-        for record in image.registry.values() {
+        for record in captured.registry().values() {
             for v in record.versions.values() {
-                let bytes = self.artifacts.get(&v.sha256).map_err(snap_err)?.ok_or_else(|| {
-                    snap_err(format!("plugin bytes {} missing while snapshotting", v.sha256))
-                })?;
+                let bytes = self
+                    .artifacts
+                    .get(&v.sha256)
+                    .map_err(snap_err)?
+                    .ok_or_else(|| snap_err(format!("plugin bytes {} missing while snapshotting", v.sha256)))?;
                 blobs.push((v.sha256.clone(), bytes));
             }
         }
-        let snapshot_id = match raft.last_applied {
-            Some(id) => format!("{}-{}", id.leader_id, id.index),
-            None => "empty".to_owned(),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: raft.last_applied,
-            last_membership: raft.membership.clone(),
-            snapshot_id,
-        };
-        let data = postcard::to_allocvec(&SnapshotData { raft, image, blobs }).map_err(snap_err)?;
-        self.write_snapshot_file(&SnapshotFile { meta: meta.clone(), data: data.clone() })?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let path = self.snapshot_path.clone();
+        // Serialising a large state is CPU work: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let image = captured.image();
+            // The membership inside the image: the one at `log_id`.
+            let last_membership = image.membership.clone();
+            let snapshot_id = match log_id {
+                Some(id) => format!("{}-{}", id.leader_id, id.index),
+                None => "empty".to_owned(),
+            };
+            let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
+            let data = postcard::to_allocvec(&SnapshotData { image, blobs }).map_err(snap_err)?;
+            let file = SnapshotFile { meta, data };
+            StateMachineStore::write_snapshot_file(&path, &file)?;
+            Ok(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) })
+        })
+        .await
+        .map_err(snap_err)?
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
-        let meta = self.shared.meta.read().map_err(sm_err)?;
-        Ok((meta.last_applied, meta.membership.clone()))
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>)> {
+        let replica = self.shared.replica.read().map_err(sm_err)?;
+        Ok((replica.log_id(), replica.membership().clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
     where
-        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut responses = Vec::new();
-        for entry in entries {
-            let response = match entry.payload {
-                EntryPayload::Blank => Response::default(),
-                EntryPayload::Normal(request) => self.apply_entry(entry.log_id, request).await?,
-                EntryPayload::Membership(m) => {
-                    self.shared.meta.write().map_err(sm_err)?.membership =
-                        StoredMembership::new(Some(entry.log_id), m);
-                    Response::default()
-                }
-            };
-            self.shared.meta.write().map_err(sm_err)?.last_applied = Some(entry.log_id);
-            responses.push(response);
-        }
-        Ok(responses)
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        self.prefetch(&entries).await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.apply.send((entries, reply)).map_err(|_| sm_err("the apply thread has stopped"))?;
+        answer.await.map_err(|_| sm_err("the apply thread has stopped"))?.map_err(sm_err)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -358,20 +373,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<()> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, NodeInfo>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<()> {
         let data = snapshot.into_inner();
-        self.restore(&data)?;
-        self.write_snapshot_file(&SnapshotFile { meta: meta.clone(), data })
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            this.restore(&meta, &data)?;
+            StateMachineStore::write_snapshot_file(&this.snapshot_path, &SnapshotFile { meta, data })
+        })
+        .await
+        .map_err(snap_err)?
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
-        Ok(self.read_snapshot_file()?.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.data)),
-        }))
+        Ok(self.read_snapshot_file()?.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
     }
 }

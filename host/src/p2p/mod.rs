@@ -313,6 +313,11 @@ impl P2p {
         self.send(Command::Disallow { peer });
     }
 
+    /// The peers on the allowlist.
+    pub fn allowed_peers(&self) -> Vec<PeerId> {
+        self.peers.ids()
+    }
+
     /// The peers with at least one open connection, sorted.
     pub fn connected_peers(&self) -> Vec<PeerId> {
         self.connected.borrow().clone()

@@ -183,6 +183,14 @@ fn fingerprint() -> EngineFingerprint {
             "fuel_costs={}",
             &blake3::hash(format!("{:?}", fuel_costs()).as_bytes()).to_hex()[..16]
         ),
+        // What host calls cost decides where a command runs out of fuel.
+        format!(
+            "host_fuel=call:{},byte:{},scan_entry:{},scan_max:{}",
+            super::host::HOST_CALL_FUEL,
+            super::host::HOST_BYTE_FUEL,
+            super::host::SCAN_ENTRY_FUEL,
+            super::host::MAX_SCAN_ENTRIES
+        ),
         // Defaults matter for plugins installed without explicit limits.
         format!("default_limits={limits:?}"),
     ];

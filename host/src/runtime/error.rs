@@ -164,6 +164,13 @@ pub enum CommandError {
         /// The limit.
         limit: usize,
     },
+    /// A client request id was used again with another payload: a retry
+    /// must repeat the request exactly (409).
+    #[error("request id `{id}` was already used for a different payload; use a new id for a new request")]
+    RequestIdReused {
+        /// The id.
+        id: String,
+    },
     /// A local fault of this node (storage read failed, resource pool
     /// exhausted). Not deterministic: the caller must not commit it as a
     /// result, since other nodes did not see it.

@@ -173,7 +173,9 @@ impl Runtime {
         self.finish(component, sha256, limits)
     }
 
-    fn check_bytes(&self, bytes: &[u8], limits: &PluginLimits) -> Result<(), LoadError> {
+    /// The checks that need no compiling: size, magic, a component (not a
+    /// core module), limits within the engine's ceilings.
+    pub fn check_bytes(&self, bytes: &[u8], limits: &PluginLimits) -> Result<(), LoadError> {
         if bytes.len() > self.max_component_bytes {
             return Err(LoadError::TooLarge { size: bytes.len(), limit: self.max_component_bytes });
         }
@@ -360,9 +362,13 @@ impl Plugin {
             .set_fuel(self.limits.fuel)
             .and_then(|()| self.pre.instantiate(&mut store))
             .and_then(|guest| call(&guest, &mut store));
-        let fuel_used = self.limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let wasm_fuel = self.limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let data = store.into_data();
+        // One budget for both: what the wasm ran and what host calls moved.
+        let spent = wasm_fuel.saturating_add(data.host_fuel);
+        let fuel_used = spent.min(self.limits.fuel);
         let result = match returned {
+            Ok(_) if spent > self.limits.fuel => Err(CommandError::OutOfFuel { limit: self.limits.fuel }),
             Ok(Ok(output)) => self.check_size(output),
             Ok(Err(guest)) => Err(self.guest_error(guest)),
             Err(trap) => Err(self.classify(trap, &data)),
@@ -413,6 +419,9 @@ impl Plugin {
         }
         if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
             return CommandError::Host { reason: format!("{error:#}") };
+        }
+        if data.host_out_of_fuel {
+            return CommandError::OutOfFuel { limit: self.limits.fuel };
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => CommandError::OutOfFuel { limit: self.limits.fuel },

@@ -21,8 +21,11 @@ pub struct StateReadError {
 pub trait StateView: Send + 'static {
     /// The value at `key`, if any.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateReadError>;
-    /// Up to `limit` entries whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StateReadError>;
+    /// Up to `limit` entries whose key starts with `prefix`, in key order,
+    /// stopping early (second value `true`) once the keys and values read
+    /// exceed `max_bytes`: the caller's budget, so a scan never copies more
+    /// than it may pay for.
+    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError>;
 }
 
 /// The buffered writes of one command, in key order (`None` deletes).
@@ -123,14 +126,18 @@ impl StateView for Namespace {
         Ok(self.0.get(key).cloned())
     }
 
-    fn scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, StateReadError> {
-        Ok(self
-            .0
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let range = self.0.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));
+        for (k, v) in range.take_while(|(k, _)| k.starts_with(prefix)).take(limit) {
+            bytes = bytes.saturating_add(k.len() + v.len());
+            if bytes > max_bytes {
+                return Ok((out, true));
+            }
+            out.push((k.clone(), v.clone()));
+        }
+        Ok((out, false))
     }
 }
 
@@ -154,7 +161,7 @@ impl KvState {
     }
 
     /// Rebuild from `(plugin, entries)` pairs (a snapshot).
-    pub fn from_parts(parts: Vec<crate::apply::NamespaceImage>) -> KvState {
+    pub fn from_parts(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
         let namespaces = parts
             .into_iter()
             .map(|(name, entries)| (name, Namespace(Arc::new(entries.into_iter().collect()))))
@@ -184,9 +191,12 @@ mod tests {
         }
         state.apply("p", &w);
         let view = state.view("p");
-        let keys: Vec<String> = view.scan("b/", 2).unwrap().into_iter().map(|(k, _)| k).collect();
+        let keys: Vec<String> = view.scan("b/", 2, usize::MAX).unwrap().0.into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["b/1", "b/2"]);
-        assert!(state.view("other").scan("", 10).unwrap().is_empty());
+        assert!(state.view("other").scan("", 10, usize::MAX).unwrap().0.is_empty());
+        // The byte budget stops a scan before it copies more than it may.
+        let (some, stopped) = view.scan("", 10, 7).unwrap();
+        assert_eq!((some.len(), stopped), (1, true));
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn valid_topic(topic: &str) -> bool {
 
 impl Host for HostState {
     fn emit(&mut self, topic: String, payload: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
+        self.charge(topic.len() + payload.len(), 0)?;
         let l = &self.limits;
         if self.read_only {
             return Ok(Err(HostError::ReadOnly));

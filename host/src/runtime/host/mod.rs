@@ -43,6 +43,45 @@ pub struct HostState {
     /// A local fault during a host call (storage); makes the outcome
     /// non-deterministic so it is not committed.
     pub(super) host_failure: Option<String>,
+    /// Fuel host calls charged for the bytes they moved (see
+    /// [`HOST_CALL_FUEL`]); added to the wasm fuel used, within one budget.
+    pub(super) host_fuel: u64,
+    /// A host call found the budget spent: the trap that follows is out of
+    /// fuel.
+    pub(super) host_out_of_fuel: bool,
+}
+
+/// Fuel every host call costs besides its bytes.
+pub const HOST_CALL_FUEL: u64 = 64;
+/// Fuel per byte a host call moves between the guest and the state (keys,
+/// values, event payloads, in and out).
+pub const HOST_BYTE_FUEL: u64 = 1;
+/// Fuel per entry a `scan` returns, besides its bytes.
+pub const SCAN_ENTRY_FUEL: u64 = 16;
+/// Most entries one `scan` call returns, whatever `limit` it asks for.
+pub const MAX_SCAN_ENTRIES: usize = 65_536;
+
+impl HostState {
+    /// Fuel still unspent by host calls (wasm fuel is metered separately
+    /// and the two are summed against the one budget afterwards).
+    pub(super) fn host_fuel_left(&self) -> u64 {
+        self.limits.fuel.saturating_sub(self.host_fuel)
+    }
+
+    /// Charge a host call for `bytes` moved (and `entries` returned):
+    /// traps as out of fuel once host calls alone spent the budget, so no
+    /// host call can do unbounded work for free.
+    pub(super) fn charge(&mut self, bytes: usize, entries: usize) -> wasmtime::Result<()> {
+        let cost = HOST_CALL_FUEL
+            .saturating_add((bytes as u64).saturating_mul(HOST_BYTE_FUEL))
+            .saturating_add((entries as u64).saturating_mul(SCAN_ENTRY_FUEL));
+        self.host_fuel = self.host_fuel.saturating_add(cost);
+        if self.host_fuel > self.limits.fuel {
+            self.host_out_of_fuel = true;
+            return Err(wasmtime::Error::msg("out of fuel in a host call"));
+        }
+        Ok(())
+    }
 }
 
 impl HostState {
@@ -64,6 +103,8 @@ impl HostState {
             rng: random::stream(seed.0, seed.1),
             memory: MemoryLimiter { limit: limits.memory_bytes, denied: false },
             host_failure: None,
+            host_fuel: 0,
+            host_out_of_fuel: false,
         }
     }
 }

@@ -49,13 +49,16 @@ impl HostState {
 
 impl Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        if let Some(buffered) = self.writes.lookup(&key) {
-            return Ok(buffered.map(<[u8]>::to_vec));
-        }
-        self.view.get(&key).map_err(|e| self.storage_fault(e))
+        let value = match self.writes.lookup(&key) {
+            Some(buffered) => buffered.map(<[u8]>::to_vec),
+            None => self.view.get(&key).map_err(|e| self.storage_fault(e))?,
+        };
+        self.charge(key.len() + value.as_ref().map_or(0, Vec::len), 0)?;
+        Ok(value)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
+        self.charge(key.len() + value.len(), 0)?;
         if let Err(e) = self.check_write(&key, value.len()) {
             return Ok(Err(e));
         }
@@ -65,6 +68,7 @@ impl Host for HostState {
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), HostError>> {
+        self.charge(key.len(), 0)?;
         if let Err(e) = self.check_write(&key, 0) {
             return Ok(Err(e));
         }
@@ -74,12 +78,21 @@ impl Host for HostState {
     }
 
     fn scan(&mut self, prefix: String, limit: u32) -> wasmtime::Result<Vec<(String, Vec<u8>)>> {
-        let limit = limit as usize;
+        // A hard ceiling whatever the guest asks for, and a byte budget of
+        // the fuel left: `scan("", u32::MAX)` over a large namespace ends
+        // in out-of-fuel or a bounded result, never unbounded copying.
+        let limit = (limit as usize).min(super::MAX_SCAN_ENTRIES);
+        self.charge(prefix.len(), 0)?;
         // Base entries this command deleted drop out of the result, so read
         // that many more from the base to still fill `limit`.
         let deleted = self.writes.range_prefix(&prefix).filter(|(_, v)| v.is_none()).count();
-        let base = match self.view.scan(&prefix, limit.saturating_add(deleted)) {
-            Ok(base) => base,
+        let budget = usize::try_from(self.host_fuel_left()).unwrap_or(usize::MAX);
+        let base = match self.view.scan(&prefix, limit.saturating_add(deleted), budget) {
+            Ok((base, false)) => base,
+            Ok((_, true)) => {
+                self.host_out_of_fuel = true;
+                return Err(wasmtime::Error::msg("out of fuel in a host call"));
+            }
             Err(e) => return Err(self.storage_fault(e)),
         };
         let mut merged: std::collections::BTreeMap<String, Vec<u8>> = base.into_iter().collect();
@@ -93,6 +106,9 @@ impl Host for HostState {
                 }
             }
         }
-        Ok(merged.into_iter().take(limit).collect())
+        let out: Vec<(String, Vec<u8>)> = merged.into_iter().take(limit).collect();
+        let bytes = out.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.charge(bytes, out.len())?;
+        Ok(out)
     }
 }

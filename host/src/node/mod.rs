@@ -1,0 +1,455 @@
+//! A running node, wired together.
+//!
+//! In: a [`NodeConfig`] and a bound HTTP listener. Out: a node serving the
+//! HTTP API and the NATS bus, taking part in consensus over libp2p, until
+//! shut down — or until its storage fails, which [`RunningNode::fatal`]
+//! reports so the process can say why and exit.
+//!
+//! - [`service`]: what the node offers clients, transport-neutral, with
+//!   one error type ([`ServiceError`]) that `api/` and `bus/` map to HTTP
+//!   and NATS status.
+//! - [`write_path`]: client writes into log entries — the leader's batcher,
+//!   a follower's forwarder — over bounded queues.
+//! - [`peer`]: the peer protocol — one typed request helper out, the
+//!   handlers for what peers ask in.
+//!
+//! This file holds the wiring, the leader/follower routing every write and
+//! linearizable read goes through, and the background tasks (owned by a
+//! `JoinSet` that shutdown stops).
+
+pub mod peer;
+pub mod service;
+pub mod write_path;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use libp2p::{Multiaddr, PeerId};
+use openraft::error::RaftError;
+use openraft::{Raft, SnapshotPolicy};
+use tokio::task::JoinSet;
+
+use crate::artifacts::{ArtifactError, Artifacts};
+use crate::config::NodeConfig;
+use crate::consensus::network::Network;
+use crate::consensus::rpc::{NodeStatus, RaftReply, RaftRpc, WriteError};
+use crate::consensus::{LogStore, NodeId, NodeInfo, Op, Request, Response, Shared, StateMachineStore, TypeConfig};
+use crate::p2p::{P2p, P2pConfig};
+use crate::runtime::Runtime;
+pub use service::{ANONYMOUS, Consistency, LimitRequest, ServiceError};
+use write_path::{Queue, Queued, Reply};
+
+/// Largest message on `/synod/raft/1`, bytes. An entry is capped well below
+/// it (`limits.max_entry_bytes`), so one always fits; an append of several
+/// that does not is split (see `consensus::network`).
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data dir could not be used.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The transport failed to start.
+    #[error(transparent)]
+    P2p(#[from] crate::p2p::P2pError),
+    /// The wasm runtime failed to start.
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    /// The plugin store failed to open.
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
+    /// openraft refused to start, or stopped.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Everything a node's tasks and handlers share.
+pub struct NodeInner {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its configuration.
+    pub config: NodeConfig,
+    /// The Raft instance.
+    pub raft: Raft<TypeConfig>,
+    /// Replicated state, for reads.
+    pub shared: Arc<Shared>,
+    /// Transport.
+    pub p2p: P2p,
+    /// Plugin bytes and compiled plugins.
+    pub artifacts: Arc<Artifacts>,
+    /// The address peers reach this node at.
+    pub p2p_addr: Multiaddr,
+    /// The HTTP address clients reach this node at.
+    pub http_addr: std::net::SocketAddr,
+    /// Members from the config file, until the membership carries them.
+    seed_members: BTreeMap<NodeId, NodeInfo>,
+    /// The NATS client, when a bus is configured.
+    pub bus: OnceLock<async_nats::Client>,
+    /// Writes waiting for the next batch (see [`write_path::batcher`]).
+    batch: tokio::sync::mpsc::Sender<Queued>,
+    /// Writes waiting to be forwarded to the leader (see
+    /// [`write_path::forwarder`]).
+    forward: tokio::sync::mpsc::Sender<Queued>,
+}
+
+/// A started node.
+pub struct RunningNode {
+    /// Shared state of the node.
+    pub inner: Arc<NodeInner>,
+    /// The HTTP server task.
+    http: tokio::task::JoinHandle<()>,
+    /// Every background task (write path, bus, membership, digests).
+    tasks: JoinSet<()>,
+    /// Signals the HTTP server to stop.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl RunningNode {
+    /// Start a node serving HTTP on `http`.
+    pub async fn start(config: NodeConfig, http: tokio::net::TcpListener) -> Result<RunningNode, NodeError> {
+        config.validate()?;
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        let keypair = crate::p2p::identity::load_or_create(dir)?;
+        let runtime = Arc::new(Runtime::new()?.with_max_component_bytes(config.limits.max_plugin_bytes));
+        let artifacts = Arc::new(Artifacts::open(&dir.join("plugins"), runtime)?);
+        let cell: Arc<OnceLock<Arc<NodeInner>>> = Arc::new(OnceLock::new());
+
+        let mut seed_members = BTreeMap::new();
+        let mut allowed = Vec::new();
+        for p in &config.peers {
+            seed_members.insert(p.id, NodeInfo { peer_id: p.peer_id.clone(), p2p_addr: p.p2p.clone(), http_addr: p.http.clone() });
+            if let Ok(peer) = PeerId::from_str(&p.peer_id) {
+                allowed.push((peer, p.p2p.parse().ok()));
+            }
+        }
+        let listen: Multiaddr = config
+            .p2p
+            .parse()
+            .map_err(|e| crate::config::ConfigError::Invalid(format!("p2p address {:?}: {e}", config.p2p)))?;
+        let p2p_config = P2pConfig {
+            keypair,
+            listen,
+            allowed,
+            max_message_bytes: MAX_RAFT_MESSAGE_BYTES,
+            max_blob_bytes: config.limits.max_plugin_bytes + 1024 * 1024,
+            request_timeout: Duration::from_secs(10),
+        };
+        let (p2p, p2p_addr) = P2p::start(p2p_config, Arc::new(peer::Inbound(cell.clone()))).await?;
+        let http_addr = http.local_addr().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        seed_members.insert(
+            config.id,
+            NodeInfo { peer_id: p2p.local_peer_id().to_string(), p2p_addr: p2p_addr.to_string(), http_addr: http_addr.to_string() },
+        );
+
+        let log = LogStore::open(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        let sm = StateMachineStore::open(dir, artifacts.clone(), Arc::new(peer::PeerBlobs(cell.clone())))
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let shared = sm.shared();
+        let r = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "synod".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let network = Network { p2p: p2p.clone(), max_message_bytes: MAX_RAFT_MESSAGE_BYTES };
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let (batch, batch_queue) = tokio::sync::mpsc::channel(write_path::QUEUE_CAPACITY);
+        let (forward, forward_queue) = tokio::sync::mpsc::channel(write_path::QUEUE_CAPACITY);
+
+        let max_entry_bytes = config.limits.max_entry_bytes;
+        let inner = Arc::new(NodeInner {
+            id: config.id,
+            config,
+            raft,
+            shared,
+            p2p,
+            artifacts,
+            p2p_addr,
+            http_addr,
+            seed_members,
+            bus: OnceLock::new(),
+            batch,
+            forward,
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
+        tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
+        let _ = cell.set(inner.clone());
+        tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
+
+        if inner.config.bootstrap && !inner.raft.is_initialized().await.unwrap_or(true) {
+            match inner.raft.initialize(inner.seed_members.clone()).await {
+                Ok(()) => tracing::info!(members = ?inner.seed_members.keys().collect::<Vec<_>>(), "cluster initialized"),
+                Err(e) => tracing::warn!(error = %e, "initialize skipped"),
+            }
+        }
+        if inner.config.nats.url.is_some() {
+            match crate::bus::start(inner.clone(), &mut tasks).await {
+                Ok(client) => {
+                    let _ = inner.bus.set(client);
+                }
+                Err(e) => tracing::error!(error = %e, "NATS bus not started; HTTP and Raft carry on"),
+            }
+        }
+        tasks.spawn(follow_membership(inner.clone()));
+        tasks.spawn(compare_digests(inner.clone()));
+
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let app = crate::api::router(inner.clone());
+        let http = tokio::spawn(async move {
+            let serve = axum::serve(http, app).with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        Ok(RunningNode { inner, http, tasks, stop })
+    }
+
+    /// Resolves when Raft has stopped on a fatal error (a storage fault:
+    /// the disk is full or failing). The node can no longer apply or vote;
+    /// the caller should report the error and exit rather than linger as a
+    /// member that answers but never moves.
+    pub async fn fatal(&self) -> NodeError {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow().running_state {
+                return NodeError::Raft(format!("raft stopped: {e}"));
+            }
+            if metrics.changed().await.is_err() {
+                return NodeError::Raft("raft stopped".into());
+            }
+        }
+    }
+
+    /// Stop serving, stop the background tasks and leave Raft cleanly.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        // In-flight requests get a moment to be answered.
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.http).await.is_err() {
+            self.http.abort();
+        }
+        self.tasks.shutdown().await;
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        self.inner.p2p.shutdown().await;
+    }
+}
+
+/// Keep the transport's allowlist equal to the applied membership: a key
+/// may connect once the membership change that names it has committed and
+/// been applied here, and not after the change that removes it. Until this
+/// node has applied a membership, the peers of its config file are the
+/// allowlist.
+async fn follow_membership(node: Arc<NodeInner>) {
+    let mut membership = node.shared.membership.subscribe();
+    loop {
+        let members: BTreeMap<NodeId, NodeInfo> =
+            membership.borrow_and_update().nodes().map(|(id, n)| (*id, n.clone())).collect();
+        if !members.is_empty() {
+            let mut keep = BTreeSet::new();
+            for info in members.values() {
+                if let Ok(peer) = PeerId::from_str(&info.peer_id) {
+                    keep.insert(peer);
+                    node.p2p.allow(peer, info.p2p_addr.parse().ok());
+                }
+            }
+            for peer in node.p2p.allowed_peers() {
+                if !keep.contains(&peer) && peer != node.p2p.local_peer_id() {
+                    tracing::info!(%peer, "peer left the membership; disallowing it");
+                    node.p2p.disallow(peer);
+                }
+            }
+        }
+        if membership.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every second, ask each member for its digest and alarm when one differs
+/// from ours at the same applied operation.
+async fn compare_digests(node: Arc<NodeInner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for status in node.peer_statuses().await.into_iter().flatten() {
+            let ours = node.with_replica(|r| r.digest_at(status.digest_index)).flatten();
+            if let Some(ours) = ours
+                && ours.to_hex() != status.digest
+            {
+                tracing::error!(
+                    peer = status.id, index = status.digest_index, ours = %ours, theirs = %status.digest,
+                    "STATE DIVERGENCE: a member applied the same entries to a different state"
+                );
+                node.shared.divergence.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(client) = node.bus.get() {
+                    let body = serde_json::json!({ "node": node.id, "peer": status.id, "index": status.digest_index });
+                    crate::bus::notify(client, "divergence", body).await;
+                }
+            }
+        }
+    }
+}
+
+impl NodeInner {
+    /// Current members (from the latest membership, else the config).
+    pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let nodes: BTreeMap<NodeId, NodeInfo> = metrics.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        if nodes.is_empty() { self.seed_members.clone() } else { nodes }
+    }
+
+    /// Voter ids of the current membership.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.voter_ids().collect();
+        if voters.is_empty() { self.seed_members.keys().copied().collect() } else { voters }
+    }
+
+    /// The leader's id and HTTP address, if known.
+    pub fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let leader = self.raft.metrics().borrow().current_leader;
+        (leader, leader.and_then(|l| self.members().get(&l).map(|n| n.http_addr.clone())))
+    }
+
+    fn not_leader(&self) -> WriteError {
+        let (leader_id, leader_http) = self.leader();
+        WriteError::NotLeader { leader_id, leader_http }
+    }
+
+    /// Propose on this node (it believes it leads) in the next batch; the
+    /// batch stamps the time. Answers with the operation's index.
+    async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
+        match write_path::enqueue(&self.batch, request).await {
+            Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
+            other => other,
+        }
+    }
+
+    /// Replicate `op` through the leader, wherever it is; waits out an
+    /// election (up to a few seconds) rather than failing at once.
+    pub async fn write(&self, op: Op, caller: &str) -> Result<(u64, Response), WriteError> {
+        self.write_request(op, caller, None).await
+    }
+
+    /// [`NodeInner::write`] with a client request id for deduplication. For
+    /// a retry, the index returned is the first application's.
+    pub async fn write_request(&self, op: Op, caller: &str, request_id: Option<String>) -> Result<(u64, Response), WriteError> {
+        let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
+        let (index, response) = self
+            .on_leader(
+                || self.write_local(request.clone()),
+                |_| write_path::enqueue(&self.forward, request.clone()),
+            )
+            .await?;
+        Ok((response.first_index.unwrap_or(index), response))
+    }
+
+    /// Send one batch of queued writes to the leader and hand out the
+    /// answers; when there is no other leader to send to, each write is told
+    /// so and retries (see [`NodeInner::on_leader`]).
+    async fn forward_batch(&self, requests: Vec<Request>, replies: Vec<Reply>) {
+        let n = replies.len();
+        let answers = match self.leader().0 {
+            Some(l) if l != self.id => match self.forward(l, &RaftRpc::WriteBatch(requests)).await {
+                Ok(RaftReply::WriteBatch(answers)) if answers.len() == n => answers,
+                Ok(RaftReply::Refused(why)) => vec![Err(WriteError::Failed(format!("the leader refused: {why}"))); n],
+                Ok(_) => vec![Err(WriteError::Failed("the leader's answer does not match the batch".into())); n],
+                Err(e) => vec![Err(e); n],
+            },
+            _ => vec![Err(self.not_leader()); n],
+        };
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Run an operation on the leader: locally if this node leads, else
+    /// forwarded over libp2p. While no leader is known (an election), wait
+    /// and retry for up to five seconds rather than failing at once.
+    async fn on_leader<T, Fut, RemoteFut>(&self, local: impl Fn() -> Fut, remote: impl Fn(NodeId) -> RemoteFut) -> Result<T, WriteError>
+    where
+        Fut: std::future::Future<Output = Result<T, WriteError>>,
+        RemoteFut: std::future::Future<Output = Result<T, WriteError>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let result = match self.leader().0 {
+                Some(l) if l == self.id => local().await,
+                Some(l) => remote(l).await,
+                None => Err(self.not_leader()),
+            };
+            match result {
+                Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_index_local(&self) -> Result<u64, WriteError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(id) => Ok(id.map(|i| i.index).unwrap_or(0)),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(e) => Err(WriteError::Failed(e.to_string())),
+        }
+    }
+
+    /// Wait until this node has applied everything committed before now, as
+    /// confirmed by the leader: what makes a following read linearizable.
+    pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        let index = self
+            .on_leader(
+                || self.read_index_local(),
+                |l| async move {
+                    match self.forward(l, &RaftRpc::ReadIndex).await? {
+                        RaftReply::ReadIndex(i) => i,
+                        other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                    }
+                },
+            )
+            .await?;
+        self.raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Failed(format!("waiting to apply index {index}: {e}")))
+    }
+
+    /// This node's position and digest.
+    pub fn status(&self) -> NodeStatus {
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let (digest_index, digest) = self.with_replica(|r| (r.last_applied(), r.digest().to_hex())).unwrap_or_default();
+        NodeStatus { id: self.id, applied_index: applied, digest_index, digest, engine: self.artifacts.runtime().fingerprint().hash.clone() }
+    }
+}

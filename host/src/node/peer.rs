@@ -1,0 +1,195 @@
+//! The peer protocol: what this node asks other members, and how it
+//! answers them.
+//!
+//! In: requests from peers on `/synod/raft/1` ([`RaftRpc`]) and
+//! `/synod/blob/1` ([`BlobRpc`]). Out: openraft's handling of Raft RPCs,
+//! forwarded client commands proposed here, read indexes, status, plugin
+//! bytes. Outbound, [`NodeInner::ask`] is the one typed request helper every
+//! caller uses: encode, send, decode, with the error a caller can act on.
+
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+
+use super::NodeInner;
+use crate::consensus::rpc::{BlobReply, BlobRpc, NodeStatus, RaftReply, RaftRpc, WriteError};
+use crate::consensus::{BlobSource, NodeId, Op};
+use crate::p2p::{InboundHandler, P2pError, Protocol};
+
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+/// Inbound requests wait for the node to finish starting.
+pub(super) struct Inbound(pub(super) Arc<OnceLock<Arc<NodeInner>>>);
+
+impl InboundHandler for Inbound {
+    fn handle(&self, from: PeerId, protocol: Protocol, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let cell = self.0.clone();
+        Box::pin(async move {
+            let Some(node) = cell.get().cloned() else {
+                return encode(&RaftReply::Refused("node is starting".into()));
+            };
+            match protocol {
+                Protocol::Raft => encode(&node.handle_raft(from, &request).await),
+                Protocol::Blob => encode(&node.handle_blob(&request)),
+            }
+        })
+    }
+}
+
+/// Fetches plugin bytes from whichever member has them.
+pub(super) struct PeerBlobs(pub(super) Arc<OnceLock<Arc<NodeInner>>>);
+
+impl BlobSource for PeerBlobs {
+    fn fetch(&self, sha256: String) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let cell = self.0.clone();
+        Box::pin(async move {
+            let node = cell.get().cloned().ok_or("node is starting")?;
+            node.fetch_blob(&sha256).await
+        })
+    }
+}
+
+/// Why asking a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// No member with that id, or its key is unparsable.
+    #[error("node {0} is not a member with a usable key")]
+    UnknownPeer(NodeId),
+    /// The transport gave no answer.
+    #[error(transparent)]
+    Transport(#[from] P2pError),
+    /// The answer did not decode.
+    #[error("undecodable answer: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+impl NodeInner {
+    /// Send `rpc` to member `id` and decode its answer.
+    pub async fn ask(&self, id: NodeId, rpc: &RaftRpc) -> Result<RaftReply, AskError> {
+        let peer = self.peer_of(id).ok_or(AskError::UnknownPeer(id))?;
+        let bytes = self.p2p.request(peer, Protocol::Raft, encode(rpc)).await?;
+        Ok(postcard::from_bytes(&bytes)?)
+    }
+
+    /// Send `rpc` to member `id` on the blob protocol.
+    pub async fn ask_blob(&self, id: NodeId, rpc: BlobRpc) -> Result<BlobReply, AskError> {
+        let peer = self.peer_of(id).ok_or(AskError::UnknownPeer(id))?;
+        let bytes = self.p2p.request(peer, Protocol::Blob, encode(&rpc)).await?;
+        Ok(postcard::from_bytes(&bytes)?)
+    }
+
+    /// The bytes of `sha256` from whichever other member has them.
+    pub(super) async fn fetch_blob(&self, sha256: &str) -> Result<Vec<u8>, String> {
+        let mut last = String::from("no other member");
+        for (id, _) in self.members() {
+            if id == self.id {
+                continue;
+            }
+            match self.ask_blob(id, BlobRpc::Fetch(sha256.to_owned())).await {
+                Ok(BlobReply::Bytes(b)) => return Ok(b),
+                Ok(other) => last = format!("node {id}: {other:?}"),
+                Err(e) => last = format!("node {id}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// The key member `id` must speak with.
+    pub(super) fn peer_of(&self, id: NodeId) -> Option<PeerId> {
+        self.members().get(&id).and_then(|n| PeerId::from_str(&n.peer_id).ok())
+    }
+
+    /// Forward `rpc` to the leader; any transport failure reads as "no
+    /// leader" so the caller retries through an election.
+    pub(super) async fn forward(&self, leader: NodeId, rpc: &RaftRpc) -> Result<RaftReply, WriteError> {
+        match self.ask(leader, rpc).await {
+            Ok(reply) => Ok(reply),
+            Err(AskError::Decode(e)) => Err(WriteError::Failed(format!("bad reply from leader: {e}"))),
+            Err(_) => Err(self.not_leader()),
+        }
+    }
+
+    pub(super) async fn handle_raft(&self, from: PeerId, request: &[u8]) -> RaftReply {
+        let rpc: RaftRpc = match postcard::from_bytes(request) {
+            Ok(r) => r,
+            Err(e) => return RaftReply::Refused(format!("undecodable request: {e}")),
+        };
+        // A Raft message speaks for a node id: only that node's key may send it.
+        let claimed = match &rpc {
+            RaftRpc::Append(r) => Some(r.vote.leader_id().voted_for()),
+            RaftRpc::Vote(r) => Some(r.vote.leader_id().voted_for()),
+            RaftRpc::Snapshot(r) => Some(r.vote.leader_id().voted_for()),
+            _ => None,
+        };
+        if let Some(Some(id)) = claimed
+            && self.peer_of(id) != Some(from)
+        {
+            tracing::warn!(%from, claimed = id, "refused a Raft message from a key not bound to its node id");
+            return RaftReply::Refused(format!("peer {from} is not node {id}"));
+        }
+        match rpc {
+            RaftRpc::Append(r) => RaftReply::Append(self.raft.append_entries(r).await),
+            RaftRpc::Vote(r) => RaftReply::Vote(self.raft.vote(r).await),
+            RaftRpc::Snapshot(r) => RaftReply::Snapshot(self.raft.install_snapshot(r).await),
+            RaftRpc::WriteBatch(writes) => {
+                // All queue at once, so they share this node's next proposal.
+                let answers = writes.into_iter().map(|w| async move {
+                    check_forwarded(&w)?;
+                    self.write_local(w).await
+                });
+                RaftReply::WriteBatch(futures::future::join_all(answers).await)
+            }
+            RaftRpc::Lifecycle(request) => RaftReply::Lifecycle(self.lifecycle_local(request).await),
+            RaftRpc::ReadIndex => RaftReply::ReadIndex(self.read_index_local().await),
+            RaftRpc::Status => RaftReply::Status(self.status()),
+        }
+    }
+
+    pub(super) fn handle_blob(&self, request: &[u8]) -> BlobReply {
+        match postcard::from_bytes::<BlobRpc>(request) {
+            Ok(BlobRpc::Push(bytes)) => match self.artifacts.put(&bytes) {
+                Ok(sha) => BlobReply::Stored(sha),
+                Err(e) => BlobReply::Failed(e.to_string()),
+            },
+            Ok(BlobRpc::Fetch(sha)) => match self.artifacts.get(&sha) {
+                Ok(Some(b)) => BlobReply::Bytes(b),
+                Ok(None) => BlobReply::NotFound,
+                Err(e) => BlobReply::Failed(e.to_string()),
+            },
+            Err(e) => BlobReply::Failed(format!("undecodable request: {e}")),
+        }
+    }
+
+    /// Every other member's status (`None` for one that did not answer).
+    pub async fn peer_statuses(&self) -> Vec<Option<NodeStatus>> {
+        let ids: Vec<NodeId> = self.members().into_keys().filter(|id| *id != self.id).collect();
+        let asks = ids.into_iter().map(|id| async move {
+            match tokio::time::timeout(Duration::from_millis(500), self.ask(id, &RaftRpc::Status)).await {
+                Ok(Ok(RaftReply::Status(s))) => Some(s),
+                _ => None,
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+}
+
+/// What a follower may forward in a `WriteBatch`: client commands, as the
+/// follower's callers sent them. Never an internal operation (an events
+/// mark, a plugin install — those have their own paths, validated here),
+/// never a batch, and never a caller a follower cannot have authenticated.
+fn check_forwarded(request: &crate::consensus::Request) -> Result<(), WriteError> {
+    if !matches!(request.op, Op::Command { .. }) {
+        return Err(WriteError::Refused("a forwarded batch may carry only client commands".into()));
+    }
+    // Until tokens exist every client is anonymous; a peer naming another
+    // caller is forging one.
+    if request.caller != super::ANONYMOUS {
+        return Err(WriteError::Refused(format!("a forwarded command may not claim caller {:?}", request.caller)));
+    }
+    Ok(())
+}

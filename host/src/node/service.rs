@@ -1,0 +1,585 @@
+//! What a node offers its clients, whatever the transport.
+//!
+//! In: validated-here requests from the HTTP API ([`crate::api`]) and the
+//! NATS bus ([`crate::bus`]): commands, queries, state reads, plugin
+//! uploads and lifecycle, membership. Out: results, or a [`ServiceError`]
+//! whose `status` both transports report (HTTP status, NATS
+//! `Synod-Status` header) and whose JSON body is the same on both.
+
+use std::collections::BTreeMap;
+use serde_json::{Value, json};
+
+use super::NodeInner;
+use crate::consensus::rpc::WriteError;
+use crate::consensus::{NodeInfo, Op, Response};
+use crate::runtime::{CommandError, Context, LoadError, PluginLimits};
+use crate::state::parse_name;
+
+/// Why a request was not served: a status shared by HTTP and NATS, a
+/// machine-readable kind, and a message that says what to do.
+#[derive(Debug, Clone)]
+pub struct ServiceError {
+    /// 400, 404, 409, 413, 422, 429, 500, 503 — as HTTP means them.
+    pub status: u16,
+    /// Machine-readable kind (`invalid_input`, `no_leader`, …).
+    pub kind: &'static str,
+    /// For people.
+    pub message: String,
+    /// Extra JSON fields (the leader's address, the index a failed command
+    /// was applied at).
+    pub extra: serde_json::Map<String, Value>,
+    /// Seconds a client should wait before retrying (429).
+    pub retry_after: Option<u64>,
+}
+
+impl ServiceError {
+    /// An error with no extra fields.
+    pub fn new(status: u16, kind: &'static str, message: impl std::fmt::Display) -> ServiceError {
+        ServiceError { status, kind, message: message.to_string(), extra: Default::default(), retry_after: None }
+    }
+
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl std::fmt::Display) -> ServiceError {
+        ServiceError::new(400, "malformed", message)
+    }
+
+    /// A 413 naming what is too large.
+    pub fn too_large(what: &str, size: usize, limit: usize) -> ServiceError {
+        ServiceError::new(413, "too_large", format!("{what} is {size} bytes, over the limit of {limit}"))
+    }
+
+    /// Add a field to the JSON body.
+    pub fn with(mut self, key: &str, value: Value) -> ServiceError {
+        self.extra.insert(key.to_owned(), value);
+        self
+    }
+
+    /// The JSON body: `{"error": …, "kind": …, …}`.
+    pub fn body(&self) -> Value {
+        let mut body = self.extra.clone();
+        body.insert("error".into(), Value::String(self.message.clone()));
+        body.insert("kind".into(), Value::String(self.kind.to_owned()));
+        Value::Object(body)
+    }
+
+    /// The error a command's deterministic failure maps to.
+    pub fn command(e: &CommandError) -> ServiceError {
+        let (status, kind) = match e {
+            CommandError::UnknownPlugin { .. } => (404, "unknown_plugin"),
+            CommandError::UnknownCommand { .. } => (404, "unknown_command"),
+            CommandError::UnknownQuery { .. } => (404, "unknown_query"),
+            CommandError::InvalidInput { .. } => (400, "invalid_input"),
+            CommandError::Rejected { .. } => (422, "rejected"),
+            CommandError::Lifecycle { .. } => (409, "lifecycle"),
+            CommandError::RequestIdReused { .. } => (409, "request_id_reused"),
+            CommandError::Host { .. } => (500, "host_failure"),
+            CommandError::Internal { .. } => (422, "plugin_error"),
+            CommandError::OutOfFuel { .. } => (422, "out_of_fuel"),
+            CommandError::OutOfMemory { .. } => (422, "out_of_memory"),
+            CommandError::StackOverflow => (422, "stack_overflow"),
+            CommandError::Trap { .. } => (422, "trap"),
+            CommandError::OutputTooLarge { .. } => (422, "output_too_large"),
+        };
+        ServiceError::new(status, kind, e)
+    }
+
+    /// The error a refused component maps to.
+    pub fn load(e: &LoadError) -> ServiceError {
+        let status = match e {
+            LoadError::TooLarge { .. } => 413,
+            LoadError::NotWasm | LoadError::CoreModule | LoadError::Compile { .. } | LoadError::Limits { .. } => 400,
+            _ => 422,
+        };
+        ServiceError::new(status, if status == 413 { "too_large" } else { "invalid_plugin" }, e)
+    }
+}
+
+impl From<WriteError> for ServiceError {
+    fn from(e: WriteError) -> ServiceError {
+        match &e {
+            WriteError::NotLeader { leader_id, leader_http } => {
+                ServiceError::new(503, "no_leader", "no leader is available to take this request; retry shortly")
+                    .with("leader_id", json!(leader_id))
+                    .with("leader", json!(leader_http))
+            }
+            WriteError::Overloaded => {
+                ServiceError { retry_after: Some(1), ..ServiceError::new(429, "overloaded", &e) }
+            }
+            WriteError::Refused(m) => ServiceError::new(409, "refused", m),
+            WriteError::Failed(m) => ServiceError::new(503, "unavailable", m),
+        }
+    }
+}
+
+/// The caller every request has until tokens exist.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Header naming a client's request id: a retry with the same id (and the
+/// same payload) is applied at most once within
+/// [`crate::replica::dedup::DEDUP_TTL_MS`].
+pub const REQUEST_ID_HEADER: &str = "synod-request-id";
+
+/// Check a client request id: 1–128 visible ASCII characters.
+pub fn check_request_id(id: &str) -> Result<String, ServiceError> {
+    if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(id.to_owned())
+    } else {
+        Err(ServiceError::bad_request("Synod-Request-Id must be 1-128 visible ASCII characters"))
+    }
+}
+
+/// Plugin output in JSON: the value itself when it is JSON (outputs are
+/// JSON by convention), else a string of its UTF-8 (lossy).
+pub fn output_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn check_name(kind: &'static str, raw: &str) -> Result<(), ServiceError> {
+    parse_name(kind, raw.as_bytes()).map(|_| ()).map_err(|e| ServiceError::new(400, "bad_name", e))
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Everything committed before the read started is visible (default).
+    Linearizable,
+    /// This node's state as it is.
+    Local,
+}
+
+impl Consistency {
+    /// Parse `linearizable` / `local` (absent: linearizable).
+    pub fn parse(raw: Option<&str>) -> Result<Consistency, ServiceError> {
+        match raw {
+            None | Some("linearizable") => Ok(Consistency::Linearizable),
+            Some("local") => Ok(Consistency::Local),
+            Some(other) => {
+                Err(ServiceError::bad_request(format!("consistency must be `linearizable` or `local`, not {other:?}")))
+            }
+        }
+    }
+}
+
+/// Per-version limits an uploader may ask for; absent fields take the
+/// defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitRequest {
+    /// Fuel per command.
+    pub fuel: Option<u64>,
+    /// Linear memory per command, bytes.
+    pub memory_bytes: Option<usize>,
+}
+
+/// What an applied operation produced: its output, or its error.
+fn applied(response: Response) -> Result<Vec<u8>, ServiceError> {
+    match response.result {
+        Some(Ok(out)) => Ok(out),
+        Some(Err(e)) => Err(ServiceError::command(&e)),
+        None => Err(ServiceError::new(500, "internal", "entry produced no result")),
+    }
+}
+
+impl NodeInner {
+    /// Validate and run one command. Returns the operation index and the
+    /// plugin's output; a failed command's error carries the index it was
+    /// applied at.
+    pub async fn submit(
+        &self,
+        plugin: &str,
+        command: &str,
+        payload: Vec<u8>,
+        request_id: Option<String>,
+    ) -> Result<(u64, Vec<u8>), ServiceError> {
+        check_name("plugin", plugin)?;
+        check_name("command", command)?;
+        self.check_payload(&payload)?;
+        // Refuse what cannot succeed before it reaches the log. This node may
+        // lag the leader (a plugin installed a moment ago through another
+        // node): before answering 404, catch up and look again.
+        let lookup = || self.with_replica(|r| r.plugin(plugin).map(|p| p.info().commands.contains(command))).flatten();
+        let mut known = lookup();
+        if known != Some(true) && self.read_barrier().await.is_ok() {
+            known = lookup();
+        }
+        match known {
+            None => return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() })),
+            Some(false) => return Err(ServiceError::command(&CommandError::UnknownCommand { name: command.to_owned() })),
+            Some(true) => {}
+        }
+        let op = Op::Command { plugin: plugin.to_owned(), command: command.to_owned(), payload };
+        let (index, response) = self.write_request(op, ANONYMOUS, request_id).await?;
+        applied(response).map(|out| (index, out)).map_err(|e| e.with("index", json!(index)))
+    }
+
+    fn check_payload(&self, payload: &[u8]) -> Result<(), ServiceError> {
+        let limit = self.config.limits.max_payload_bytes;
+        if payload.len() > limit {
+            return Err(ServiceError::too_large("payload", payload.len(), limit));
+        }
+        if !payload.is_empty() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .map_err(|e| ServiceError::bad_request(format!("body is not valid JSON: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn barrier(&self, consistency: Consistency) -> Result<(), ServiceError> {
+        match consistency {
+            Consistency::Linearizable => Ok(self.read_barrier().await?),
+            Consistency::Local => Ok(()),
+        }
+    }
+
+    /// Run a read-only plugin query. The wasm runs on the blocking pool
+    /// over a copy-on-write view of the namespace, never holding the
+    /// replica's lock, so it delays neither apply nor other reads.
+    pub async fn query(
+        &self,
+        plugin: &str,
+        query: &str,
+        payload: Vec<u8>,
+        consistency: Consistency,
+    ) -> Result<Vec<u8>, ServiceError> {
+        check_name("plugin", plugin)?;
+        check_name("query", query)?;
+        self.check_payload(&payload)?;
+        self.barrier(consistency).await?;
+        let (view, index) = self
+            .with_replica(|r| (r.query_view(plugin), r.last_applied()))
+            .ok_or_else(|| ServiceError::new(500, "internal", "state unavailable"))?;
+        let Some((p, namespace)) = view else {
+            return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() }));
+        };
+        let query = query.to_owned();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let ctx = Context { index, term: 0, timestamp_ms: 0, caller: ANONYMOUS.into() };
+            p.query(&ctx, &query, &payload, Box::new(namespace))
+        })
+        .await
+        .map_err(|e| ServiceError::new(500, "internal", format!("query task failed: {e}")))?;
+        outcome.result.map_err(|e| ServiceError::command(&e))
+    }
+
+    /// Up to `limit` keys of `plugin`'s state with `prefix`, and the index
+    /// they are as of.
+    pub async fn read_state(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+        consistency: Consistency,
+    ) -> Result<(BTreeMap<String, Value>, u64), ServiceError> {
+        check_name("plugin", plugin)?;
+        self.barrier(consistency).await?;
+        let (namespace, index) = self
+            .with_replica(|r| (r.kv().view(plugin), r.last_applied()))
+            .ok_or_else(|| ServiceError::new(500, "internal", "state unavailable"))?;
+        let prefix = prefix.to_owned();
+        let entries = tokio::task::spawn_blocking(move || {
+            use crate::state::StateView;
+            namespace.scan(&prefix, limit, usize::MAX).map(|(e, _)| e).unwrap_or_default()
+        })
+        .await
+        .map_err(|e| ServiceError::new(500, "internal", format!("read task failed: {e}")))?;
+        Ok((entries.into_iter().map(|(k, v)| (k, output_json(&v))).collect(), index))
+    }
+
+    /// Plugins, their versions, the active one and its commands.
+    pub fn plugins(&self) -> Value {
+        let plugins = self
+            .with_replica(|r| {
+                r.registry()
+                    .iter()
+                    .map(|(name, record)| {
+                        let info = r.plugin(name).map(|p| p.info().clone()).unwrap_or_default();
+                        (name.clone(), json!({
+                            "active": record.active, "activated_at": record.activated_at,
+                            "versions": record.versions, "commands": info.commands, "queries": info.queries,
+                        }))
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        json!({ "plugins": plugins })
+    }
+
+    /// The limits a new version gets: the uploader's, within this node's
+    /// configured maxima.
+    fn plugin_limits(&self, asked: LimitRequest) -> Result<PluginLimits, ServiceError> {
+        let defaults = PluginLimits::default();
+        let max = &self.config.limits;
+        let limits =
+            PluginLimits { fuel: asked.fuel.unwrap_or(defaults.fuel), memory_bytes: asked.memory_bytes.unwrap_or(defaults.memory_bytes), ..defaults };
+        if limits.fuel > max.max_plugin_fuel {
+            return Err(ServiceError::new(
+                400,
+                "invalid_limits",
+                format!("fuel {} is over this cluster's maximum of {} (limits.max_plugin_fuel)", limits.fuel, max.max_plugin_fuel),
+            ));
+        }
+        if limits.memory_bytes > max.max_plugin_memory_bytes {
+            return Err(ServiceError::new(
+                400,
+                "invalid_limits",
+                format!(
+                    "memory_bytes {} is over this cluster's maximum of {} (limits.max_plugin_memory_bytes)",
+                    limits.memory_bytes, max.max_plugin_memory_bytes
+                ),
+            ));
+        }
+        Ok(limits)
+    }
+
+    /// Validate, store, spread to a quorum of voters, then have the leader
+    /// validate again and propose the install. Nothing enters the log unless
+    /// all of that succeeded; an upload answers only once the component is
+    /// known to load (with these limits) on this engine.
+    pub async fn upload(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: Vec<u8>,
+        asked: LimitRequest,
+    ) -> Result<(u64, Vec<u8>), ServiceError> {
+        check_name("plugin", name)?;
+        if version.is_empty() || version.len() > 64 || version.chars().any(char::is_control) {
+            return Err(ServiceError::bad_request("`version` query parameter required (1-64 characters)"));
+        }
+        let limit = self.config.limits.max_plugin_bytes;
+        if bytes.len() > limit {
+            return Err(ServiceError::too_large("plugin", bytes.len(), limit));
+        }
+        let limits = self.plugin_limits(asked)?;
+        let sha256 = self.validate_component(&bytes, limits).await?;
+        self.check_version_free(name, version, &sha256, &limits)?;
+        self.spread(&bytes, &sha256).await?;
+        let op = Op::InstallPlugin { name: name.to_owned(), version: version.to_owned(), sha256, size: bytes.len() as u64, limits };
+        let (index, response) = self.lifecycle(op).await?;
+        Ok((index, applied(response)?))
+    }
+
+    /// The one validation path, used at upload and by the leader before it
+    /// proposes: store the bytes and load them fully — compile, link,
+    /// `describe` within the version's fuel, check the names — exactly as
+    /// apply will. Compiling is CPU work: it runs on the blocking pool.
+    async fn validate_component(&self, bytes: &[u8], limits: PluginLimits) -> Result<String, ServiceError> {
+        let artifacts = self.artifacts.clone();
+        let bytes = bytes.to_vec();
+        tokio::task::spawn_blocking(move || {
+            use crate::artifacts::ArtifactError;
+            artifacts.runtime().check_bytes(&bytes, &limits).map_err(|e| ServiceError::load(&e))?;
+            let sha256 = artifacts.put(&bytes).map_err(|e| ServiceError::new(500, "store", e))?;
+            match artifacts.load(&sha256, limits) {
+                Ok(_) => Ok(sha256),
+                Err(ArtifactError::Load(e)) => Err(ServiceError::load(&e)),
+                Err(e) => Err(ServiceError::new(500, "store", e)),
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::new(500, "internal", format!("validation task failed: {e}")))?
+    }
+
+    /// 409 when `version` of `name` exists with other bytes or limits.
+    fn check_version_free(&self, name: &str, version: &str, sha256: &str, limits: &PluginLimits) -> Result<(), ServiceError> {
+        let existing = self.with_replica(|r| r.version(name, version).cloned()).flatten();
+        match existing {
+            Some(v) if v.sha256 != sha256 || &v.limits != limits => Err(ServiceError::new(
+                409,
+                "lifecycle",
+                format!(
+                    "plugin `{name}` already has a version `{version}` with other bytes or limits (sha256 {}); \
+                     choose a new version label",
+                    v.sha256
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Store the bytes on a majority of voters (this node counts if it is
+    /// one), so apply on any node can fetch them.
+    async fn spread(&self, bytes: &[u8], sha256: &str) -> Result<(), ServiceError> {
+        use crate::consensus::rpc::{BlobReply, BlobRpc};
+        let voters = self.voters();
+        let needed = voters.len() / 2 + 1;
+        let mut stored = usize::from(voters.contains(&self.id));
+        let mut reason = String::new();
+        let pushes = voters.iter().copied().filter(|id| *id != self.id).map(|id| async move {
+            (id, self.ask_blob(id, BlobRpc::Push(bytes.to_vec())).await)
+        });
+        for (id, result) in futures::future::join_all(pushes).await {
+            match result {
+                Ok(BlobReply::Stored(s)) if s == sha256 => stored += 1,
+                Ok(other) => reason = format!("node {id}: {other:?}"),
+                Err(e) => reason = format!("node {id}: {e}"),
+            }
+        }
+        if stored < needed {
+            return Err(ServiceError::new(
+                503,
+                "no_quorum",
+                format!("only {stored} of {needed} voters stored the plugin bytes: {reason}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Make `version` the active version of `name`.
+    pub async fn activate(&self, name: &str, version: &str) -> Result<(u64, Vec<u8>), ServiceError> {
+        check_name("plugin", name)?;
+        let (index, response) = self.lifecycle(Op::ActivatePlugin { name: name.to_owned(), version: version.to_owned() }).await?;
+        let out = applied(response)?;
+        if let Some(client) = self.bus.get() {
+            crate::bus::notify(client, "plugin.activated", json!({ "plugin": name, "version": version })).await;
+        }
+        Ok((index, out))
+    }
+
+    /// Remove a plugin (its state is kept).
+    pub async fn remove(&self, name: &str) -> Result<(u64, Vec<u8>), ServiceError> {
+        check_name("plugin", name)?;
+        let (index, response) = self.lifecycle(Op::RemovePlugin { name: name.to_owned() }).await?;
+        Ok((index, applied(response)?))
+    }
+
+    /// A lifecycle change through the leader, which validates it itself.
+    async fn lifecycle(&self, op: Op) -> Result<(u64, Response), ServiceError> {
+        let request = crate::consensus::Request { timestamp_ms: 0, caller: ANONYMOUS.into(), request_id: None, op };
+        let result = self
+            .on_leader(
+                || self.lifecycle_local(request.clone()),
+                |l| {
+                    let rpc = crate::consensus::rpc::RaftRpc::Lifecycle(request.clone());
+                    async move {
+                        match self.forward(l, &rpc).await? {
+                            crate::consensus::rpc::RaftReply::Lifecycle(r) => r,
+                            crate::consensus::rpc::RaftReply::Refused(why) => Err(WriteError::Refused(why)),
+                            other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                        }
+                    }
+                },
+            )
+            .await;
+        Ok(result?)
+    }
+
+    /// On the leader: validate a lifecycle change (an install's component
+    /// must load here, from bytes this node has or fetches) and propose it.
+    pub(super) async fn lifecycle_local(&self, request: crate::consensus::Request) -> Result<(u64, Response), WriteError> {
+        match &request.op {
+            Op::InstallPlugin { sha256, limits, name, version, .. } => {
+                if !crate::artifacts::is_sha256(sha256) {
+                    return Err(WriteError::Refused(format!("{sha256:?} is not a sha256")));
+                }
+                let bytes = match self.artifacts.get(sha256) {
+                    Ok(Some(b)) => b,
+                    _ => self.fetch_blob(sha256).await.map_err(WriteError::Failed)?,
+                };
+                let stored = self.validate_component(&bytes, *limits).await.map_err(|e| WriteError::Refused(e.message))?;
+                if &stored != sha256 {
+                    return Err(WriteError::Refused(format!("bytes fetched for {sha256} hash to {stored}")));
+                }
+                self.check_version_free(name, version, sha256, limits).map_err(|e| WriteError::Refused(e.message))?;
+            }
+            Op::ActivatePlugin { .. } | Op::RemovePlugin { .. } => {}
+            _ => return Err(WriteError::Refused("not a plugin lifecycle change".into())),
+        }
+        if request.caller != ANONYMOUS {
+            return Err(WriteError::Refused(format!("a lifecycle change may not claim caller {:?}", request.caller)));
+        }
+        self.write_local(request).await
+    }
+
+    /// Add a node: first as a learner (it catches up), then as a voter. Its
+    /// key is allowed to connect once the membership naming it commits.
+    pub async fn add_node(&self, id: u64, info: NodeInfo) -> Result<u64, ServiceError> {
+        if id == 0 {
+            return Err(ServiceError::bad_request("node id must be greater than 0"));
+        }
+        if <libp2p::PeerId as std::str::FromStr>::from_str(&info.peer_id).is_err() {
+            return Err(ServiceError::bad_request(format!("peer_id {:?} is not a libp2p PeerId", info.peer_id)));
+        }
+        if info.p2p_addr.parse::<libp2p::Multiaddr>().is_err() {
+            return Err(ServiceError::bad_request(format!("p2p {:?} is not a multiaddr", info.p2p_addr)));
+        }
+        if self.leader().0 != Some(self.id) {
+            return Err(self.not_leader().into());
+        }
+        let fail = |e: String| ServiceError::new(503, "unavailable", e);
+        self.raft.add_learner(id, info, true).await.map_err(|e| fail(e.to_string()))?;
+        let r = self
+            .raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(r.log_id.index)
+    }
+
+    /// Remove a node from the membership; its key is disallowed once the
+    /// change is applied.
+    pub async fn remove_node(&self, id: u64) -> Result<u64, ServiceError> {
+        if self.leader().0 != Some(self.id) {
+            return Err(self.not_leader().into());
+        }
+        let r = self
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(|e| ServiceError::new(503, "unavailable", e))?;
+        Ok(r.log_id.index)
+    }
+
+    /// Leader, term, members, each node's applied index and digest, bus and
+    /// event state, engine.
+    pub async fn cluster(&self) -> Value {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = metrics.membership_config.voter_ids().collect();
+        let mut nodes = vec![serde_json::to_value(self.status()).unwrap_or_default()];
+        for s in self.peer_statuses().await.into_iter().flatten() {
+            nodes.push(serde_json::to_value(s).unwrap_or_default());
+        }
+        let members: BTreeMap<String, Value> = self
+            .members()
+            .into_iter()
+            .map(|(id, info)| (id.to_string(), json!({ "voter": voters.contains(&id), "peer_id": info.peer_id, "p2p": info.p2p_addr, "http": info.http_addr })))
+            .collect();
+        let (leader_id, leader_http) = self.leader();
+        json!({
+            "id": self.id,
+            "leader": leader_id,
+            "leader_http": leader_http,
+            "term": metrics.current_term,
+            "state": format!("{:?}", metrics.state),
+            "members": members,
+            "applied_index": metrics.last_applied.map(|l| l.index),
+            "nodes": nodes,
+            "divergence": self.shared.divergence.load(std::sync::atomic::Ordering::Relaxed),
+            "bus": crate::bus::state(self.bus.get()),
+            "events": self.with_replica(|r| {
+                let (published_upto, pending, dropped) = r.outbox_state();
+                json!({ "published_upto": published_upto, "pending_commands": pending, "dropped": dropped })
+            }),
+            "engine": self.artifacts.runtime().fingerprint(),
+        })
+    }
+
+    /// Whether this node can serve: it knows a leader and its storage has
+    /// not failed. With the JSON `/readyz` shows.
+    pub fn ready(&self) -> (bool, Value) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let fatal = metrics.running_state.as_ref().err().map(|e| e.to_string());
+        let ready = metrics.current_leader.is_some() && fatal.is_none();
+        let body = json!({
+            "ready": ready, "leader": metrics.current_leader,
+            "applied_index": metrics.last_applied.map(|l| l.index),
+            "bus": crate::bus::state(self.bus.get()), "fatal": fatal,
+        });
+        (ready, body)
+    }
+
+    /// Run `f` with read access to the replicated state (briefly: apply
+    /// waits while it runs).
+    pub fn with_replica<T>(&self, f: impl FnOnce(&crate::replica::Replica) -> T) -> Option<T> {
+        self.shared.replica.read().ok().map(|r| f(&r))
+    }
+}

@@ -1,0 +1,190 @@
+//! The write path: client writes into log entries, on the leader or through
+//! it.
+//!
+//! In: [`Request`]s from the service (HTTP, NATS) or forwarded by followers.
+//! Out: each request's operation index and [`Response`], once its entry is
+//! applied. On the leader the [`batcher`] packs every write that arrived
+//! while the previous proposal was in flight into one entry — at most
+//! [`OPS_PER_ENTRY`] operations and `max_entry_bytes` of them, so an entry
+//! always fits a Raft message. On a follower the [`forwarder`] packs them
+//! into one `WriteBatch` RPC to the leader, under the same caps.
+//!
+//! Both queues are bounded: a full queue is [`WriteError::Overloaded`]
+//! (HTTP and NATS say 429 with `Retry-After`), never unbounded memory.
+
+use std::sync::Arc;
+
+use openraft::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::mpsc;
+
+use crate::consensus::rpc::WriteError;
+use crate::consensus::types::OPS_PER_ENTRY;
+use crate::consensus::{Op, Request, Response, TypeConfig};
+
+/// Where a queued write's answer goes.
+pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(u64, Response), WriteError>>;
+
+/// A write waiting to be proposed, and where its answer goes.
+pub(super) struct Queued {
+    pub(super) request: Request,
+    pub(super) reply: Reply,
+}
+
+/// Writes each queue holds before callers are told to back off.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// Bytes a request takes in an entry, roughly: its payload and names plus
+/// postcard's framing.
+pub fn request_bytes(request: &Request) -> usize {
+    let op = match &request.op {
+        Op::Command { plugin, command, payload } => plugin.len() + command.len() + payload.len(),
+        Op::Batch(requests) => requests.iter().map(request_bytes).sum(),
+        _ => 256,
+    };
+    op + request.caller.len() + request.request_id.as_ref().map_or(0, String::len) + 32
+}
+
+/// A bounded queue with a place for the one write that did not fit the
+/// last batch.
+pub(super) struct Queue {
+    rx: mpsc::Receiver<Queued>,
+    carry: Option<Queued>,
+}
+
+impl Queue {
+    pub(super) fn new(rx: mpsc::Receiver<Queued>) -> Queue {
+        Queue { rx, carry: None }
+    }
+
+    /// The next write, waiting for one.
+    async fn next(&mut self) -> Option<Queued> {
+        match self.carry.take() {
+            Some(q) => Some(q),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// `first` and whatever else is already queued, up to one entry's worth:
+    /// [`OPS_PER_ENTRY`] writes and `max_bytes` (a first write larger than
+    /// that goes alone).
+    fn take_batch(&mut self, first: Queued, max_bytes: usize) -> (Vec<Request>, Vec<Reply>) {
+        let mut bytes = request_bytes(&first.request);
+        let (mut requests, mut replies) = (vec![first.request], vec![first.reply]);
+        while requests.len() < OPS_PER_ENTRY as usize {
+            let Ok(q) = self.rx.try_recv() else { break };
+            let size = request_bytes(&q.request);
+            if bytes + size > max_bytes {
+                self.carry = Some(q);
+                break;
+            }
+            bytes += size;
+            requests.push(q.request);
+            replies.push(q.reply);
+        }
+        (requests, replies)
+    }
+}
+
+/// Put a write on a bounded queue and wait for its answer.
+pub(super) async fn enqueue(queue: &mpsc::Sender<Queued>, request: Request) -> Result<(u64, Response), WriteError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    queue.try_send(Queued { request, reply }).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => WriteError::Failed("the node is shutting down".into()),
+    })?;
+    answer.await.unwrap_or_else(|_| Err(WriteError::Failed("the node is shutting down".into())))
+}
+
+/// Propose queued writes as batches: one log entry (one append, one fsync
+/// on each node) for every write that arrived while the previous proposal
+/// was in flight. openraft 0.9 flushes each append before it takes the
+/// next, so without this a leader does one fsync per client write.
+pub(super) async fn batcher(raft: Raft<TypeConfig>, mut queue: Queue, max_entry_bytes: usize) {
+    while let Some(first) = queue.next().await {
+        let (mut requests, replies) = queue.take_batch(first, max_entry_bytes);
+        let now = super::now_ms();
+        for r in &mut requests {
+            r.timestamp_ms = now;
+        }
+        let entry = Request { timestamp_ms: now, caller: "synod".into(), request_id: None, op: Op::Batch(requests) };
+        match raft.client_write(entry).await {
+            Ok(r) => {
+                let mut items = r.data.items.into_iter();
+                for reply in replies {
+                    let answer = match items.next() {
+                        Some(item) => Ok((item.index, item)),
+                        None => Err(WriteError::Failed("batch response is missing an item".into())),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                let error = match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                        WriteError::NotLeader { leader_id: None, leader_http: None }
+                    }
+                    e => WriteError::Failed(e.to_string()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Forwarded batches a follower has in flight to the leader at once.
+const FORWARDS_IN_FLIGHT: usize = 4;
+
+/// Forward queued writes to the leader in batches: one RPC for every write
+/// that arrived while the node waited for a free slot (at most
+/// [`FORWARDS_IN_FLIGHT`] batches in flight). A write sent to a follower
+/// (over HTTP, or from the NATS queue group, which spreads them over all
+/// nodes) then costs the follower and the leader a share of one RPC, not
+/// one each.
+pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue: Queue, max_batch_bytes: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
+    while let Some(first) = queue.next().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (requests, replies) = queue.take_batch(first, max_batch_bytes);
+        let Some(node) = node.upgrade() else { return };
+        tokio::spawn(async move {
+            node.forward_batch(requests, replies).await;
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(bytes: usize) -> Queued {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let op = Op::Command { plugin: "p".into(), command: "c".into(), payload: vec![0; bytes] };
+        Queued { request: Request { timestamp_ms: 0, caller: "a".into(), request_id: None, op }, reply }
+    }
+
+    /// A burst of 1 MiB commands becomes entries of at most the byte cap,
+    /// and nothing is lost between them.
+    #[tokio::test]
+    async fn batches_are_capped_in_bytes() {
+        let (tx, rx) = mpsc::channel(64);
+        let mut queue = Queue::new(rx);
+        for _ in 0..40 {
+            tx.try_send(command(1 << 20)).unwrap();
+        }
+        drop(tx);
+        let cap = 4 << 20;
+        let mut total = 0;
+        while let Some(first) = queue.next().await {
+            let (requests, _) = queue.take_batch(first, cap);
+            let bytes: usize = requests.iter().map(request_bytes).sum();
+            assert!(bytes <= cap, "a batch of {bytes} bytes is over the cap of {cap}");
+            assert!(!requests.is_empty());
+            total += requests.len();
+        }
+        assert_eq!(total, 40);
+    }
+}

@@ -1,0 +1,204 @@
+//! The replicated request-id table: at most once per identified request.
+//!
+//! In: applied commands that carry a client request id, with the entry's
+//! timestamp. Out: for a retry, the first application's result; for an id
+//! reused with another payload, a refusal. Entries are keyed by (caller,
+//! plugin, command, id) — one client's id never answers another's request —
+//! and carry a hash of the payload. They are kept for [`DEDUP_TTL_MS`] of log
+//! time (the leader's timestamps, never this node's clock, so every node
+//! evicts the same entries at the same index) and at most [`DEDUP_MAX_BYTES`]
+//! in total, oldest first.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::CommandError;
+
+/// How long a request id is remembered, in milliseconds of log time.
+///
+/// A cluster-wide constant, not a per-node setting: eviction is part of the
+/// replicated state, so every node must use the same value.
+pub const DEDUP_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Most bytes (ids, keys and results) the table holds; past it the oldest
+/// ids are forgotten early. Cluster-wide, like [`DEDUP_TTL_MS`].
+pub const DEDUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bookkeeping counted per entry on top of its key and result.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// The first result of an identified request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    /// Operation index where it was applied.
+    pub index: u64,
+    /// What it returned.
+    pub result: Result<Vec<u8>, CommandError>,
+    /// blake3 of the payload, to tell a retry from a reuse of the id.
+    pub payload_hash: [u8; 32],
+    /// Log time (ms) of the first application.
+    pub at_ms: u64,
+}
+
+impl Remembered {
+    fn bytes(&self, key: &str) -> usize {
+        let result = match &self.result {
+            Ok(out) => out.len(),
+            Err(e) => e.to_string().len(),
+        };
+        key.len() + result + ENTRY_OVERHEAD
+    }
+}
+
+/// What the table says about an identified request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// Not seen (or forgotten): apply it.
+    New,
+    /// The same request again: answer with the first result.
+    Retry(&'a Remembered),
+    /// The same id with another payload: refuse.
+    Reused,
+}
+
+/// The key an identified request is remembered under.
+pub fn key(caller: &str, plugin: &str, command: &str, id: &str) -> String {
+    // NUL cannot occur in any of the parts (names and ids are checked).
+    format!("{caller}\0{plugin}\0{command}\0{id}")
+}
+
+/// blake3 of a payload, as remembered.
+pub fn payload_hash(payload: &[u8]) -> [u8; 32] {
+    *blake3::hash(payload).as_bytes()
+}
+
+/// The table itself.
+#[derive(Debug, Clone, Default)]
+pub struct Dedup {
+    /// Remembered requests by key.
+    entries: BTreeMap<String, Remembered>,
+    /// The same keys in insertion order (log order), for eviction.
+    order: VecDeque<String>,
+    /// Bytes held, as counted by [`Remembered::bytes`].
+    bytes: usize,
+}
+
+impl Dedup {
+    /// What to do with a request under `key` whose payload hashes to `hash`.
+    pub fn lookup(&self, key: &str, hash: &[u8; 32]) -> Lookup<'_> {
+        match self.entries.get(key) {
+            None => Lookup::New,
+            Some(r) if &r.payload_hash == hash => Lookup::Retry(r),
+            Some(_) => Lookup::Reused,
+        }
+    }
+
+    /// Forget what is older than the TTL at log time `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        while let Some(oldest) = self.order.front() {
+            let expired = self.entries.get(oldest).is_none_or(|r| r.at_ms.saturating_add(DEDUP_TTL_MS) < now_ms);
+            if !expired {
+                break;
+            }
+            self.pop_oldest();
+        }
+    }
+
+    /// Remember `key` (evicting the oldest past the byte cap).
+    pub fn remember(&mut self, key: String, remembered: Remembered) {
+        self.bytes += remembered.bytes(&key);
+        if let Some(old) = self.entries.insert(key.clone(), remembered) {
+            self.bytes = self.bytes.saturating_sub(old.bytes(&key));
+        } else {
+            self.order.push_back(key);
+        }
+        while self.bytes > DEDUP_MAX_BYTES && self.order.len() > 1 {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(key) = self.order.pop_front()
+            && let Some(r) = self.entries.remove(&key)
+        {
+            self.bytes = self.bytes.saturating_sub(r.bytes(&key));
+        }
+    }
+
+    /// Number of remembered requests.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry, oldest first (for a snapshot).
+    pub fn image(&self) -> Vec<(String, Remembered)> {
+        self.order.iter().filter_map(|k| self.entries.get(k).map(|r| (k.clone(), r.clone()))).collect()
+    }
+
+    /// Rebuild from [`Dedup::image`].
+    pub fn from_image(image: Vec<(String, Remembered)>) -> Dedup {
+        let mut dedup = Dedup::default();
+        for (key, r) in image {
+            dedup.remember(key, r);
+        }
+        dedup
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(at_ms: u64, payload: &[u8]) -> Remembered {
+        Remembered { index: at_ms, result: Ok(b"{}".to_vec()), payload_hash: payload_hash(payload), at_ms }
+    }
+
+    #[test]
+    fn retry_reuse_and_scope() {
+        let mut d = Dedup::default();
+        let k = key("alice", "counter", "increment", "order-1");
+        d.remember(k.clone(), r(1, b"a"));
+        assert!(matches!(d.lookup(&k, &payload_hash(b"a")), Lookup::Retry(_)));
+        assert_eq!(d.lookup(&k, &payload_hash(b"b")), Lookup::Reused);
+        // Another caller, plugin or command with the same id is a new request.
+        assert_eq!(d.lookup(&key("bob", "counter", "increment", "order-1"), &payload_hash(b"a")), Lookup::New);
+        assert_eq!(d.lookup(&key("alice", "counter", "reset", "order-1"), &payload_hash(b"a")), Lookup::New);
+    }
+
+    #[test]
+    fn kept_for_the_ttl_not_a_count() {
+        let mut d = Dedup::default();
+        // Far more than the old 100,000-entry window, all within the TTL.
+        for i in 0..150_000u64 {
+            d.remember(key("c", "p", "x", &i.to_string()), r(i / 1000, b"x"));
+        }
+        d.expire(150);
+        assert_eq!(d.len(), 150_000);
+        assert!(matches!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::Retry(_)));
+        // Past the TTL of the oldest, they go, oldest first.
+        d.expire(DEDUP_TTL_MS + 50);
+        assert_eq!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::New);
+        assert!(matches!(d.lookup(&key("c", "p", "x", "149999"), &payload_hash(b"x")), Lookup::Retry(_)));
+        let rebuilt = Dedup::from_image(d.image());
+        assert_eq!(rebuilt.image(), d.image());
+        assert_eq!(rebuilt.bytes, d.bytes);
+    }
+
+    #[test]
+    fn byte_cap_evicts_oldest() {
+        let mut d = Dedup::default();
+        let big = Remembered { result: Ok(vec![0; 1024 * 1024]), ..r(0, b"x") };
+        for i in 0..70 {
+            d.remember(key("c", "p", "x", &i.to_string()), big.clone());
+        }
+        assert!(d.bytes <= DEDUP_MAX_BYTES);
+        assert_eq!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::New);
+        assert!(matches!(d.lookup(&key("c", "p", "x", "69"), &payload_hash(b"x")), Lookup::Retry(_)));
+    }
+}

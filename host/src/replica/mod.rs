@@ -1,0 +1,674 @@
+//! Replica stage: the replicated state as one unit, and its only writer.
+//!
+//! In: committed log entries in order — batches of commands, plugin
+//! lifecycle changes (install, activate, remove), event-stream marks and
+//! membership changes — each applied whole by [`Replica::apply_entry`]. Out:
+//! each entry's [`Response`] for the caller, and the state after it: plugin
+//! namespaces, the plugin registry, the running [`Digest`], the request-id
+//! table, the event outbox, the last applied log id and the membership —
+//! identical on every node that applied the same entries.
+//!
+//! Everything a snapshot must carry lives in this one struct and changes
+//! only through [`Replica::apply_entry`], so whoever holds the lock around
+//! it sees the state between two entries, never inside one: a snapshot
+//! captured under that lock is the state *at* its log id (see
+//! [`Replica::capture`]).
+//!
+//! A failed command is still applied: its error is the deterministic result,
+//! its writes are dropped, and the digest records it. So is a failed plugin
+//! install or activation: every node running one engine fails to load the
+//! same component the same way, so the failure is a lifecycle result in the
+//! log, never a reason to stop. Only a local fault ([`ApplyError::Host`]: a
+//! disk error, missing plugin bytes) stops the entry from being applied.
+
+pub mod dedup;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use openraft::{EntryPayload, LogId, StoredMembership};
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::ArtifactError;
+use crate::consensus::types::{NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
+use crate::runtime::{CommandError, Context, LoadError, Outcome, Plugin, PluginLimits};
+use crate::state::{Digest, Effects, Event, KvState, WriteSet};
+pub use dedup::Remembered;
+use dedup::{Dedup, Lookup};
+
+/// Events kept for publishing while the bus is away; past this the oldest
+/// are dropped (and counted) rather than growing without bound.
+pub const OUTBOX_LIMIT: usize = 1_000_000;
+
+/// Events of one applied command, waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// The plugin that emitted them.
+    pub plugin: String,
+    /// In emission order.
+    pub events: Vec<Event>,
+}
+
+/// A local fault while applying: this node cannot apply the entry and must
+/// not pretend it did (other nodes may have applied it fine).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Storage or resource failure on this node.
+    #[error("cannot apply entry {index}: {reason}")]
+    Host {
+        /// The entry.
+        index: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// Entries must be applied in order, each once.
+    #[error("entry {index} is not after the last applied entry {last_applied}")]
+    OutOfOrder {
+        /// The entry offered.
+        index: u64,
+        /// The last one applied.
+        last_applied: u64,
+    },
+    /// A snapshot's parts do not belong together.
+    #[error("snapshot is inconsistent: {0}")]
+    BadSnapshot(String),
+}
+
+/// One installed version of a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// sha256 of the component bytes, hex: where to find them.
+    pub sha256: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// Per-command limits of this version.
+    pub limits: PluginLimits,
+    /// Log index of the install entry.
+    pub installed_at: u64,
+}
+
+/// A plugin's versions and which one runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// Installed versions by label.
+    pub versions: BTreeMap<String, VersionRecord>,
+    /// The version commands run on.
+    pub active: Option<String>,
+    /// Log index where `active` became active.
+    pub activated_at: u64,
+}
+
+/// Compiles the plugin a version record names. Its bytes must already be on
+/// this node (the consensus adapter fetches them from peers first).
+pub trait PluginLoader {
+    /// The loaded plugin. [`ArtifactError::Load`] is deterministic (the
+    /// component cannot load on this engine); anything else is local.
+    fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError>;
+}
+
+impl PluginLoader for crate::artifacts::Artifacts {
+    fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
+        crate::artifacts::Artifacts::load(self, &record.sha256, record.limits)
+    }
+}
+
+/// One plugin's namespace as plain data: (plugin, [(key, value)]).
+pub type NamespaceImage = (String, Vec<(String, Vec<u8>)>);
+
+/// The replicated state as plain data: what a snapshot carries (besides the
+/// plugin bytes, which the consensus layer adds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// The last log entry this state includes.
+    pub log_id: Option<LogId<NodeId>>,
+    /// The last membership applied.
+    pub membership: StoredMembership<NodeId, NodeInfo>,
+    /// Plugin namespaces: (plugin, [(key, value)]) in order.
+    pub kv: Vec<NamespaceImage>,
+    /// Running digest.
+    pub digest: [u8; 32],
+    /// Last applied operation index.
+    pub last_applied: u64,
+    /// The plugin registry.
+    pub registry: BTreeMap<String, PluginRecord>,
+    /// Remembered request ids, oldest first.
+    pub dedup: Vec<(String, Remembered)>,
+    /// Unpublished events by log index.
+    pub outbox: Vec<(u64, OutboxEntry)>,
+    /// Events up to this index are known to be in the stream.
+    pub published_upto: u64,
+    /// Events dropped because the outbox was full.
+    pub outbox_dropped: u64,
+}
+
+/// The replicated state, captured at one log id in O(number of namespaces):
+/// namespaces are shared, copy-on-write, so capturing does not copy keys.
+/// [`Captured::image`] turns it into plain data off the apply path.
+pub struct Captured {
+    kv: KvState,
+    rest: Image,
+}
+
+impl Captured {
+    /// The last log entry the capture includes.
+    pub fn log_id(&self) -> Option<LogId<NodeId>> {
+        self.rest.log_id
+    }
+
+    /// The plugin registry at that entry.
+    pub fn registry(&self) -> &BTreeMap<String, PluginRecord> {
+        &self.rest.registry
+    }
+
+    /// The whole state as plain data.
+    pub fn image(self) -> Image {
+        let kv = self
+            .kv
+            .namespaces()
+            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+            .collect();
+        Image { kv, ..self.rest }
+    }
+}
+
+/// The replicated state of one node, and the plugins that change it.
+#[derive(Default)]
+pub struct Replica {
+    /// The last log entry applied (of any kind).
+    log_id: Option<LogId<NodeId>>,
+    /// The last membership applied.
+    membership: StoredMembership<NodeId, NodeInfo>,
+    /// Which versions exist and which is active, per plugin name.
+    registry: BTreeMap<String, PluginRecord>,
+    /// Compiled active version of each plugin by name.
+    plugins: BTreeMap<String, Arc<Plugin>>,
+    /// Plugin key-value data.
+    kv: KvState,
+    /// Running digest of every applied operation's effects.
+    digest: Digest,
+    /// Index of the last applied operation (0 before the first).
+    last_applied: u64,
+    /// Recent (index, digest) pairs, so nodes at different positions can
+    /// still compare at a common index. Not replicated: rebuilt as entries
+    /// are applied.
+    history: VecDeque<(u64, Digest)>,
+    /// Remembered request ids.
+    dedup: Dedup,
+    /// Unpublished events by log index.
+    outbox: BTreeMap<u64, OutboxEntry>,
+    /// Events up to this index are known to be in the stream.
+    published_upto: u64,
+    /// Events dropped because the outbox was full.
+    outbox_dropped: u64,
+}
+
+/// How many recent digests to keep for comparison.
+const HISTORY: usize = 4096;
+
+impl Replica {
+    /// Apply one committed log entry, whole. On `Err` nothing of the entry
+    /// was applied and the node must stop: the fault is local.
+    pub fn apply_entry(
+        &mut self,
+        log_id: LogId<NodeId>,
+        payload: EntryPayload<TypeConfig>,
+        loader: &dyn PluginLoader,
+    ) -> Result<Response, ApplyError> {
+        if let Some(last) = self.log_id
+            && log_id.index <= last.index
+        {
+            return Err(ApplyError::OutOfOrder { index: log_id.index * OPS_PER_ENTRY, last_applied: self.last_applied });
+        }
+        let response = match payload {
+            EntryPayload::Blank => Response::default(),
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(log_id), m);
+                Response::default()
+            }
+            EntryPayload::Normal(request) => self.apply_request(log_id, request, loader)?,
+        };
+        self.log_id = Some(log_id);
+        Ok(response)
+    }
+
+    fn apply_request(
+        &mut self,
+        log_id: LogId<NodeId>,
+        request: Request,
+        loader: &dyn PluginLoader,
+    ) -> Result<Response, ApplyError> {
+        let base = log_id.index * OPS_PER_ENTRY;
+        let term = log_id.leader_id.term;
+        let Op::Batch(requests) = request.op else {
+            return self.apply_op(term, base, request, loader);
+        };
+        // A bad batch is the leader's bug, but it is in the log now: refuse
+        // it the same way on every node rather than stopping them all.
+        if requests.len() as u64 > OPS_PER_ENTRY {
+            let result = Err(CommandError::Lifecycle {
+                message: format!("a batch of {} operations is over the limit of {OPS_PER_ENTRY}", requests.len()),
+            });
+            self.commit_lifecycle(base, "synod", &result);
+            return Ok(Response { result: Some(result), index: base, ..Response::default() });
+        }
+        let mut items = Vec::with_capacity(requests.len());
+        for (position, r) in requests.into_iter().enumerate() {
+            let index = base + position as u64;
+            let item = match r.op {
+                Op::Batch(_) => {
+                    let result = Err(CommandError::Lifecycle { message: "nested batch refused".into() });
+                    self.commit_lifecycle(index, "synod", &result);
+                    Response { result: Some(result), index, ..Response::default() }
+                }
+                _ => self.apply_op(term, index, r, loader)?,
+            };
+            items.push(item);
+        }
+        Ok(Response { index: base, items, ..Response::default() })
+    }
+
+    /// Apply one operation at operation index `index`.
+    fn apply_op(&mut self, term: u64, index: u64, request: Request, loader: &dyn PluginLoader) -> Result<Response, ApplyError> {
+        let mut response = match request.op {
+            Op::Batch(_) => return Err(ApplyError::Host { index, reason: "nested batch".into() }),
+            Op::Command { plugin, command, payload } => {
+                let ctx = Context { index, term, timestamp_ms: request.timestamp_ms, caller: request.caller };
+                self.apply_identified(&ctx, request.request_id.as_deref(), &plugin, &command, &payload)?
+            }
+            Op::EventsPublished { upto } => {
+                self.mark_published(upto);
+                Response::default()
+            }
+            Op::InstallPlugin { name, version, sha256, size, limits } => {
+                let record = VersionRecord { sha256, size, limits, installed_at: index };
+                let result = self.apply_install(index, &name, &version, record, loader)?;
+                Response { result: Some(result), ..Response::default() }
+            }
+            Op::ActivatePlugin { name, version } => {
+                let result = self.apply_activate(index, &name, &version, loader)?;
+                Response { result: Some(result), ..Response::default() }
+            }
+            Op::RemovePlugin { name } => {
+                let result = self.apply_remove(index, &name)?;
+                Response { result: Some(result), ..Response::default() }
+            }
+        };
+        response.index = index;
+        Ok(response)
+    }
+
+    /// A command, answered from the request-id table when it is a retry.
+    fn apply_identified(
+        &mut self,
+        ctx: &Context,
+        request_id: Option<&str>,
+        plugin: &str,
+        command: &str,
+        payload: &[u8],
+    ) -> Result<Response, ApplyError> {
+        self.dedup.expire(ctx.timestamp_ms);
+        let identified = request_id.map(|id| (dedup::key(&ctx.caller, plugin, command, id), dedup::payload_hash(payload)));
+        if let Some((key, hash)) = &identified {
+            match self.dedup.lookup(key, hash) {
+                Lookup::New => {}
+                Lookup::Retry(first) => {
+                    return Ok(Response {
+                        result: Some(first.result.clone()),
+                        first_index: Some(first.index),
+                        ..Response::default()
+                    });
+                }
+                Lookup::Reused => {
+                    let id = request_id.unwrap_or_default().to_owned();
+                    return Ok(Response { result: Some(Err(CommandError::RequestIdReused { id })), ..Response::default() });
+                }
+            }
+        }
+        let outcome = self.apply_command(ctx, plugin, command, payload)?;
+        for line in &outcome.logs {
+            tracing::debug!(target: "synod::plugin", plugin, index = ctx.index, level = line.level, "{}", line.message);
+        }
+        if let Some((key, payload_hash)) = identified {
+            let remembered =
+                Remembered { index: ctx.index, result: outcome.result.clone(), payload_hash, at_ms: ctx.timestamp_ms };
+            self.dedup.remember(key, remembered);
+        }
+        self.queue_events(ctx.index, plugin, &outcome.events);
+        Ok(Response { result: Some(outcome.result), events: outcome.events, fuel_used: outcome.fuel_used, ..Response::default() })
+    }
+
+    /// Make `plugin` the active version of `name` for entries applied from
+    /// now on, outside the log (tests and tools that have no cluster).
+    pub fn activate(&mut self, name: &str, plugin: Arc<Plugin>) {
+        self.plugins.insert(name.to_owned(), plugin);
+    }
+
+    /// The active version of `name`.
+    pub fn plugin(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.get(name)
+    }
+
+    /// The plugin registry.
+    pub fn registry(&self) -> &BTreeMap<String, PluginRecord> {
+        &self.registry
+    }
+
+    /// The last log entry applied.
+    pub fn log_id(&self) -> Option<LogId<NodeId>> {
+        self.log_id
+    }
+
+    /// The last membership applied.
+    pub fn membership(&self) -> &StoredMembership<NodeId, NodeInfo> {
+        &self.membership
+    }
+
+    fn check_order(&self, index: u64) -> Result<(), ApplyError> {
+        if index <= self.last_applied {
+            return Err(ApplyError::OutOfOrder { index, last_applied: self.last_applied });
+        }
+        Ok(())
+    }
+
+    /// Record a lifecycle result under `name` in the digest.
+    fn commit_lifecycle(&mut self, index: u64, name: &str, result: &Result<Vec<u8>, CommandError>) {
+        let effects = Effects {
+            result: result.clone().map_err(|e| e.to_string()),
+            writes: WriteSet::default(),
+            events: Vec::new(),
+            fuel_used: 0,
+        };
+        self.digest = self.digest.chain(index, name, &effects);
+        self.advance(index);
+    }
+
+    fn advance(&mut self, index: u64) {
+        self.last_applied = index;
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((index, self.digest));
+    }
+
+    /// The digest right after operation `index`, if it is recent enough to
+    /// be remembered (or is the current one).
+    pub fn digest_at(&self, index: u64) -> Option<Digest> {
+        if index == self.last_applied {
+            return Some(self.digest);
+        }
+        let pos = self.history.binary_search_by_key(&index, |(i, _)| *i).ok()?;
+        Some(self.history[pos].1)
+    }
+
+    /// Apply one committed command at `ctx.index`.
+    pub fn apply_command(&mut self, ctx: &Context, plugin: &str, command: &str, payload: &[u8]) -> Result<Outcome, ApplyError> {
+        self.check_order(ctx.index)?;
+        let outcome = match self.plugins.get(plugin) {
+            Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin))),
+            None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
+        };
+        if let Err(CommandError::Host { reason }) = &outcome.result {
+            return Err(ApplyError::Host { index: ctx.index, reason: reason.clone() });
+        }
+        self.kv.apply(plugin, &outcome.writes);
+        self.digest = self.digest.chain(ctx.index, plugin, &outcome.effects());
+        self.advance(ctx.index);
+        Ok(outcome)
+    }
+
+    /// Load `record`'s plugin: `Ok(Err(_))` is a deterministic refusal (the
+    /// component cannot load on this engine, so it cannot on any node),
+    /// `Err(_)` a local fault.
+    fn load(
+        index: u64,
+        loader: &dyn PluginLoader,
+        record: &VersionRecord,
+    ) -> Result<Result<Arc<Plugin>, CommandError>, ApplyError> {
+        match loader.load(record) {
+            Ok(plugin) => Ok(Ok(plugin)),
+            // Pool exhaustion while running `describe` is this node's
+            // problem, not the component's.
+            Err(ArtifactError::Load(LoadError::Describe(CommandError::Host { reason }))) => {
+                Err(ApplyError::Host { index, reason })
+            }
+            Err(ArtifactError::Load(e)) => {
+                Ok(Err(CommandError::Lifecycle { message: format!("plugin {} does not load: {e}", record.sha256) }))
+            }
+            Err(e) => Err(ApplyError::Host { index, reason: e.to_string() }),
+        }
+    }
+
+    /// Apply an install of `version` of `name`. The first version becomes
+    /// active. Refused (a lifecycle result) when the label is taken by other
+    /// bytes or other limits, or when the component does not load.
+    pub fn apply_install(
+        &mut self,
+        index: u64,
+        name: &str,
+        version: &str,
+        record: VersionRecord,
+        loader: &dyn PluginLoader,
+    ) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let existing = self.version(name, version).cloned();
+        let result = match existing {
+            Some(existing) if existing.sha256 != record.sha256 || existing.limits != record.limits => {
+                Err(CommandError::Lifecycle {
+                    message: format!(
+                        "plugin `{name}` already has a version `{version}` with other bytes or limits \
+                         (sha256 {}); choose a new version label",
+                        existing.sha256
+                    ),
+                })
+            }
+            Some(existing) => Ok(lifecycle_reply(name, version, &existing.sha256, self.is_active(name, version))),
+            None => match Self::load(index, loader, &record)? {
+                Err(e) => Err(e),
+                Ok(plugin) => {
+                    let sha256 = record.sha256.clone();
+                    let entry = self.registry.entry(name.to_owned()).or_default();
+                    entry.versions.insert(version.to_owned(), record);
+                    let activated = entry.active.is_none();
+                    if activated {
+                        entry.active = Some(version.to_owned());
+                        entry.activated_at = index;
+                        self.plugins.insert(name.to_owned(), plugin);
+                    }
+                    Ok(lifecycle_reply(name, version, &sha256, activated))
+                }
+            },
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
+    }
+
+    fn is_active(&self, name: &str, version: &str) -> bool {
+        self.registry.get(name).and_then(|r| r.active.as_deref()) == Some(version)
+    }
+
+    /// The record of `version` of `name`, if installed.
+    pub fn version(&self, name: &str, version: &str) -> Option<&VersionRecord> {
+        self.registry.get(name).and_then(|r| r.versions.get(version))
+    }
+
+    /// Apply an activation: commands from the next entry on run `version`.
+    pub fn apply_activate(
+        &mut self,
+        index: u64,
+        name: &str,
+        version: &str,
+        loader: &dyn PluginLoader,
+    ) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let result = match self.version(name, version).cloned() {
+            None if !self.registry.contains_key(name) => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
+            None => Err(CommandError::Lifecycle { message: format!("plugin `{name}` has no version `{version}`") }),
+            Some(record) => match Self::load(index, loader, &record)? {
+                Err(e) => Err(e),
+                Ok(plugin) => {
+                    if let Some(entry) = self.registry.get_mut(name) {
+                        entry.active = Some(version.to_owned());
+                        entry.activated_at = index;
+                    }
+                    self.plugins.insert(name.to_owned(), plugin);
+                    Ok(lifecycle_reply(name, version, &record.sha256, true))
+                }
+            },
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
+    }
+
+    /// Apply a removal of `name` and all its versions. Its state namespace
+    /// stays: a later install under the same name sees it again.
+    pub fn apply_remove(&mut self, index: u64, name: &str) -> Result<Result<Vec<u8>, CommandError>, ApplyError> {
+        self.check_order(index)?;
+        let result = match self.registry.remove(name) {
+            Some(_) => {
+                self.plugins.remove(name);
+                Ok(serde_json::to_vec(&serde_json::json!({ "removed": name })).unwrap_or_default())
+            }
+            None => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
+        };
+        self.commit_lifecycle(index, name, &result);
+        Ok(result)
+    }
+
+    /// Remembered request ids.
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
+    }
+
+    /// Queue a command's events for publishing.
+    fn queue_events(&mut self, index: u64, plugin: &str, events: &[Event]) {
+        if events.is_empty() || index <= self.published_upto {
+            return;
+        }
+        self.outbox.insert(index, OutboxEntry { plugin: plugin.to_owned(), events: events.to_vec() });
+        while self.outbox.len() > OUTBOX_LIMIT {
+            if let Some((_, dropped)) = self.outbox.pop_first() {
+                self.outbox_dropped += dropped.events.len() as u64;
+            }
+        }
+    }
+
+    /// Events up to `upto` are in the stream: forget them.
+    fn mark_published(&mut self, upto: u64) {
+        if upto > self.published_upto {
+            self.published_upto = upto;
+            self.outbox = self.outbox.split_off(&(upto + 1));
+        }
+    }
+
+    /// Unpublished events after `after`, at most `limit` commands' worth.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Vec<(u64, OutboxEntry)> {
+        self.outbox.range(after + 1..).take(limit).map(|(i, e)| (*i, e.clone())).collect()
+    }
+
+    /// (published up to, unpublished commands, dropped events).
+    pub fn outbox_state(&self) -> (u64, usize, u64) {
+        (self.published_upto, self.outbox.len(), self.outbox_dropped)
+    }
+
+    /// Run a read-only query against the current state. Holding the
+    /// replica while a query runs blocks apply: prefer [`Replica::query_view`]
+    /// and run the query after letting go.
+    pub fn query(&self, ctx: &Context, plugin: &str, name: &str, payload: &[u8]) -> Outcome {
+        match self.query_view(plugin) {
+            Some((p, view)) => p.query(ctx, name, payload, Box::new(view)),
+            None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
+        }
+    }
+
+    /// What a query of `plugin` needs, taken in O(1): the active plugin and
+    /// a copy-on-write view of its namespace as of now.
+    pub fn query_view(&self, plugin: &str) -> Option<(Arc<Plugin>, crate::state::Namespace)> {
+        self.plugins.get(plugin).map(|p| (p.clone(), self.kv.view(plugin)))
+    }
+
+    /// The plugin key-value data.
+    pub fn kv(&self) -> &KvState {
+        &self.kv
+    }
+
+    /// The running digest.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// Index of the last applied operation.
+    pub fn last_applied(&self) -> u64 {
+        self.last_applied
+    }
+
+    /// The whole state at this moment (between two entries), cheaply; see
+    /// [`Captured`].
+    pub fn capture(&self) -> Captured {
+        Captured {
+            kv: self.kv.clone(),
+            rest: Image {
+                log_id: self.log_id,
+                membership: self.membership.clone(),
+                kv: Vec::new(),
+                digest: self.digest.0,
+                last_applied: self.last_applied,
+                registry: self.registry.clone(),
+                dedup: self.dedup.image(),
+                outbox: self.outbox.iter().map(|(i, e)| (*i, e.clone())).collect(),
+                published_upto: self.published_upto,
+                outbox_dropped: self.outbox_dropped,
+            },
+        }
+    }
+
+    /// Rebuild from a snapshot's image, checking that its position and its
+    /// state belong together; `loader` compiles each active version.
+    pub fn restore(image: Image, loader: &dyn PluginLoader) -> Result<Replica, ApplyError> {
+        let position = image.log_id.map(|l| l.index).unwrap_or(0);
+        // The state may include operations of the entry at `position` and
+        // before, never of a later one (the torn snapshot this check exists
+        // for held part of entry N labelled N - 1).
+        let highest = position * OPS_PER_ENTRY + OPS_PER_ENTRY - 1;
+        if image.last_applied > highest {
+            return Err(ApplyError::BadSnapshot(format!(
+                "state at operation {} is labelled log entry {position}",
+                image.last_applied
+            )));
+        }
+        if image.membership.log_id().is_some_and(|m| Some(m) > image.log_id) {
+            return Err(ApplyError::BadSnapshot("membership is newer than the snapshot".into()));
+        }
+        let mut plugins = BTreeMap::new();
+        for (name, record) in &image.registry {
+            if let Some(v) = record.active.as_ref().and_then(|a| record.versions.get(a)) {
+                match Self::load(position * OPS_PER_ENTRY, loader, v)? {
+                    Ok(p) => {
+                        plugins.insert(name.clone(), p);
+                    }
+                    Err(e) => return Err(ApplyError::BadSnapshot(format!("active plugin `{name}`: {e}"))),
+                }
+            }
+        }
+        Ok(Replica {
+            log_id: image.log_id,
+            membership: image.membership,
+            registry: image.registry,
+            plugins,
+            kv: KvState::from_parts(image.kv),
+            digest: Digest(image.digest),
+            last_applied: image.last_applied,
+            history: VecDeque::new(),
+            dedup: Dedup::from_image(image.dedup),
+            outbox: image.outbox.into_iter().collect(),
+            published_upto: image.published_upto,
+            outbox_dropped: image.outbox_dropped,
+        })
+    }
+}
+
+fn lifecycle_reply(name: &str, version: &str, sha256: &str, active: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "plugin": name, "version": version, "sha256": sha256, "active": active,
+    }))
+    .unwrap_or_default()
+}
