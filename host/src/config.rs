@@ -188,6 +188,11 @@ pub struct LimitsConfig {
     /// Most linear memory per command an upload may ask for
     /// (`?memory_bytes=`), at most the engine's ceiling (256 MiB).
     pub max_plugin_memory_bytes: usize,
+    /// Writes a node holds waiting for the leader (its batch queue, its
+    /// forward queue) and NATS requests it works on at once; past this a
+    /// client is told 429 with `Retry-After` instead of being queued
+    /// without bound.
+    pub max_queued_writes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -198,6 +203,7 @@ impl Default for LimitsConfig {
             max_entry_bytes: 4 * 1024 * 1024,
             max_plugin_fuel: 1_000_000_000,
             max_plugin_memory_bytes: crate::runtime::MAX_MEMORY_CEILING,
+            max_queued_writes: 8192,
         }
     }
 }
@@ -262,6 +268,9 @@ impl NodeConfig {
                 l.max_entry_bytes,
                 message - MESSAGE_HEADROOM
             ));
+        }
+        if l.max_queued_writes == 0 {
+            return bad("limits.max_queued_writes must be greater than 0".into());
         }
         if l.max_plugin_fuel == 0 {
             return bad("limits.max_plugin_fuel must be greater than 0".into());

@@ -2,11 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod backpressure;
 mod commands;
 mod events;
 // Shared with the cluster tests; not every helper is used here.
 #[allow(dead_code)]
-#[path = "../cluster/harness.rs"]
+#[path = "../common/cluster.rs"]
 mod harness;
 #[path = "../common/nats.rs"]
 mod nats;

@@ -4,11 +4,14 @@
 
 mod basics;
 mod failover;
+#[path = "../common/cluster.rs"]
 mod harness;
 mod hot_reload;
 mod load;
 mod membership;
 #[path = "../common/plugins.rs"]
 mod plugins;
+mod safety;
 mod snapshot;
+mod storage;
 mod uploads;

@@ -23,10 +23,15 @@ pub struct Node {
 impl Node {
     /// A node with `installs` = (name, example plugin) active.
     pub fn new(installs: &[(&str, &str)]) -> Node {
+        Node::with_limits(installs, PluginLimits::default())
+    }
+
+    /// [`Node::new`] with every plugin installed under `limits`.
+    pub fn with_limits(installs: &[(&str, &str)], limits: PluginLimits) -> Node {
         let runtime = Runtime::new().unwrap();
         let mut sm = Replica::default();
         for (name, plugin) in installs {
-            let p = runtime.load(&component(plugin), PluginLimits::default()).unwrap();
+            let p = runtime.load(&component(plugin), limits).unwrap();
             sm.activate(name, Arc::new(p));
         }
         Node { sm, next_index: 1 }

@@ -10,3 +10,4 @@ mod load_errors;
 mod misbehave;
 #[path = "../common/plugins.rs"]
 mod plugins;
+mod snapshots;

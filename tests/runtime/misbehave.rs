@@ -78,3 +78,34 @@ fn fuel_is_accounted_and_bounded() {
     let write = node.cmd("misbehave", "write", json!(null));
     assert!(write.fuel_used > 0 && write.fuel_used < 1_000_000, "{}", write.fuel_used);
 }
+
+/// `scan("", u32::MAX)` over 100,000 keys: a hard ceiling on the entries one
+/// call returns, and host calls pay fuel for the bytes they move, so with a
+/// small budget the same scan stops as out of fuel instead of copying the
+/// namespace for free.
+#[test]
+fn a_scan_of_everything_is_bounded() {
+    let mut node = Node::new(&[("misbehave", "misbehave")]);
+    for batch in 0..10u64 {
+        let filled = node.cmd("misbehave", "fill", json!({ "from": batch * 10_000, "count": 10_000 }));
+        assert_eq!(ok_json(&filled), json!(10_000));
+    }
+    let all = node.cmd("misbehave", "scan_all", json!(null));
+    assert_eq!(ok_json(&all), json!(65_536), "one scan returns at most 65,536 entries");
+    let query = node.query("misbehave", "scan_all", json!(null));
+    assert_eq!(ok_json(&query), json!(65_536));
+
+    let limits = PluginLimits { fuel: 1_000_000, ..PluginLimits::default() };
+    let mut small = Node::with_limits(&[("misbehave", "misbehave")], limits);
+    for batch in 0..10u64 {
+        // Writes cost fuel too: fill in slices that fit the small budget.
+        for part in 0..10u64 {
+            let from = batch * 10_000 + part * 1_000;
+            let filled = small.cmd("misbehave", "fill", json!({ "from": from, "count": 1_000 }));
+            assert!(filled.result.is_ok(), "{:?}", filled.result);
+        }
+    }
+    let scan = small.cmd("misbehave", "scan_all", json!(null));
+    assert_eq!(scan.result, Err(CommandError::OutOfFuel { limit: 1_000_000 }));
+    assert_eq!(scan.fuel_used, 1_000_000);
+}

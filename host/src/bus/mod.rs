@@ -64,10 +64,6 @@ pub async fn connect(config: &NatsConfig, url: &str, name: String) -> Result<Cli
     options.connect(servers).await.map_err(|e| BusError::Connect(e.to_string()))
 }
 
-/// Command requests one node works on at once; past this a request is
-/// answered 429 at once rather than queued without bound.
-pub const MAX_IN_FLIGHT: usize = 4096;
-
 /// Start the bus for `node`: connect, serve command requests, publish
 /// events while leader (both tasks in `tasks`). Returns the client (also
 /// stored on the node).
@@ -93,7 +89,9 @@ pub fn state(client: Option<&Client>) -> &'static str {
 }
 
 async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // Requests this node works on at once; past this a request is answered
+    // 429 at once rather than queued without bound.
+    let slots = Arc::new(tokio::sync::Semaphore::new(node.config.limits.max_queued_writes));
     loop {
         let mut sub = match client.queue_subscribe(COMMAND_SUBJECTS, group.clone()).await {
             Ok(s) => s,

@@ -178,8 +178,9 @@ impl RunningNode {
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let (batch, batch_queue) = tokio::sync::mpsc::channel(write_path::QUEUE_CAPACITY);
-        let (forward, forward_queue) = tokio::sync::mpsc::channel(write_path::QUEUE_CAPACITY);
+        let capacity = config.limits.max_queued_writes;
+        let (batch, batch_queue) = tokio::sync::mpsc::channel(capacity);
+        let (forward, forward_queue) = tokio::sync::mpsc::channel(capacity);
 
         let max_entry_bytes = config.limits.max_entry_bytes;
         let inner = Arc::new(NodeInner {

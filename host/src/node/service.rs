@@ -560,6 +560,7 @@ impl NodeInner {
                 json!({ "published_upto": published_upto, "pending_commands": pending, "dropped": dropped })
             }),
             "engine": self.artifacts.runtime().fingerprint(),
+            "allowed_peers": self.p2p.allowed_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         })
     }
 

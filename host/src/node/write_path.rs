@@ -9,7 +9,7 @@
 //! always fits a Raft message. On a follower the [`forwarder`] packs them
 //! into one `WriteBatch` RPC to the leader, under the same caps.
 //!
-//! Both queues are bounded: a full queue is [`WriteError::Overloaded`]
+//! Both queues are bounded (`limits.max_queued_writes`): a full queue is [`WriteError::Overloaded`]
 //! (HTTP and NATS say 429 with `Retry-After`), never unbounded memory.
 
 use std::sync::Arc;
@@ -30,9 +30,6 @@ pub(super) struct Queued {
     pub(super) request: Request,
     pub(super) reply: Reply,
 }
-
-/// Writes each queue holds before callers are told to back off.
-pub const QUEUE_CAPACITY: usize = 8192;
 
 /// Bytes a request takes in an entry, roughly: its payload and names plus
 /// postcard's framing.

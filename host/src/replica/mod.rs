@@ -672,3 +672,83 @@ fn lifecycle_reply(name: &str, version: &str, sha256: &str, active: bool) -> Vec
     }))
     .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    /// A loader whose component never loads, the same way on every node.
+    struct Refusing;
+    impl PluginLoader for Refusing {
+        fn load(&self, _: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
+            Err(ArtifactError::Load(LoadError::Describe(CommandError::OutOfFuel { limit: 1 })))
+        }
+    }
+
+    /// A loader whose disk fails: local to this node.
+    struct Broken;
+    impl PluginLoader for Broken {
+        fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
+            Err(ArtifactError::Missing(record.sha256.clone()))
+        }
+    }
+
+    fn install(index: u64, fuel: u64) -> (LogId<NodeId>, EntryPayload<TypeConfig>) {
+        let op = Op::InstallPlugin {
+            name: "evil".into(),
+            version: "1".into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+            limits: PluginLimits { fuel, ..PluginLimits::default() },
+        };
+        let request = Request { timestamp_ms: 5, caller: "anonymous".into(), request_id: None, op };
+        (LogId::new(CommittedLeaderId::new(1, 1), index), EntryPayload::Normal(request))
+    }
+
+    /// The `?fuel=1` upload that stopped every node: a component that does
+    /// not load is a lifecycle result recorded in the log and the digest,
+    /// and the replica moves on.
+    #[test]
+    fn a_plugin_that_does_not_load_is_a_result_not_a_halt() {
+        let mut replica = Replica::default();
+        let (log_id, payload) = install(7, 1);
+        let response = replica.apply_entry(log_id, payload, &Refusing).expect("a deterministic refusal is applied");
+        match response.result {
+            Some(Err(CommandError::Lifecycle { message })) => assert!(message.contains("does not load"), "{message}"),
+            other => panic!("expected a lifecycle error, got {other:?}"),
+        }
+        assert!(replica.registry().is_empty());
+        assert_eq!(replica.log_id(), Some(log_id));
+        assert_eq!(replica.last_applied(), 7 * OPS_PER_ENTRY);
+        assert_ne!(replica.digest(), Digest::ZERO, "the refusal is in the digest");
+        // And the next entry applies.
+        let (next, payload) = install(8, 1);
+        replica.apply_entry(next, payload, &Refusing).unwrap();
+        assert_eq!(replica.log_id(), Some(next));
+    }
+
+    /// A local fault is not a result: nothing of the entry is applied.
+    #[test]
+    fn a_local_fault_applies_nothing() {
+        let mut replica = Replica::default();
+        let (log_id, payload) = install(3, 1000);
+        assert!(matches!(replica.apply_entry(log_id, payload, &Broken), Err(ApplyError::Host { .. })));
+        assert_eq!(replica.log_id(), None);
+        assert_eq!(replica.digest(), Digest::ZERO);
+    }
+
+    /// A snapshot whose state runs past its label is refused on restore.
+    #[test]
+    fn restore_checks_the_label_against_the_state() {
+        let mut replica = Replica::default();
+        let (log_id, payload) = install(4, 1);
+        replica.apply_entry(log_id, payload, &Refusing).unwrap();
+        let mut image = replica.capture().image();
+        image.log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), 3));
+        assert!(matches!(Replica::restore(image, &Refusing), Err(ApplyError::BadSnapshot(_))));
+        let image = replica.capture().image();
+        let restored = Replica::restore(image, &Refusing).unwrap();
+        assert_eq!(restored.digest(), replica.digest());
+    }
+}

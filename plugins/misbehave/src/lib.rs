@@ -5,8 +5,11 @@
 //! Commands: `spin` (endless loop), `alloc` (memory bomb), `trap`
 //! (`unreachable`), `panic`, `huge` (2 MiB output), `recurse` (unbounded
 //! recursion), `fail` (returns an error after writing), `write` (a normal
-//! write), `random` (entry-seeded randomness and the context).
-//! Queries: `read` (the victim key), `try_write` (a write from a query).
+//! write), `random` (entry-seeded randomness and the context), `fill`
+//! (`{"from": n, "count": k}` writes keys `k/<n>`…), `scan_all`
+//! (`scan("", u32::MAX)`: the whole namespace in one host call).
+//! Queries: `read` (the victim key), `try_write` (a write from a query),
+//! `scan_all`.
 #![allow(clippy::panic)]
 
 use std::hint::black_box;
@@ -28,8 +31,8 @@ fn deeper(n: u64) -> u64 {
 
 impl Plugin for Misbehave {
     const COMMANDS: &'static [&'static str] =
-        &["spin", "alloc", "trap", "panic", "huge", "recurse", "fail", "write", "random"];
-    const QUERIES: &'static [&'static str] = &["read", "try_write"];
+        &["spin", "alloc", "trap", "panic", "huge", "recurse", "fail", "write", "random", "fill", "scan_all"];
+    const QUERIES: &'static [&'static str] = &["read", "try_write", "scan_all"];
 
     fn handle(ctx: &Context, command: &Command) -> Result<Vec<u8>, Error> {
         state::set("victim", &command.name)?;
@@ -60,6 +63,19 @@ impl Plugin for Misbehave {
                 "timestamp_ms": ctx.timestamp_ms,
                 "caller": ctx.caller,
             })),
+            "fill" => {
+                #[derive(serde::Deserialize)]
+                struct Fill {
+                    from: u64,
+                    count: u64,
+                }
+                let Fill { from, count } = command.json()?;
+                for i in from..from + count {
+                    state::set(&format!("k/{i:08}"), &i)?;
+                }
+                reply(&count)
+            }
+            "scan_all" => reply(&state::scan::<serde_json::Value>("", u32::MAX)?.len()),
             other => Err(Error::invalid(format!("unknown command `{other}`"))),
         }
     }
@@ -71,6 +87,7 @@ impl Plugin for Misbehave {
                 Ok(()) => reply(&"write accepted"),
                 Err(e) => Err(e),
             },
+            "scan_all" => reply(&state::scan::<serde_json::Value>("", u32::MAX)?.len()),
             other => Err(Error::invalid(format!("unknown query `{other}`"))),
         }
     }

@@ -21,13 +21,35 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 pub struct Member {
     pub config: NodeConfig,
     pub config_path: PathBuf,
+    /// Extra environment for the process (e.g. `TOKIO_WORKER_THREADS`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Member {
     /// A member that is not running yet (`Cluster::restart` starts it).
     pub fn new(config: NodeConfig, config_path: PathBuf) -> Member {
-        Member { config, config_path, child: None }
+        Member { config, config_path, env: Vec::new(), child: None }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Wait up to `timeout` for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
@@ -36,7 +58,7 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Member>,
 }
 
-fn spawn(config_path: &PathBuf, config: &NodeConfig) -> Child {
+fn spawn(config_path: &PathBuf, config: &NodeConfig, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -46,6 +68,7 @@ fn spawn(config_path: &PathBuf, config: &NodeConfig) -> Child {
         .args(["node", "--config"])
         .arg(config_path)
         .env("RUST_LOG", "info,openraft=warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
         .spawn()
@@ -55,13 +78,19 @@ fn spawn(config_path: &PathBuf, config: &NodeConfig) -> Child {
 impl Cluster {
     /// `n` nodes (node 1 bootstraps), each config adjusted by `tune`.
     pub fn start(n: u64, tune: impl Fn(&mut NodeConfig)) -> Cluster {
+        Cluster::start_env(n, &[], tune)
+    }
+
+    /// [`Cluster::start`] with extra environment for every node process.
+    pub fn start_env(n: u64, env: &[(&str, &str)], tune: impl Fn(&mut NodeConfig)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = BTreeMap::new();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         for (config_path, mut config) in synod::dev::prepare(dir.path(), n).unwrap() {
             tune(&mut config);
             std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
-            let child = Some(spawn(&config_path, &config));
-            nodes.insert(config.id, Member { config, config_path, child });
+            let child = Some(spawn(&config_path, &config, &env));
+            nodes.insert(config.id, Member { config, config_path, env: env.clone(), child });
         }
         Cluster { dir, nodes }
     }
@@ -85,7 +114,7 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) {
         let m = self.nodes.get_mut(&id).unwrap();
         assert!(m.child.is_none(), "node {id} is running");
-        m.child = Some(spawn(&m.config_path, &m.config));
+        m.child = Some(spawn(&m.config_path, &m.config, &m.env));
     }
 
     /// The leader every live node agrees on (and which is itself alive).
