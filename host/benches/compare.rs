@@ -206,7 +206,11 @@ impl Synod {
         let (path, _) = &self.configs[&id];
         let proc = spawn(
             &format!("synod-{id}"),
-            Command::new(env!("CARGO_BIN_EXE_synod")).args(["node", "--config"]).arg(path).env("RUST_LOG", std::env::var("SYNOD_BENCH_LOG").unwrap_or_else(|_| "warn".into())).env("TOKIO_WORKER_THREADS", synod::dev::DEV_WORKER_THREADS),
+            Command::new(env!("CARGO_BIN_EXE_synod"))
+                .args(["node", "--config"])
+                .arg(path)
+                .env("RUST_LOG", std::env::var("SYNOD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+                .env("TOKIO_WORKER_THREADS", synod::dev::DEV_WORKER_THREADS),
             &self.dir.join(format!("synod-{id}.log")),
         )?;
         self.procs.insert(id, proc);
@@ -277,11 +281,18 @@ async fn main() -> anyhow::Result<()> {
         let conf = format!(
             "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?}, sync_interval: always }}\n\
              cluster {{ name: bench, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-            client_ports[i], store, route_ports[i], routes.join(", ")
+            client_ports[i],
+            store,
+            route_ports[i],
+            routes.join(", ")
         );
         let path = dir.join(format!("nats-{i}.conf"));
         std::fs::write(&path, conf)?;
-        procs.push(spawn(&format!("nats-{i}"), Command::new("nats-server").arg("-c").arg(&path), &dir.join(format!("nats-{i}.log")))?);
+        procs.push(spawn(
+            &format!("nats-{i}"),
+            Command::new("nats-server").arg("-c").arg(&path),
+            &dir.join(format!("nats-{i}.log")),
+        )?);
     }
     let nats_urls: Vec<String> = client_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
 
@@ -318,9 +329,13 @@ async fn main() -> anyhow::Result<()> {
     // Wait for all three systems.
     let leader = synod.leader(&http).await?;
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
-    let built = synod::toolchain::build(&plugins, &synod::toolchain::BuildOptions { packages: vec!["counter".into()], ..Default::default() })?;
+    let built = synod::toolchain::build(
+        &plugins,
+        &synod::toolchain::BuildOptions { packages: vec!["counter".into()], ..Default::default() },
+    )?;
     let counter = std::fs::read(&built[0].component)?;
-    let r = http.post(format!("{}/v1/plugins/counter?version=1", synod.http(leader))).body(counter.clone()).send().await?;
+    let r =
+        http.post(format!("{}/v1/plugins/counter?version=1", synod.http(leader))).body(counter.clone()).send().await?;
     if !r.status().is_success() {
         bail!("upload failed: {}", r.text().await?);
     }
@@ -332,7 +347,12 @@ async fn main() -> anyhow::Result<()> {
     let kv = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let config = async_nats::jetstream::kv::Config { bucket: "bench".into(), history: 1, num_replicas: 3, ..Default::default() };
+            let config = async_nats::jetstream::kv::Config {
+                bucket: "bench".into(),
+                history: 1,
+                num_replicas: 3,
+                ..Default::default()
+            };
             match js.create_key_value(config).await {
                 Ok(kv) => break kv,
                 Err(e) if Instant::now() < deadline => {
@@ -346,7 +366,13 @@ async fn main() -> anyhow::Result<()> {
     let etcd_leader = {
         let mut found = etcd_client[0];
         for p in &etcd_client {
-            let v: Value = http.post(format!("http://127.0.0.1:{p}/v3/maintenance/status")).body("{}").send().await?.json().await?;
+            let v: Value = http
+                .post(format!("http://127.0.0.1:{p}/v3/maintenance/status"))
+                .body("{}")
+                .send()
+                .await?
+                .json()
+                .await?;
             if v["leader"] == v["header"]["member_id"] {
                 found = *p;
             }
@@ -378,7 +404,11 @@ async fn main() -> anyhow::Result<()> {
                         let n = n.clone();
                         async move {
                             match n.request("synod.cmd.counter.increment", body.into()).await {
-                                Ok(m) => m.headers.as_ref().and_then(|h| h.get("Synod-Status")).is_some_and(|s| s.as_str() == "200"),
+                                Ok(m) => m
+                                    .headers
+                                    .as_ref()
+                                    .and_then(|h| h.get("Synod-Status"))
+                                    .is_some_and(|s| s.as_str() == "200"),
                                 Err(_) => false,
                             }
                         }
@@ -389,7 +419,8 @@ async fn main() -> anyhow::Result<()> {
                     let (h, url) = (http.clone(), format!("http://127.0.0.1:{etcd_leader}/v3/kv/put"));
                     drive(inflight, warmup, run, move |i| {
                         let b64 = base64::engine::general_purpose::STANDARD;
-                        let body = json!({"key": b64.encode(format!("k{}", i % 1000)), "value": b64.encode(value_256(i))});
+                        let body =
+                            json!({"key": b64.encode(format!("k{}", i % 1000)), "value": b64.encode(value_256(i))});
                         let req = h.post(&url).json(&body).send();
                         async move { matches!(req.await, Ok(r) if r.status().is_success()) }
                     })
@@ -500,9 +531,11 @@ async fn main() -> anyhow::Result<()> {
     synod.start_node(victim)?;
     loop {
         if let Ok(r) = http.get(format!("{}/readyz", synod.http(victim))).send().await
-            && r.status().is_success() && applied(&r.json().await?) >= target {
-                break;
-            }
+            && r.status().is_success()
+            && applied(&r.json().await?) >= target
+        {
+            break;
+        }
         if started.elapsed() > Duration::from_secs(120) {
             bail!("restarted node never caught up");
         }
@@ -512,7 +545,9 @@ async fn main() -> anyhow::Result<()> {
 
     println!("\nper-command wasm overhead (fresh instance + counter.increment through apply): {wasm_us:.2} µs");
     println!("leader SIGKILL → first successful command: median {failover_median:.0} ms of {failovers:.0?}");
-    println!("restart of a node with ≥{synod_commands} applied commands ({target} log entries) → ready and caught up: {restart_ms:.0} ms");
+    println!(
+        "restart of a node with ≥{synod_commands} applied commands ({target} log entries) → ready and caught up: {restart_ms:.0} ms"
+    );
     println!("synod RSS per node: idle {idle_rss:.1?} MB, after load {loaded_rss:.1?} MB");
     let versions = json!({
         "etcd": String::from_utf8_lossy(&Command::new("etcd").arg("--version").output()?.stdout).lines().next().unwrap_or("").to_owned(),

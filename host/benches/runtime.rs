@@ -20,7 +20,8 @@ const SAMPLES: u64 = 20_000;
 fn main() -> anyhow::Result<()> {
     let json = std::env::args().any(|a| a == "--json");
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
-    let built = synod::toolchain::build(&plugins, &BuildOptions { packages: vec!["counter".into()], ..Default::default() })?;
+    let built =
+        synod::toolchain::build(&plugins, &BuildOptions { packages: vec!["counter".into()], ..Default::default() })?;
     let bytes = std::fs::read(&built[0].component)?;
 
     let runtime = Runtime::new()?;

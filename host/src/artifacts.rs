@@ -180,9 +180,7 @@ fn write_durably(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), ArtifactErro
     f.write_all(bytes).map_err(io(format!("writing {tmp}")))?;
     f.sync_all().map_err(io(format!("syncing {tmp}")))?;
     dir.rename(&tmp, dir, name).map_err(io(format!("renaming {tmp}")))?;
-    dir.open(".")
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing the plugin directory"))
+    dir.open(".").and_then(|d| d.sync_all()).map_err(io("syncing the plugin directory"))
 }
 
 #[cfg(test)]

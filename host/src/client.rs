@@ -48,22 +48,14 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Value, ClientError> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        let resp =
+            req.send().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        let bytes =
+            resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
         let body: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(ClientError::Status { status: status.as_u16(), body })
-        }
+        if status.is_success() { Ok(body) } else { Err(ClientError::Status { status: status.as_u16(), body }) }
     }
 
     /// GET `path`.
@@ -79,7 +71,12 @@ impl Client {
     }
 
     /// POST `body` to `path` with extra headers (e.g. `Synod-Request-Id`).
-    pub async fn post_with_headers(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Result<Value, ClientError> {
+    pub async fn post_with_headers(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.post(&url).body(body);
         for (k, v) in headers {

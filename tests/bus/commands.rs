@@ -45,7 +45,11 @@ async fn commands_over_nats_match_http_and_retries_apply_once() {
     let other = c.live().into_iter().find(|id| *id != leader).unwrap();
     let via_http = c
         .client(other)
-        .post_with_headers("/v1/commands/counter/increment", br#"{"by": 10}"#.to_vec(), &[("Synod-Request-Id", "req-1")])
+        .post_with_headers(
+            "/v1/commands/counter/increment",
+            br#"{"by": 10}"#.to_vec(),
+            &[("Synod-Request-Id", "req-1")],
+        )
         .await
         .unwrap();
     assert_eq!(via_http["index"], first["index"]);

@@ -35,7 +35,13 @@ async fn assert_exactly_once(url: &str, acked: &BTreeSet<u64>) {
         let msgs = stream_messages(url).await;
         let indexes: BTreeSet<u64> = msgs.iter().map(|(_, i)| *i).collect();
         if acked.is_subset(&indexes) {
-            eprintln!("stream: {} events for {} acknowledged toggles; first {:?}, last {:?}", msgs.len(), acked.len(), msgs.first(), msgs.last());
+            eprintln!(
+                "stream: {} events for {} acknowledged toggles; first {:?}, last {:?}",
+                msgs.len(),
+                acked.len(),
+                msgs.first(),
+                msgs.last()
+            );
             let ids: BTreeSet<&String> = msgs.iter().map(|(id, _)| id).collect();
             assert_eq!(ids.len(), msgs.len(), "an event is in the stream twice");
             assert!(msgs.windows(2).all(|w| w[0].1 <= w[1].1), "events out of log order");

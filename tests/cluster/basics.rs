@@ -43,7 +43,8 @@ async fn commands_through_a_follower_reach_every_node() {
     assert_eq!((s, body["error"].as_str().unwrap()), (404, "unknown plugin `nope`"));
     let (s, _) = status(c.cmd(leader, "counter", "explode", json!({})).await.unwrap_err());
     assert_eq!(s, 404);
-    let (s, body) = status(c.client(leader).post("/v1/commands/counter/increment", b"{nope".to_vec()).await.unwrap_err());
+    let (s, body) =
+        status(c.client(leader).post("/v1/commands/counter/increment", b"{nope".to_vec()).await.unwrap_err());
     assert_eq!(s, 400);
     assert!(body["error"].as_str().unwrap().starts_with("body is not valid JSON"), "{body}");
     let (s, body) = status(c.cmd(leader, "counter", "increment", json!({"by": "x"})).await.unwrap_err());

@@ -22,7 +22,11 @@ async fn leader_killed_under_load() {
     let new_leader = c.leader().await;
     assert_ne!(new_leader, leader);
     // Service is back once a write succeeds again.
-    while c.cmd(others[0], "thermostat", "set_setpoint", serde_json::json!({"zone": "probe", "setpoint": 20})).await.is_err() {
+    while c
+        .cmd(others[0], "thermostat", "set_setpoint", serde_json::json!({"zone": "probe", "setpoint": 20}))
+        .await
+        .is_err()
+    {
         assert!(killed_at.elapsed() < Duration::from_secs(15), "no write succeeded after the leader died");
     }
     eprintln!("leader {leader} killed: service back in {:?}", killed_at.elapsed());

@@ -4,6 +4,8 @@
 
 mod basics;
 mod failover;
+// The shared test kit; not every helper is used here.
+#[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod harness;
 mod hot_reload;

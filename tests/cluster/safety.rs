@@ -39,10 +39,18 @@ async fn uploads_that_cannot_load_are_refused_and_nothing_stops() {
         assert_eq!(status_of(&e), 422, "{e}");
         assert!(e.to_string().contains("describe") && e.to_string().contains("out of fuel"), "{e}");
     }
-    let e = c.client(follower).post("/v1/plugins/evil?version=1&fuel=1000000000000", component("counter")).await.unwrap_err();
+    let e = c
+        .client(follower)
+        .post("/v1/plugins/evil?version=1&fuel=1000000000000", component("counter"))
+        .await
+        .unwrap_err();
     assert_eq!(status_of(&e), 400, "{e}");
     assert!(e.to_string().contains("max_plugin_fuel"), "{e}");
-    let e = c.client(leader).post("/v1/plugins/evil?version=1&memory_bytes=999999999999", component("counter")).await.unwrap_err();
+    let e = c
+        .client(leader)
+        .post("/v1/plugins/evil?version=1&memory_bytes=999999999999", component("counter"))
+        .await
+        .unwrap_err();
     assert_eq!(status_of(&e), 400, "{e}");
 
     // Nothing of it entered the log: no plugin, no new entries.
@@ -53,7 +61,8 @@ async fn uploads_that_cannot_load_are_refused_and_nothing_stops() {
 
     // A real install, then the same label with other limits: 409.
     c.push(follower, "counter", "1", component("counter")).await.unwrap();
-    let e = c.client(follower).post("/v1/plugins/counter?version=1&fuel=5000000", component("counter")).await.unwrap_err();
+    let e =
+        c.client(follower).post("/v1/plugins/counter?version=1&fuel=5000000", component("counter")).await.unwrap_err();
     assert_eq!(status_of(&e), 409, "{e}");
     // The same bytes and limits again are accepted (idempotent).
     c.push(leader, "counter", "1", component("counter")).await.unwrap();
@@ -188,7 +197,10 @@ async fn the_allowlist_follows_committed_membership() {
     let leader = c.leader().await;
     let follower = c.live().into_iter().find(|id| *id != leader).unwrap();
     let stranger = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id().to_string();
-    let body = serde_json::to_vec(&json!({ "id": 9, "peer_id": stranger, "p2p": "/ip4/127.0.0.1/tcp/9", "http": "127.0.0.1:9" })).unwrap();
+    let body = serde_json::to_vec(
+        &json!({ "id": 9, "peer_id": stranger, "p2p": "/ip4/127.0.0.1/tcp/9", "http": "127.0.0.1:9" }),
+    )
+    .unwrap();
     let e = c.client(follower).post("/v1/cluster/nodes", body).await.unwrap_err();
     assert_eq!(status_of(&e), 503, "{e}");
     let allowed = c.client(follower).get("/v1/cluster").await.unwrap()["allowed_peers"].clone();

@@ -55,14 +55,14 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_node_clearly_and_loses_nothing() {
     let _serial = serial().await;
-    let mut disk = None;
+    let disk = std::sync::Mutex::new(None);
     let mut c = Cluster::start(3, |config| {
         if config.id == 3 {
             // Room for the node's key, plugins and two 16 MiB log segments.
-            disk = Some(SmallDisk::mount(&config.data_dir, 48));
+            *disk.lock().unwrap() = Some(SmallDisk::mount(&config.data_dir, 48));
         }
     });
-    let disk = disk.unwrap();
+    let disk = disk.into_inner().unwrap().unwrap();
     let leader = c.leader().await;
     c.push(leader, "counter", "1", component("counter")).await.unwrap();
     c.converged().await;
@@ -85,7 +85,8 @@ async fn a_full_disk_stops_the_node_clearly_and_loses_nothing() {
             break;
         }
     }
-    let exit = exit.unwrap_or_else(|| panic!("node 3 kept running on a full disk ({:?} after filling it)", filled_at.elapsed()));
+    let exit = exit
+        .unwrap_or_else(|| panic!("node 3 kept running on a full disk ({:?} after filling it)", filled_at.elapsed()));
     assert!(!exit.success(), "node 3 exited with {exit}");
     let log = std::fs::read_to_string(c.nodes[&3].config.data_dir.join("node.log")).unwrap();
     assert!(log.contains("No space left on device"), "node 3's log does not say why:\n{log}");

@@ -59,11 +59,7 @@ pub struct Cluster {
 }
 
 fn spawn(config_path: &PathBuf, config: &NodeConfig, env: &[(String, String)]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.data_dir.join("node.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(config.data_dir.join("node.log")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_synod"))
         .args(["node", "--config"])
         .arg(config_path)
@@ -128,11 +124,13 @@ impl Cluster {
                     seen.push(v["leader"].as_u64());
                 }
             }
-            if seen.len() == live.len() && seen.iter().all(|l| l.is_some() && *l == seen[0])
+            if seen.len() == live.len()
+                && seen.iter().all(|l| l.is_some() && *l == seen[0])
                 && let Some(Some(l)) = seen.first()
-                    && live.contains(l) {
-                        return *l;
-                    }
+                && live.contains(l)
+            {
+                return *l;
+            }
             assert!(tokio::time::Instant::now() < deadline, "no agreed leader: {seen:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -147,7 +145,10 @@ impl Cluster {
             for id in self.live() {
                 if let Ok(v) = self.client(id).get("/v1/cluster").await {
                     let me = &v["nodes"][0];
-                    seen.push((me["digest_index"].as_u64().unwrap_or(0), me["digest"].as_str().unwrap_or("").to_owned()));
+                    seen.push((
+                        me["digest_index"].as_u64().unwrap_or(0),
+                        me["digest"].as_str().unwrap_or("").to_owned(),
+                    ));
                 }
             }
             if seen.len() == self.live().len() && seen.windows(2).all(|w| w[0] == w[1]) {
@@ -184,14 +185,13 @@ impl Cluster {
 
     /// Run a command through node `via`.
     pub async fn cmd(&self, via: u64, plugin: &str, command: &str, payload: Value) -> Result<Value, ClientError> {
-        self.client(via)
-            .post(&format!("/v1/commands/{plugin}/{command}"), serde_json::to_vec(&payload).unwrap())
-            .await
+        self.client(via).post(&format!("/v1/commands/{plugin}/{command}"), serde_json::to_vec(&payload).unwrap()).await
     }
 
     /// A node's local view of a plugin's state.
     pub async fn local_state(&self, id: u64, plugin: &str) -> Value {
-        self.client(id).get(&format!("/v1/state/{plugin}?consistency=local&limit=1000000")).await.unwrap()["entries"].clone()
+        self.client(id).get(&format!("/v1/state/{plugin}?consistency=local&limit=1000000")).await.unwrap()["entries"]
+            .clone()
     }
 }
 

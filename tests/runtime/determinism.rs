@@ -23,8 +23,7 @@ impl Rng {
     }
 }
 
-const PLUGINS: [(&str, &str); 3] =
-    [("counter", "counter"), ("thermostat", "thermostat"), ("misbehave", "misbehave")];
+const PLUGINS: [(&str, &str); 3] = [("counter", "counter"), ("thermostat", "thermostat"), ("misbehave", "misbehave")];
 
 fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
     let zone = ["kitchen", "hall", "attic"][rng.below(3) as usize];
@@ -33,8 +32,12 @@ fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
         0..=39 => ("counter", "increment", json(json!({"by": rng.below(2001) as i64 - 1000}))),
         40..=41 => ("counter", "reset", json(json!({}))),
         42..=44 => ("counter", "increment", json(json!({"by": "x"}))),
-        45..=59 => ("thermostat", "set_setpoint", json(json!({"zone": zone, "setpoint": rng.below(400) as f64 / 10.0}))),
-        60..=84 => ("thermostat", "report", json(json!({"zone": zone, "temperature": 10.0 + rng.below(2000) as f64 / 100.0}))),
+        45..=59 => {
+            ("thermostat", "set_setpoint", json(json!({"zone": zone, "setpoint": rng.below(400) as f64 / 10.0})))
+        }
+        60..=84 => {
+            ("thermostat", "report", json(json!({"zone": zone, "temperature": 10.0 + rng.below(2000) as f64 / 100.0})))
+        }
         85..=89 => ("misbehave", "random", Vec::new()),
         90..=93 => ("misbehave", "write", Vec::new()),
         94..=95 => ("misbehave", "fail", Vec::new()),
@@ -76,7 +79,11 @@ fn two_runtimes_agree_on_a_random_sequence() {
                 _ => model_counter + serde_json::from_slice::<Value>(&payload).unwrap()["by"].as_i64().unwrap(),
             };
         }
-        if x.result.is_ok() { ok += 1 } else { failed += 1 }
+        if x.result.is_ok() {
+            ok += 1
+        } else {
+            failed += 1
+        }
         events += x.events.len();
     }
     eprintln!("{ok} succeeded, {failed} failed, {events} events");

@@ -11,10 +11,7 @@ fn query_cannot_write() {
     let mut node = Node::new(&[("misbehave", "misbehave")]);
     ok_json(&node.cmd("misbehave", "write", json!(null)));
     let out = node.query("misbehave", "try_write", json!(null));
-    assert_eq!(
-        out.result,
-        Err(CommandError::Rejected { message: "state is read-only in a query".into() })
-    );
+    assert_eq!(out.result, Err(CommandError::Rejected { message: "state is read-only in a query".into() }));
     assert!(out.writes.is_empty());
     assert_eq!(ok_json(&node.query("misbehave", "read", json!(null))), json!("write"));
 }

@@ -97,9 +97,8 @@ fn component_for_an_incompatible_wit_version() {
 
 #[test]
 fn component_missing_an_export() {
-    let without_query = |s: String| {
-        s.lines().filter(|l| !l.trim_start().starts_with("query: func")).collect::<Vec<_>>().join("\n")
-    };
+    let without_query =
+        |s: String| s.lines().filter(|l| !l.trim_start().starts_with("query: func")).collect::<Vec<_>>().join("\n");
     let e = load(&generated(without_query, None, "command-handler"));
     match &e {
         LoadError::Mismatch { reason } => assert!(reason.contains("query"), "{reason}"),

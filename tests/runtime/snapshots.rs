@@ -18,7 +18,10 @@ const ENTRIES: u64 = 10_000;
 
 fn entry(index: u64, op: Op) -> Entry<TypeConfig> {
     let request = Request { timestamp_ms: 1_800_000_000_000 + index, caller: "test".into(), request_id: None, op };
-    Entry { log_id: LogId::new(CommittedLeaderId::new(1 + index / 3000, 1), index), payload: EntryPayload::Normal(request) }
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1 + index / 3000, 1), index),
+        payload: EntryPayload::Normal(request),
+    }
 }
 
 fn increment(by: u64) -> Request {
@@ -81,7 +84,8 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
     done.store(true, Ordering::Relaxed);
     let snapshots = snapshots.await.unwrap();
     let reference = digest(&store);
-    let cut_inside = snapshots.iter().filter(|(m, _)| m.last_log_id.is_some_and(|l| l.index > 1 && l.index <= ENTRIES)).count();
+    let cut_inside =
+        snapshots.iter().filter(|(m, _)| m.last_log_id.is_some_and(|l| l.index > 1 && l.index <= ENTRIES)).count();
     assert!(cut_inside >= 5, "only {cut_inside} of {} snapshots were taken while entries applied", snapshots.len());
 
     // Every snapshot restores (its label and its state agree); a sample,
@@ -89,7 +93,8 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
     let step = (snapshots.len() / 6).max(1);
     for (n, (meta, data)) in snapshots.iter().enumerate() {
         let restored_dir = tempfile::tempdir().unwrap();
-        let mut restored = StateMachineStore::open(restored_dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
+        let mut restored =
+            StateMachineStore::open(restored_dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
         restored
             .install_snapshot(meta, Box::new(Cursor::new(data.clone())))
             .await

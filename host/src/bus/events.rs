@@ -120,13 +120,15 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
         }
         // Tell every node what the stream holds, at most once a second.
         if let Some(upto) = cursor
-            && upto > proposed && last_proposal.elapsed() > Duration::from_secs(1) {
-                last_proposal = tokio::time::Instant::now();
-                match node.write(Op::EventsPublished { upto }, "synod").await {
-                    Ok(_) => proposed = upto,
-                    Err(e) => tracing::debug!(error = %e, "cannot record published events"),
-                }
+            && upto > proposed
+            && last_proposal.elapsed() > Duration::from_secs(1)
+        {
+            last_proposal = tokio::time::Instant::now();
+            match node.write(Op::EventsPublished { upto }, "synod").await {
+                Ok(_) => proposed = upto,
+                Err(e) => tracing::debug!(error = %e, "cannot record published events"),
             }
+        }
     }
 }
 

@@ -157,10 +157,11 @@ async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8
             msg.subject.as_str()
         )));
     };
-    let request_id = match msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER).or_else(|| h.get("Synod-Request-Id"))) {
-        Some(v) => Some(check_request_id(v.as_str())?),
-        None => None,
-    };
+    let request_id =
+        match msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER).or_else(|| h.get("Synod-Request-Id"))) {
+            Some(v) => Some(check_request_id(v.as_str())?),
+            None => None,
+        };
     node.submit(plugin, command, msg.payload.to_vec(), request_id).await
 }
 

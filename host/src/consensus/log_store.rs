@@ -102,9 +102,7 @@ fn corrupt(msg: String) -> io::Error {
 
 /// Damage found on open: what to do about it, since the node cannot.
 fn refuse(msg: String) -> io::Error {
-    corrupt(format!(
-        "{msg}; refusing to start (restore this node's data dir or remove the node and re-add it)"
-    ))
+    corrupt(format!("{msg}; refusing to start (restore this node's data dir or remove the node and re-add it)"))
 }
 
 /// Where one entry's record lies.
@@ -185,12 +183,7 @@ fn zero(file: &File, from: u64, to: u64) -> io::Result<()> {
 
 /// Create `path` as `size` bytes of zeros, on disk.
 fn zero_filled(path: &Path, size: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
     zero(&file, 0, size)?;
     file.sync_all()?;
     Ok(file)
@@ -213,35 +206,24 @@ fn read_value<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> io::Res
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let body = frame_body(&bytes, 0)
-        .filter(|body| FRAME + body.len() == bytes.len())
-        .ok_or_else(|| {
-            refuse(format!(
-                "{}: damaged ({} bytes that are not one frame matching its CRC)",
-                path.display(),
-                bytes.len()
-            ))
-        })?;
-    postcard::from_bytes(body)
-        .map(Some)
-        .map_err(|e| refuse(format!("{}: damaged ({e})", path.display())))
+    let body = frame_body(&bytes, 0).filter(|body| FRAME + body.len() == bytes.len()).ok_or_else(|| {
+        refuse(format!("{}: damaged ({} bytes that are not one frame matching its CRC)", path.display(), bytes.len()))
+    })?;
+    postcard::from_bytes(body).map(Some).map_err(|e| refuse(format!("{}: damaged ({e})", path.display())))
 }
 
 /// The committed-id hint, or `None` when missing or damaged.
 fn read_committed(mut file: &File) -> Option<LogId<NodeId>> {
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-    postcard::from_bytes::<Option<LogId<NodeId>>>(frame_body(&bytes, 0)?)
-        .ok()
-        .flatten()
+    postcard::from_bytes::<Option<LogId<NodeId>>>(frame_body(&bytes, 0)?).ok().flatten()
 }
 
 /// Fill in the frame (`len`, `crc`) at `start` of `buf` for the body that
 /// follows it to the end; returns the body length.
 fn seal_frame(buf: &mut [u8], start: usize) -> io::Result<u32> {
     let body = &buf[start + FRAME..];
-    let len =
-        u32::try_from(body.len()).map_err(|_| io::Error::other("log record larger than 4 GiB"))?;
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("log record larger than 4 GiB"))?;
     let crc = crc32fast::hash(body);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -280,10 +262,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// The log id of a record's body.
 fn body_log_id(body: &[u8]) -> LogId<NodeId> {
-    LogId::new(
-        CommittedLeaderId::new(u64_at(body, 0), u64_at(body, 8)),
-        u64_at(body, 16),
-    )
+    LogId::new(CommittedLeaderId::new(u64_at(body, 0), u64_at(body, 8)), u64_at(body, 16))
 }
 
 /// Scan one segment's bytes: the records that are whole and match their
@@ -339,27 +318,16 @@ impl Inner {
             _ => {}
         }
         let vote = read_value(&dir, "vote")?;
-        let purged: Option<LogId<NodeId>> =
-            read_value::<Option<LogId<NodeId>>>(&dir, "purged")?.flatten();
-        let committed_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("committed"))?;
+        let purged: Option<LogId<NodeId>> = read_value::<Option<LogId<NodeId>>>(&dir, "purged")?.flatten();
+        let committed_file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("committed"))?;
         let committed = read_committed(&committed_file);
         let mut seqs = Vec::new();
         for item in std::fs::read_dir(&dir)? {
             let name = item?.file_name();
             let name = name.to_string_lossy();
-            if let Some(seq) = name
-                .strip_prefix("seg-")
-                .and_then(|s| s.strip_suffix(".log"))
-            {
-                seqs.push(
-                    seq.parse::<u64>()
-                        .map_err(|_| corrupt(format!("unexpected file {name}")))?,
-                );
+            if let Some(seq) = name.strip_prefix("seg-").and_then(|s| s.strip_suffix(".log")) {
+                seqs.push(seq.parse::<u64>().map_err(|_| corrupt(format!("unexpected file {name}")))?);
             }
         }
         seqs.sort_unstable();
@@ -386,16 +354,11 @@ impl Inner {
             let clean = if last {
                 bytes[end..].iter().all(|b| *b == 0)
             } else {
-                bytes
-                    .get(end..end + FRAME)
-                    .is_none_or(|f| f.iter().all(|b| *b == 0))
+                bytes.get(end..end + FRAME).is_none_or(|f| f.iter().all(|b| *b == 0))
             };
             if !clean {
                 if !last {
-                    return Err(refuse(format!(
-                        "{}: damaged record at offset {end}",
-                        path.display()
-                    )));
+                    return Err(refuse(format!("{}: damaged record at offset {end}", path.display())));
                 }
                 let before = records.last().map(|r| r.2).or(last_seen);
                 if let Some(next) = record_after(&bytes, end, before) {
@@ -426,21 +389,9 @@ impl Inner {
                         last.log_id.index
                     )));
                 }
-                inner.slots.push_back(Slot {
-                    log_id,
-                    seg: seq,
-                    offset,
-                    len,
-                });
+                inner.slots.push_back(Slot { log_id, seg: seq, offset, len });
             }
-            inner.segments.insert(
-                seq,
-                Segment {
-                    file,
-                    len: end as u64,
-                    size: bytes.len() as u64,
-                },
-            );
+            inner.segments.insert(seq, Segment { file, len: end as u64, size: bytes.len() as u64 });
         }
         if inner.segments.is_empty() {
             inner.new_segment(0, 0)?;
@@ -454,10 +405,7 @@ impl Inner {
         let path = segment_path(&self.dir, seq);
         let size = self.segment_bytes.max(need);
         let spare = match self.spare.take() {
-            Some(handle) => handle
-                .join()
-                .map_err(|_| io::Error::other("spare segment thread panicked"))?
-                .is_ok(),
+            Some(handle) => handle.join().map_err(|_| io::Error::other("spare segment thread panicked"))?.is_ok(),
             None => false,
         };
         let file = if spare && size == self.segment_bytes {
@@ -474,15 +422,10 @@ impl Inner {
     /// Once the last segment is half full, zero-fill the next one in the
     /// background so the roll does not wait for it.
     fn prepare_spare(&mut self) {
-        let half = self
-            .segments
-            .get(&self.last_seq())
-            .is_some_and(|s| s.len * 2 >= s.size);
+        let half = self.segments.get(&self.last_seq()).is_some_and(|s| s.len * 2 >= s.size);
         if half && self.spare.is_none() {
             let (path, size) = (self.dir.join("spare.tmp"), self.segment_bytes);
-            self.spare = Some(std::thread::spawn(move || {
-                zero_filled(&path, size).map(drop)
-            }));
+            self.spare = Some(std::thread::spawn(move || zero_filled(&path, size).map(drop)));
         }
     }
 
@@ -498,9 +441,7 @@ impl Inner {
     fn position(&self, index: u64) -> usize {
         match self.slots.front() {
             None => 0,
-            Some(first) => {
-                (index.saturating_sub(first.log_id.index) as usize).min(self.slots.len())
-            }
+            Some(first) => (index.saturating_sub(first.log_id.index) as usize).min(self.slots.len()),
         }
     }
 
@@ -518,33 +459,19 @@ impl Inner {
                 && n != index
             {
                 let last = n - 1;
-                return Err(io::Error::other(format!(
-                    "append of entry {index} after entry {last} would leave a hole"
-                )));
+                return Err(io::Error::other(format!("append of entry {index} after entry {last} would leave a hole")));
             }
             let offset = buf.len() as u64;
             let len = encode(&entry, &mut buf)?;
-            slots.push(Slot {
-                log_id: entry.log_id,
-                seg: 0,
-                offset,
-                len,
-            });
+            slots.push(Slot { log_id: entry.log_id, seg: 0, offset, len });
             next = Some(index + 1);
         }
         let need = buf.len() as u64;
-        if self
-            .segments
-            .get(&self.last_seq())
-            .is_none_or(|s| s.len + need > s.size)
-        {
+        if self.segments.get(&self.last_seq()).is_none_or(|s| s.len + need > s.size) {
             self.new_segment(self.last_seq() + 1, need)?;
         }
         let seq = self.last_seq();
-        let segment = self
-            .segments
-            .get_mut(&seq)
-            .ok_or_else(|| io::Error::other("no log segment"))?;
+        let segment = self.segments.get_mut(&seq).ok_or_else(|| io::Error::other("no log segment"))?;
         let start = segment.len;
         if let Err(e) = segment.file.write_all_at(&buf, start) {
             // Leave no partial record behind for the next append to follow.
@@ -553,11 +480,7 @@ impl Inner {
         }
         segment.len = start + need;
         let file = segment.file.try_clone();
-        self.slots.extend(slots.into_iter().map(|s| Slot {
-            seg: seq,
-            offset: start + s.offset,
-            ..s
-        }));
+        self.slots.extend(slots.into_iter().map(|s| Slot { seg: seq, offset: start + s.offset, ..s }));
         self.prepare_spare();
         file
     }
@@ -577,10 +500,7 @@ impl Inner {
         };
         let mut records = Vec::with_capacity(to.saturating_sub(from));
         for slot in self.slots.range(from..to.max(from)) {
-            let segment = self
-                .segments
-                .get(&slot.seg)
-                .ok_or_else(|| io::Error::other("log segment missing"))?;
+            let segment = self.segments.get(&slot.seg).ok_or_else(|| io::Error::other("log segment missing"))?;
             let mut record = vec![0u8; FRAME + slot.len as usize];
             segment.file.read_exact_at(&mut record, slot.offset)?;
             let body = frame_body(&record, 0).filter(|b| b.len() + FRAME == record.len());
@@ -603,21 +523,13 @@ impl Inner {
         let Some(cut) = self.slots.get(at).copied() else {
             return Ok(());
         };
-        let later: Vec<u64> = self
-            .segments
-            .range(cut.seg + 1..)
-            .map(|(seq, _)| *seq)
-            .rev()
-            .collect();
+        let later: Vec<u64> = self.segments.range(cut.seg + 1..).map(|(seq, _)| *seq).rev().collect();
         for seq in later {
             std::fs::remove_file(segment_path(&self.dir, seq))?;
             self.segments.remove(&seq);
         }
         sync_dir(&self.dir)?;
-        let segment = self
-            .segments
-            .get_mut(&cut.seg)
-            .ok_or_else(|| io::Error::other("log segment missing"))?;
+        let segment = self.segments.get_mut(&cut.seg).ok_or_else(|| io::Error::other("log segment missing"))?;
         zero(&segment.file, cut.offset, segment.len)?;
         segment.file.sync_data()?;
         segment.len = cut.offset;
@@ -643,11 +555,7 @@ impl Inner {
         // Segments before the one holding the first kept entry hold only
         // purged entries; the last segment stays, it takes the appends.
         let keep_from = self.slots.front().map_or(self.last_seq(), |s| s.seg);
-        let drop: Vec<u64> = self
-            .segments
-            .range(..keep_from)
-            .map(|(seq, _)| *seq)
-            .collect();
+        let drop: Vec<u64> = self.segments.range(..keep_from).map(|(seq, _)| *seq).collect();
         for seq in &drop {
             std::fs::remove_file(segment_path(&self.dir, *seq))?;
             self.segments.remove(seq);
@@ -673,25 +581,18 @@ impl LogStore {
 
     fn open_sized(dir: &Path, segment_bytes: u64) -> io::Result<LogStore> {
         let inner = Inner::open(dir.join("raft-log"), segment_bytes)?;
-        Ok(LogStore {
-            inner: Arc::new(Mutex::new(inner)),
-        })
+        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, Inner>> {
-        self.inner
-            .lock()
-            .map_err(|_| io::Error::other("raft log lock poisoned"))
+        self.inner.lock().map_err(|_| io::Error::other("raft log lock poisoned"))
     }
 
     /// Write entries and sync them: one `fdatasync` for the whole batch
     /// openraft hands over. The lock is not held during the sync, so
     /// readers (replication) are not held up by it.
     fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<()> {
-        let file = self
-            .lock()
-            .and_then(|mut inner| inner.write(entries))
-            .map_err(write_err)?;
+        let file = self.lock().and_then(|mut inner| inner.write(entries)).map_err(write_err)?;
         file.sync_data().map_err(write_err)
     }
 }
@@ -705,10 +606,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .lock()
             .and_then(|inner| inner.read(range.start_bound().cloned(), range.end_bound().cloned()))
             .map_err(read_err)?;
-        records
-            .iter()
-            .map(|r| postcard::from_bytes(&r[FRAME + LOG_ID..]).map_err(read_err))
-            .collect()
+        records.iter().map(|r| postcard::from_bytes(&r[FRAME + LOG_ID..]).map_err(read_err)).collect()
     }
 }
 
@@ -717,10 +615,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
         let inner = self.lock().map_err(read_err)?;
-        Ok(LogState {
-            last_purged_log_id: inner.purged,
-            last_log_id: inner.last_log_id(),
-        })
+        Ok(LogState { last_purged_log_id: inner.purged, last_log_id: inner.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -744,9 +639,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// (from a quorum), so it is not fsynced: one sync per write saved on
     /// every node.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        self.lock()
-            .and_then(|mut inner| inner.save_committed(committed))
-            .map_err(write_err)
+        self.lock().and_then(|mut inner| inner.save_committed(committed)).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
@@ -771,15 +664,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        self.lock()
-            .and_then(|mut inner| inner.truncate(log_id.index))
-            .map_err(write_err)
+        self.lock().and_then(|mut inner| inner.truncate(log_id.index)).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        self.lock()
-            .and_then(|mut inner| inner.purge(log_id))
-            .map_err(write_err)
+        self.lock().and_then(|mut inner| inner.purge(log_id)).map_err(write_err)
     }
 }
 
@@ -802,8 +691,7 @@ mod tests {
             // Small segments: the suite opens a store per test.
             let log = LogStore::open_sized(dir.path(), 64 << 10).map_err(write_err)?;
             let runtime = Arc::new(Runtime::new().map_err(write_err)?);
-            let artifacts =
-                Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).map_err(write_err)?);
+            let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).map_err(write_err)?);
             let sm = StateMachineStore::open(dir.path(), artifacts, Arc::new(NoBlobSource))?;
             Ok((dir, log, sm))
         }
@@ -841,31 +729,17 @@ mod tests {
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(entry(2).log_id));
         assert_eq!(state.last_log_id, Some(entry(4).log_id));
-        let got: Vec<u64> = log
-            .try_get_log_entries(0..100)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id.index)
-            .collect();
+        let got: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
         assert_eq!(got, [3, 4]);
     }
 
     fn blank(index: u64) -> Entry<TypeConfig> {
         use openraft::EntryPayload;
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(2, 1), index),
-            payload: EntryPayload::Blank,
-        }
+        Entry { log_id: LogId::new(CommittedLeaderId::new(2, 1), index), payload: EntryPayload::Blank }
     }
 
     async fn indexes(log: &mut LogStore) -> Vec<u64> {
-        log.try_get_log_entries(0..)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id.index)
-            .collect()
+        log.try_get_log_entries(0..).await.unwrap().iter().map(|e| e.log_id.index).collect()
     }
 
     fn segments(dir: &Path) -> Vec<PathBuf> {
@@ -884,10 +758,7 @@ mod tests {
     #[tokio::test]
     async fn torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
-        LogStore::open_sized(dir.path(), 4096)
-            .unwrap()
-            .write_entries((1..=5).map(blank))
-            .unwrap();
+        LogStore::open_sized(dir.path(), 4096).unwrap().write_entries((1..=5).map(blank)).unwrap();
         let seg = segments(dir.path()).pop().unwrap();
         let end = scan(&std::fs::read(&seg).unwrap()).1 as u64;
         // Half of a sixth record, and a stray byte further on.
@@ -901,10 +772,7 @@ mod tests {
         let mut log = LogStore::open_sized(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5]);
         let bytes = std::fs::read(&seg).unwrap();
-        assert!(
-            bytes[end as usize..].iter().all(|b| *b == 0),
-            "the torn tail must be zeroed"
-        );
+        assert!(bytes[end as usize..].iter().all(|b| *b == 0), "the torn tail must be zeroed");
         log.write_entries([blank(6)]).unwrap();
         let mut log = LogStore::open_sized(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&mut log).await, [1, 2, 3, 4, 5, 6]);
@@ -921,16 +789,12 @@ mod tests {
         }
         // The first segment that holds a record (the one made at open is
         // smaller than any record here).
-        let first = segments(dir.path())
-            .into_iter()
-            .find(|p| std::fs::metadata(p).unwrap().len() > FRAME as u64)
-            .unwrap();
+        let first =
+            segments(dir.path()).into_iter().find(|p| std::fs::metadata(p).unwrap().len() > FRAME as u64).unwrap();
         let mut bytes = std::fs::read(&first).unwrap();
         bytes[FRAME + 2] ^= 0xff;
         std::fs::write(&first, bytes).unwrap();
-        let err = LogStore::open(dir.path())
-            .err()
-            .expect("a damaged segment must not open");
+        let err = LogStore::open(dir.path()).err().expect("a damaged segment must not open");
         assert!(err.to_string().contains("damaged record"), "{err}");
     }
 
@@ -946,10 +810,7 @@ mod tests {
         }
         let before = segments(dir.path()).len();
         assert!(before >= 10, "expected many segments, got {before}");
-        assert!(
-            log.write_entries([blank(52)]).is_err(),
-            "a hole must be refused"
-        );
+        assert!(log.write_entries([blank(52)]).is_err(), "a hole must be refused");
 
         log.purge(blank(20).log_id).await.unwrap();
         let after_purge = segments(dir.path()).len();
@@ -979,21 +840,13 @@ mod tests {
         drop(log);
         let segs = segments(dir);
         assert_eq!(segs.len(), 1, "the test wants one segment");
-        let offsets: Vec<u64> = scan(&std::fs::read(&segs[0]).unwrap())
-            .0
-            .iter()
-            .map(|r| r.0)
-            .collect();
+        let offsets: Vec<u64> = scan(&std::fs::read(&segs[0]).unwrap()).0.iter().map(|r| r.0).collect();
         assert_eq!(offsets.len(), 100);
         (segs[0].clone(), offsets)
     }
 
     fn flip(path: &Path, at: u64) {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
         let mut b = [0u8];
         f.read_exact_at(&mut b, at).unwrap();
         f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
@@ -1018,25 +871,14 @@ mod tests {
             }
             let before = std::fs::read(&seg).unwrap();
 
-            let err = LogStore::open_sized(dir.path(), 64 << 10)
-                .err()
-                .expect("damage before records must not open");
+            let err = LogStore::open_sized(dir.path(), 64 << 10).err().expect("damage before records must not open");
             assert_eq!(err.kind(), ErrorKind::InvalidData);
             let msg = err.to_string();
             let name = seg.file_name().unwrap().to_string_lossy().into_owned();
             assert!(msg.contains(&name), "{msg}");
-            assert!(
-                msg.contains(&format!("damaged record at offset {at} ")),
-                "{msg}"
-            );
-            assert!(
-                msg.contains(&format!("the next at offset {}", offsets[50])),
-                "{msg}"
-            );
-            assert!(
-                std::fs::read(&seg).unwrap() == before,
-                "a refused open must not change the segment"
-            );
+            assert!(msg.contains(&format!("damaged record at offset {at} ")), "{msg}");
+            assert!(msg.contains(&format!("the next at offset {}", offsets[50])), "{msg}");
+            assert!(std::fs::read(&seg).unwrap() == before, "a refused open must not change the segment");
         }
     }
 
@@ -1084,11 +926,7 @@ mod tests {
             if swap {
                 let bytes = std::fs::read(&seg).unwrap();
                 let next = &bytes[offsets[50] as usize..offsets[51] as usize];
-                assert_eq!(
-                    next.len() as u64,
-                    offsets[50] - at,
-                    "records 50 and 51 are the same size"
-                );
+                assert_eq!(next.len() as u64, offsets[50] - at, "records 50 and 51 are the same size");
                 let f = OpenOptions::new().write(true).open(&seg).unwrap();
                 f.write_all_at(next, at).unwrap();
             } else {
@@ -1096,16 +934,9 @@ mod tests {
             }
             let name = seg.file_name().unwrap().to_string_lossy().into_owned();
             for range in [50..51, 1..101] {
-                let err = log
-                    .try_get_log_entries(range)
-                    .await
-                    .err()
-                    .expect("a damaged record must not be served");
+                let err = log.try_get_log_entries(range).await.err().expect("a damaged record must not be served");
                 let msg = err.to_string();
-                assert!(
-                    msg.contains(&name) && msg.contains(&format!("damaged record at offset {at} ")),
-                    "{msg}"
-                );
+                assert!(msg.contains(&name) && msg.contains(&format!("damaged record at offset {at} ")), "{msg}");
             }
             assert_eq!(log.try_get_log_entries(1..50).await.unwrap().len(), 49);
             assert_eq!(log.try_get_log_entries(51..101).await.unwrap().len(), 50);
@@ -1130,20 +961,12 @@ mod tests {
                 let len = std::fs::metadata(&path).unwrap().len();
                 match damage {
                     "flip" => flip(&path, len - 1),
-                    "cut" => {
-                        std::fs::write(&path, &std::fs::read(&path).unwrap()[..len as usize - 1])
-                            .unwrap()
-                    }
+                    "cut" => std::fs::write(&path, &std::fs::read(&path).unwrap()[..len as usize - 1]).unwrap(),
                     _ => std::fs::write(&path, b"").unwrap(),
                 }
-                let err = LogStore::open_sized(dir.path(), 64 << 10)
-                    .err()
-                    .expect("a damaged file must not open");
+                let err = LogStore::open_sized(dir.path(), 64 << 10).err().expect("a damaged file must not open");
                 assert_eq!(err.kind(), ErrorKind::InvalidData, "{name} {damage}");
-                assert!(
-                    err.to_string().contains(&path.display().to_string()),
-                    "{name} {damage}: {err}"
-                );
+                assert!(err.to_string().contains(&path.display().to_string()), "{name} {damage}: {err}");
             }
         }
         // Undamaged, both read back; missing, both are none.
@@ -1158,10 +981,7 @@ mod tests {
         }
         let mut log = LogStore::open_sized(dir.path(), 64 << 10).unwrap();
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(7, 2)));
-        assert_eq!(
-            log.get_log_state().await.unwrap().last_purged_log_id,
-            Some(blank(3).log_id)
-        );
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(blank(3).log_id));
     }
 
     /// A data dir from a build that kept the log in redb is refused with

@@ -12,8 +12,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 
 use super::rpc::{RaftReply, RaftRpc};
@@ -25,9 +25,13 @@ use crate::p2p::{P2p, Protocol};
 pub struct Network {
     /// The node's transport.
     pub p2p: P2p,
-    /// Largest Raft message the transport carries (both ends use the same
-    /// cap): an append over it is split, not retried forever.
-    pub max_message_bytes: usize,
+    /// Bytes of entries one append may carry when it carries more than
+    /// one. openraft gives an append one heartbeat interval (50 ms) before
+    /// it counts as lost and is sent again, so an append must be small
+    /// enough for a follower to receive, decode and fsync well within it;
+    /// a larger one is split (see [`entries_that_fit`]), never retried
+    /// whole forever while followers time out and elections churn.
+    pub max_append_bytes: usize,
 }
 
 /// openraft's handle on one member.
@@ -36,15 +40,15 @@ pub struct Connection {
     target: NodeId,
     /// `None` when the membership carries an unparsable PeerId.
     peer: Option<PeerId>,
-    /// See [`Network::max_message_bytes`].
-    max_message_bytes: usize,
+    /// See [`Network::max_append_bytes`].
+    max_append_bytes: usize,
 }
 
 /// Room the request's envelope (vote, ids, lengths) takes besides entries.
 const ENVELOPE_BYTES: usize = 4096;
 
-/// How many of `rpc`'s leading entries fit one message of `max` bytes (at
-/// least one: a single entry is capped far below a message at proposal).
+/// How many of `rpc`'s leading entries fit one append of `max` bytes (at
+/// least one: a single entry is capped below a Raft message at proposal).
 fn entries_that_fit(rpc: &AppendEntriesRequest<TypeConfig>, max: usize) -> u64 {
     let mut total = ENVELOPE_BYTES;
     let mut n = 0u64;
@@ -66,14 +70,17 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         // membership is appended, before it commits. The node allows a key
         // once the membership naming it is applied (`node::follow_membership`).
         let peer = PeerId::from_str(&node.peer_id).ok();
-        Connection { p2p: self.p2p.clone(), target, peer, max_message_bytes: self.max_message_bytes }
+        Connection { p2p: self.p2p.clone(), target, peer, max_append_bytes: self.max_append_bytes }
     }
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl Connection {
-    async fn call<E: std::error::Error>(&self, rpc: RaftRpc) -> Result<RaftReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
+    async fn call<E: std::error::Error>(
+        &self,
+        rpc: RaftRpc,
+    ) -> Result<RaftReply, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>> {
         let Some(peer) = self.peer else {
             let e = std::io::Error::other(format!("node {} has no valid peer id", self.target));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
@@ -100,13 +107,20 @@ impl RaftNetwork<TypeConfig> for Connection {
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let entries = rpc.entries.len();
-        let size = postcard::experimental::serialized_size(&rpc).unwrap_or(usize::MAX);
-        if size > self.max_message_bytes && entries > 1 {
-            // openraft sends fewer entries next time instead of retrying a
-            // message the transport would refuse, forever, while followers
-            // time out and elections churn.
-            let fit = entries_that_fit(&rpc, self.max_message_bytes);
-            tracing::debug!(target = self.target, size, entries, fit, "append over the message cap; asking openraft to split it");
+        let size = if entries > 1 { postcard::experimental::serialized_size(&rpc).unwrap_or(usize::MAX) } else { 0 };
+        if size > self.max_append_bytes {
+            // openraft sends fewer entries next time instead of retrying an
+            // append too large to finish within its timeout (or to pass the
+            // transport), forever, while followers time out and elections
+            // churn.
+            let fit = entries_that_fit(&rpc, self.max_append_bytes);
+            tracing::debug!(
+                target = self.target,
+                size,
+                entries,
+                fit,
+                "append over the message cap; asking openraft to split it"
+            );
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
         }
         match self.call(RaftRpc::Append(rpc)).await? {

@@ -6,8 +6,8 @@
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +101,7 @@ pub struct NodeStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum BlobRpc {
     /// Store these component bytes (the receiver hashes them itself).
-    Push(Vec<u8>),
+    Push(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Send the bytes with this sha256 if you have them.
     Fetch(String),
 }
@@ -112,7 +112,7 @@ pub enum BlobReply {
     /// Stored durably under this sha256.
     Stored(String),
     /// The bytes asked for.
-    Bytes(Vec<u8>),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Not here.
     NotFound,
     /// The request failed (refused sender, disk fault).

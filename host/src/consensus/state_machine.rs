@@ -71,6 +71,7 @@ pub struct Shared {
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta<NodeId, NodeInfo>,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
@@ -119,7 +120,9 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
         let mut failed = None;
         for entry in entries {
             let applied = match shared.replica.write() {
-                Ok(mut replica) => replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string()),
+                Ok(mut replica) => {
+                    replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string())
+                }
                 Err(_) => Err("replica lock poisoned".to_owned()),
             };
             match applied {
@@ -152,7 +155,11 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl StateMachineStore {
     /// Open the store, resuming from the snapshot in `data_dir` if any, and
     /// start its apply thread.
-    pub fn open(data_dir: &std::path::Path, artifacts: Arc<Artifacts>, blobs: Arc<dyn BlobSource>) -> Result<StateMachineStore> {
+    pub fn open(
+        data_dir: &std::path::Path,
+        artifacts: Arc<Artifacts>,
+        blobs: Arc<dyn BlobSource>,
+    ) -> Result<StateMachineStore> {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             replica: RwLock::new(Replica::default()),
@@ -373,7 +380,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, NodeInfo>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<()> {
         let data = snapshot.into_inner();
         let this = self.clone();
         let meta = meta.clone();

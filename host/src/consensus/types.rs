@@ -70,6 +70,7 @@ pub enum Op {
         /// Command name.
         command: String,
         /// Opaque payload (JSON by convention).
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// Record a new version of a plugin. Its bytes travel outside the log
@@ -160,7 +161,14 @@ mod tests {
             CommandError::Host { reason: "h".into() },
         ];
         for e in errors {
-            let r = Response { result: Some(Err(e)), events: Vec::new(), fuel_used: 9, first_index: Some(3), index: 4, items: Vec::new() };
+            let r = Response {
+                result: Some(Err(e)),
+                events: Vec::new(),
+                fuel_used: 9,
+                first_index: Some(3),
+                index: 4,
+                items: Vec::new(),
+            };
             let bytes = postcard::to_allocvec(&r).unwrap();
             assert_eq!(postcard::from_bytes::<Response>(&bytes).unwrap(), r);
         }

@@ -133,7 +133,10 @@ impl RunningNode {
         let mut seed_members = BTreeMap::new();
         let mut allowed = Vec::new();
         for p in &config.peers {
-            seed_members.insert(p.id, NodeInfo { peer_id: p.peer_id.clone(), p2p_addr: p.p2p.clone(), http_addr: p.http.clone() });
+            seed_members.insert(
+                p.id,
+                NodeInfo { peer_id: p.peer_id.clone(), p2p_addr: p.p2p.clone(), http_addr: p.http.clone() },
+            );
             if let Ok(peer) = PeerId::from_str(&p.peer_id) {
                 allowed.push((peer, p.p2p.parse().ok()));
             }
@@ -154,7 +157,11 @@ impl RunningNode {
         let http_addr = http.local_addr().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         seed_members.insert(
             config.id,
-            NodeInfo { peer_id: p2p.local_peer_id().to_string(), p2p_addr: p2p_addr.to_string(), http_addr: http_addr.to_string() },
+            NodeInfo {
+                peer_id: p2p.local_peer_id().to_string(),
+                p2p_addr: p2p_addr.to_string(),
+                http_addr: http_addr.to_string(),
+            },
         );
 
         let log = LogStore::open(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
@@ -174,7 +181,7 @@ impl RunningNode {
         }
         .validate()
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let network = Network { p2p: p2p.clone(), max_message_bytes: MAX_RAFT_MESSAGE_BYTES };
+        let network = Network { p2p: p2p.clone(), max_append_bytes: config.limits.max_entry_bytes };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -205,7 +212,9 @@ impl RunningNode {
 
         if inner.config.bootstrap && !inner.raft.is_initialized().await.unwrap_or(true) {
             match inner.raft.initialize(inner.seed_members.clone()).await {
-                Ok(()) => tracing::info!(members = ?inner.seed_members.keys().collect::<Vec<_>>(), "cluster initialized"),
+                Ok(()) => {
+                    tracing::info!(members = ?inner.seed_members.keys().collect::<Vec<_>>(), "cluster initialized")
+                }
                 Err(e) => tracing::warn!(error = %e, "initialize skipped"),
             }
         }
@@ -324,7 +333,8 @@ impl NodeInner {
     /// Current members (from the latest membership, else the config).
     pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
         let metrics = self.raft.metrics().borrow().clone();
-        let nodes: BTreeMap<NodeId, NodeInfo> = metrics.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let nodes: BTreeMap<NodeId, NodeInfo> =
+            metrics.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
         if nodes.is_empty() { self.seed_members.clone() } else { nodes }
     }
 
@@ -363,13 +373,15 @@ impl NodeInner {
 
     /// [`NodeInner::write`] with a client request id for deduplication. For
     /// a retry, the index returned is the first application's.
-    pub async fn write_request(&self, op: Op, caller: &str, request_id: Option<String>) -> Result<(u64, Response), WriteError> {
+    pub async fn write_request(
+        &self,
+        op: Op,
+        caller: &str,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), WriteError> {
         let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
         let (index, response) = self
-            .on_leader(
-                || self.write_local(request.clone()),
-                |_| write_path::enqueue(&self.forward, request.clone()),
-            )
+            .on_leader(|| self.write_local(request.clone()), |_| write_path::enqueue(&self.forward, request.clone()))
             .await?;
         Ok((response.first_index.unwrap_or(index), response))
     }
@@ -396,7 +408,11 @@ impl NodeInner {
     /// Run an operation on the leader: locally if this node leads, else
     /// forwarded over libp2p. While no leader is known (an election), wait
     /// and retry for up to five seconds rather than failing at once.
-    async fn on_leader<T, Fut, RemoteFut>(&self, local: impl Fn() -> Fut, remote: impl Fn(NodeId) -> RemoteFut) -> Result<T, WriteError>
+    async fn on_leader<T, Fut, RemoteFut>(
+        &self,
+        local: impl Fn() -> Fut,
+        remote: impl Fn(NodeId) -> RemoteFut,
+    ) -> Result<T, WriteError>
     where
         Fut: std::future::Future<Output = Result<T, WriteError>>,
         RemoteFut: std::future::Future<Output = Result<T, WriteError>>,
@@ -451,6 +467,12 @@ impl NodeInner {
     pub fn status(&self) -> NodeStatus {
         let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
         let (digest_index, digest) = self.with_replica(|r| (r.last_applied(), r.digest().to_hex())).unwrap_or_default();
-        NodeStatus { id: self.id, applied_index: applied, digest_index, digest, engine: self.artifacts.runtime().fingerprint().hash.clone() }
+        NodeStatus {
+            id: self.id,
+            applied_index: applied,
+            digest_index,
+            digest,
+            engine: self.artifacts.runtime().fingerprint().hash.clone(),
+        }
     }
 }

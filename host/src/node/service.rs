@@ -6,8 +6,8 @@
 //! whose `status` both transports report (HTTP status, NATS
 //! `Synod-Status` header) and whose JSON body is the same on both.
 
-use std::collections::BTreeMap;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 use super::NodeInner;
 use crate::consensus::rpc::WriteError;
@@ -102,9 +102,7 @@ impl From<WriteError> for ServiceError {
                     .with("leader_id", json!(leader_id))
                     .with("leader", json!(leader_http))
             }
-            WriteError::Overloaded => {
-                ServiceError { retry_after: Some(1), ..ServiceError::new(429, "overloaded", &e) }
-            }
+            WriteError::Overloaded => ServiceError { retry_after: Some(1), ..ServiceError::new(429, "overloaded", &e) },
             WriteError::Refused(m) => ServiceError::new(409, "refused", m),
             WriteError::Failed(m) => ServiceError::new(503, "unavailable", m),
         }
@@ -203,7 +201,9 @@ impl NodeInner {
         }
         match known {
             None => return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() })),
-            Some(false) => return Err(ServiceError::command(&CommandError::UnknownCommand { name: command.to_owned() })),
+            Some(false) => {
+                return Err(ServiceError::command(&CommandError::UnknownCommand { name: command.to_owned() }));
+            }
             Some(true) => {}
         }
         let op = Op::Command { plugin: plugin.to_owned(), command: command.to_owned(), payload };
@@ -292,10 +292,13 @@ impl NodeInner {
                     .iter()
                     .map(|(name, record)| {
                         let info = r.plugin(name).map(|p| p.info().clone()).unwrap_or_default();
-                        (name.clone(), json!({
-                            "active": record.active, "activated_at": record.activated_at,
-                            "versions": record.versions, "commands": info.commands, "queries": info.queries,
-                        }))
+                        (
+                            name.clone(),
+                            json!({
+                                "active": record.active, "activated_at": record.activated_at,
+                                "versions": record.versions, "commands": info.commands, "queries": info.queries,
+                            }),
+                        )
                     })
                     .collect::<BTreeMap<_, _>>()
             })
@@ -308,13 +311,19 @@ impl NodeInner {
     fn plugin_limits(&self, asked: LimitRequest) -> Result<PluginLimits, ServiceError> {
         let defaults = PluginLimits::default();
         let max = &self.config.limits;
-        let limits =
-            PluginLimits { fuel: asked.fuel.unwrap_or(defaults.fuel), memory_bytes: asked.memory_bytes.unwrap_or(defaults.memory_bytes), ..defaults };
+        let limits = PluginLimits {
+            fuel: asked.fuel.unwrap_or(defaults.fuel),
+            memory_bytes: asked.memory_bytes.unwrap_or(defaults.memory_bytes),
+            ..defaults
+        };
         if limits.fuel > max.max_plugin_fuel {
             return Err(ServiceError::new(
                 400,
                 "invalid_limits",
-                format!("fuel {} is over this cluster's maximum of {} (limits.max_plugin_fuel)", limits.fuel, max.max_plugin_fuel),
+                format!(
+                    "fuel {} is over this cluster's maximum of {} (limits.max_plugin_fuel)",
+                    limits.fuel, max.max_plugin_fuel
+                ),
             ));
         }
         if limits.memory_bytes > max.max_plugin_memory_bytes {
@@ -353,7 +362,13 @@ impl NodeInner {
         let sha256 = self.validate_component(&bytes, limits).await?;
         self.check_version_free(name, version, &sha256, &limits)?;
         self.spread(&bytes, &sha256).await?;
-        let op = Op::InstallPlugin { name: name.to_owned(), version: version.to_owned(), sha256, size: bytes.len() as u64, limits };
+        let op = Op::InstallPlugin {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            sha256,
+            size: bytes.len() as u64,
+            limits,
+        };
         let (index, response) = self.lifecycle(op).await?;
         Ok((index, applied(response)?))
     }
@@ -380,7 +395,13 @@ impl NodeInner {
     }
 
     /// 409 when `version` of `name` exists with other bytes or limits.
-    fn check_version_free(&self, name: &str, version: &str, sha256: &str, limits: &PluginLimits) -> Result<(), ServiceError> {
+    fn check_version_free(
+        &self,
+        name: &str,
+        version: &str,
+        sha256: &str,
+        limits: &PluginLimits,
+    ) -> Result<(), ServiceError> {
         let existing = self.with_replica(|r| r.version(name, version).cloned()).flatten();
         match existing {
             Some(v) if v.sha256 != sha256 || &v.limits != limits => Err(ServiceError::new(
@@ -404,9 +425,11 @@ impl NodeInner {
         let needed = voters.len() / 2 + 1;
         let mut stored = usize::from(voters.contains(&self.id));
         let mut reason = String::new();
-        let pushes = voters.iter().copied().filter(|id| *id != self.id).map(|id| async move {
-            (id, self.ask_blob(id, BlobRpc::Push(bytes.to_vec())).await)
-        });
+        let pushes = voters
+            .iter()
+            .copied()
+            .filter(|id| *id != self.id)
+            .map(|id| async move { (id, self.ask_blob(id, BlobRpc::Push(bytes.to_vec())).await) });
         for (id, result) in futures::future::join_all(pushes).await {
             match result {
                 Ok(BlobReply::Stored(s)) if s == sha256 => stored += 1,
@@ -427,7 +450,8 @@ impl NodeInner {
     /// Make `version` the active version of `name`.
     pub async fn activate(&self, name: &str, version: &str) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", name)?;
-        let (index, response) = self.lifecycle(Op::ActivatePlugin { name: name.to_owned(), version: version.to_owned() }).await?;
+        let (index, response) =
+            self.lifecycle(Op::ActivatePlugin { name: name.to_owned(), version: version.to_owned() }).await?;
         let out = applied(response)?;
         if let Some(client) = self.bus.get() {
             crate::bus::notify(client, "plugin.activated", json!({ "plugin": name, "version": version })).await;
@@ -465,7 +489,10 @@ impl NodeInner {
 
     /// On the leader: validate a lifecycle change (an install's component
     /// must load here, from bytes this node has or fetches) and propose it.
-    pub(super) async fn lifecycle_local(&self, request: crate::consensus::Request) -> Result<(u64, Response), WriteError> {
+    pub(super) async fn lifecycle_local(
+        &self,
+        request: crate::consensus::Request,
+    ) -> Result<(u64, Response), WriteError> {
         match &request.op {
             Op::InstallPlugin { sha256, limits, name, version, .. } => {
                 if !crate::artifacts::is_sha256(sha256) {
@@ -475,7 +502,8 @@ impl NodeInner {
                     Ok(Some(b)) => b,
                     _ => self.fetch_blob(sha256).await.map_err(WriteError::Failed)?,
                 };
-                let stored = self.validate_component(&bytes, *limits).await.map_err(|e| WriteError::Refused(e.message))?;
+                let stored =
+                    self.validate_component(&bytes, *limits).await.map_err(|e| WriteError::Refused(e.message))?;
                 if &stored != sha256 {
                     return Err(WriteError::Refused(format!("bytes fetched for {sha256} hash to {stored}")));
                 }

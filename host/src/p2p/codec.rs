@@ -27,12 +27,7 @@ impl FrameCodec {
 }
 
 /// Reads one frame of at most `limit` bytes.
-async fn read_frame<T>(
-    io: &mut T,
-    limit: usize,
-    protocol: &StreamProtocol,
-    what: &str,
-) -> io::Result<Vec<u8>>
+async fn read_frame<T>(io: &mut T, limit: usize, protocol: &StreamProtocol, what: &str) -> io::Result<Vec<u8>>
 where
     T: AsyncRead + Unpin + Send,
 {
@@ -53,10 +48,7 @@ where
     let mut buf = vec![0u8; len_usize];
     io.read_exact(&mut buf).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{protocol} {what} of {len} bytes ended early"),
-            )
+            io::Error::new(io::ErrorKind::UnexpectedEof, format!("{protocol} {what} of {len} bytes ended early"))
         } else {
             e
         }
@@ -65,23 +57,14 @@ where
 }
 
 /// Writes one frame, refusing `bytes` over `limit`.
-async fn write_frame<T>(
-    io: &mut T,
-    bytes: &[u8],
-    limit: usize,
-    protocol: &StreamProtocol,
-    what: &str,
-) -> io::Result<()>
+async fn write_frame<T>(io: &mut T, bytes: &[u8], limit: usize, protocol: &StreamProtocol, what: &str) -> io::Result<()>
 where
     T: AsyncWrite + Unpin + Send,
 {
     let too_large = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "outgoing {protocol} {what} of {} bytes is over the limit of {limit} bytes",
-                bytes.len()
-            ),
+            format!("outgoing {protocol} {what} of {} bytes is over the limit of {limit} bytes", bytes.len()),
         )
     };
     if bytes.len() > limit {
@@ -99,46 +82,28 @@ impl request_response::Codec for FrameCodec {
     type Request = Vec<u8>;
     type Response = Vec<u8>;
 
-    async fn read_request<T>(
-        &mut self,
-        protocol: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>>
+    async fn read_request<T>(&mut self, protocol: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
         read_frame(io, self.limit, protocol, "request").await
     }
 
-    async fn read_response<T>(
-        &mut self,
-        protocol: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>>
+    async fn read_response<T>(&mut self, protocol: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
         read_frame(io, self.limit, protocol, "response").await
     }
 
-    async fn write_request<T>(
-        &mut self,
-        protocol: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
+    async fn write_request<T>(&mut self, protocol: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req, self.limit, protocol, "request").await
     }
 
-    async fn write_response<T>(
-        &mut self,
-        protocol: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()>
+    async fn write_response<T>(&mut self, protocol: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -159,47 +124,29 @@ mod tests {
     async fn round_trip_is_length_prefixed_big_endian() {
         let mut codec = FrameCodec::new(16);
         let mut wire = Cursor::new(Vec::new());
-        codec
-            .write_request(&PROTO, &mut wire, b"hello".to_vec())
-            .await
-            .unwrap();
+        codec.write_request(&PROTO, &mut wire, b"hello".to_vec()).await.unwrap();
         assert_eq!(wire.get_ref().as_slice(), b"\0\0\0\x05hello");
 
         let mut wire = Cursor::new(wire.into_inner());
-        assert_eq!(
-            codec.read_request(&PROTO, &mut wire).await.unwrap(),
-            b"hello"
-        );
+        assert_eq!(codec.read_request(&PROTO, &mut wire).await.unwrap(), b"hello");
     }
 
     #[tokio::test]
     async fn empty_message_round_trips() {
         let mut codec = FrameCodec::new(16);
         let mut wire = Cursor::new(Vec::new());
-        codec
-            .write_response(&PROTO, &mut wire, Vec::new())
-            .await
-            .unwrap();
+        codec.write_response(&PROTO, &mut wire, Vec::new()).await.unwrap();
         let mut wire = Cursor::new(wire.into_inner());
-        assert_eq!(
-            codec.read_response(&PROTO, &mut wire).await.unwrap(),
-            Vec::<u8>::new()
-        );
+        assert_eq!(codec.read_response(&PROTO, &mut wire).await.unwrap(), Vec::<u8>::new());
     }
 
     #[tokio::test]
     async fn oversized_write_is_refused_before_anything_is_sent() {
         let mut codec = FrameCodec::new(4);
         let mut wire = Cursor::new(Vec::new());
-        let err = codec
-            .write_request(&PROTO, &mut wire, vec![0; 5])
-            .await
-            .unwrap_err();
+        let err = codec.write_request(&PROTO, &mut wire, vec![0; 5]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(
-            err.to_string(),
-            "outgoing /synod/raft/1 request of 5 bytes is over the limit of 4 bytes"
-        );
+        assert_eq!(err.to_string(), "outgoing /synod/raft/1 request of 5 bytes is over the limit of 4 bytes");
         assert!(wire.get_ref().is_empty());
     }
 
@@ -210,10 +157,7 @@ mod tests {
         let mut wire = Cursor::new(1_000_000u32.to_be_bytes().to_vec());
         let err = codec.read_response(&PROTO, &mut wire).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert_eq!(
-            err.to_string(),
-            "incoming /synod/raft/1 response of 1000000 bytes is over the limit of 4 bytes"
-        );
+        assert_eq!(err.to_string(), "incoming /synod/raft/1 response of 1000000 bytes is over the limit of 4 bytes");
     }
 
     #[tokio::test]
@@ -222,9 +166,6 @@ mod tests {
         let mut wire = Cursor::new(b"\0\0\0\x08abc".to_vec());
         let err = codec.read_request(&PROTO, &mut wire).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(
-            err.to_string(),
-            "/synod/raft/1 request of 8 bytes ended early"
-        );
+        assert_eq!(err.to_string(), "/synod/raft/1 request of 8 bytes ended early");
     }
 }

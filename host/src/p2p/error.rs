@@ -66,9 +66,7 @@ pub enum P2pError {
     },
     /// The peer did not answer in time; it may or may not have acted on the
     /// request.
-    #[error(
-        "peer {peer} did not answer within {after:?}; it may or may not have acted on the request"
-    )]
+    #[error("peer {peer} did not answer within {after:?}; it may or may not have acted on the request")]
     Timeout {
         /// The peer asked.
         peer: PeerId,

@@ -39,17 +39,11 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, P2pError> {
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, P2pError> {
-    let bad = |reason: String| P2pError::BadKey {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| P2pError::BadKey { path: path.to_path_buf(), reason };
     let keypair = Keypair::from_protobuf_encoding(bytes)
         .map_err(|e| bad(format!("not a protobuf-encoded libp2p private key ({e})")))?;
     if keypair.key_type() != KeyType::Ed25519 {
-        return Err(bad(format!(
-            "it holds an {:?} key; node keys are Ed25519",
-            keypair.key_type()
-        )));
+        return Err(bad(format!("it holds an {:?} key; node keys are Ed25519", keypair.key_type())));
     }
     Ok(keypair)
 }
@@ -64,10 +58,7 @@ fn create(data_dir: &Path, path: PathBuf) -> Result<Keypair, P2pError> {
     let keypair = Keypair::generate_ed25519();
     let bytes = keypair
         .to_protobuf_encoding()
-        .map_err(|e| P2pError::BadKey {
-            path: path.clone(),
-            reason: format!("the new key cannot be encoded ({e})"),
-        })?;
+        .map_err(|e| P2pError::BadKey { path: path.clone(), reason: format!("the new key cannot be encoded ({e})") })?;
 
     let tmp = data_dir.join(KEY_TMP_FILE);
     // A leftover from a crash may have been created with other permissions;
@@ -80,9 +71,7 @@ fn create(data_dir: &Path, path: PathBuf) -> Result<Keypair, P2pError> {
     write_private(&tmp, &bytes).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     // The rename is durable only once the directory entry is on disk.
-    File::open(data_dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_err(data_dir))?;
+    File::open(data_dir).and_then(|dir| dir.sync_all()).map_err(io_err(data_dir))?;
 
     tracing::info!(path = %path.display(), peer_id = %keypair.public().to_peer_id(), "created a new node key");
     Ok(keypair)
@@ -135,10 +124,7 @@ mod tests {
         let first = load_or_create(&data_dir).unwrap();
         let path = data_dir.join(KEY_FILE);
         assert!(path.is_file());
-        assert!(
-            !data_dir.join(KEY_TMP_FILE).exists(),
-            "temp file left behind"
-        );
+        assert!(!data_dir.join(KEY_TMP_FILE).exists(), "temp file left behind");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -171,10 +157,7 @@ mod tests {
             P2pError::BadKey { path: p, .. } => assert_eq!(p, &path),
             other => panic!("expected BadKey, got {other:?}"),
         }
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
         // The corrupt file is left for the operator, not silently replaced.
         assert_eq!(fs::read(&path).unwrap(), b"this is not a key");
     }

@@ -161,12 +161,7 @@ impl P2pConfig {
 /// timeout, resets the peer's stream: the peer sees a failed request.
 pub trait InboundHandler: Send + Sync + 'static {
     /// Answers `request`, which `from` sent on `protocol`.
-    fn handle(
-        &self,
-        from: PeerId,
-        protocol: Protocol,
-        request: Vec<u8>,
-    ) -> BoxFuture<'static, Vec<u8>>;
+    fn handle(&self, from: PeerId, protocol: Protocol, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
 }
 
 /// A handle on the running transport; clones share it.
@@ -199,10 +194,7 @@ impl P2p {
     /// `/p2p/` suffix).
     ///
     /// Must be called within a tokio runtime.
-    pub async fn start(
-        config: P2pConfig,
-        handler: Arc<dyn InboundHandler>,
-    ) -> Result<(P2p, Multiaddr), P2pError> {
+    pub async fn start(config: P2pConfig, handler: Arc<dyn InboundHandler>) -> Result<(P2p, Multiaddr), P2pError> {
         let local_peer_id = config.keypair.public().to_peer_id();
         let peers = Peers::default();
         for (peer, addr) in &config.allowed {
@@ -212,32 +204,15 @@ impl P2p {
         let addr = swarm::listen(&mut swarm, &config.listen).await?;
 
         let mut control = swarm.behaviour().raft.new_control();
-        let incoming = control.accept(raft_stream::RAFT_PROTOCOL).map_err(|e| P2pError::Transport {
-            reason: format!("cannot accept {}: {e:?}", Protocol::Raft),
-        })?;
-        raft_stream::serve(
-            incoming,
-            handler.clone(),
-            peers.clone(),
-            config.max_message_bytes,
-            config.request_timeout,
-        );
-        let raft = Arc::new(raft_stream::RaftStreams::new(
-            control,
-            config.max_message_bytes,
-            config.request_timeout,
-        ));
+        let incoming = control
+            .accept(raft_stream::RAFT_PROTOCOL)
+            .map_err(|e| P2pError::Transport { reason: format!("cannot accept {}: {e:?}", Protocol::Raft) })?;
+        raft_stream::serve(incoming, handler.clone(), peers.clone(), config.max_message_bytes, config.request_timeout);
+        let raft = Arc::new(raft_stream::RaftStreams::new(control, config.max_message_bytes, config.request_timeout));
 
         let (commands_tx, commands) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(Vec::new());
-        let task = SwarmTask::new(
-            swarm,
-            peers.clone(),
-            commands,
-            handler,
-            connected_tx,
-            config.request_timeout,
-        );
+        let task = SwarmTask::new(swarm, peers.clone(), commands, handler, connected_tx, config.request_timeout);
         tokio::spawn(task.run());
         tracing::info!(peer_id = %local_peer_id, %addr, "p2p transport listening");
 
@@ -263,22 +238,13 @@ impl P2p {
     ///
     /// Fails without sending if `peer` is not allowed or the request is
     /// over the protocol's cap.
-    pub async fn request(
-        &self,
-        peer: PeerId,
-        protocol: Protocol,
-        request: Vec<u8>,
-    ) -> Result<Vec<u8>, P2pError> {
+    pub async fn request(&self, peer: PeerId, protocol: Protocol, request: Vec<u8>) -> Result<Vec<u8>, P2pError> {
         let limit = match protocol {
             Protocol::Raft => self.max_message_bytes,
             Protocol::Blob => self.max_blob_bytes,
         };
         if request.len() > limit {
-            return Err(P2pError::TooLarge {
-                protocol,
-                size: request.len(),
-                limit,
-            });
+            return Err(P2pError::TooLarge { protocol, size: request.len(), limit });
         }
         if self.commands.is_closed() {
             return Err(P2pError::Stopped);
@@ -290,13 +256,7 @@ impl P2p {
             return self.raft.request(peer, request).await;
         }
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Request {
-                peer,
-                request,
-                reply,
-            })
-            .map_err(|_| P2pError::Stopped)?;
+        self.commands.send(Command::Request { peer, request, reply }).map_err(|_| P2pError::Stopped)?;
         answer.await.map_err(|_| P2pError::Stopped)?
     }
 
@@ -369,16 +329,8 @@ mod tests {
     }
 
     impl InboundHandler for Arc<Recorder> {
-        fn handle(
-            &self,
-            from: PeerId,
-            protocol: Protocol,
-            request: Vec<u8>,
-        ) -> BoxFuture<'static, Vec<u8>> {
-            self.seen
-                .lock()
-                .unwrap()
-                .push((from, protocol, request.clone()));
+        fn handle(&self, from: PeerId, protocol: Protocol, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+            self.seen.lock().unwrap().push((from, protocol, request.clone()));
             let this = Arc::clone(self);
             Box::pin(async move {
                 if request == b"wait" {
@@ -413,21 +365,12 @@ mod tests {
 
     async fn start(config: P2pConfig) -> Node {
         let recorder = Arc::new(Recorder::default());
-        let (p2p, addr) = P2p::start(config, Arc::new(Arc::clone(&recorder)))
-            .await
-            .unwrap();
-        Node {
-            p2p,
-            addr,
-            recorder,
-        }
+        let (p2p, addr) = P2p::start(config, Arc::new(Arc::clone(&recorder))).await.unwrap();
+        Node { p2p, addr, recorder }
     }
 
     /// B, then A, each allowing the other; A knows B's address.
-    async fn pair(
-        tweak_a: impl FnOnce(&mut P2pConfig),
-        tweak_b: impl FnOnce(&mut P2pConfig),
-    ) -> (Node, Node) {
+    async fn pair(tweak_a: impl FnOnce(&mut P2pConfig), tweak_b: impl FnOnce(&mut P2pConfig)) -> (Node, Node) {
         let ka = Keypair::generate_ed25519();
         let kb = Keypair::generate_ed25519();
         let pa = ka.public().to_peer_id();
@@ -441,15 +384,8 @@ mod tests {
         (a, b)
     }
 
-    async fn request(
-        from: &Node,
-        to: PeerId,
-        protocol: Protocol,
-        bytes: &[u8],
-    ) -> Result<Vec<u8>, P2pError> {
-        timeout(WAIT, from.p2p.request(to, protocol, bytes.to_vec()))
-            .await
-            .expect("request hung")
+    async fn request(from: &Node, to: PeerId, protocol: Protocol, bytes: &[u8]) -> Result<Vec<u8>, P2pError> {
+        timeout(WAIT, from.p2p.request(to, protocol, bytes.to_vec())).await.expect("request hung")
     }
 
     #[tokio::test]
@@ -465,25 +401,17 @@ mod tests {
     async fn raft_request_reaches_the_handler_and_the_answer_comes_back() {
         let (a, b) = pair(|_| {}, |_| {}).await;
 
-        let answer = request(&a, b.id(), Protocol::Raft, b"append entries")
-            .await
-            .unwrap();
+        let answer = request(&a, b.id(), Protocol::Raft, b"append entries").await.unwrap();
 
         assert_eq!(answer, b"re:append entries");
-        assert_eq!(
-            b.recorder.seen(),
-            vec![(a.id(), Protocol::Raft, b"append entries".to_vec())]
-        );
+        assert_eq!(b.recorder.seen(), vec![(a.id(), Protocol::Raft, b"append entries".to_vec())]);
         assert!(a.recorder.seen().is_empty());
         assert_eq!(a.p2p.connected_peers(), vec![b.id()]);
 
         // B answers back over the connection A made, without knowing A's address.
         let answer = request(&b, a.id(), Protocol::Raft, b"vote").await.unwrap();
         assert_eq!(answer, b"re:vote");
-        assert_eq!(
-            a.recorder.seen(),
-            vec![(b.id(), Protocol::Raft, b"vote".to_vec())]
-        );
+        assert_eq!(a.recorder.seen(), vec![(b.id(), Protocol::Raft, b"vote".to_vec())]);
     }
 
     /// Raft requests share one stream per peer: many at once each get
@@ -495,7 +423,8 @@ mod tests {
             let p2p = a.p2p.clone();
             let to = b.id();
             // Sizes vary so frames of different lengths interleave.
-            let body: Vec<u8> = format!("{i}:").bytes().chain(std::iter::repeat_n(b'x', (i as usize * 37) % 5000)).collect();
+            let body: Vec<u8> =
+                format!("{i}:").bytes().chain(std::iter::repeat_n(b'x', (i as usize * 37) % 5000)).collect();
             async move { (body.clone(), p2p.request(to, Protocol::Raft, body).await) }
         });
         for (body, answer) in futures::future::join_all(asks).await {
@@ -531,21 +460,8 @@ mod tests {
         let big = vec![7u8; 64 * 1024 + 1];
 
         let err = request(&a, b.id(), Protocol::Raft, &big).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                P2pError::TooLarge {
-                    protocol: Protocol::Raft,
-                    limit: 65536,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            "a /synod/raft/1 message of 65537 bytes is over the limit of 65536 bytes"
-        );
+        assert!(matches!(err, P2pError::TooLarge { protocol: Protocol::Raft, limit: 65536, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "a /synod/raft/1 message of 65537 bytes is over the limit of 65536 bytes");
         assert!(b.recorder.seen().is_empty());
         // The same bytes fit the blob protocol.
         let answer = request(&a, b.id(), Protocol::Blob, &big).await.unwrap();
@@ -555,66 +471,31 @@ mod tests {
     #[tokio::test]
     async fn oversized_request_fails_and_the_peer_keeps_working() {
         // A may send 1 MiB; B accepts 1 KiB. A's own cap is 64 KiB on blobs.
-        let (a, b) = pair(
-            |c| c.max_blob_bytes = 64 * 1024,
-            |c| c.max_message_bytes = 1024,
-        )
-        .await;
+        let (a, b) = pair(|c| c.max_blob_bytes = 64 * 1024, |c| c.max_message_bytes = 1024).await;
 
         // Refused locally: never sent.
-        let err = request(&a, b.id(), Protocol::Blob, &vec![1; 64 * 1024 + 1])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                P2pError::TooLarge {
-                    protocol: Protocol::Blob,
-                    limit: 65536,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        let err = request(&a, b.id(), Protocol::Blob, &vec![1; 64 * 1024 + 1]).await.unwrap_err();
+        assert!(matches!(err, P2pError::TooLarge { protocol: Protocol::Blob, limit: 65536, .. }), "{err:?}");
 
         // Refused by B's codec from the length prefix.
-        let err = request(&a, b.id(), Protocol::Raft, &[2; 4096])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, P2pError::Request { peer, .. } if *peer == b.id()),
-            "{err:?}"
-        );
+        let err = request(&a, b.id(), Protocol::Raft, &[2; 4096]).await.unwrap_err();
+        assert!(matches!(&err, P2pError::Request { peer, .. } if *peer == b.id()), "{err:?}");
         assert!(err.to_string().contains("size limit"), "{err}");
-        assert!(
-            b.recorder.seen().is_empty(),
-            "oversized request reached the handler"
-        );
+        assert!(b.recorder.seen().is_empty(), "oversized request reached the handler");
 
         // The same peer still answers normal requests.
         let answer = request(&a, b.id(), Protocol::Raft, b"small").await.unwrap();
         assert_eq!(answer, b"re:small");
-        assert_eq!(
-            b.recorder.seen(),
-            vec![(a.id(), Protocol::Raft, b"small".to_vec())]
-        );
+        assert_eq!(b.recorder.seen(), vec![(a.id(), Protocol::Raft, b"small".to_vec())]);
     }
 
     #[tokio::test]
     async fn oversized_response_fails_the_request() {
         // B answers `re:` + request, so 1000 bytes in is 1003 out, over A's 1002.
         let (a, b) = pair(|c| c.max_message_bytes = 1002, |_| {}).await;
-        let err = request(&a, b.id(), Protocol::Raft, &[3; 1000])
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("over the limit of 1002 bytes"),
-            "{err}"
-        );
-        assert_eq!(
-            request(&a, b.id(), Protocol::Raft, b"ok").await.unwrap(),
-            b"re:ok"
-        );
+        let err = request(&a, b.id(), Protocol::Raft, &[3; 1000]).await.unwrap_err();
+        assert!(err.to_string().contains("over the limit of 1002 bytes"), "{err}");
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"ok").await.unwrap(), b"re:ok");
     }
 
     #[tokio::test]
@@ -652,22 +533,14 @@ mod tests {
         let (a, b) = pair(|c| c.request_timeout = Duration::from_millis(300), |_| {}).await;
 
         // B's handler never releases `wait`.
-        let err = request(&a, b.id(), Protocol::Raft, b"wait")
-            .await
-            .unwrap_err();
+        let err = request(&a, b.id(), Protocol::Raft, b"wait").await.unwrap_err();
         assert!(
             matches!(&err, P2pError::Timeout { peer, after } if *peer == b.id() && *after == Duration::from_millis(300)),
             "{err:?}"
         );
-        assert!(
-            err.to_string().contains("did not answer within 300ms"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("did not answer within 300ms"), "{err}");
 
-        assert_eq!(
-            request(&a, b.id(), Protocol::Raft, b"next").await.unwrap(),
-            b"re:next"
-        );
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"next").await.unwrap(), b"re:next");
     }
 
     #[tokio::test]
@@ -677,78 +550,40 @@ mod tests {
         let kc = Keypair::generate_ed25519();
         let c = start(config(kc, vec![(a.id(), Some(a.addr.clone()))])).await;
 
-        let err = request(&c, a.id(), Protocol::Raft, b"let me in")
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }),
-            "{err:?}"
-        );
-        let err = request(&c, a.id(), Protocol::Blob, b"let me in")
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }),
-            "{err:?}"
-        );
+        let err = request(&c, a.id(), Protocol::Raft, b"let me in").await.unwrap_err();
+        assert!(matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }), "{err:?}");
+        let err = request(&c, a.id(), Protocol::Blob, b"let me in").await.unwrap_err();
+        assert!(matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }), "{err:?}");
 
         // A refuses to talk to C too, without trying.
-        let err = request(&a, c.id(), Protocol::Raft, b"hello?")
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, P2pError::NotAllowed { peer } if *peer == c.id()),
-            "{err:?}"
-        );
-        assert_eq!(
-            err.to_string(),
-            format!("peer {} is not on this node's allowlist", c.id())
-        );
+        let err = request(&a, c.id(), Protocol::Raft, b"hello?").await.unwrap_err();
+        assert!(matches!(&err, P2pError::NotAllowed { peer } if *peer == c.id()), "{err:?}");
+        assert_eq!(err.to_string(), format!("peer {} is not on this node's allowlist", c.id()));
 
-        assert!(
-            a.recorder.seen().is_empty(),
-            "A's handler saw {:?}",
-            a.recorder.seen()
-        );
+        assert!(a.recorder.seen().is_empty(), "A's handler saw {:?}", a.recorder.seen());
         assert!(!a.p2p.connected_peers().contains(&c.id()));
         // A still works with the peer it does allow.
-        assert_eq!(
-            request(&a, b.id(), Protocol::Raft, b"hi").await.unwrap(),
-            b"re:hi"
-        );
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"hi").await.unwrap(), b"re:hi");
     }
 
     #[tokio::test]
     async fn allow_at_runtime_lets_a_refused_peer_in_and_disallow_shuts_it_out() {
         let a = start(config(Keypair::generate_ed25519(), vec![])).await;
-        let c = start(config(
-            Keypair::generate_ed25519(),
-            vec![(a.id(), Some(a.addr.clone()))],
-        ))
-        .await;
+        let c = start(config(Keypair::generate_ed25519(), vec![(a.id(), Some(a.addr.clone()))])).await;
 
         assert!(request(&c, a.id(), Protocol::Raft, b"first").await.is_err());
         assert!(a.recorder.seen().is_empty());
 
         a.p2p.allow(c.id(), None);
-        let answer = request(&c, a.id(), Protocol::Raft, b"second")
-            .await
-            .unwrap();
+        let answer = request(&c, a.id(), Protocol::Raft, b"second").await.unwrap();
         assert_eq!(answer, b"re:second");
-        assert_eq!(
-            a.recorder.seen(),
-            vec![(c.id(), Protocol::Raft, b"second".to_vec())]
-        );
+        assert_eq!(a.recorder.seen(), vec![(c.id(), Protocol::Raft, b"second".to_vec())]);
 
         a.p2p.disallow(c.id());
         let err = request(&a, c.id(), Protocol::Raft, b"x").await.unwrap_err();
         assert!(matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
         assert!(request(&c, a.id(), Protocol::Raft, b"third").await.is_err());
-        assert_eq!(
-            a.recorder.seen().len(),
-            1,
-            "a disallowed peer reached the handler"
-        );
+        assert_eq!(a.recorder.seen().len(), 1, "a disallowed peer reached the handler");
     }
 
     #[tokio::test]
@@ -756,22 +591,14 @@ mod tests {
         let a = start(config(Keypair::generate_ed25519(), vec![])).await;
         let stranger = Keypair::generate_ed25519().public().to_peer_id();
         a.p2p.allow(stranger, None);
-        let err = request(&a, stranger, Protocol::Raft, b"x")
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, P2pError::Dial { peer, .. } if *peer == stranger),
-            "{err:?}"
-        );
+        let err = request(&a, stranger, Protocol::Raft, b"x").await.unwrap_err();
+        assert!(matches!(&err, P2pError::Dial { peer, .. } if *peer == stranger), "{err:?}");
     }
 
     #[tokio::test]
     async fn shutdown_stops_the_node() {
         let (a, b) = pair(|_| {}, |_| {}).await;
-        assert_eq!(
-            request(&a, b.id(), Protocol::Raft, b"up").await.unwrap(),
-            b"re:up"
-        );
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"up").await.unwrap(), b"re:up");
 
         b.p2p.shutdown().await;
         b.p2p.shutdown().await;
@@ -780,11 +607,7 @@ mod tests {
         assert!(b.p2p.connected_peers().is_empty());
 
         // B's listener and connections are gone, so A cannot reach it.
-        assert!(
-            request(&a, b.id(), Protocol::Raft, b"anyone?")
-                .await
-                .is_err()
-        );
+        assert!(request(&a, b.id(), Protocol::Raft, b"anyone?").await.is_err());
         assert_eq!(b.recorder.seen().len(), 1);
     }
 
@@ -796,9 +619,6 @@ mod tests {
         let b_id = b.id();
         drop(b);
         // A sees the connection close once B's swarm is dropped.
-        timeout(WAIT, connected.wait_for(|peers| !peers.contains(&b_id)))
-            .await
-            .unwrap()
-            .unwrap();
+        timeout(WAIT, connected.wait_for(|peers| !peers.contains(&b_id))).await.unwrap().unwrap();
     }
 }

@@ -224,7 +224,9 @@ fn spawn_link(peer: PeerId, stream: Stream, max_bytes: usize) -> Link {
             let answer = match (frame.kind, frame.body) {
                 (_, Err(size)) => Err(P2pError::TooLarge { protocol: Protocol::Raft, size, limit: max_bytes }),
                 (OK, Ok(body)) => Ok(body),
-                (_, Ok(reason)) => Err(P2pError::Request { peer, reason: String::from_utf8_lossy(&reason).into_owned() }),
+                (_, Ok(reason)) => {
+                    Err(P2pError::Request { peer, reason: String::from_utf8_lossy(&reason).into_owned() })
+                }
             };
             if let Some(waiter) = lock(&waiters).remove(&frame.id) {
                 let _ = waiter.send(answer);

@@ -19,23 +19,18 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use libp2p::allow_block_list::{self, AllowedPeers};
-use libp2p::request_response::{
-    self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel,
-};
 use libp2p::core::Endpoint;
 use libp2p::core::transport::PortUse;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm, dummy,
 };
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::FrameCodec;
-use super::{
-    IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError,
-    Peers, Protocol,
-};
+use super::{IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError, Peers, Protocol};
 
 /// Wire name of [`Protocol::Blob`].
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Blob.name());
@@ -185,14 +180,8 @@ pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehav
     );
     let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| P2pError::Transport {
-            reason: e.to_string(),
-        })?
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .map_err(|e| P2pError::Transport { reason: e.to_string() })?
         .with_behaviour(|key| SynodBehaviour {
             allowed: allow_block_list::Behaviour::default(),
             book: AddressBook { peers },
@@ -217,31 +206,16 @@ pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehav
 
 /// Starts listening on `addr` and waits until the listener has an address
 /// (port 0 resolved).
-pub(super) async fn listen(
-    swarm: &mut Swarm<SynodBehaviour>,
-    addr: &Multiaddr,
-) -> Result<Multiaddr, P2pError> {
-    let listen_err = |reason: String| P2pError::Listen {
-        addr: addr.clone(),
-        reason,
-    };
-    let id = swarm
-        .listen_on(addr.clone())
-        .map_err(|e| listen_err(e.to_string()))?;
+pub(super) async fn listen(swarm: &mut Swarm<SynodBehaviour>, addr: &Multiaddr) -> Result<Multiaddr, P2pError> {
+    let listen_err = |reason: String| P2pError::Listen { addr: addr.clone(), reason };
+    let id = swarm.listen_on(addr.clone()).map_err(|e| listen_err(e.to_string()))?;
     loop {
         match swarm.select_next_some().await {
-            SwarmEvent::NewListenAddr {
-                listener_id,
-                address,
-            } if listener_id == id => return Ok(address),
+            SwarmEvent::NewListenAddr { listener_id, address } if listener_id == id => return Ok(address),
             SwarmEvent::ListenerError { listener_id, error } if listener_id == id => {
                 return Err(listen_err(error.to_string()));
             }
-            SwarmEvent::ListenerClosed {
-                listener_id,
-                reason,
-                ..
-            } if listener_id == id => {
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } if listener_id == id => {
                 return Err(listen_err(match reason {
                     Ok(()) => "the listener closed".to_owned(),
                     Err(e) => e.to_string(),
@@ -323,13 +297,7 @@ impl SwarmTask {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
             }
         };
-        let SwarmTask {
-            swarm,
-            commands,
-            pending,
-            connected,
-            ..
-        } = self;
+        let SwarmTask { swarm, commands, pending, connected, .. } = self;
         // Dropping the swarm closes the listener and every connection;
         // dropping `pending` tells waiting callers the transport stopped,
         // and dropping `commands` tells handles (the Raft streams look).
@@ -345,11 +313,7 @@ impl SwarmTask {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Request {
-                peer,
-                request,
-                reply,
-            } => self.send_request(peer, request, reply),
+            Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Command::Allow { peer } => {
                 self.swarm.behaviour_mut().allowed.allow_peer(peer);
             }
@@ -362,32 +326,14 @@ impl SwarmTask {
         }
     }
 
-    fn send_request(
-        &mut self,
-        peer: PeerId,
-        request: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, P2pError>>,
-    ) {
+    fn send_request(&mut self, peer: PeerId, request: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>, P2pError>>) {
         let addresses = self.peers.address(&peer).into_iter().collect();
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .blob
-            .send_request_with_addresses(&peer, request, addresses);
+        let id = self.swarm.behaviour_mut().blob.send_request_with_addresses(&peer, request, addresses);
         self.pending.insert(id, Pending { peer, reply });
     }
 
-    fn on_answer(
-        &mut self,
-        Answer { channel, response }: Answer,
-    ) {
-        if self
-            .swarm
-            .behaviour_mut()
-            .blob
-            .send_response(channel, response)
-            .is_err()
-        {
+    fn on_answer(&mut self, Answer { channel, response }: Answer) {
+        if self.swarm.behaviour_mut().blob.send_response(channel, response).is_err() {
             // The requester timed out or its connection closed meanwhile;
             // the behaviour reports that as an inbound failure.
             tracing::debug!("blob response dropped: the request is no longer waiting");
@@ -396,13 +342,9 @@ impl SwarmTask {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<SynodBehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => {
-                self.on_request_response(event)
-            }
+            SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => self.on_request_response(event),
             SwarmEvent::Behaviour(SynodBehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
+                peer_id, info, ..
             })) => {
                 if info.protocol_version != IDENTIFY_PROTOCOL_VERSION {
                     tracing::warn!(
@@ -416,9 +358,7 @@ impl SwarmTask {
                     tracing::debug!(peer = %peer_id, agent = %info.agent_version, "identified peer");
                 }
             }
-            SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 self.dial_errors.remove(&peer_id);
                 self.publish_connected();
@@ -427,20 +367,11 @@ impl SwarmTask {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
                 self.publish_connected();
             }
-            SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer),
-                error,
-                ..
-            } => {
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                 tracing::debug!(%peer, %error, "dial failed");
                 self.dial_errors.insert(peer, error.to_string());
             }
-            SwarmEvent::IncomingConnectionError {
-                peer_id,
-                send_back_addr,
-                error,
-                ..
-            } => {
+            SwarmEvent::IncomingConnectionError { peer_id, send_back_addr, error, .. } => {
                 // A refused peer is worth an operator's attention: it is
                 // usually a node missing from this node's membership.
                 tracing::info!(peer = ?peer_id, addr = %send_back_addr, %error, "incoming connection refused");
@@ -453,30 +384,18 @@ impl SwarmTask {
         let protocol = Protocol::Blob;
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
+                request_response::Message::Request { request, channel, .. } => {
                     self.on_inbound_request(peer, request, channel);
                 }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
+                request_response::Message::Response { request_id, response } => {
                     if let Some(pending) = self.pending.remove(&request_id) {
                         let _ = pending.reply.send(Ok(response));
                     }
                 }
             },
-            request_response::Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 if let Some(pending) = self.pending.remove(&request_id) {
-                    let _ = pending
-                        .reply
-                        .send(Err(self.outbound_error(pending.peer, error)));
+                    let _ = pending.reply.send(Err(self.outbound_error(pending.peer, error)));
                 } else {
                     tracing::debug!(%peer, %protocol, %error, "outbound failure for an unknown request");
                 }
@@ -488,12 +407,7 @@ impl SwarmTask {
         }
     }
 
-    fn on_inbound_request(
-        &mut self,
-        peer: PeerId,
-        request: Vec<u8>,
-        channel: ResponseChannel<Vec<u8>>,
-    ) {
+    fn on_inbound_request(&mut self, peer: PeerId, request: Vec<u8>, channel: ResponseChannel<Vec<u8>>) {
         // A disallowed peer's connection is closed asynchronously, so a
         // request already in flight may still arrive; it must not reach the
         // handler. Dropping the channel resets the stream.
@@ -523,37 +437,27 @@ impl SwarmTask {
                     }
                 }),
             },
-            OutboundFailure::Timeout => P2pError::Timeout {
-                peer,
-                after: self.request_timeout,
-            },
+            OutboundFailure::Timeout => P2pError::Timeout { peer, after: self.request_timeout },
             OutboundFailure::ConnectionClosed => P2pError::Request {
                 peer,
-                reason:
-                    "the connection closed before the answer came (the peer may have shut down, \
+                reason: "the connection closed before the answer came (the peer may have shut down, \
                          or may not have this node on its allowlist)"
-                        .to_owned(),
+                    .to_owned(),
             },
             OutboundFailure::UnsupportedProtocols => P2pError::Request {
                 peer,
-                reason:
-                    "the peer does not speak this protocol (is it a synod node of a compatible \
+                reason: "the peer does not speak this protocol (is it a synod node of a compatible \
                          version?)"
-                        .to_owned(),
+                    .to_owned(),
             },
-            OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                P2pError::Request {
-                    peer,
-                    reason: format!(
-                        "the peer closed the stream without answering ({e}); it may have refused a message \
-                     over its size limit, or its handler failed or outlasted its request timeout"
-                    ),
-                }
-            }
-            OutboundFailure::Io(e) => P2pError::Request {
+            OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => P2pError::Request {
                 peer,
-                reason: e.to_string(),
+                reason: format!(
+                    "the peer closed the stream without answering ({e}); it may have refused a message \
+                     over its size limit, or its handler failed or outlasted its request timeout"
+                ),
             },
+            OutboundFailure::Io(e) => P2pError::Request { peer, reason: e.to_string() },
         }
     }
 

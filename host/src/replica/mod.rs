@@ -217,7 +217,10 @@ impl Replica {
         if let Some(last) = self.log_id
             && log_id.index <= last.index
         {
-            return Err(ApplyError::OutOfOrder { index: log_id.index * OPS_PER_ENTRY, last_applied: self.last_applied });
+            return Err(ApplyError::OutOfOrder {
+                index: log_id.index * OPS_PER_ENTRY,
+                last_applied: self.last_applied,
+            });
         }
         let response = match payload {
             EntryPayload::Blank => Response::default(),
@@ -268,7 +271,13 @@ impl Replica {
     }
 
     /// Apply one operation at operation index `index`.
-    fn apply_op(&mut self, term: u64, index: u64, request: Request, loader: &dyn PluginLoader) -> Result<Response, ApplyError> {
+    fn apply_op(
+        &mut self,
+        term: u64,
+        index: u64,
+        request: Request,
+        loader: &dyn PluginLoader,
+    ) -> Result<Response, ApplyError> {
         let mut response = match request.op {
             Op::Batch(_) => return Err(ApplyError::Host { index, reason: "nested batch".into() }),
             Op::Command { plugin, command, payload } => {
@@ -307,7 +316,8 @@ impl Replica {
         payload: &[u8],
     ) -> Result<Response, ApplyError> {
         self.dedup.expire(ctx.timestamp_ms);
-        let identified = request_id.map(|id| (dedup::key(&ctx.caller, plugin, command, id), dedup::payload_hash(payload)));
+        let identified =
+            request_id.map(|id| (dedup::key(&ctx.caller, plugin, command, id), dedup::payload_hash(payload)));
         if let Some((key, hash)) = &identified {
             match self.dedup.lookup(key, hash) {
                 Lookup::New => {}
@@ -320,7 +330,10 @@ impl Replica {
                 }
                 Lookup::Reused => {
                     let id = request_id.unwrap_or_default().to_owned();
-                    return Ok(Response { result: Some(Err(CommandError::RequestIdReused { id })), ..Response::default() });
+                    return Ok(Response {
+                        result: Some(Err(CommandError::RequestIdReused { id })),
+                        ..Response::default()
+                    });
                 }
             }
         }
@@ -334,7 +347,12 @@ impl Replica {
             self.dedup.remember(key, remembered);
         }
         self.queue_events(ctx.index, plugin, &outcome.events);
-        Ok(Response { result: Some(outcome.result), events: outcome.events, fuel_used: outcome.fuel_used, ..Response::default() })
+        Ok(Response {
+            result: Some(outcome.result),
+            events: outcome.events,
+            fuel_used: outcome.fuel_used,
+            ..Response::default()
+        })
     }
 
     /// Make `plugin` the active version of `name` for entries applied from
@@ -401,7 +419,13 @@ impl Replica {
     }
 
     /// Apply one committed command at `ctx.index`.
-    pub fn apply_command(&mut self, ctx: &Context, plugin: &str, command: &str, payload: &[u8]) -> Result<Outcome, ApplyError> {
+    pub fn apply_command(
+        &mut self,
+        ctx: &Context,
+        plugin: &str,
+        command: &str,
+        payload: &[u8],
+    ) -> Result<Outcome, ApplyError> {
         self.check_order(ctx.index)?;
         let outcome = match self.plugins.get(plugin) {
             Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin))),

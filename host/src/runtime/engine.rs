@@ -10,10 +10,7 @@
 //! fingerprints differ must not form one cluster.
 
 use serde::{Deserialize, Serialize};
-use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, OperatorCost, PoolingAllocationConfig,
-    Strategy,
-};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, OperatorCost, PoolingAllocationConfig, Strategy};
 
 /// The exact wasmtime release every node runs (pinned with `=` in
 /// `Cargo.toml`; a test checks the two agree).
@@ -179,10 +176,7 @@ fn fingerprint() -> EngineFingerprint {
         format!("max_wasm_stack={MAX_WASM_STACK}"),
         format!("max_memory_ceiling={MAX_MEMORY_CEILING}"),
         // The whole table, not a name for it: any changed cost changes this.
-        format!(
-            "fuel_costs={}",
-            &blake3::hash(format!("{:?}", fuel_costs()).as_bytes()).to_hex()[..16]
-        ),
+        format!("fuel_costs={}", &blake3::hash(format!("{:?}", fuel_costs()).as_bytes()).to_hex()[..16]),
         // What host calls cost decides where a command runs out of fuel.
         format!(
             "host_fuel=call:{},byte:{},scan_entry:{},scan_max:{}",

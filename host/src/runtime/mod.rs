@@ -21,9 +21,7 @@ use sha2::Digest as _;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, Trap};
 
-pub use engine::{
-    EngineFingerprint, MAX_MEMORY_CEILING, MAX_WASM_STACK, PluginLimits, WASMTIME_VERSION,
-};
+pub use engine::{EngineFingerprint, MAX_MEMORY_CEILING, MAX_WASM_STACK, PluginLimits, WASMTIME_VERSION};
 pub use error::{CommandError, LoadError};
 pub use host::LogLine;
 
@@ -136,8 +134,8 @@ impl Runtime {
     /// Validate and compile a command-handler component, ready to run.
     pub fn load(&self, bytes: &[u8], limits: PluginLimits) -> Result<Plugin, LoadError> {
         self.check_bytes(bytes, &limits)?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
         self.finish(component, sha2::Sha256::digest(bytes).into(), limits)
     }
 
@@ -145,8 +143,8 @@ impl Runtime {
     /// compile cache ([`Runtime::load_precompiled`] loads it back).
     pub fn precompile(&self, bytes: &[u8], limits: &PluginLimits) -> Result<Vec<u8>, LoadError> {
         self.check_bytes(bytes, limits)?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile { reason: format!("{e:#}") })?;
         self.check_world(&component)?;
         component.serialize().map_err(|e| LoadError::Compile { reason: format!("{e:#}") })
     }
@@ -188,21 +186,12 @@ impl Runtime {
         check_limits(limits)
     }
 
-    fn finish(
-        &self,
-        component: Component,
-        sha256: [u8; 32],
-        limits: PluginLimits,
-    ) -> Result<Plugin, LoadError> {
+    fn finish(&self, component: Component, sha256: [u8; 32], limits: PluginLimits) -> Result<Plugin, LoadError> {
         self.check_world(&component)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
-        let pre = CommandHandlerPre::new(pre)
-            .map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
-        let mut plugin =
-            Plugin { pre, engine: self.engine.clone(), limits, info: PluginInfo::default(), sha256 };
+        let pre =
+            self.linker.instantiate_pre(&component).map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
+        let pre = CommandHandlerPre::new(pre).map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
+        let mut plugin = Plugin { pre, engine: self.engine.clone(), limits, info: PluginInfo::default(), sha256 };
         plugin.info = plugin.describe().map_err(LoadError::Describe)?;
         for name in &plugin.info.commands {
             crate::state::check_name("command", name)?;
@@ -236,9 +225,7 @@ impl Runtime {
             let allowed = name
                 .strip_prefix("synod:plugin/")
                 .and_then(|rest| rest.split_once('@'))
-                .is_some_and(|(iface, version)| {
-                    ALLOWED_IMPORTS.contains(&iface) && compatible(version)
-                });
+                .is_some_and(|(iface, version)| ALLOWED_IMPORTS.contains(&iface) && compatible(version));
             if !allowed {
                 return Err(LoadError::UnsupportedImport { name: name.to_owned() });
             }
@@ -257,10 +244,7 @@ fn compatible(version: &str) -> bool {
 fn check_limits(limits: &PluginLimits) -> Result<(), LoadError> {
     if limits.memory_bytes > MAX_MEMORY_CEILING {
         return Err(LoadError::Limits {
-            reason: format!(
-                "memory_bytes {} is over this node's ceiling of {MAX_MEMORY_CEILING}",
-                limits.memory_bytes
-            ),
+            reason: format!("memory_bytes {} is over this node's ceiling of {MAX_MEMORY_CEILING}", limits.memory_bytes),
         });
     }
     if limits.fuel == 0 {
@@ -301,13 +285,7 @@ impl Plugin {
 
     /// Apply one committed command. Deterministic: the same inputs give the
     /// same [`Outcome`] on every node.
-    pub fn handle(
-        &self,
-        ctx: &Context,
-        command: &str,
-        payload: &[u8],
-        view: Box<dyn StateView>,
-    ) -> Outcome {
+    pub fn handle(&self, ctx: &Context, command: &str, payload: &[u8], view: Box<dyn StateView>) -> Outcome {
         if !self.info.commands.contains(command) {
             return Outcome::failed(CommandError::UnknownCommand { name: command.to_owned() });
         }
@@ -318,13 +296,7 @@ impl Plugin {
     }
 
     /// Answer a read-only query; writes and events are refused to the guest.
-    pub fn query(
-        &self,
-        ctx: &Context,
-        name: &str,
-        payload: &[u8],
-        view: Box<dyn StateView>,
-    ) -> Outcome {
+    pub fn query(&self, ctx: &Context, name: &str, payload: &[u8], view: Box<dyn StateView>) -> Outcome {
         if !self.info.queries.contains(name) {
             return Outcome::failed(CommandError::UnknownQuery { name: name.to_owned() });
         }
@@ -350,10 +322,7 @@ impl Plugin {
         ctx: &Context,
         read_only: bool,
         view: Box<dyn StateView>,
-        call: impl FnOnce(
-            &CommandHandler,
-            &mut Store<HostState>,
-        ) -> wasmtime::Result<Result<Vec<u8>, GuestError>>,
+        call: impl FnOnce(&CommandHandler, &mut Store<HostState>) -> wasmtime::Result<Result<Vec<u8>, GuestError>>,
     ) -> Outcome {
         let state = HostState::new(self.limits, read_only, view, (ctx.index, ctx.term));
         let mut store = Store::new(&self.engine, state);
@@ -386,10 +355,7 @@ impl Plugin {
 
     fn check_size(&self, output: Vec<u8>) -> Result<Vec<u8>, CommandError> {
         if output.len() > self.limits.output_bytes {
-            return Err(CommandError::OutputTooLarge {
-                size: output.len(),
-                limit: self.limits.output_bytes,
-            });
+            return Err(CommandError::OutputTooLarge { size: output.len(), limit: self.limits.output_bytes });
         }
         Ok(output)
     }
@@ -399,10 +365,7 @@ impl Plugin {
             GuestError::InvalidInput(m) | GuestError::Rejected(m) | GuestError::Internal(m) => m,
         };
         if message.len() > self.limits.output_bytes {
-            return CommandError::OutputTooLarge {
-                size: message.len(),
-                limit: self.limits.output_bytes,
-            };
+            return CommandError::OutputTooLarge { size: message.len(), limit: self.limits.output_bytes };
         }
         match error {
             GuestError::InvalidInput(message) => CommandError::InvalidInput { message },
@@ -426,9 +389,7 @@ impl Plugin {
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => CommandError::OutOfFuel { limit: self.limits.fuel },
             Some(Trap::StackOverflow) => CommandError::StackOverflow,
-            _ if data.memory.denied => {
-                CommandError::OutOfMemory { limit: self.limits.memory_bytes }
-            }
+            _ if data.memory.denied => CommandError::OutOfMemory { limit: self.limits.memory_bytes },
             Some(trap) => {
                 // A Rust plugin's panic aborts with `unreachable`; the SDK's
                 // panic hook logged why just before.

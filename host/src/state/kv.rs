@@ -25,7 +25,12 @@ pub trait StateView: Send + 'static {
     /// stopping early (second value `true`) once the keys and values read
     /// exceed `max_bytes`: the caller's budget, so a scan never copies more
     /// than it may pay for.
-    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError>;
+    fn scan(
+        &self,
+        prefix: &str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError>;
 }
 
 /// The buffered writes of one command, in key order (`None` deletes).
@@ -69,10 +74,7 @@ impl WriteSet {
     }
 
     /// The writes whose key starts with `prefix`, in key order.
-    pub fn range_prefix<'a>(
-        &'a self,
-        prefix: &'a str,
-    ) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
+    pub fn range_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + 'a {
         self.entries
             .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
@@ -126,7 +128,12 @@ impl StateView for Namespace {
         Ok(self.0.get(key).cloned())
     }
 
-    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError> {
+    fn scan(
+        &self,
+        prefix: &str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let range = self.0.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));

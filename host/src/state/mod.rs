@@ -24,6 +24,7 @@ pub struct Event {
     /// Dot-separated topic, relative to the plugin (`heater.on`).
     pub topic: String,
     /// Opaque payload (JSON by convention).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 

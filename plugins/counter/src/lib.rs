@@ -52,11 +52,8 @@ impl Plugin for Counter {
     fn handle(_ctx: &Context, command: &Command) -> Result<Vec<u8>, Error> {
         match command.name.as_str() {
             "increment" => {
-                let Increment { by, note } = if command.payload.is_empty() {
-                    Increment { by: 1, note: None }
-                } else {
-                    command.json()?
-                };
+                let Increment { by, note } =
+                    if command.payload.is_empty() { Increment { by: 1, note: None } } else { command.json()? };
                 if let Some(note) = note {
                     state::set("note", &note)?;
                 }

@@ -68,13 +68,7 @@ fn check_zone_name(zone: &str) -> Result<(), Error> {
     let ok = !zone.is_empty()
         && zone.len() <= 64
         && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "zone {zone:?} must be 1-64 letters, digits, '-' or '_'"
-        )))
-    }
+    if ok { Ok(()) } else { Err(Error::invalid(format!("zone {zone:?} must be 1-64 letters, digits, '-' or '_'"))) }
 }
 
 fn range() -> Result<Range, Error> {
@@ -129,12 +123,8 @@ impl Plugin for Thermostat {
         match command.name.as_str() {
             "configure" => {
                 let r: Range = command.json()?;
-                if !(r.min_setpoint.is_finite() && r.max_setpoint.is_finite())
-                    || r.min_setpoint >= r.max_setpoint
-                {
-                    return Err(Error::invalid(
-                        "min_setpoint and max_setpoint must be numbers with min < max",
-                    ));
+                if !(r.min_setpoint.is_finite() && r.max_setpoint.is_finite()) || r.min_setpoint >= r.max_setpoint {
+                    return Err(Error::invalid("min_setpoint and max_setpoint must be numbers with min < max"));
                 }
                 state::set(RANGE_KEY, &r)?;
                 reply(&r)
@@ -143,10 +133,7 @@ impl Plugin for Thermostat {
                 let req: SetSetpoint = command.json()?;
                 check_zone_name(&req.zone)?;
                 let r = range()?;
-                if !req.setpoint.is_finite()
-                    || req.setpoint < r.min_setpoint
-                    || req.setpoint > r.max_setpoint
-                {
+                if !req.setpoint.is_finite() || req.setpoint < r.min_setpoint || req.setpoint > r.max_setpoint {
                     return Err(Error::rejected(format!(
                         "setpoint {} is outside the allowed range {}..{}",
                         req.setpoint, r.min_setpoint, r.max_setpoint
@@ -155,9 +142,7 @@ impl Plugin for Thermostat {
                 let mut zone = load_zone(&req.zone)?;
                 if let Some(h) = req.hysteresis {
                     if !(h > 0.0 && h <= 10.0) {
-                        return Err(Error::rejected(format!(
-                            "hysteresis {h} must be above 0 and at most 10"
-                        )));
+                        return Err(Error::rejected(format!("hysteresis {h} must be above 0 and at most 10")));
                     }
                     zone.hysteresis = h;
                 }

@@ -12,10 +12,9 @@ const MAX_TOPIC_BYTES: usize = 128;
 fn valid_topic(topic: &str) -> bool {
     !topic.is_empty()
         && topic.len() <= MAX_TOPIC_BYTES
-        && topic.split('.').all(|word| {
-            !word.is_empty()
-                && word.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+        && topic
+            .split('.')
+            .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
 }
 
 impl Host for HostState {
@@ -39,10 +38,7 @@ impl Host for HostState {
             ))));
         }
         if self.events.len() >= l.max_events {
-            return Ok(Err(HostError::LimitExceeded(format!(
-                "a command may emit at most {} events",
-                l.max_events
-            ))));
+            return Ok(Err(HostError::LimitExceeded(format!("a command may emit at most {} events", l.max_events))));
         }
         self.events.push(Event { topic, payload });
         Ok(Ok(()))

@@ -85,12 +85,7 @@ impl HostState {
 }
 
 impl HostState {
-    pub(super) fn new(
-        limits: PluginLimits,
-        read_only: bool,
-        view: Box<dyn StateView>,
-        seed: (u64, u64),
-    ) -> Self {
+    pub(super) fn new(limits: PluginLimits, read_only: bool, view: Box<dyn StateView>, seed: (u64, u64)) -> Self {
         Self {
             limits,
             read_only,
@@ -124,12 +119,7 @@ pub struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.denied = true;
             return Ok(false);
@@ -137,12 +127,7 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }

@@ -24,16 +24,10 @@ impl HostState {
             )));
         }
         if self.writes.lookup(key).is_none() && self.writes.len() >= l.max_writes {
-            return Err(HostError::LimitExceeded(format!(
-                "a command may write at most {} keys",
-                l.max_writes
-            )));
+            return Err(HostError::LimitExceeded(format!("a command may write at most {} keys", l.max_writes)));
         }
         if self.write_bytes + key.len() + value_len > l.max_write_bytes {
-            return Err(HostError::LimitExceeded(format!(
-                "a command may write at most {} bytes",
-                l.max_write_bytes
-            )));
+            return Err(HostError::LimitExceeded(format!("a command may write at most {} bytes", l.max_write_bytes)));
         }
         Ok(())
     }
