@@ -934,7 +934,7 @@ mod tests {
             }
             let name = seg.file_name().unwrap().to_string_lossy().into_owned();
             for range in [50..51, 1..101] {
-                let err = log.try_get_log_entries(range).await.err().expect("a damaged record must not be served");
+                let err = log.try_get_log_entries(range).await.expect_err("a damaged record must not be served");
                 let msg = err.to_string();
                 assert!(msg.contains(&name) && msg.contains(&format!("damaged record at offset {at} ")), "{msg}");
             }

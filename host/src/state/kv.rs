@@ -14,6 +14,10 @@ pub struct StateReadError {
     pub reason: String,
 }
 
+/// What a bounded scan read: the entries, and whether it stopped early at
+/// its byte budget.
+pub type Scanned = (Vec<(String, Vec<u8>)>, bool);
+
 /// Read access to one plugin's namespace, as of the entry being applied.
 ///
 /// The runtime is handed a view of exactly one namespace, so no host call can
@@ -25,12 +29,7 @@ pub trait StateView: Send + 'static {
     /// stopping early (second value `true`) once the keys and values read
     /// exceed `max_bytes`: the caller's budget, so a scan never copies more
     /// than it may pay for.
-    fn scan(
-        &self,
-        prefix: &str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError>;
+    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<Scanned, StateReadError>;
 }
 
 /// The buffered writes of one command, in key order (`None` deletes).
@@ -128,12 +127,7 @@ impl StateView for Namespace {
         Ok(self.0.get(key).cloned())
     }
 
-    fn scan(
-        &self,
-        prefix: &str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<(Vec<(String, Vec<u8>)>, bool), StateReadError> {
+    fn scan(&self, prefix: &str, limit: usize, max_bytes: usize) -> Result<Scanned, StateReadError> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let range = self.0.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded));

@@ -13,7 +13,7 @@ mod kv;
 mod name;
 
 pub use digest::Digest;
-pub use kv::{KvState, Namespace, StateReadError, StateView, WriteSet};
+pub use kv::{KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
 pub use name::{MAX_NAME_BYTES, NameError, check_name, parse_name};
 
 use serde::{Deserialize, Serialize};
