@@ -129,3 +129,25 @@ async fn a_mislabelled_snapshot_is_refused() {
     let e = target.install_snapshot(&meta, snapshot.snapshot).await.unwrap_err();
     assert!(e.to_string().contains("labelled"), "{e}");
 }
+
+/// A damaged snapshot file is refused at open, naming the damage.
+#[tokio::test]
+async fn a_damaged_snapshot_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(Runtime::new().unwrap());
+    let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).unwrap());
+    let bytes = component("counter");
+    let sha256 = artifacts.put(&bytes).unwrap();
+    {
+        let mut store = StateMachineStore::open(dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
+        store.apply(log(&sha256, bytes.len() as u64)[..10].to_vec()).await.unwrap();
+        store.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    }
+    let path = dir.path().join("snapshot.bin");
+    let mut file = std::fs::read(&path).unwrap();
+    let last = file.len() - 1;
+    file[last] ^= 0x40;
+    std::fs::write(&path, file).unwrap();
+    let e = StateMachineStore::open(dir.path(), artifacts, Arc::new(NoBlobSource)).err().unwrap();
+    assert!(e.to_string().contains("checksum does not match"), "{e}");
+}

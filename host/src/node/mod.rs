@@ -13,9 +13,9 @@
 //! - [`peer`]: the peer protocol — one typed request helper out, the
 //!   handlers for what peers ask in.
 //!
-//! This file holds the wiring, the leader/follower routing every write and
-//! linearizable read goes through, and the background tasks (owned by a
-//! `JoinSet` that shutdown stops).
+//! This file holds the wiring: starting and stopping a node, membership
+//! and leader lookups, and the background tasks (owned by a `JoinSet` that
+//! shutdown stops).
 
 pub mod peer;
 pub mod service;
@@ -27,19 +27,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::{Multiaddr, PeerId};
-use openraft::error::RaftError;
 use openraft::{Raft, SnapshotPolicy};
 use tokio::task::JoinSet;
 
 use crate::artifacts::{ArtifactError, Artifacts};
 use crate::config::NodeConfig;
 use crate::consensus::network::Network;
-use crate::consensus::rpc::{NodeStatus, RaftReply, RaftRpc, WriteError};
-use crate::consensus::{LogStore, NodeId, NodeInfo, Op, Request, Response, Shared, StateMachineStore, TypeConfig};
+use crate::consensus::rpc::{NodeStatus, WriteError};
+use crate::consensus::{LogStore, NodeId, NodeInfo, Shared, StateMachineStore, TypeConfig};
 use crate::p2p::{P2p, P2pConfig};
 use crate::runtime::Runtime;
 pub use service::{ANONYMOUS, Consistency, LimitRequest, ServiceError};
-use write_path::{Queue, Queued, Reply};
+use write_path::{Queue, Queued};
 
 /// Largest message on `/synod/raft/1`, bytes. An entry is capped well below
 /// it (`limits.max_entry_bytes`), so one always fits; an append of several
@@ -354,113 +353,6 @@ impl NodeInner {
     fn not_leader(&self) -> WriteError {
         let (leader_id, leader_http) = self.leader();
         WriteError::NotLeader { leader_id, leader_http }
-    }
-
-    /// Propose on this node (it believes it leads) in the next batch; the
-    /// batch stamps the time. Answers with the operation's index.
-    async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
-        match write_path::enqueue(&self.batch, request).await {
-            Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
-            other => other,
-        }
-    }
-
-    /// Replicate `op` through the leader, wherever it is; waits out an
-    /// election (up to a few seconds) rather than failing at once.
-    pub async fn write(&self, op: Op, caller: &str) -> Result<(u64, Response), WriteError> {
-        self.write_request(op, caller, None).await
-    }
-
-    /// [`NodeInner::write`] with a client request id for deduplication. For
-    /// a retry, the index returned is the first application's.
-    pub async fn write_request(
-        &self,
-        op: Op,
-        caller: &str,
-        request_id: Option<String>,
-    ) -> Result<(u64, Response), WriteError> {
-        let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
-        let (index, response) = self
-            .on_leader(|| self.write_local(request.clone()), |_| write_path::enqueue(&self.forward, request.clone()))
-            .await?;
-        Ok((response.first_index.unwrap_or(index), response))
-    }
-
-    /// Send one batch of queued writes to the leader and hand out the
-    /// answers; when there is no other leader to send to, each write is told
-    /// so and retries (see [`NodeInner::on_leader`]).
-    async fn forward_batch(&self, requests: Vec<Request>, replies: Vec<Reply>) {
-        let n = replies.len();
-        let answers = match self.leader().0 {
-            Some(l) if l != self.id => match self.forward(l, &RaftRpc::WriteBatch(requests)).await {
-                Ok(RaftReply::WriteBatch(answers)) if answers.len() == n => answers,
-                Ok(RaftReply::Refused(why)) => vec![Err(WriteError::Failed(format!("the leader refused: {why}"))); n],
-                Ok(_) => vec![Err(WriteError::Failed("the leader's answer does not match the batch".into())); n],
-                Err(e) => vec![Err(e); n],
-            },
-            _ => vec![Err(self.not_leader()); n],
-        };
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            let _ = reply.send(answer);
-        }
-    }
-
-    /// Run an operation on the leader: locally if this node leads, else
-    /// forwarded over libp2p. While no leader is known (an election), wait
-    /// and retry for up to five seconds rather than failing at once.
-    async fn on_leader<T, Fut, RemoteFut>(
-        &self,
-        local: impl Fn() -> Fut,
-        remote: impl Fn(NodeId) -> RemoteFut,
-    ) -> Result<T, WriteError>
-    where
-        Fut: std::future::Future<Output = Result<T, WriteError>>,
-        RemoteFut: std::future::Future<Output = Result<T, WriteError>>,
-    {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let result = match self.leader().0 {
-                Some(l) if l == self.id => local().await,
-                Some(l) => remote(l).await,
-                None => Err(self.not_leader()),
-            };
-            match result {
-                Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    async fn read_index_local(&self) -> Result<u64, WriteError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(id) => Ok(id.map(|i| i.index).unwrap_or(0)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => Err(self.not_leader()),
-            Err(e) => Err(WriteError::Failed(e.to_string())),
-        }
-    }
-
-    /// Wait until this node has applied everything committed before now, as
-    /// confirmed by the leader: what makes a following read linearizable.
-    pub async fn read_barrier(&self) -> Result<(), WriteError> {
-        let index = self
-            .on_leader(
-                || self.read_index_local(),
-                |l| async move {
-                    match self.forward(l, &RaftRpc::ReadIndex).await? {
-                        RaftReply::ReadIndex(i) => i,
-                        other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
-                    }
-                },
-            )
-            .await?;
-        self.raft
-            .wait(Some(Duration::from_secs(5)))
-            .applied_index_at_least(Some(index), "read barrier")
-            .await
-            .map(|_| ())
-            .map_err(|e| WriteError::Failed(format!("waiting to apply index {index}: {e}")))
     }
 
     /// This node's position and digest.

@@ -193,3 +193,41 @@ fn check_forwarded(request: &crate::consensus::Request) -> Result<(), WriteError
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::Request;
+    use crate::runtime::PluginLimits;
+
+    fn request(caller: &str, op: Op) -> Request {
+        Request { timestamp_ms: 0, caller: caller.into(), request_id: None, op }
+    }
+
+    /// A peer may forward client commands; never an internal operation, a
+    /// batch, or a caller it cannot have authenticated.
+    #[test]
+    fn forwarded_batches_carry_only_client_commands() {
+        let command = Op::Command { plugin: "p".into(), command: "c".into(), payload: b"{}".to_vec() };
+        assert!(check_forwarded(&request(super::super::ANONYMOUS, command.clone())).is_ok());
+        let forged = check_forwarded(&request("admin", command.clone())).unwrap_err();
+        assert!(forged.to_string().contains("may not claim caller"), "{forged}");
+        let install = Op::InstallPlugin {
+            name: "p".into(),
+            version: "1".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+            limits: PluginLimits::default(),
+        };
+        for op in [
+            install,
+            Op::EventsPublished { upto: u64::MAX },
+            Op::RemovePlugin { name: "p".into() },
+            Op::ActivatePlugin { name: "p".into(), version: "1".into() },
+            Op::Batch(vec![request(super::super::ANONYMOUS, command.clone())]),
+        ] {
+            let refused = check_forwarded(&request(super::super::ANONYMOUS, op)).unwrap_err();
+            assert!(matches!(refused, WriteError::Refused(_)), "{refused}");
+        }
+    }
+}

@@ -9,18 +9,23 @@
 //! always fits a Raft message. On a follower the [`forwarder`] packs them
 //! into one `WriteBatch` RPC to the leader, under the same caps.
 //!
+//! Every write and linearizable read is routed here too: run on the leader
+//! if this node leads, else forwarded, retried through an election
+//! ([`super::NodeInner::write_request`], [`super::NodeInner::read_barrier`]).
+//!
 //! Both queues are bounded (`limits.max_queued_writes`): a full queue is [`WriteError::Overloaded`]
 //! (HTTP and NATS say 429 with `Retry-After`), never unbounded memory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::mpsc;
 
-use crate::consensus::rpc::WriteError;
+use crate::consensus::rpc::{RaftReply, RaftRpc, WriteError};
 use crate::consensus::types::OPS_PER_ENTRY;
-use crate::consensus::{Op, Request, Response, TypeConfig};
+use crate::consensus::{NodeId, Op, Request, Response, TypeConfig};
 
 /// Where a queued write's answer goes.
 pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(u64, Response), WriteError>>;
@@ -150,6 +155,115 @@ pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue
             node.forward_batch(requests, replies).await;
             drop(slot);
         });
+    }
+}
+
+/// Routing: every write and linearizable read goes through the leader.
+impl super::NodeInner {
+    /// Propose on this node (it believes it leads) in the next batch; the
+    /// batch stamps the time. Answers with the operation's index.
+    pub(super) async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
+        match enqueue(&self.batch, request).await {
+            Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
+            other => other,
+        }
+    }
+
+    /// Replicate `op` through the leader, wherever it is; waits out an
+    /// election (up to a few seconds) rather than failing at once.
+    pub async fn write(&self, op: Op, caller: &str) -> Result<(u64, Response), WriteError> {
+        self.write_request(op, caller, None).await
+    }
+
+    /// [`NodeInner::write`] with a client request id for deduplication. For
+    /// a retry, the index returned is the first application's.
+    pub async fn write_request(
+        &self,
+        op: Op,
+        caller: &str,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), WriteError> {
+        let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
+        let (index, response) =
+            self.on_leader(|| self.write_local(request.clone()), |_| enqueue(&self.forward, request.clone())).await?;
+        Ok((response.first_index.unwrap_or(index), response))
+    }
+
+    /// Send one batch of queued writes to the leader and hand out the
+    /// answers; when there is no other leader to send to, each write is told
+    /// so and retries (see [`NodeInner::on_leader`]).
+    pub(super) async fn forward_batch(&self, requests: Vec<Request>, replies: Vec<Reply>) {
+        let n = replies.len();
+        let answers = match self.leader().0 {
+            Some(l) if l != self.id => match self.forward(l, &RaftRpc::WriteBatch(requests)).await {
+                Ok(RaftReply::WriteBatch(answers)) if answers.len() == n => answers,
+                Ok(RaftReply::Refused(why)) => vec![Err(WriteError::Failed(format!("the leader refused: {why}"))); n],
+                Ok(_) => vec![Err(WriteError::Failed("the leader's answer does not match the batch".into())); n],
+                Err(e) => vec![Err(e); n],
+            },
+            _ => vec![Err(self.not_leader()); n],
+        };
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Run an operation on the leader: locally if this node leads, else
+    /// forwarded over libp2p. While no leader is known (an election), wait
+    /// and retry for up to five seconds rather than failing at once.
+    pub(super) async fn on_leader<T, Fut, RemoteFut>(
+        &self,
+        local: impl Fn() -> Fut,
+        remote: impl Fn(NodeId) -> RemoteFut,
+    ) -> Result<T, WriteError>
+    where
+        Fut: std::future::Future<Output = Result<T, WriteError>>,
+        RemoteFut: std::future::Future<Output = Result<T, WriteError>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let result = match self.leader().0 {
+                Some(l) if l == self.id => local().await,
+                Some(l) => remote(l).await,
+                None => Err(self.not_leader()),
+            };
+            match result {
+                Err(WriteError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub(super) async fn read_index_local(&self) -> Result<u64, WriteError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(id) => Ok(id.map(|i| i.index).unwrap_or(0)),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(e) => Err(WriteError::Failed(e.to_string())),
+        }
+    }
+
+    /// Wait until this node has applied everything committed before now, as
+    /// confirmed by the leader: what makes a following read linearizable.
+    pub async fn read_barrier(&self) -> Result<(), WriteError> {
+        let index = self
+            .on_leader(
+                || self.read_index_local(),
+                |l| async move {
+                    match self.forward(l, &RaftRpc::ReadIndex).await? {
+                        RaftReply::ReadIndex(i) => i,
+                        other => Err(WriteError::Failed(format!("leader answered {other:?}"))),
+                    }
+                },
+            )
+            .await?;
+        self.raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Failed(format!("waiting to apply index {index}: {e}")))
     }
 }
 

@@ -243,6 +243,11 @@ fn spawn_link(peer: PeerId, stream: Stream, max_bytes: usize) -> Link {
     link
 }
 
+/// Requests one peer may have in progress on this node at once. A peer's
+/// Raft traffic is a handful at a time; forwarded writes are bounded by the
+/// peer's own queue. Past this the peer is told "overloaded" at once.
+pub(super) const MAX_INBOUND_IN_FLIGHT: usize = 16_384;
+
 /// The inbound side: answers every stream peers open on `/synod/raft/1`.
 pub(super) fn serve(
     mut incoming: IncomingStreams,
@@ -267,6 +272,9 @@ async fn serve_stream(
     timeout: Duration,
 ) {
     let (answers, mut queue) = mpsc::unbounded_channel();
+    // Requests from this peer being handled at once; past it a request is
+    // refused at once rather than piling up tasks without bound.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_IN_FLIGHT));
     let why = pump(stream, &mut queue, max_bytes, |frame| {
         let refuse = |reason: String| {
             let _ = answers.send((frame.id, REFUSED, reason.into_bytes()));
@@ -283,10 +291,15 @@ async fn serve_stream(
             tracing::info!(%peer, "refused a raft request from a peer not on the allowlist");
             return refuse("this node does not have the sender on its allowlist".to_owned());
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "refused a raft request: {MAX_INBOUND_IN_FLIGHT} from this peer are in progress");
+            return refuse(format!("overloaded: {MAX_INBOUND_IN_FLIGHT} requests from this peer are in progress"));
+        };
         let work = handler.handle(peer, Protocol::Raft, body);
         let answers = answers.clone();
         let id = frame.id;
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(timeout, work).await {
                 Ok(answer) if answer.len() > max_bytes => {
                     let reason = format!("the answer of {} bytes is over the limit of {max_bytes} bytes", answer.len());
