@@ -196,6 +196,14 @@ pub struct LimitsConfig {
     /// client is told 429 with `Retry-After` instead of being queued
     /// without bound.
     pub max_queued_writes: usize,
+    /// How long a client request id is remembered (a retry within it is
+    /// answered from the first application), seconds. A cluster-wide
+    /// setting: the leader replicates its value through the log, so every
+    /// node evicts alike.
+    pub dedup_ttl_secs: u64,
+    /// Most bytes the request-id table may hold (oldest forgotten first).
+    /// Cluster-wide, like `dedup_ttl_secs`.
+    pub dedup_max_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -207,6 +215,8 @@ impl Default for LimitsConfig {
             max_plugin_fuel: 1_000_000_000,
             max_plugin_memory_bytes: crate::runtime::MAX_MEMORY_CEILING,
             max_queued_writes: 8192,
+            dedup_ttl_secs: 600,
+            dedup_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -220,6 +230,16 @@ fn default_http() -> SocketAddr {
 
 fn default_p2p() -> String {
     "/ip4/127.0.0.1/tcp/7101".to_owned()
+}
+
+impl LimitsConfig {
+    /// The cluster-wide settings this config asks the leader to replicate.
+    pub fn cluster_settings(&self) -> crate::consensus::types::ClusterSettings {
+        crate::consensus::types::ClusterSettings {
+            dedup_ttl_ms: self.dedup_ttl_secs.saturating_mul(1000),
+            dedup_max_bytes: self.dedup_max_bytes,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -271,6 +291,9 @@ impl NodeConfig {
                 l.max_entry_bytes,
                 message - MESSAGE_HEADROOM
             ));
+        }
+        if l.dedup_ttl_secs == 0 || l.dedup_max_bytes == 0 {
+            return bad("limits.dedup_ttl_secs and limits.dedup_max_bytes must be greater than 0".into());
         }
         if l.max_queued_writes == 0 {
             return bad("limits.max_queued_writes must be greater than 0".into());

@@ -163,10 +163,12 @@ async fn fuel_heavy_commands_do_not_stall_the_node() {
 
 /// A request id names one request: a retry with the same payload gets the
 /// first answer; the same id with another payload is refused with 409.
+/// Ids are kept for the configured time, which the leader replicates, and
+/// forgotten after it on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_reused_for_another_payload_is_refused() {
     let _serial = serial().await;
-    let c = Cluster::start(3, |_| {});
+    let c = Cluster::start(3, |config| config.limits.dedup_ttl_secs = 3);
     let leader = c.leader().await;
     c.push(leader, "counter", "1", component("counter")).await.unwrap();
     let follower = c.live().into_iter().find(|id| *id != leader).unwrap();
@@ -185,6 +187,23 @@ async fn a_request_id_reused_for_another_payload_is_refused() {
     assert!(e.to_string().contains("request_id_reused"), "{e}");
     c.converged().await;
     assert_eq!(c.local_state(leader, "counter").await["value"], json!(5));
+
+    // The 3-second retention is replicated to every node...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for id in c.live() {
+        loop {
+            let settings = c.client(id).get("/v1/cluster").await.unwrap()["settings"].clone();
+            if settings["dedup_ttl_ms"] == json!(3000) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id} never got the replicated TTL: {settings}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // ...and past it the id names a new request.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let again = send(follower, 6).await.unwrap();
+    assert_eq!(again["result"], json!({"value": 11}));
 }
 
 /// The peer allowlist follows the committed membership: asking a follower

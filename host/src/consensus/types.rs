@@ -106,11 +106,30 @@ pub enum Op {
         /// Last operation index whose events are in the stream.
         upto: u64,
     },
+    /// Cluster-wide settings that replicated state depends on, so every
+    /// node must use the same values: the leader proposes them from its
+    /// configuration when they differ from the replicated ones.
+    Settings(ClusterSettings),
     /// Several requests in one log entry, applied in order: how the leader
     /// turns many concurrent writes into one append and one fsync (openraft
     /// 0.9 flushes each append before taking the next). At most
     /// [`OPS_PER_ENTRY`] requests; no nesting.
     Batch(Vec<Request>),
+}
+
+/// Settings every node applies alike, from the log (see [`Op::Settings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// How long a client request id is remembered, in ms of log time.
+    pub dedup_ttl_ms: u64,
+    /// Most bytes the request-id table holds (oldest forgotten first).
+    pub dedup_max_bytes: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { dedup_ttl_ms: 10 * 60 * 1000, dedup_max_bytes: 64 * 1024 * 1024 }
+    }
 }
 
 /// Operations one log entry may carry. An operation's index is

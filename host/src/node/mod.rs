@@ -226,6 +226,7 @@ impl RunningNode {
             }
         }
         tasks.spawn(follow_membership(inner.clone()));
+        tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
 
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
@@ -299,6 +300,29 @@ async fn follow_membership(node: Arc<NodeInner>) {
         }
         if membership.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// While this node leads, make the replicated cluster settings what its
+/// config asks for (checked every second; a no-op once they agree).
+async fn replicate_settings(node: Arc<NodeInner>) {
+    let wanted = node.config.limits.cluster_settings();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if node.leader().0 != Some(node.id) || node.with_replica(|r| r.settings()) == Some(wanted) {
+            continue;
+        }
+        let request = crate::consensus::Request {
+            timestamp_ms: 0,
+            caller: "synod".into(),
+            request_id: None,
+            op: crate::consensus::Op::Settings(wanted),
+        };
+        match node.write_local(request).await {
+            Ok(_) => tracing::info!(?wanted, "cluster settings replicated"),
+            Err(e) => tracing::debug!(error = %e, "cannot replicate cluster settings yet"),
         }
     }
 }

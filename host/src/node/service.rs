@@ -113,8 +113,8 @@ impl From<WriteError> for ServiceError {
 pub const ANONYMOUS: &str = "anonymous";
 
 /// Header naming a client's request id: a retry with the same id (and the
-/// same payload) is applied at most once within
-/// [`crate::replica::dedup::DEDUP_TTL_MS`].
+/// same payload) is applied at most once within the replicated
+/// `dedup_ttl_ms` ([`crate::consensus::types::ClusterSettings`]).
 pub const REQUEST_ID_HEADER: &str = "synod-request-id";
 
 /// Check a client request id: 1–128 visible ASCII characters.
@@ -588,6 +588,7 @@ impl NodeInner {
                 json!({ "published_upto": published_upto, "pending_commands": pending, "dropped": dropped })
             }),
             "engine": self.artifacts.runtime().fingerprint(),
+            "settings": self.with_replica(|r| r.settings()),
             "allowed_peers": self.p2p.allowed_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         })
     }

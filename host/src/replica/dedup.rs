@@ -4,26 +4,20 @@
 //! timestamp. Out: for a retry, the first application's result; for an id
 //! reused with another payload, a refusal. Entries are keyed by (caller,
 //! plugin, command, id) — one client's id never answers another's request —
-//! and carry a hash of the payload. They are kept for [`DEDUP_TTL_MS`] of log
+//! and carry a hash of the payload. They are kept for `dedup_ttl_ms` of log
 //! time (the leader's timestamps, never this node's clock, so every node
-//! evicts the same entries at the same index) and at most [`DEDUP_MAX_BYTES`]
-//! in total, oldest first.
+//! evicts the same entries at the same index) and at most `dedup_max_bytes`
+//! in total, oldest first — both [`ClusterSettings`], replicated through the
+//! log so that every node uses the same values (default 10 minutes and
+//! 64 MiB; `limits.dedup_ttl_secs` and `limits.dedup_max_bytes` in the
+//! leader's config).
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::consensus::types::ClusterSettings;
 use crate::runtime::CommandError;
-
-/// How long a request id is remembered, in milliseconds of log time.
-///
-/// A cluster-wide constant, not a per-node setting: eviction is part of the
-/// replicated state, so every node must use the same value.
-pub const DEDUP_TTL_MS: u64 = 10 * 60 * 1000;
-
-/// Most bytes (ids, keys and results) the table holds; past it the oldest
-/// ids are forgotten early. Cluster-wide, like [`DEDUP_TTL_MS`].
-pub const DEDUP_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bookkeeping counted per entry on top of its key and result.
 const ENTRY_OVERHEAD: usize = 96;
@@ -94,10 +88,10 @@ impl Dedup {
         }
     }
 
-    /// Forget what is older than the TTL at log time `now_ms`.
-    pub fn expire(&mut self, now_ms: u64) {
+    /// Forget what is older than `ttl_ms` at log time `now_ms`.
+    pub fn expire(&mut self, now_ms: u64, ttl_ms: u64) {
         while let Some(oldest) = self.order.front() {
-            let expired = self.entries.get(oldest).is_none_or(|r| r.at_ms.saturating_add(DEDUP_TTL_MS) < now_ms);
+            let expired = self.entries.get(oldest).is_none_or(|r| r.at_ms.saturating_add(ttl_ms) < now_ms);
             if !expired {
                 break;
             }
@@ -105,15 +99,16 @@ impl Dedup {
         }
     }
 
-    /// Remember `key` (evicting the oldest past the byte cap).
-    pub fn remember(&mut self, key: String, remembered: Remembered) {
+    /// Remember `key` (evicting the oldest past `max_bytes`).
+    pub fn remember(&mut self, key: String, remembered: Remembered, max_bytes: u64) {
+        let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
         self.bytes += remembered.bytes(&key);
         if let Some(old) = self.entries.insert(key.clone(), remembered) {
             self.bytes = self.bytes.saturating_sub(old.bytes(&key));
         } else {
             self.order.push_back(key);
         }
-        while self.bytes > DEDUP_MAX_BYTES && self.order.len() > 1 {
+        while self.bytes > max_bytes && self.order.len() > 1 {
             self.pop_oldest();
         }
     }
@@ -145,7 +140,7 @@ impl Dedup {
     pub fn from_image(image: Vec<(String, Remembered)>) -> Dedup {
         let mut dedup = Dedup::default();
         for (key, r) in image {
-            dedup.remember(key, r);
+            dedup.remember(key, r, u64::MAX);
         }
         dedup
     }
@@ -155,6 +150,9 @@ impl Dedup {
 mod tests {
     use super::*;
 
+    const TTL: u64 = 10 * 60 * 1000;
+    const MAX: u64 = 64 * 1024 * 1024;
+
     fn r(at_ms: u64, payload: &[u8]) -> Remembered {
         Remembered { index: at_ms, result: Ok(b"{}".to_vec()), payload_hash: payload_hash(payload), at_ms }
     }
@@ -163,7 +161,7 @@ mod tests {
     fn retry_reuse_and_scope() {
         let mut d = Dedup::default();
         let k = key("alice", "counter", "increment", "order-1");
-        d.remember(k.clone(), r(1, b"a"));
+        d.remember(k.clone(), r(1, b"a"), MAX);
         assert!(matches!(d.lookup(&k, &payload_hash(b"a")), Lookup::Retry(_)));
         assert_eq!(d.lookup(&k, &payload_hash(b"b")), Lookup::Reused);
         // Another caller, plugin or command with the same id is a new request.
@@ -176,13 +174,13 @@ mod tests {
         let mut d = Dedup::default();
         // Far more than the old 100,000-entry window, all within the TTL.
         for i in 0..150_000u64 {
-            d.remember(key("c", "p", "x", &i.to_string()), r(i / 1000, b"x"));
+            d.remember(key("c", "p", "x", &i.to_string()), r(i / 1000, b"x"), MAX);
         }
-        d.expire(150);
+        d.expire(150, TTL);
         assert_eq!(d.len(), 150_000);
         assert!(matches!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::Retry(_)));
         // Past the TTL of the oldest, they go, oldest first.
-        d.expire(DEDUP_TTL_MS + 50);
+        d.expire(TTL + 50, TTL);
         assert_eq!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::New);
         assert!(matches!(d.lookup(&key("c", "p", "x", "149999"), &payload_hash(b"x")), Lookup::Retry(_)));
         let rebuilt = Dedup::from_image(d.image());
@@ -195,9 +193,9 @@ mod tests {
         let mut d = Dedup::default();
         let big = Remembered { result: Ok(vec![0; 1024 * 1024]), ..r(0, b"x") };
         for i in 0..70 {
-            d.remember(key("c", "p", "x", &i.to_string()), big.clone());
+            d.remember(key("c", "p", "x", &i.to_string()), big.clone(), MAX);
         }
-        assert!(d.bytes <= DEDUP_MAX_BYTES);
+        assert!(d.bytes as u64 <= MAX);
         assert_eq!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::New);
         assert!(matches!(d.lookup(&key("c", "p", "x", "69"), &payload_hash(b"x")), Lookup::Retry(_)));
     }

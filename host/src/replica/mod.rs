@@ -30,7 +30,7 @@ use openraft::{EntryPayload, LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::ArtifactError;
-use crate::consensus::types::{NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
+use crate::consensus::types::{ClusterSettings, NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
 use crate::runtime::{CommandError, Context, LoadError, Outcome, Plugin, PluginLimits};
 use crate::state::{Digest, Effects, Event, KvState, WriteSet};
 pub use dedup::Remembered;
@@ -139,6 +139,8 @@ pub struct Image {
     pub published_upto: u64,
     /// Events dropped because the outbox was full.
     pub outbox_dropped: u64,
+    /// Cluster-wide settings.
+    pub settings: ClusterSettings,
 }
 
 /// The replicated state, captured at one log id in O(number of namespaces):
@@ -200,6 +202,8 @@ pub struct Replica {
     published_upto: u64,
     /// Events dropped because the outbox was full.
     outbox_dropped: u64,
+    /// Cluster-wide settings (request-id retention), from the log.
+    settings: ClusterSettings,
 }
 
 /// How many recent digests to keep for comparison.
@@ -288,6 +292,13 @@ impl Replica {
                 self.mark_published(upto);
                 Response::default()
             }
+            Op::Settings(settings) => {
+                self.settings = settings;
+                let result =
+                    serde_json::to_vec(&settings).map_err(|e| CommandError::Lifecycle { message: e.to_string() });
+                self.commit_lifecycle(index, "synod", &result);
+                Response { result: Some(result), ..Response::default() }
+            }
             Op::InstallPlugin { name, version, sha256, size, limits } => {
                 let record = VersionRecord { sha256, size, limits, installed_at: index };
                 let result = self.apply_install(index, &name, &version, record, loader)?;
@@ -315,7 +326,7 @@ impl Replica {
         command: &str,
         payload: &[u8],
     ) -> Result<Response, ApplyError> {
-        self.dedup.expire(ctx.timestamp_ms);
+        self.dedup.expire(ctx.timestamp_ms, self.settings.dedup_ttl_ms);
         let identified =
             request_id.map(|id| (dedup::key(&ctx.caller, plugin, command, id), dedup::payload_hash(payload)));
         if let Some((key, hash)) = &identified {
@@ -344,7 +355,7 @@ impl Replica {
         if let Some((key, payload_hash)) = identified {
             let remembered =
                 Remembered { index: ctx.index, result: outcome.result.clone(), payload_hash, at_ms: ctx.timestamp_ms };
-            self.dedup.remember(key, remembered);
+            self.dedup.remember(key, remembered, self.settings.dedup_max_bytes);
         }
         self.queue_events(ctx.index, plugin, &outcome.events);
         Ok(Response {
@@ -563,6 +574,11 @@ impl Replica {
         &self.dedup
     }
 
+    /// The cluster-wide settings in force.
+    pub fn settings(&self) -> ClusterSettings {
+        self.settings
+    }
+
     /// Queue a command's events for publishing.
     fn queue_events(&mut self, index: u64, plugin: &str, events: &[Event]) {
         if events.is_empty() || index <= self.published_upto {
@@ -641,6 +657,7 @@ impl Replica {
                 outbox: self.outbox.iter().map(|(i, e)| (*i, e.clone())).collect(),
                 published_upto: self.published_upto,
                 outbox_dropped: self.outbox_dropped,
+                settings: self.settings,
             },
         }
     }
@@ -686,6 +703,7 @@ impl Replica {
             outbox: image.outbox.into_iter().collect(),
             published_upto: image.published_upto,
             outbox_dropped: image.outbox_dropped,
+            settings: image.settings,
         })
     }
 }
@@ -760,6 +778,35 @@ mod tests {
         assert!(matches!(replica.apply_entry(log_id, payload, &Broken), Err(ApplyError::Host { .. })));
         assert_eq!(replica.log_id(), None);
         assert_eq!(replica.digest(), Digest::ZERO);
+    }
+
+    fn identified(index: u64, at_ms: u64, id: &str) -> (LogId<NodeId>, EntryPayload<TypeConfig>) {
+        let op = Op::Command { plugin: "gone".into(), command: "c".into(), payload: b"{}".to_vec() };
+        let request = Request { timestamp_ms: at_ms, caller: "anonymous".into(), request_id: Some(id.into()), op };
+        (LogId::new(CommittedLeaderId::new(1, 1), index), EntryPayload::Normal(request))
+    }
+
+    /// Request ids are kept for the replicated TTL: a retry inside it gets
+    /// the first answer; after the leader shortens it through the log, the
+    /// same id is a new request on every node at the same index.
+    #[test]
+    fn request_ids_follow_the_replicated_ttl() {
+        let mut replica = Replica::default();
+        let (id, p) = identified(1, 1_000, "a");
+        replica.apply_entry(id, p, &Refusing).unwrap();
+        let (id, p) = identified(2, 500_000, "a");
+        assert_eq!(replica.apply_entry(id, p, &Refusing).unwrap().first_index, Some(OPS_PER_ENTRY));
+        let settings = ClusterSettings { dedup_ttl_ms: 60_000, ..ClusterSettings::default() };
+        let request =
+            Request { timestamp_ms: 500_001, caller: "synod".into(), request_id: None, op: Op::Settings(settings) };
+        replica
+            .apply_entry(LogId::new(CommittedLeaderId::new(1, 1), 3), EntryPayload::Normal(request), &Refusing)
+            .unwrap();
+        assert_eq!(replica.settings(), settings);
+        let (id, p) = identified(4, 500_002, "a");
+        assert_eq!(replica.apply_entry(id, p, &Refusing).unwrap().first_index, None, "forgotten after the new TTL");
+        let restored = Replica::restore(replica.capture().image(), &Refusing).unwrap();
+        assert_eq!(restored.settings(), settings);
     }
 
     /// A snapshot whose state runs past its label is refused on restore.
