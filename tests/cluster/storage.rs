@@ -52,6 +52,14 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Seconds since midnight of a log line's leading RFC 3339 timestamp
+/// (`2026-11-25T22:30:20.588305Z …`).
+fn time_of_day(line: &str) -> f64 {
+    let time = line.split_once('T').map(|(_, t)| t).unwrap_or("");
+    let hms: Vec<f64> = time.split('Z').next().unwrap_or("").split(':').map(|p| p.parse().unwrap_or(0.0)).collect();
+    hms.iter().fold(0.0, |acc, part| acc * 60.0 + part)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_node_clearly_and_loses_nothing() {
     let _serial = serial().await;
@@ -91,6 +99,12 @@ async fn a_full_disk_stops_the_node_clearly_and_loses_nothing() {
     let log = std::fs::read_to_string(c.nodes[&3].config.data_dir.join("node.log")).unwrap();
     assert!(log.contains("No space left on device"), "node 3's log does not say why:\n{log}");
     assert!(log.contains("free disk space or fix the disk"), "node 3's log does not say what to do:\n{log}");
+    // It stopped promptly: from the first failed write to its exit message.
+    let at = |needle: &str| log.lines().find(|l| l.contains(needle)).map(time_of_day);
+    let failed = at("No space left on device").unwrap();
+    let stopped = at("stopping: this node can no longer apply or vote").unwrap();
+    let took = (stopped - failed).rem_euclid(86_400.0);
+    assert!(took < 1.0, "node 3 took {took:.3} s from the failed write to stopping");
 
     // Space back, node back: it catches up; every acknowledged write is on
     // every node.

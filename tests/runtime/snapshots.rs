@@ -49,18 +49,25 @@ fn log(sha256: &str, size: u64) -> Vec<Entry<TypeConfig>> {
     entries
 }
 
+/// A data dir whose plugin store holds the counter: (dir, store, its
+/// sha256, its size).
+fn with_counter() -> (tempfile::TempDir, Arc<Artifacts>, String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(Runtime::new().unwrap());
+    let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).unwrap());
+    let bytes = component("counter");
+    let sha256 = artifacts.put(&bytes).unwrap();
+    (dir, artifacts, sha256, bytes.len() as u64)
+}
+
 fn digest(store: &StateMachineStore) -> String {
     store.shared().replica.read().unwrap().digest().to_hex()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(Runtime::new().unwrap());
-    let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).unwrap());
-    let bytes = component("counter");
-    let sha256 = artifacts.put(&bytes).unwrap();
-    let entries = log(&sha256, bytes.len() as u64);
+    let (dir, artifacts, sha256, size) = with_counter();
+    let entries = log(&sha256, size);
 
     let mut store = StateMachineStore::open(dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
     let done = Arc::new(AtomicBool::new(false));
@@ -114,13 +121,9 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
 /// not installed.
 #[tokio::test]
 async fn a_mislabelled_snapshot_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(Runtime::new().unwrap());
-    let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).unwrap());
-    let bytes = component("counter");
-    let sha256 = artifacts.put(&bytes).unwrap();
+    let (dir, artifacts, sha256, size) = with_counter();
     let mut store = StateMachineStore::open(dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
-    store.apply(log(&sha256, bytes.len() as u64)[..10].to_vec()).await.unwrap();
+    store.apply(log(&sha256, size)[..10].to_vec()).await.unwrap();
     let snapshot = store.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let mut meta = snapshot.meta.clone();
     meta.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), 9));
@@ -133,14 +136,10 @@ async fn a_mislabelled_snapshot_is_refused() {
 /// A damaged snapshot file is refused at open, naming the damage.
 #[tokio::test]
 async fn a_damaged_snapshot_file_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(Runtime::new().unwrap());
-    let artifacts = Arc::new(Artifacts::open(&dir.path().join("plugins"), runtime).unwrap());
-    let bytes = component("counter");
-    let sha256 = artifacts.put(&bytes).unwrap();
+    let (dir, artifacts, sha256, size) = with_counter();
     {
         let mut store = StateMachineStore::open(dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
-        store.apply(log(&sha256, bytes.len() as u64)[..10].to_vec()).await.unwrap();
+        store.apply(log(&sha256, size)[..10].to_vec()).await.unwrap();
         store.get_snapshot_builder().await.build_snapshot().await.unwrap();
     }
     let path = dir.path().join("snapshot.bin");

@@ -1,8 +1,10 @@
-//! Consensus stage: openraft types, the durable log store, the replicated
-//! state machine and the Raft network over libp2p.
+//! Consensus stage: a thin adapter between openraft and the rest — the
+//! types the log carries, the durable log store, the state machine adapter
+//! (snapshot files and the apply thread around [`crate::replica`]), the
+//! Raft network over libp2p and the wire RPCs.
 //!
-//! In: client requests (from the API, or forwarded by followers). Out:
-//! committed entries applied in order on every node.
+//! In: proposals from the node's write path. Out: committed entries handed
+//! in order to the replica on every node.
 
 // openraft's traits fix the error type (`StorageError`, ~224 bytes); boxing
 // it in our helpers would only add conversions at every trait boundary.
