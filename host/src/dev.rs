@@ -228,8 +228,13 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
         dir = dir.display()
     );
 
+    // SIGTERM (a supervisor, `kill`) stops the nodes as Ctrl-C does,
+    // rather than leaving them running without their parent.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("installing a SIGTERM handler"))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => println!("\nstopping…"),
+        _ = term.recv() => println!("\nstopping…"),
         _ = async {
             loop {
                 for c in children.iter_mut() {
