@@ -53,8 +53,8 @@ pub struct Request {
     /// Who asked (authenticated caller, or "anonymous").
     pub caller: String,
     /// The client's id for this request (`Synod-Request-Id`): a retry with
-    /// the same id is answered from the first application, not applied
-    /// again (see `apply::DEDUP_WINDOW`).
+    /// the same id and payload is answered from the first application, not
+    /// applied again (see `replica::dedup`).
     pub request_id: Option<String>,
     /// What to do.
     pub op: Op,
