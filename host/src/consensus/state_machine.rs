@@ -118,6 +118,7 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
     while let Ok((entries, reply)) = jobs.recv() {
         let mut responses = Vec::with_capacity(entries.len());
         let mut failed = None;
+        let membership_changed = entries.iter().any(|e| matches!(e.payload, EntryPayload::Membership(_)));
         for entry in entries {
             let applied = match shared.replica.write() {
                 Ok(mut replica) => {
@@ -133,15 +134,8 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
                 }
             }
         }
-        if let Ok(replica) = shared.replica.read() {
-            let membership = replica.membership();
-            shared.membership.send_if_modified(|m| {
-                let changed = m.log_id() != membership.log_id();
-                if changed {
-                    *m = membership.clone();
-                }
-                changed
-            });
+        if membership_changed && let Ok(replica) = shared.replica.read() {
+            shared.membership.send_replace(replica.membership().clone());
         }
         let _ = reply.send(match failed {
             None => Ok(responses),

@@ -316,26 +316,20 @@ impl NodeInner {
             memory_bytes: asked.memory_bytes.unwrap_or(defaults.memory_bytes),
             ..defaults
         };
-        if limits.fuel > max.max_plugin_fuel {
-            return Err(ServiceError::new(
-                400,
-                "invalid_limits",
-                format!(
-                    "fuel {} is over this cluster's maximum of {} (limits.max_plugin_fuel)",
-                    limits.fuel, max.max_plugin_fuel
-                ),
-            ));
-        }
-        if limits.memory_bytes > max.max_plugin_memory_bytes {
-            return Err(ServiceError::new(
-                400,
-                "invalid_limits",
-                format!(
-                    "memory_bytes {} is over this cluster's maximum of {} (limits.max_plugin_memory_bytes)",
-                    limits.memory_bytes, max.max_plugin_memory_bytes
-                ),
-            ));
-        }
+        let within = |what: &str, asked: u64, max: u64, key: &str| {
+            if asked > max {
+                let message = format!("{what} {asked} is over this cluster's maximum of {max} (limits.{key})");
+                return Err(ServiceError::new(400, "invalid_limits", message));
+            }
+            Ok(())
+        };
+        within("fuel", limits.fuel, max.max_plugin_fuel, "max_plugin_fuel")?;
+        within(
+            "memory_bytes",
+            limits.memory_bytes as u64,
+            max.max_plugin_memory_bytes as u64,
+            "max_plugin_memory_bytes",
+        )?;
         Ok(limits)
     }
 
@@ -380,15 +374,25 @@ impl NodeInner {
     async fn validate_component(&self, bytes: &[u8], limits: PluginLimits) -> Result<String, ServiceError> {
         let artifacts = self.artifacts.clone();
         let bytes = bytes.to_vec();
-        tokio::task::spawn_blocking(move || {
-            use crate::artifacts::ArtifactError;
+        let sha256 = tokio::task::spawn_blocking(move || {
             artifacts.runtime().check_bytes(&bytes, &limits).map_err(|e| ServiceError::load(&e))?;
-            let sha256 = artifacts.put(&bytes).map_err(|e| ServiceError::new(500, "store", e))?;
-            match artifacts.load(&sha256, limits) {
-                Ok(_) => Ok(sha256),
-                Err(ArtifactError::Load(e)) => Err(ServiceError::load(&e)),
-                Err(e) => Err(ServiceError::new(500, "store", e)),
-            }
+            artifacts.put(&bytes).map_err(|e| ServiceError::new(500, "store", e))
+        })
+        .await
+        .map_err(|e| ServiceError::new(500, "internal", format!("validation task failed: {e}")))??;
+        self.validate_stored(&sha256, limits).await?;
+        Ok(sha256)
+    }
+
+    /// Load the stored bytes `sha256` with `limits` as apply will (from the
+    /// plugin cache when this node already loaded them so).
+    async fn validate_stored(&self, sha256: &str, limits: PluginLimits) -> Result<(), ServiceError> {
+        let artifacts = self.artifacts.clone();
+        let sha256 = sha256.to_owned();
+        tokio::task::spawn_blocking(move || match artifacts.load(&sha256, limits) {
+            Ok(_) => Ok(()),
+            Err(crate::artifacts::ArtifactError::Load(e)) => Err(ServiceError::load(&e)),
+            Err(e) => Err(ServiceError::new(500, "store", e)),
         })
         .await
         .map_err(|e| ServiceError::new(500, "internal", format!("validation task failed: {e}")))?
@@ -402,18 +406,9 @@ impl NodeInner {
         sha256: &str,
         limits: &PluginLimits,
     ) -> Result<(), ServiceError> {
-        let existing = self.with_replica(|r| r.version(name, version).cloned()).flatten();
-        match existing {
-            Some(v) if v.sha256 != sha256 || &v.limits != limits => Err(ServiceError::new(
-                409,
-                "lifecycle",
-                format!(
-                    "plugin `{name}` already has a version `{version}` with other bytes or limits (sha256 {}); \
-                     choose a new version label",
-                    v.sha256
-                ),
-            )),
-            _ => Ok(()),
+        match self.with_replica(|r| r.version_conflict(name, version, sha256, limits)).flatten() {
+            Some(message) => Err(ServiceError::new(409, "lifecycle", message)),
+            None => Ok(()),
         }
     }
 
@@ -498,12 +493,16 @@ impl NodeInner {
                 if !crate::artifacts::is_sha256(sha256) {
                     return Err(WriteError::Refused(format!("{sha256:?} is not a sha256")));
                 }
-                let bytes = match self.artifacts.get(sha256) {
-                    Ok(Some(b)) => b,
-                    _ => self.fetch_blob(sha256).await.map_err(WriteError::Failed)?,
-                };
-                let stored =
-                    self.validate_component(&bytes, *limits).await.map_err(|e| WriteError::Refused(e.message))?;
+                // The uploader pushed the bytes to a quorum; the leader may
+                // not be in it. Loading is the validation; a component
+                // loaded before (the upload itself, on this node) is cached.
+                let stored = if self.artifacts.has(sha256) {
+                    self.validate_stored(sha256, *limits).await.map(|()| sha256.clone())
+                } else {
+                    let bytes = self.fetch_blob(sha256).await.map_err(WriteError::Failed)?;
+                    self.validate_component(&bytes, *limits).await
+                }
+                .map_err(|e| WriteError::Refused(e.message))?;
                 if &stored != sha256 {
                     return Err(WriteError::Refused(format!("bytes fetched for {sha256} hash to {stored}")));
                 }

@@ -487,14 +487,8 @@ impl Replica {
         self.check_order(index)?;
         let existing = self.version(name, version).cloned();
         let result = match existing {
-            Some(existing) if existing.sha256 != record.sha256 || existing.limits != record.limits => {
-                Err(CommandError::Lifecycle {
-                    message: format!(
-                        "plugin `{name}` already has a version `{version}` with other bytes or limits \
-                         (sha256 {}); choose a new version label",
-                        existing.sha256
-                    ),
-                })
+            Some(_) if let Some(message) = self.version_conflict(name, version, &record.sha256, &record.limits) => {
+                Err(CommandError::Lifecycle { message })
             }
             Some(existing) => Ok(lifecycle_reply(name, version, &existing.sha256, self.is_active(name, version))),
             None => match Self::load(index, loader, &record)? {
@@ -519,6 +513,20 @@ impl Replica {
 
     fn is_active(&self, name: &str, version: &str) -> bool {
         self.registry.get(name).and_then(|r| r.active.as_deref()) == Some(version)
+    }
+
+    /// Why `version` of `name` cannot be installed with these bytes and
+    /// limits: the label is taken by other ones. `None` when it is free or
+    /// holds exactly these (a repeated install is idempotent).
+    pub fn version_conflict(&self, name: &str, version: &str, sha256: &str, limits: &PluginLimits) -> Option<String> {
+        let existing = self.version(name, version)?;
+        (existing.sha256 != sha256 || &existing.limits != limits).then(|| {
+            format!(
+                "plugin `{name}` already has a version `{version}` with other bytes or limits \
+                 (sha256 {}); choose a new version label",
+                existing.sha256
+            )
+        })
     }
 
     /// The record of `version` of `name`, if installed.
