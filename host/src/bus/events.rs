@@ -97,11 +97,11 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
         let batch = node.with_replica(|r| r.outbox_after(after, BATCH)).unwrap_or_default();
         for (index, entry) in batch {
             let mut ok = true;
-            for (ordinal, event) in entry.events.iter().enumerate() {
+            for (ordinal, (family, event)) in entry.events.iter().enumerate() {
                 let mut headers = HeaderMap::new();
                 headers.insert("Nats-Msg-Id", format!("{index}-{ordinal}").as_str());
                 headers.insert("Synod-Index", index.to_string().as_str());
-                let subject = format!("synod.evt.{}.{}", entry.plugin, event.topic);
+                let subject = format!("synod.evt.{family}.{}", event.topic);
                 let acked = match js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
                     Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),

@@ -65,6 +65,25 @@ pub struct Shared {
     pub divergence: std::sync::atomic::AtomicBool,
     /// The last applied membership, for whoever keeps the peer allowlist.
     pub membership: tokio::sync::watch::Sender<StoredMembership<NodeId, NodeInfo>>,
+    /// Devices whose shadow changed since the device manager last looked
+    /// (it drains the set), and a counter bumped with every addition.
+    pub device_changes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Bumped whenever `device_changes` gains ids (or a snapshot replaced
+    /// the state: then every device may have changed).
+    pub devices_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Tell the device manager which shadows changed.
+    fn note_device_changes(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Ok(mut set) = self.device_changes.lock() {
+            set.extend(ids);
+        }
+        self.devices_changed.send_modify(|n| *n += 1);
+    }
 }
 
 /// A snapshot as stored and shipped.
@@ -84,7 +103,7 @@ struct SnapshotData {
 }
 
 /// Leads every snapshot file.
-const MAGIC: &[u8; 10] = b"SYNODSNAP1";
+const MAGIC: &[u8; 10] = b"SYNODSNAP2";
 
 /// Entries handed to the apply thread, and where their responses go.
 type ApplyJob = (Vec<Entry<TypeConfig>>, tokio::sync::oneshot::Sender<std::result::Result<Vec<Response>, String>>);
@@ -119,10 +138,14 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
         let mut responses = Vec::with_capacity(entries.len());
         let mut failed = None;
         let membership_changed = entries.iter().any(|e| matches!(e.payload, EntryPayload::Membership(_)));
+        let mut changed_devices = Vec::new();
         for entry in entries {
             let applied = match shared.replica.write() {
                 Ok(mut replica) => {
-                    replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string())
+                    let r =
+                        replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string());
+                    changed_devices.extend(replica.take_device_changes());
+                    r
                 }
                 Err(_) => Err("replica lock poisoned".to_owned()),
             };
@@ -134,6 +157,7 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
                 }
             }
         }
+        shared.note_device_changes(changed_devices);
         if membership_changed && let Ok(replica) = shared.replica.read() {
             shared.membership.send_replace(replica.membership().clone());
         }
@@ -159,6 +183,8 @@ impl StateMachineStore {
             replica: RwLock::new(Replica::default()),
             divergence: Default::default(),
             membership: tokio::sync::watch::Sender::new(StoredMembership::default()),
+            device_changes: Default::default(),
+            devices_changed: tokio::sync::watch::Sender::new(0),
         });
         let store = StateMachineStore {
             shared: shared.clone(),
@@ -249,7 +275,12 @@ impl StateMachineStore {
         }
         let replica = Replica::restore(data.image, self.artifacts.as_ref()).map_err(snap_err)?;
         let membership = replica.membership().clone();
+        let ids: Vec<String> = replica.devices().view().keys().cloned().collect();
+        let before: Vec<String> =
+            self.shared.replica.read().map(|r| r.devices().view().keys().cloned().collect()).unwrap_or_default();
         *self.shared.replica.write().map_err(sm_err)? = replica;
+        // Every device may have changed, including those the snapshot drops.
+        self.shared.note_device_changes(ids.into_iter().chain(before).collect());
         self.shared.membership.send_replace(membership);
         Ok(())
     }

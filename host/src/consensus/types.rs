@@ -115,6 +115,9 @@ pub enum Op {
     /// 0.9 flushes each append before taking the next). At most
     /// [`OPS_PER_ENTRY`] requests; no nesting.
     Batch(Vec<Request>),
+    /// A device shadow operation (definitions, desired state, fenced
+    /// reports, heartbeats, reassignment; see `replica::devices`).
+    Device(crate::replica::devices::DeviceOp),
 }
 
 /// Settings every node applies alike, from the log (see [`Op::Settings`]).

@@ -22,6 +22,7 @@
 //! disk error, missing plugin bytes) stops the entry from being applied.
 
 pub mod dedup;
+pub mod devices;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use openraft::{EntryPayload, LogId, StoredMembership};
 use serde::{Deserialize, Serialize};
 
-use crate::artifacts::ArtifactError;
+use crate::artifacts::{ArtifactError, Loaded};
 use crate::consensus::types::{ClusterSettings, NodeId, NodeInfo, OPS_PER_ENTRY, Op, Request, Response, TypeConfig};
 use crate::runtime::{CommandError, Context, LoadError, Outcome, Plugin, PluginLimits};
 use crate::state::{Digest, Effects, Event, KvState, WriteSet};
@@ -40,14 +41,17 @@ use dedup::{Dedup, Lookup};
 /// are dropped (and counted) rather than growing without bound.
 pub const OUTBOX_LIMIT: usize = 1_000_000;
 
-/// Events of one applied command, waiting to be published.
+/// Events of one applied operation, waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    /// The plugin that emitted them.
-    pub plugin: String,
-    /// In emission order.
-    pub events: Vec<Event>,
+    /// In emission order, each with its subject family: the plugin that
+    /// emitted it, or `device` for shadow changes
+    /// (`synod.evt.<family>.<topic>`).
+    pub events: Vec<(String, Event)>,
 }
+
+/// Subject family of device shadow events; no plugin may take the name.
+pub const DEVICE_FAMILY: &str = "device";
 
 /// A local fault while applying: this node cannot apply the entry and must
 /// not pretend it did (other nodes may have applied it fine).
@@ -103,12 +107,12 @@ pub struct PluginRecord {
 pub trait PluginLoader {
     /// The loaded plugin. [`ArtifactError::Load`] is deterministic (the
     /// component cannot load on this engine); anything else is local.
-    fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError>;
+    fn load(&self, record: &VersionRecord) -> Result<Loaded, ArtifactError>;
 }
 
 impl PluginLoader for crate::artifacts::Artifacts {
-    fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
-        crate::artifacts::Artifacts::load(self, &record.sha256, record.limits)
+    fn load(&self, record: &VersionRecord) -> Result<Loaded, ArtifactError> {
+        crate::artifacts::Artifacts::load_any(self, &record.sha256, record.limits)
     }
 }
 
@@ -141,6 +145,8 @@ pub struct Image {
     pub outbox_dropped: u64,
     /// Cluster-wide settings.
     pub settings: ClusterSettings,
+    /// Device shadows and node liveness.
+    pub devices: devices::DevicesImage,
 }
 
 /// The replicated state, captured at one log id in O(number of namespaces):
@@ -204,6 +210,11 @@ pub struct Replica {
     outbox_dropped: u64,
     /// Cluster-wide settings (request-id retention), from the log.
     settings: ClusterSettings,
+    /// Device shadows and node liveness.
+    devices: devices::Devices,
+    /// Devices changed since the adapter last took the list (not
+    /// replicated: it tells owners what to look at).
+    device_changes: Vec<String>,
 }
 
 /// How many recent digests to keep for comparison.
@@ -312,6 +323,10 @@ impl Replica {
                 let result = self.apply_remove(index, &name)?;
                 Response { result: Some(result), ..Response::default() }
             }
+            Op::Device(op) => {
+                let ctx = Context { index, term, timestamp_ms: request.timestamp_ms, caller: request.caller };
+                self.apply_device(&ctx, op)?
+            }
         };
         response.index = index;
         Ok(response)
@@ -358,12 +373,26 @@ impl Replica {
             self.dedup.remember(key, remembered, self.settings.dedup_max_bytes);
         }
         self.queue_events(ctx.index, plugin, &outcome.events);
+        self.apply_desired(ctx, &outcome.desired);
         Ok(Response {
             result: Some(outcome.result),
             events: outcome.events,
             fuel_used: outcome.fuel_used,
             ..Response::default()
         })
+    }
+
+    /// Run `loaded` as `name` from now on: a handler takes commands; a
+    /// driver takes none (its instances run on devices' owners).
+    fn set_running(&mut self, name: &str, loaded: Loaded) {
+        match loaded {
+            Loaded::Handler(p) => {
+                self.plugins.insert(name.to_owned(), p);
+            }
+            Loaded::Driver => {
+                self.plugins.remove(name);
+            }
+        }
     }
 
     /// Make `plugin` the active version of `name` for entries applied from
@@ -439,7 +468,7 @@ impl Replica {
     ) -> Result<Outcome, ApplyError> {
         self.check_order(ctx.index)?;
         let outcome = match self.plugins.get(plugin) {
-            Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin))),
+            Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin)), self.devices.view()),
             None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
         };
         if let Err(CommandError::Host { reason }) = &outcome.result {
@@ -458,7 +487,7 @@ impl Replica {
         index: u64,
         loader: &dyn PluginLoader,
         record: &VersionRecord,
-    ) -> Result<Result<Arc<Plugin>, CommandError>, ApplyError> {
+    ) -> Result<Result<Loaded, CommandError>, ApplyError> {
         match loader.load(record) {
             Ok(plugin) => Ok(Ok(plugin)),
             // Pool exhaustion while running `describe` is this node's
@@ -501,7 +530,7 @@ impl Replica {
                     if activated {
                         entry.active = Some(version.to_owned());
                         entry.activated_at = index;
-                        self.plugins.insert(name.to_owned(), plugin);
+                        self.set_running(name, plugin);
                     }
                     Ok(lifecycle_reply(name, version, &sha256, activated))
                 }
@@ -553,7 +582,7 @@ impl Replica {
                         entry.active = Some(version.to_owned());
                         entry.activated_at = index;
                     }
-                    self.plugins.insert(name.to_owned(), plugin);
+                    self.set_running(name, plugin);
                     Ok(lifecycle_reply(name, version, &record.sha256, true))
                 }
             },
@@ -577,6 +606,90 @@ impl Replica {
         Ok(result)
     }
 
+    /// The members of the last applied membership (voters and learners).
+    pub fn members(&self) -> std::collections::BTreeSet<NodeId> {
+        self.membership.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
+    /// Apply a device operation; a report may run its controller's command
+    /// in the same operation (same index, same entry).
+    fn apply_device(&mut self, ctx: &Context, op: devices::DeviceOp) -> Result<Response, ApplyError> {
+        self.check_order(ctx.index)?;
+        let members = self.members();
+        let mut applied = self.devices.apply(op, ctx.timestamp_ms, &members);
+        let reaction = applied.reaction.take();
+        let result = applied.result.clone().unwrap_or(Ok(Vec::new()));
+        self.commit_device(ctx.index, applied);
+        if let Some(r) = reaction {
+            // The controller runs as the device, at the report's index: its
+            // writes, events and desired patches are part of this operation.
+            let rctx = Context { caller: format!("device:{}", r.device), ..ctx.clone() };
+            let outcome = match self.plugins.get(&r.plugin) {
+                Some(p) => {
+                    p.handle(&rctx, &r.command, &r.payload, Box::new(self.kv.view(&r.plugin)), self.devices.view())
+                }
+                None => Outcome::failed(CommandError::UnknownPlugin { name: r.plugin.clone() }),
+            };
+            if let Err(CommandError::Host { reason }) = &outcome.result {
+                return Err(ApplyError::Host { index: ctx.index, reason: reason.clone() });
+            }
+            if let Err(e) = &outcome.result {
+                tracing::debug!(device = %r.device, plugin = %r.plugin, error = %e, "device controller refused");
+            }
+            self.kv.apply(&r.plugin, &outcome.writes);
+            self.digest = self.digest.chain(ctx.index, &r.plugin, &outcome.effects());
+            self.queue_events(ctx.index, &r.plugin, &outcome.events);
+            self.apply_desired(&rctx, &outcome.desired);
+        }
+        Ok(Response { result: Some(result), ..Response::default() })
+    }
+
+    /// Record one device change: digest, events, owners told.
+    fn commit_device(&mut self, index: u64, applied: devices::Applied) {
+        let effects = Effects {
+            result: applied.result.unwrap_or(Ok(Vec::new())).map_err(|e| e.to_string()),
+            writes: applied.writes,
+            events: applied.events,
+            fuel_used: 0,
+        };
+        self.digest = self.digest.chain(index, DEVICE_FAMILY, &effects);
+        self.advance(index);
+        self.queue_events(index, DEVICE_FAMILY, &effects.events);
+        for (id, _) in effects.writes.iter() {
+            if !id.starts_with("node/") && id != "lease" {
+                self.device_changes.push(id.to_owned());
+            }
+        }
+    }
+
+    /// Desired-state patches a command buffered through `devices`.
+    fn apply_desired(&mut self, ctx: &Context, patches: &[(String, String)]) {
+        if patches.is_empty() {
+            return;
+        }
+        for applied in self.devices.apply_patches(patches, ctx.timestamp_ms) {
+            let effects = Effects {
+                result: applied.result.unwrap_or(Ok(Vec::new())).map_err(|e| e.to_string()),
+                writes: applied.writes,
+                events: applied.events,
+                fuel_used: 0,
+            };
+            self.digest = self.digest.chain(ctx.index, DEVICE_FAMILY, &effects);
+            self.queue_events(ctx.index, DEVICE_FAMILY, &effects.events);
+            self.device_changes.extend(effects.writes.iter().map(|(id, _)| id.to_owned()));
+        }
+    }
+
+    /// The device shadows and liveness.
+    pub fn devices(&self) -> &devices::Devices {
+        &self.devices
+    }
+
+    /// Devices changed since the last call (for the owner's manager).
+    pub fn take_device_changes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.device_changes)
+    }
+
     /// Remembered request ids.
     pub fn dedup(&self) -> &Dedup {
         &self.dedup
@@ -588,11 +701,12 @@ impl Replica {
     }
 
     /// Queue a command's events for publishing.
-    fn queue_events(&mut self, index: u64, plugin: &str, events: &[Event]) {
+    fn queue_events(&mut self, index: u64, family: &str, events: &[Event]) {
         if events.is_empty() || index <= self.published_upto {
             return;
         }
-        self.outbox.insert(index, OutboxEntry { plugin: plugin.to_owned(), events: events.to_vec() });
+        let entry = self.outbox.entry(index).or_insert_with(|| OutboxEntry { events: Vec::new() });
+        entry.events.extend(events.iter().map(|e| (family.to_owned(), e.clone())));
         while self.outbox.len() > OUTBOX_LIMIT {
             if let Some((_, dropped)) = self.outbox.pop_first() {
                 self.outbox_dropped += dropped.events.len() as u64;
@@ -623,15 +737,18 @@ impl Replica {
     /// and run the query after letting go.
     pub fn query(&self, ctx: &Context, plugin: &str, name: &str, payload: &[u8]) -> Outcome {
         match self.query_view(plugin) {
-            Some((p, view)) => p.query(ctx, name, payload, Box::new(view)),
+            Some((p, view, devices)) => p.query(ctx, name, payload, Box::new(view), devices),
             None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
         }
     }
 
     /// What a query of `plugin` needs, taken in O(1): the active plugin and
     /// a copy-on-write view of its namespace as of now.
-    pub fn query_view(&self, plugin: &str) -> Option<(Arc<Plugin>, crate::state::Namespace)> {
-        self.plugins.get(plugin).map(|p| (p.clone(), self.kv.view(plugin)))
+    pub fn query_view(
+        &self,
+        plugin: &str,
+    ) -> Option<(Arc<Plugin>, crate::state::Namespace, crate::runtime::DeviceMap)> {
+        self.plugins.get(plugin).map(|p| (p.clone(), self.kv.view(plugin), self.devices.view()))
     }
 
     /// The plugin key-value data.
@@ -666,6 +783,7 @@ impl Replica {
                 published_upto: self.published_upto,
                 outbox_dropped: self.outbox_dropped,
                 settings: self.settings,
+                devices: self.devices.image(),
             },
         }
     }
@@ -691,9 +809,10 @@ impl Replica {
         for (name, record) in &image.registry {
             if let Some(v) = record.active.as_ref().and_then(|a| record.versions.get(a)) {
                 match Self::load(position * OPS_PER_ENTRY, loader, v)? {
-                    Ok(p) => {
+                    Ok(Loaded::Handler(p)) => {
                         plugins.insert(name.clone(), p);
                     }
+                    Ok(Loaded::Driver) => {}
                     Err(e) => return Err(ApplyError::BadSnapshot(format!("active plugin `{name}`: {e}"))),
                 }
             }
@@ -712,6 +831,8 @@ impl Replica {
             published_upto: image.published_upto,
             outbox_dropped: image.outbox_dropped,
             settings: image.settings,
+            devices: devices::Devices::from_image(image.devices),
+            device_changes: Vec::new(),
         })
     }
 }
@@ -731,7 +852,7 @@ mod tests {
     /// A loader whose component never loads, the same way on every node.
     struct Refusing;
     impl PluginLoader for Refusing {
-        fn load(&self, _: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
+        fn load(&self, _: &VersionRecord) -> Result<Loaded, ArtifactError> {
             Err(ArtifactError::Load(LoadError::Describe(CommandError::OutOfFuel { limit: 1 })))
         }
     }
@@ -739,7 +860,7 @@ mod tests {
     /// A loader whose disk fails: local to this node.
     struct Broken;
     impl PluginLoader for Broken {
-        fn load(&self, record: &VersionRecord) -> Result<Arc<Plugin>, ArtifactError> {
+        fn load(&self, record: &VersionRecord) -> Result<Loaded, ArtifactError> {
             Err(ArtifactError::Missing(record.sha256.clone()))
         }
     }

@@ -179,6 +179,26 @@ pub enum CommandError {
         /// What failed.
         reason: String,
     },
+    /// The thing named does not exist (a device) (404).
+    #[error("{message}")]
+    NotFound {
+        /// What was missing.
+        message: String,
+    },
+    /// A compare-and-set failed: the `expected_version` or epoch given is
+    /// not the current one (409).
+    #[error("{message}")]
+    Conflict {
+        /// Expected and current.
+        message: String,
+    },
+    /// A device report from a node that no longer owns the device, or with
+    /// an epoch that is not the device's current one (409).
+    #[error("{message}")]
+    Fenced {
+        /// Whose epoch, and the current one.
+        message: String,
+    },
 }
 
 impl CommandError {

@@ -27,14 +27,15 @@ pub use host::LogLine;
 
 use crate::state::{Effects, Event, StateView, WriteSet};
 use bindings::{CommandHandler, CommandHandlerPre, GuestError};
+pub use host::DeviceMap;
 use host::HostState;
 
 /// The `synod:plugin` version this host implements. Components built
 /// against any `0.1.x` load.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 
 /// Interfaces a command handler may import (`types` carries only types).
-const ALLOWED_IMPORTS: [&str; 5] = ["types", "state", "events", "log", "random"];
+const ALLOWED_IMPORTS: [&str; 6] = ["types", "state", "events", "log", "random", "devices"];
 
 /// Default largest component accepted, in bytes.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
@@ -76,6 +77,9 @@ pub struct Outcome {
     pub logs: Vec<LogLine>,
     /// Log lines dropped past the per-command bound.
     pub logs_dropped: u32,
+    /// Desired-state patches to commit (device id, JSON object); empty
+    /// unless `result` is `Ok`.
+    pub desired: Vec<(String, String)>,
 }
 
 impl Outcome {
@@ -235,7 +239,7 @@ impl Runtime {
 }
 
 /// Same rule as cargo's for 0.x: major and minor must match.
-fn compatible(version: &str) -> bool {
+pub(crate) fn compatible(version: &str) -> bool {
     let mine: Vec<&str> = WIT_VERSION.split('.').collect();
     let theirs: Vec<&str> = version.split('.').collect();
     theirs.len() == 3 && theirs[0] == mine[0] && theirs[1] == mine[1]
@@ -285,22 +289,36 @@ impl Plugin {
 
     /// Apply one committed command. Deterministic: the same inputs give the
     /// same [`Outcome`] on every node.
-    pub fn handle(&self, ctx: &Context, command: &str, payload: &[u8], view: Box<dyn StateView>) -> Outcome {
+    pub fn handle(
+        &self,
+        ctx: &Context,
+        command: &str,
+        payload: &[u8],
+        view: Box<dyn StateView>,
+        devices: DeviceMap,
+    ) -> Outcome {
         if !self.info.commands.contains(command) {
             return Outcome::failed(CommandError::UnknownCommand { name: command.to_owned() });
         }
         let cmd = bindings::Command { name: command.to_owned(), payload: payload.to_vec() };
-        self.run(ctx, false, view, move |guest, store| {
+        self.run(ctx, false, view, devices, move |guest, store| {
             guest.synod_plugin_handler().call_handle(store, &wit_ctx(ctx), &cmd)
         })
     }
 
     /// Answer a read-only query; writes and events are refused to the guest.
-    pub fn query(&self, ctx: &Context, name: &str, payload: &[u8], view: Box<dyn StateView>) -> Outcome {
+    pub fn query(
+        &self,
+        ctx: &Context,
+        name: &str,
+        payload: &[u8],
+        view: Box<dyn StateView>,
+        devices: DeviceMap,
+    ) -> Outcome {
         if !self.info.queries.contains(name) {
             return Outcome::failed(CommandError::UnknownQuery { name: name.to_owned() });
         }
-        self.run(ctx, true, view, move |guest, store| {
+        self.run(ctx, true, view, devices, move |guest, store| {
             guest.synod_plugin_handler().call_query(store, &wit_ctx(ctx), name, payload)
         })
     }
@@ -308,7 +326,8 @@ impl Plugin {
     fn describe(&self) -> Result<PluginInfo, CommandError> {
         let ctx = Context { index: 0, term: 0, timestamp_ms: 0, caller: "synod".into() };
         let mut info = PluginInfo::default();
-        let outcome = self.run(&ctx, true, Box::new(crate::state::Namespace::default()), |guest, store| {
+        let empty = DeviceMap::default();
+        let outcome = self.run(&ctx, true, Box::new(crate::state::Namespace::default()), empty, |guest, store| {
             let described = guest.synod_plugin_handler().call_describe(store)?;
             info.commands = described.commands.into_iter().collect();
             info.queries = described.queries.into_iter().collect();
@@ -322,9 +341,10 @@ impl Plugin {
         ctx: &Context,
         read_only: bool,
         view: Box<dyn StateView>,
+        devices: DeviceMap,
         call: impl FnOnce(&CommandHandler, &mut Store<HostState>) -> wasmtime::Result<Result<Vec<u8>, GuestError>>,
     ) -> Outcome {
-        let state = HostState::new(self.limits, read_only, view, (ctx.index, ctx.term));
+        let state = HostState::new(self.limits, read_only, view, devices, (ctx.index, ctx.term));
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
         let returned = store
@@ -350,6 +370,7 @@ impl Plugin {
             events: if ok { data.events } else { Vec::new() },
             logs: data.logs,
             logs_dropped: data.logs_dropped,
+            desired: if ok { data.desired } else { Vec::new() },
         }
     }
 
@@ -416,6 +437,7 @@ impl Outcome {
             events: Vec::new(),
             logs: Vec::new(),
             logs_dropped: 0,
+            desired: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! Out: what the guest did through the host: buffered writes, events, log
 //! lines, and whether it hit the memory limit.
 
+mod devices;
 mod events;
 mod log;
 mod random;
@@ -49,7 +50,16 @@ pub struct HostState {
     /// A host call found the budget spent: the trap that follows is out of
     /// fuel.
     pub(super) host_out_of_fuel: bool,
+    /// Device shadows as of the entry.
+    pub(super) devices: DeviceMap,
+    /// Desired-state patches buffered until the handler returns `ok`:
+    /// (device id, JSON object).
+    pub(super) desired: Vec<(String, String)>,
 }
+
+/// Every device shadow, shared with the replica (copy-on-write).
+pub type DeviceMap =
+    std::sync::Arc<std::collections::BTreeMap<String, std::sync::Arc<crate::replica::devices::Device>>>;
 
 /// Fuel every host call costs besides its bytes.
 pub const HOST_CALL_FUEL: u64 = 64;
@@ -85,7 +95,13 @@ impl HostState {
 }
 
 impl HostState {
-    pub(super) fn new(limits: PluginLimits, read_only: bool, view: Box<dyn StateView>, seed: (u64, u64)) -> Self {
+    pub(super) fn new(
+        limits: PluginLimits,
+        read_only: bool,
+        view: Box<dyn StateView>,
+        devices: DeviceMap,
+        seed: (u64, u64),
+    ) -> Self {
         Self {
             limits,
             read_only,
@@ -100,6 +116,8 @@ impl HostState {
             host_failure: None,
             host_fuel: 0,
             host_out_of_fuel: false,
+            devices,
+            desired: Vec::new(),
         }
     }
 }
