@@ -17,6 +17,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use sha2::Digest as _;
 
+use crate::driver::DriverRuntime;
 use crate::runtime::{LoadError, Plugin, PluginLimits, Runtime};
 
 /// Why the artifact store failed.
@@ -47,6 +48,9 @@ pub enum ArtifactError {
     /// Asked to load bytes this node does not have.
     #[error("plugin bytes {0} are not on this node")]
     Missing(String),
+    /// The driver engine could not start.
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ArtifactError {
@@ -72,12 +76,25 @@ fn check_hash(sha256: &str) -> Result<(), ArtifactError> {
     }
 }
 
+/// A loaded plugin of either kind.
+pub enum Loaded {
+    /// A command handler, ready to run.
+    Handler(Arc<Plugin>),
+    /// A device driver: it loads on the driver engine (instances are made
+    /// by devices' owners).
+    Driver,
+}
+
 /// The node's plugin store.
 pub struct Artifacts {
     /// `blobs/`: component bytes by sha256.
     blobs: Dir,
     /// `compiled/<fingerprint>/`: native artifacts by sha256.
     compiled: Dir,
+    /// The driver engine; drivers are checked (and run) on it.
+    drivers: Arc<DriverRuntime>,
+    /// Driver components known to load, by sha256.
+    drivers_ok: Mutex<std::collections::HashSet<String>>,
     /// The engine plugins are compiled for.
     runtime: Arc<Runtime>,
     /// Loaded plugins by (sha256, limits): loading is the expensive part of
@@ -99,7 +116,37 @@ impl Artifacts {
             compiled: root.open_dir(&compiled_path).map_err(io("opening compiled/"))?,
             runtime,
             loaded: Mutex::new(HashMap::new()),
+            drivers: DriverRuntime::new()?,
+            drivers_ok: Mutex::default(),
         })
+    }
+
+    /// The driver engine.
+    pub fn drivers(&self) -> &Arc<DriverRuntime> {
+        &self.drivers
+    }
+
+    /// Load a plugin of either kind: a command handler is compiled (and
+    /// cached) for the handler engine; a device driver (a component that
+    /// exports `synod:plugin/driver`) is checked on the driver engine and
+    /// runs only on devices' owners. Deterministic like [`Artifacts::load`].
+    pub fn load_any(&self, sha256: &str, limits: PluginLimits) -> Result<Loaded, ArtifactError> {
+        check_hash(sha256)?;
+        if self.drivers_ok.lock().map_err(|_| poisoned())?.contains(sha256) {
+            return Ok(Loaded::Driver);
+        }
+        let cached =
+            self.loaded.lock().map_err(|_| poisoned())?.contains_key(&(sha256.to_owned(), format!("{limits:?}")));
+        if !cached && !self.compiled.exists(sha256) {
+            let bytes = self.get(sha256)?.ok_or_else(|| ArtifactError::Missing(sha256.to_owned()))?;
+            if crate::driver::is_driver(&bytes) {
+                self.runtime.check_bytes(&bytes, &limits)?;
+                self.drivers.compile(&bytes)?;
+                self.drivers_ok.lock().map_err(|_| poisoned())?.insert(sha256.to_owned());
+                return Ok(Loaded::Driver);
+            }
+        }
+        self.load(sha256, limits).map(Loaded::Handler)
     }
 
     /// The runtime plugins are loaded into.

@@ -85,6 +85,18 @@ impl Client {
         self.send(req, &url).await
     }
 
+    /// PUT `body` to `path`.
+    pub async fn put(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.put(&url).body(body), &url).await
+    }
+
+    /// PATCH `path` with `body`.
+    pub async fn patch(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.patch(&url).body(body), &url).await
+    }
+
     /// DELETE `path`.
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);

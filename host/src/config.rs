@@ -66,6 +66,59 @@ pub struct NodeConfig {
     /// `url` the node runs without it; HTTP and Raft never depend on it.
     #[serde(default)]
     pub nats: NatsConfig,
+    /// Devices and drivers.
+    #[serde(default)]
+    pub devices: DevicesConfig,
+}
+
+/// `[devices]`: this node's labels, the ownership lease (replicated from
+/// the leader's config), and how drivers are run here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// Labels devices' `eligible` lists may name (besides the node id).
+    pub labels: Vec<String>,
+    /// How often a node heartbeats through the log, ms.
+    pub heartbeat_ms: u64,
+    /// An owner's lease: it stops writing to its devices this long after
+    /// its last committed heartbeat was sent, ms.
+    pub lease_ttl_ms: u64,
+    /// The leader reassigns an owner's devices after TTL plus this, ms.
+    pub lease_grace_ms: u64,
+    /// Timeout of every driver I/O (a Modbus request, a TCP read), ms.
+    pub io_timeout_ms: u64,
+    /// Deadline of a driver's `poll` and `actuate`, ms.
+    pub call_deadline_ms: u64,
+    /// Deadline of a driver's `init`, ms.
+    pub init_deadline_ms: u64,
+    /// Longest wait before re-instantiating a failed driver, ms.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            labels: Vec::new(),
+            heartbeat_ms: 1000,
+            lease_ttl_ms: 3000,
+            lease_grace_ms: 2000,
+            io_timeout_ms: 1000,
+            call_deadline_ms: 2000,
+            init_deadline_ms: 5000,
+            max_backoff_ms: 10_000,
+        }
+    }
+}
+
+impl DevicesConfig {
+    /// The lease settings this node's config asks the cluster for.
+    pub fn lease(&self) -> crate::replica::devices::LeaseSettings {
+        crate::replica::devices::LeaseSettings {
+            heartbeat_ms: self.heartbeat_ms,
+            ttl_ms: self.lease_ttl_ms,
+            grace_ms: self.lease_grace_ms,
+        }
+    }
 }
 
 /// How to reach NATS.
@@ -275,6 +328,20 @@ impl NodeConfig {
         }
         if r.snapshot_after_entries == 0 {
             return bad("snapshot_after_entries must be greater than 0".into());
+        }
+        let d = &self.devices;
+        if d.heartbeat_ms == 0 || d.lease_ttl_ms < 2 * d.heartbeat_ms {
+            return bad("devices.lease_ttl_ms must be at least twice devices.heartbeat_ms (> 0)".into());
+        }
+        if d.io_timeout_ms == 0 || d.call_deadline_ms == 0 || d.init_deadline_ms == 0 || d.max_backoff_ms == 0 {
+            return bad(
+                "devices.io_timeout_ms, call_deadline_ms, init_deadline_ms and max_backoff_ms must be > 0".into()
+            );
+        }
+        for label in &d.labels {
+            if label.is_empty() || label.bytes().all(|b| b.is_ascii_digit()) {
+                return bad(format!("devices.labels: {label:?} must be non-empty and not a node id"));
+            }
         }
         let l = &self.limits;
         let message = crate::node::MAX_RAFT_MESSAGE_BYTES;

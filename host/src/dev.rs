@@ -122,6 +122,7 @@ pub fn prepare_with_ports(
             raft: Default::default(),
             limits: Default::default(),
             nats: Default::default(),
+            devices: Default::default(),
         };
         configs.push((path, config));
     }

@@ -37,6 +37,8 @@ pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod dev;
+pub mod devices;
+pub mod driver;
 pub mod node;
 pub mod p2p;
 pub mod replica;

@@ -84,6 +84,110 @@ enum Action {
     },
     /// Print this node's engine fingerprint (what peers compare).
     Engine,
+    /// Work with device shadows.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+    },
+    /// Run a device simulator.
+    Sim {
+        #[command(subcommand)]
+        command: SimCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// A Modbus TCP server simulating thermostatic rooms (room k: input and
+    /// holding register 16k = temperature × 10, coil 16k = heater).
+    Modbus {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:5020")]
+        listen: std::net::SocketAddr,
+        /// Rooms to simulate.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// Seed of the rooms' initial temperatures.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Heating rate at full power, °C per second.
+        #[arg(long, default_value_t = 0.5)]
+        heat_rate: f64,
+        /// Cooling rate toward ambient, °C per second.
+        #[arg(long, default_value_t = 0.25)]
+        cool_rate: f64,
+        /// Ambient temperature, °C.
+        #[arg(long, default_value_t = 10.0)]
+        ambient: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Create or replace a device definition: `synod device put room-1 '{"driver": "modbus-room", ...}'`
+    /// (or `@file.json`).
+    Put {
+        /// Device id.
+        id: String,
+        /// The definition (JSON, or `@path`).
+        definition: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Show a device's shadow.
+    Get {
+        /// Device id.
+        id: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// List devices.
+    List {
+        /// Only ids starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Merge a JSON object into a device's desired state (`null` removes a field).
+    Desired {
+        /// Device id.
+        id: String,
+        /// The patch.
+        patch: String,
+        /// Compare-and-set on the document version.
+        #[arg(long)]
+        expected_version: Option<u64>,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Remove a device.
+    Delete {
+        /// Device id.
+        id: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Print a line each time a device's shadow changes: reported, desired,
+    /// owner. Stops after `--count` changes (default: never).
+    Watch {
+        /// Device id.
+        id: String,
+        /// Stop after this many changes.
+        #[arg(long)]
+        count: Option<u64>,
+        /// How often to look, ms.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,6 +312,54 @@ async fn node(
     Ok(())
 }
 
+async fn device(command: DeviceCmd) -> anyhow::Result<()> {
+    use synod::client::Client;
+    match command {
+        DeviceCmd::Put { id, definition, node } => {
+            let body = match definition.strip_prefix('@') {
+                Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
+                None => definition.into_bytes(),
+            };
+            print(&Client::new(&node).put(&format!("/v1/devices/{id}"), body).await?)
+        }
+        DeviceCmd::Get { id, node } => print(&Client::new(&node).get(&format!("/v1/devices/{id}")).await?),
+        DeviceCmd::List { prefix, node } => {
+            print(&Client::new(&node).get(&format!("/v1/devices?prefix={prefix}")).await?)
+        }
+        DeviceCmd::Desired { id, patch, expected_version, node } => {
+            let query = expected_version.map(|v| format!("?expected_version={v}")).unwrap_or_default();
+            print(&Client::new(&node).patch(&format!("/v1/devices/{id}/desired{query}"), patch.into_bytes()).await?)
+        }
+        DeviceCmd::Delete { id, node } => print(&Client::new(&node).delete(&format!("/v1/devices/{id}")).await?),
+        DeviceCmd::Watch { id, count, interval_ms, node } => {
+            let client = Client::new(&node);
+            let mut last = None;
+            let mut seen = 0u64;
+            loop {
+                match client.get(&format!("/v1/devices/{id}?consistency=local")).await {
+                    Ok(body) => {
+                        let d = &body["device"];
+                        let version = d["version"].as_u64();
+                        if version != last {
+                            last = version;
+                            out(format_args!(
+                                "v{} owner={} epoch={} reported={} desired={} delta={}",
+                                d["version"], d["owner"], d["epoch"], d["reported"], d["desired"], d["delta"]
+                            ))?;
+                            seen += 1;
+                            if count.is_some_and(|c| seen >= c) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Err(e) => out(format_args!("({e})"))?,
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+            }
+        }
+    }
+}
+
 fn payload(text: String) -> Vec<u8> {
     text.into_bytes()
 }
@@ -251,6 +403,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Plugin { command: PluginCmd::Inspect { file } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if synod::driver::is_driver(&bytes) {
+                synod::driver::DriverRuntime::new()?.compile(&bytes)?;
+                let info = serde_json::json!({ "sha256": synod::artifacts::sha256_hex(&bytes), "kind": "driver" });
+                return out(serde_json::to_string_pretty(&info)?);
+            }
             let runtime = synod::runtime::Runtime::new()?;
             let plugin = runtime.load(&bytes, synod::runtime::PluginLimits::default())?;
             let info = serde_json::json!({
@@ -260,6 +417,18 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 "limits": plugin.limits(),
             });
             out(serde_json::to_string_pretty(&info)?)?;
+        }
+        Action::Device { command } => device(command).await?,
+        Action::Sim { command: SimCmd::Modbus { listen, devices, seed, heat_rate, cool_rate, ambient } } => {
+            let config = synod_sim::modbus::SimConfig {
+                rooms: devices,
+                seed,
+                ambient_c: ambient,
+                heat_rate_c_per_s: heat_rate,
+                cool_rate_c_per_s: cool_rate,
+                ..Default::default()
+            };
+            synod_sim::modbus::run(listen, config).await?;
         }
         Action::Engine => {
             let runtime = synod::runtime::Runtime::new()?;

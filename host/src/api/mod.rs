@@ -59,6 +59,10 @@ pub fn router(node: Arc<NodeInner>) -> Router {
             post(upload_plugin).delete(remove_plugin).layer(DefaultBodyLimit::max(plugin_limit + 1)),
         )
         .route("/v1/plugins/{name}/activate", post(activate_plugin))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}", get(get_device).put(put_device).delete(delete_device))
+        .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
+        .route("/v1/devices/{id}/delta", get(get_delta))
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
@@ -200,6 +204,103 @@ async fn add_node(State(node): State<Arc<NodeInner>>, body: Bytes) -> ApiResult 
 async fn remove_node(State(node): State<Arc<NodeInner>>, Path(id): Path<u64>) -> ApiResult {
     let index = node.remove_node(id).await?;
     ok(json!({ "removed": id, "index": index }))
+}
+
+#[derive(Deserialize)]
+struct DeviceParams {
+    /// `linearizable` (default) or `local`.
+    consistency: Option<String>,
+    /// Compare-and-set on the document version (also `If-Match`).
+    expected_version: Option<u64>,
+}
+
+/// `expected_version` from the query, or an `If-Match: "<version>"` header.
+fn expected_version(params: &DeviceParams, headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    if let Some(v) = params.expected_version {
+        return Ok(Some(v));
+    }
+    match headers.get("if-match") {
+        None => Ok(None),
+        Some(v) => {
+            let text = v.to_str().unwrap_or("").trim().trim_matches('"');
+            text.parse().map(Some).map_err(|_| {
+                ApiError(ServiceError::bad_request(format!("If-Match {text:?} is not a document version")))
+            })
+        }
+    }
+}
+
+fn versioned(index: u64, doc: serde_json::Value) -> ApiResult {
+    let etag = doc.get("version").and_then(serde_json::Value::as_u64);
+    let mut response = Json(json!({ "device": doc, "index": index })).into_response();
+    if let Some(v) = etag
+        && let Ok(h) = HeaderValue::from_str(&format!("\"{v}\""))
+    {
+        response.headers_mut().insert("etag", h);
+    }
+    Ok(response)
+}
+
+async fn get_device(
+    State(node): State<Arc<NodeInner>>,
+    Path(id): Path<String>,
+    Query(params): Query<DeviceParams>,
+) -> ApiResult {
+    let consistency = Consistency::parse(params.consistency.as_deref())?;
+    let doc = node.device_get(&id, consistency).await?;
+    versioned(0, doc)
+}
+
+async fn get_delta(
+    State(node): State<Arc<NodeInner>>,
+    Path(id): Path<String>,
+    Query(params): Query<DeviceParams>,
+) -> ApiResult {
+    let consistency = Consistency::parse(params.consistency.as_deref())?;
+    let doc = node.device_get(&id, consistency).await?;
+    ok(json!({ "id": id, "delta": doc["delta"], "version": doc["version"], "desired_version": doc["desired_version"] }))
+}
+
+async fn put_device(State(node): State<Arc<NodeInner>>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+    let (index, doc) = node.device_put(&id, &body).await?;
+    versioned(index, doc)
+}
+
+async fn delete_device(
+    State(node): State<Arc<NodeInner>>,
+    Path(id): Path<String>,
+    Query(params): Query<DeviceParams>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult {
+    let expected = expected_version(&params, &headers)?;
+    let (index, out) = node.device_delete(&id, expected).await?;
+    ok(json!({ "result": out, "index": index }))
+}
+
+async fn patch_desired(
+    State(node): State<Arc<NodeInner>>,
+    Path(id): Path<String>,
+    Query(params): Query<DeviceParams>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let expected = expected_version(&params, &headers)?;
+    let (index, doc) = node.device_patch_desired(&id, &body, expected).await?;
+    versioned(index, doc)
+}
+
+#[derive(Deserialize)]
+struct ListDevices {
+    #[serde(default)]
+    prefix: String,
+    limit: Option<usize>,
+    consistency: Option<String>,
+}
+
+async fn list_devices(State(node): State<Arc<NodeInner>>, Query(params): Query<ListDevices>) -> ApiResult {
+    let consistency = Consistency::parse(params.consistency.as_deref())?;
+    let (devices, index) = node.device_list(&params.prefix, params.limit.unwrap_or(1000), consistency).await?;
+    ok(json!({ "devices": devices, "applied_index": index }))
 }
 
 async fn ready(State(node): State<Arc<NodeInner>>) -> Response {

@@ -25,6 +25,9 @@ use crate::node::{NodeInner, ServiceError};
 /// Subjects of command requests.
 pub const COMMAND_SUBJECTS: &str = "synod.cmd.>";
 
+/// Subjects of device requests: `synod.dev.<id>.<get|put|delete|desired|delta>`.
+pub const DEVICE_SUBJECTS: &str = "synod.dev.*.*";
+
 /// Why the bus could not be set up (the node runs on without it).
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -73,7 +76,8 @@ pub async fn start(node: Arc<NodeInner>, tasks: &mut tokio::task::JoinSet<()>) -
         return Err(BusError::Connect("no nats.url configured".into()));
     };
     let client = connect(&config, &url, format!("synod-node-{}", node.id)).await?;
-    tasks.spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone()));
+    tasks.spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone(), COMMAND_SUBJECTS));
+    tasks.spawn(serve_commands(node.clone(), client.clone(), config.queue_group.clone(), DEVICE_SUBJECTS));
     tasks.spawn(events::publish_loop(node.clone(), client.clone(), config.stream.clone()));
     Ok(client)
 }
@@ -88,15 +92,15 @@ pub fn state(client: Option<&Client>) -> &'static str {
     }
 }
 
-async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String) {
+async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String, subjects: &'static str) {
     // Requests this node works on at once; past this a request is answered
     // 429 at once rather than queued without bound.
     let slots = Arc::new(tokio::sync::Semaphore::new(node.config.limits.max_queued_writes));
     loop {
-        let mut sub = match client.queue_subscribe(COMMAND_SUBJECTS, group.clone()).await {
+        let mut sub = match client.queue_subscribe(subjects, group.clone()).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to {COMMAND_SUBJECTS}; retrying");
+                tracing::warn!(error = %e, "cannot subscribe to {subjects}; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             }
@@ -151,6 +155,9 @@ async fn reply(client: &Client, msg: &async_nats::Message, result: Result<(u64, 
 
 async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), ServiceError> {
     let parts: Vec<&str> = msg.subject.split('.').collect();
+    if let [_, "dev", id, verb] = parts.as_slice() {
+        return run_device(node, msg, id, verb).await;
+    }
     let [_, _, plugin, command] = parts.as_slice() else {
         return Err(ServiceError::bad_request(format!(
             "subject {:?} is not synod.cmd.<plugin>.<command>",
@@ -163,6 +170,38 @@ async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8
             None => None,
         };
     node.submit(plugin, command, msg.payload.to_vec(), request_id).await
+}
+
+/// One device request: the HTTP API's device document as `result`.
+async fn run_device(
+    node: &NodeInner,
+    msg: &async_nats::Message,
+    id: &str,
+    verb: &str,
+) -> Result<(u64, Vec<u8>), ServiceError> {
+    let expected = match msg.headers.as_ref().and_then(|h| h.get("Synod-Expected-Version")) {
+        Some(v) => Some(v.as_str().trim().parse::<u64>().map_err(|_| {
+            ServiceError::bad_request(format!("Synod-Expected-Version {:?} is not a version", v.as_str()))
+        })?),
+        None => None,
+    };
+    let consistency = crate::node::Consistency::Linearizable;
+    let (index, doc) = match verb {
+        "get" => (0, node.device_get(id, consistency).await?),
+        "delta" => {
+            let doc = node.device_get(id, consistency).await?;
+            (0, json!({ "id": id, "delta": doc["delta"], "version": doc["version"] }))
+        }
+        "put" => node.device_put(id, &msg.payload).await?,
+        "desired" => node.device_patch_desired(id, &msg.payload, expected).await?,
+        "delete" => node.device_delete(id, expected).await?,
+        other => {
+            return Err(ServiceError::bad_request(format!(
+                "device verb {other:?} is not one of get, put, delete, desired, delta"
+            )));
+        }
+    };
+    Ok((index, serde_json::to_vec(&doc).unwrap_or_default()))
 }
 
 /// Publish a best-effort notice on `synod.sys.<what>`.

@@ -17,6 +17,7 @@
 //! and leader lookups, and the background tasks (owned by a `JoinSet` that
 //! shutdown stops).
 
+pub mod device_service;
 pub mod peer;
 pub mod service;
 pub mod write_path;
@@ -35,9 +36,11 @@ use crate::config::NodeConfig;
 use crate::consensus::network::Network;
 use crate::consensus::rpc::{NodeStatus, WriteError};
 use crate::consensus::{LogStore, NodeId, NodeInfo, Shared, StateMachineStore, TypeConfig};
+use crate::driver::io::Fence;
+use crate::driver::{DriverComponent, DriverRuntime};
 use crate::p2p::{P2p, P2pConfig};
 use crate::runtime::Runtime;
-pub use service::{ANONYMOUS, Consistency, LimitRequest, ServiceError};
+pub use service::{ANONYMOUS, Consistency, LimitRequest, SYSTEM, ServiceError};
 use write_path::{Queue, Queued};
 
 /// Largest message on `/synod/raft/1`, bytes. An entry is capped well below
@@ -100,6 +103,12 @@ pub struct NodeInner {
     /// Writes waiting to be forwarded to the leader (see
     /// [`write_path::forwarder`]).
     forward: tokio::sync::mpsc::Sender<Queued>,
+    /// The driver engine (not the fingerprinted command-handler engine).
+    pub drivers: Arc<DriverRuntime>,
+    /// Compiled drivers by sha256.
+    driver_cache: std::sync::Mutex<std::collections::HashMap<String, Arc<DriverComponent>>>,
+    /// This node's ownership lease: device writes stop when it runs out.
+    pub fence: Arc<Fence>,
 }
 
 /// A started node.
@@ -114,7 +123,7 @@ pub struct RunningNode {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -189,6 +198,7 @@ impl RunningNode {
         let (forward, forward_queue) = tokio::sync::mpsc::channel(capacity);
 
         let max_entry_bytes = config.limits.max_entry_bytes;
+        let drivers = artifacts.drivers().clone();
         let inner = Arc::new(NodeInner {
             id: config.id,
             config,
@@ -202,6 +212,9 @@ impl RunningNode {
             bus: OnceLock::new(),
             batch,
             forward,
+            drivers,
+            driver_cache: Default::default(),
+            fence: Arc::new(Fence::default()),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
@@ -228,6 +241,9 @@ impl RunningNode {
         tasks.spawn(follow_membership(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
+        tasks.spawn(crate::devices::heartbeat(inner.clone(), inner.fence.clone()));
+        tasks.spawn(crate::devices::reassign(inner.clone()));
+        tasks.spawn(crate::devices::manager(inner.clone(), inner.fence.clone()));
 
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let app = crate::api::router(inner.clone());
@@ -353,6 +369,29 @@ async fn compare_digests(node: Arc<NodeInner>) {
 }
 
 impl NodeInner {
+    /// The compiled driver with this sha256 (compiled once per node, off
+    /// the async workers).
+    pub async fn driver_component(&self, sha256: &str) -> Result<Arc<DriverComponent>, String> {
+        if let Some(c) = self.driver_cache.lock().ok().and_then(|m| m.get(sha256).cloned()) {
+            return Ok(c);
+        }
+        let bytes = match self.artifacts.get(sha256) {
+            Ok(Some(b)) => b,
+            Ok(None) => self.fetch_blob(sha256).await?,
+            Err(e) => return Err(e.to_string()),
+        };
+        let drivers = self.drivers.clone();
+        let component = tokio::task::spawn_blocking(move || drivers.compile(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let component = Arc::new(component);
+        if let Ok(mut m) = self.driver_cache.lock() {
+            m.insert(sha256.to_owned(), component.clone());
+        }
+        Ok(component)
+    }
+
     /// Current members (from the latest membership, else the config).
     pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
         let metrics = self.raft.metrics().borrow().clone();

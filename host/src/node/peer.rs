@@ -138,8 +138,10 @@ impl NodeInner {
             RaftRpc::Snapshot(r) => RaftReply::Snapshot(self.raft.install_snapshot(r).await),
             RaftRpc::WriteBatch(writes) => {
                 // All queue at once, so they share this node's next proposal.
+                let sender =
+                    self.members().into_iter().find(|(id, _)| self.peer_of(*id) == Some(from)).map(|(id, _)| id);
                 let answers = writes.into_iter().map(|w| async move {
-                    check_forwarded(&w)?;
+                    check_forwarded(&w, sender)?;
                     self.write_local(w).await
                 });
                 RaftReply::WriteBatch(futures::future::join_all(answers).await)
@@ -178,13 +180,28 @@ impl NodeInner {
     }
 }
 
-/// What a follower may forward in a `WriteBatch`: client commands, as the
-/// follower's callers sent them. Never an internal operation (an events
-/// mark, a plugin install — those have their own paths, validated here),
-/// never a batch, and never a caller a follower cannot have authenticated.
-fn check_forwarded(request: &crate::consensus::Request) -> Result<(), WriteError> {
-    if !matches!(request.op, Op::Command { .. }) {
-        return Err(WriteError::Refused("a forwarded batch may carry only client commands".into()));
+/// What a follower may forward in a `WriteBatch`: client commands and
+/// device writes, as the follower's callers sent them, and the sender's own
+/// heartbeats and device reports (speaking for the node the sending key is
+/// bound to, `sender`, and no other). Never another internal operation (an
+/// events mark, a plugin install, a reassignment — those have their own
+/// paths), never a batch, and never a caller a follower cannot have
+/// authenticated.
+fn check_forwarded(request: &crate::consensus::Request, sender: Option<NodeId>) -> Result<(), WriteError> {
+    use crate::replica::devices::DeviceOp;
+    match &request.op {
+        Op::Command { .. }
+        | Op::Device(DeviceOp::Put { .. } | DeviceOp::Delete { .. } | DeviceOp::PatchDesired { .. }) => {}
+        Op::Device(DeviceOp::Report { node, .. } | DeviceOp::Heartbeat { node, .. }) => {
+            if Some(*node) != sender {
+                return Err(WriteError::Refused(format!("a peer may report only for itself, not node {node}")));
+            }
+            if request.caller != super::SYSTEM {
+                return Err(WriteError::Refused("a node's own report is made by the node".into()));
+            }
+            return Ok(());
+        }
+        _ => return Err(WriteError::Refused("a forwarded batch may carry only client commands".into())),
     }
     // Until tokens exist every client is anonymous; a peer naming another
     // caller is forging one.
@@ -209,8 +226,8 @@ mod tests {
     #[test]
     fn forwarded_batches_carry_only_client_commands() {
         let command = Op::Command { plugin: "p".into(), command: "c".into(), payload: b"{}".to_vec() };
-        assert!(check_forwarded(&request(super::super::ANONYMOUS, command.clone())).is_ok());
-        let forged = check_forwarded(&request("admin", command.clone())).unwrap_err();
+        assert!(check_forwarded(&request(super::super::ANONYMOUS, command.clone()), Some(2)).is_ok());
+        let forged = check_forwarded(&request("admin", command.clone()), Some(2)).unwrap_err();
         assert!(forged.to_string().contains("may not claim caller"), "{forged}");
         let install = Op::InstallPlugin {
             name: "p".into(),
@@ -226,8 +243,26 @@ mod tests {
             Op::ActivatePlugin { name: "p".into(), version: "1".into() },
             Op::Batch(vec![request(super::super::ANONYMOUS, command.clone())]),
         ] {
-            let refused = check_forwarded(&request(super::super::ANONYMOUS, op)).unwrap_err();
+            let refused = check_forwarded(&request(super::super::ANONYMOUS, op), Some(2)).unwrap_err();
             assert!(matches!(refused, WriteError::Refused(_)), "{refused}");
         }
+    }
+
+    /// A node may forward its own heartbeats and device reports, never
+    /// another node's, and never a reassignment.
+    #[test]
+    fn a_peer_speaks_only_for_its_own_devices() {
+        use crate::replica::devices::DeviceOp;
+        let report =
+            |node| Op::Device(DeviceOp::Report { id: "d".into(), node, epoch: 1, fields: "{}".into(), actuated: None });
+        assert!(check_forwarded(&request(super::super::SYSTEM, report(2)), Some(2)).is_ok());
+        assert!(check_forwarded(&request(super::super::SYSTEM, report(3)), Some(2)).is_err());
+        assert!(check_forwarded(&request(super::super::ANONYMOUS, report(2)), Some(2)).is_err());
+        let beat = Op::Device(DeviceOp::Heartbeat { node: 3, labels: Vec::new() });
+        assert!(check_forwarded(&request(super::super::SYSTEM, beat), Some(2)).is_err());
+        let reassign = Op::Device(DeviceOp::Reassign { id: "d".into(), epoch: 1 });
+        assert!(check_forwarded(&request(super::super::SYSTEM, reassign), Some(2)).is_err());
+        let patch = Op::Device(DeviceOp::PatchDesired { id: "d".into(), patch: "{}".into(), expected_version: None });
+        assert!(check_forwarded(&request(super::super::ANONYMOUS, patch), Some(2)).is_ok());
     }
 }

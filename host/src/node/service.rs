@@ -73,6 +73,9 @@ impl ServiceError {
             CommandError::Lifecycle { .. } => (409, "lifecycle"),
             CommandError::RequestIdReused { .. } => (409, "request_id_reused"),
             CommandError::Host { .. } => (500, "host_failure"),
+            CommandError::NotFound { .. } => (404, "not_found"),
+            CommandError::Conflict { .. } => (409, "version_conflict"),
+            CommandError::Fenced { .. } => (409, "fenced"),
             CommandError::Internal { .. } => (422, "plugin_error"),
             CommandError::OutOfFuel { .. } => (422, "out_of_fuel"),
             CommandError::OutOfMemory { .. } => (422, "out_of_memory"),
@@ -111,6 +114,10 @@ impl From<WriteError> for ServiceError {
 
 /// The caller every request has until tokens exist.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// The caller of what a node does on its own (heartbeats, device reports,
+/// settings, reassignments).
+pub const SYSTEM: &str = "synod";
 
 /// Header naming a client's request id: a retry with the same id (and the
 /// same payload) is applied at most once within the replicated
@@ -223,6 +230,11 @@ impl NodeInner {
         Ok(())
     }
 
+    /// Wait until a read at `consistency` may be served.
+    pub async fn consistent(&self, consistency: Consistency) -> Result<(), ServiceError> {
+        self.barrier(consistency).await
+    }
+
     async fn barrier(&self, consistency: Consistency) -> Result<(), ServiceError> {
         match consistency {
             Consistency::Linearizable => Ok(self.read_barrier().await?),
@@ -247,13 +259,13 @@ impl NodeInner {
         let (view, index) = self
             .with_replica(|r| (r.query_view(plugin), r.last_applied()))
             .ok_or_else(|| ServiceError::new(500, "internal", "state unavailable"))?;
-        let Some((p, namespace)) = view else {
+        let Some((p, namespace, devices)) = view else {
             return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() }));
         };
         let query = query.to_owned();
         let outcome = tokio::task::spawn_blocking(move || {
             let ctx = Context { index, term: 0, timestamp_ms: 0, caller: ANONYMOUS.into() };
-            p.query(&ctx, &query, &payload, Box::new(namespace))
+            p.query(&ctx, &query, &payload, Box::new(namespace), devices)
         })
         .await
         .map_err(|e| ServiceError::new(500, "internal", format!("query task failed: {e}")))?;
@@ -345,6 +357,13 @@ impl NodeInner {
         asked: LimitRequest,
     ) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", name)?;
+        if name == crate::replica::DEVICE_FAMILY {
+            return Err(ServiceError::new(
+                400,
+                "bad_name",
+                "the plugin name `device` is reserved: device shadow events are published as synod.evt.device.>",
+            ));
+        }
         if version.is_empty() || version.len() > 64 || version.chars().any(char::is_control) {
             return Err(ServiceError::bad_request("`version` query parameter required (1-64 characters)"));
         }
@@ -389,7 +408,7 @@ impl NodeInner {
     async fn validate_stored(&self, sha256: &str, limits: PluginLimits) -> Result<(), ServiceError> {
         let artifacts = self.artifacts.clone();
         let sha256 = sha256.to_owned();
-        tokio::task::spawn_blocking(move || match artifacts.load(&sha256, limits) {
+        tokio::task::spawn_blocking(move || match artifacts.load_any(&sha256, limits) {
             Ok(_) => Ok(()),
             Err(crate::artifacts::ArtifactError::Load(e)) => Err(ServiceError::load(&e)),
             Err(e) => Err(ServiceError::new(500, "store", e)),
