@@ -3,9 +3,15 @@
 //! A plugin is a type implementing [`Plugin`], exported with
 //! [`export_plugin!`]. The host calls [`Plugin::handle`] once for every
 //! committed command, on every node, in log order; the handler reads and
-//! writes its own key-value namespace through [`state`], emits [`events`],
-//! and writes its [`log`]. Everything it sees comes from the log entry, so
-//! every node computes the same result.
+//! writes its own key-value namespace through [`state`], reads device
+//! shadows and sets their desired state through [`devices`], emits
+//! [`events`], and writes its [`log`]. Everything it sees comes from the log
+//! entry, so every node computes the same result.
+//!
+//! Device drivers (the `device-driver` world) are written with the separate
+//! crate `synod-driver-sdk` in `sdk/driver`: a separate crate, not a
+//! feature, so that cargo's feature unification in a workspace never puts
+//! the driver world into a command handler.
 //!
 //! ```ignore
 //! use serde::{Deserialize, Serialize};
@@ -250,6 +256,47 @@ pub mod events {
     pub fn emit<T: Serialize + ?Sized>(topic: &str, payload: &T) -> Result<(), Error> {
         let bytes = serde_json::to_vec(payload).map_err(|e| Error::internal(format!("cannot encode event: {e}")))?;
         raw::emit(topic, &bytes).map_err(Error::from)
+    }
+}
+
+/// The device shadows in the replicated state, as of the entry being
+/// applied. Reads see this command's own [`devices::set_desired`] calls;
+/// desired-state writes are buffered and committed with the command's
+/// state writes, so every node makes the same ones.
+pub mod devices {
+    use super::{Error, Serialize};
+    use crate::bindings::synod::plugin::devices as raw;
+    use crate::bindings::synod::plugin::types::HostError;
+
+    /// The shadow of device `id` as a JSON document (`id`, `driver`,
+    /// `desired`, `reported`, `delta`, `version`, `owner`, `epoch`, ...), or
+    /// `None` if there is no such device.
+    pub fn get(id: &str) -> Result<Option<serde_json::Value>, Error> {
+        match raw::get(id) {
+            None => Ok(None),
+            Some(doc) => serde_json::from_str(&doc)
+                .map(Some)
+                .map_err(|e| Error::internal(format!("the host's shadow of device `{id}` is not JSON: {e}"))),
+        }
+    }
+
+    /// Up to `limit` device ids starting with `prefix`, in byte order.
+    pub fn list(prefix: &str, limit: u32) -> Vec<String> {
+        raw::list_ids(prefix, limit)
+    }
+
+    /// Merge `patch` (which must encode as a JSON object) into the desired
+    /// state of device `id`; a field set to `null` is removed. The driver on
+    /// the device's owner node actuates the change once it commits. A
+    /// missing device, a patch that is not an object, a shadow past its size
+    /// cap or a call from a query is [`Error::Rejected`].
+    pub fn set_desired<T: Serialize + ?Sized>(id: &str, patch: &T) -> Result<(), Error> {
+        let json = serde_json::to_string(patch)
+            .map_err(|e| Error::internal(format!("cannot encode desired state for device `{id}`: {e}")))?;
+        raw::set_desired(id, &json).map_err(|e| match e {
+            HostError::ReadOnly => Error::rejected("desired state is read-only in a query"),
+            HostError::LimitExceeded(m) => Error::rejected(m),
+        })
     }
 }
 
