@@ -159,6 +159,38 @@ impl Cluster {
         }
     }
 
+    /// Wait until every live node has passed one common operation index,
+    /// and check they hold the same digest there (nodes that keep applying
+    /// heartbeats and reports are never all at the same index at once).
+    /// Returns (index, digest).
+    pub async fn same_digest(&self) -> (u64, String) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut last = Vec::new();
+            for id in self.live() {
+                if let Ok(v) = self.client(id).get("/v1/digest").await {
+                    last.push(v["last_applied"].as_u64().unwrap_or(0));
+                }
+            }
+            if last.len() == self.live().len()
+                && let Some(index) = last.iter().min().copied()
+            {
+                let mut digests = Vec::new();
+                for id in self.live() {
+                    if let Ok(v) = self.client(id).get(&format!("/v1/digest?index={index}")).await {
+                        digests.push((id, v["digest"].as_str().unwrap_or("").to_owned()));
+                    }
+                }
+                if digests.len() == self.live().len() {
+                    assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "digests differ at {index}: {digests:?}");
+                    return (index, digests[0].1.clone());
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nodes did not pass a common index: {last:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The members as `[[peers]]` entries, for a node joining or
     /// impersonating them (`except` one id).
     pub fn peer_configs(&self, except: Option<u64>) -> Vec<synod::config::PeerConfig> {

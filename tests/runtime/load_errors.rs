@@ -77,7 +77,7 @@ fn component_for_another_world() {
 fn component_with_a_foreign_import() {
     let extra = "package test:extra;
         interface env { get: func() -> string; }
-        world sneaky { import env; export synod:plugin/handler@0.1.0; }";
+        world sneaky { import env; export synod:plugin/handler@0.1.1; }";
     match load(&generated(|s| s, Some(extra), "sneaky")) {
         LoadError::UnsupportedImport { name } => assert_eq!(name, "test:extra/env"),
         e => panic!("{e:?}"),
@@ -86,12 +86,26 @@ fn component_with_a_foreign_import() {
 
 #[test]
 fn component_for_an_incompatible_wit_version() {
-    let bytes = generated(|s| s.replace("@0.1.0", "@0.2.0"), None, "command-handler");
+    let bytes = generated(|s| s.replace("@0.1.1", "@0.2.0"), None, "command-handler");
     match load(&bytes) {
         LoadError::IncompatibleVersion { found, supported } => {
-            assert_eq!((found.as_str(), supported.as_str()), ("0.2.0", "0.1.0"))
+            assert_eq!((found.as_str(), supported.as_str()), ("0.2.0", "0.1.1"))
         }
         e => panic!("{e:?}"),
+    }
+}
+
+/// A component built against `synod:plugin@0.1.0` (before `devices`
+/// existed) links against this host unchanged: its imports and export are
+/// found by semver-compatible lookup. (The generated module's functions
+/// trap, so loading stops at `describe`, after linking succeeded.)
+#[test]
+fn a_component_built_against_0_1_0_still_links() {
+    let old = |s: String| s.replace("@0.1.1", "@0.1.0").replace("    import devices;\n", "");
+    let bytes = generated(old, None, "command-handler");
+    match load(&bytes) {
+        LoadError::Describe(CommandError::Trap { .. }) => {}
+        e => panic!("a 0.1.0 component must link and reach describe: {e:?}"),
     }
 }
 

@@ -64,6 +64,7 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
         .route("/v1/devices/{id}/delta", get(get_delta))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/digest", get(digest_at))
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -179,6 +180,31 @@ async fn activate_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<St
 async fn remove_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<String>) -> ApiResult {
     let (index, out) = node.remove(&name).await?;
     ok(json!({ "result": output_json(&out), "index": index }))
+}
+
+#[derive(Deserialize)]
+struct DigestParams {
+    /// An operation index (default: the last applied).
+    index: Option<u64>,
+}
+
+/// This node's state digest after operation `index`, while it is among the
+/// recent ones remembered: nodes at different positions compare here.
+async fn digest_at(State(node): State<Arc<NodeInner>>, Query(params): Query<DigestParams>) -> ApiResult {
+    let (last, digest) = node
+        .with_replica(|r| {
+            let index = params.index.unwrap_or(r.last_applied());
+            (r.last_applied(), r.digest_at(index).map(|d| (index, d.to_hex())))
+        })
+        .unwrap_or((0, None));
+    match digest {
+        Some((index, digest)) => ok(json!({ "index": index, "digest": digest, "last_applied": last })),
+        None => Err(ApiError(ServiceError::new(
+            404,
+            "not_found",
+            format!("no digest remembered at index {:?} (last applied {last})", params.index),
+        ))),
+    }
 }
 
 async fn cluster(State(node): State<Arc<NodeInner>>) -> ApiResult {

@@ -4,7 +4,8 @@
 //! In: the replicated shadows (changes announced by the apply thread) and
 //! this node's `[devices]` config. Out: three background tasks —
 //!
-//! - [`heartbeat`]: a heartbeat entry every `heartbeat_ms`; each committed
+//! - [`heartbeat`]: while the cluster has devices, a heartbeat entry every
+//!   `heartbeat_ms` (about one entry per node per second); each committed
 //!   one renews this node's lease ([`Fence`]) until *sent + TTL*, measured
 //!   on this node's monotonic clock. An owner that cannot renew stops
 //!   writing to its devices when the lease runs out.
@@ -39,8 +40,15 @@ use crate::replica::devices::DeviceOp;
 pub async fn heartbeat(node: Arc<NodeInner>, fence: Arc<Fence>) {
     let labels = node.config.devices.labels.clone();
     loop {
-        let settings = node.with_replica(|r| r.devices().settings()).unwrap_or_default();
+        let (settings, any) =
+            node.with_replica(|r| (r.devices().settings(), !r.devices().is_empty())).unwrap_or_default();
         let sent = Instant::now();
+        if !any {
+            // No devices anywhere: nothing needs an owner, so nothing needs
+            // liveness, and a cluster without devices keeps a quiet log.
+            tokio::time::sleep(Duration::from_millis(settings.heartbeat_ms)).await;
+            continue;
+        }
         let op = Op::Device(DeviceOp::Heartbeat { node: node.id, labels: labels.clone() });
         let ttl = Duration::from_millis(settings.ttl_ms);
         match tokio::time::timeout(ttl, node.write(op, SYSTEM)).await {

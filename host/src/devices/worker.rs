@@ -10,8 +10,9 @@
 //! deadline; a trap or a missed deadline drops the instance and a new one
 //! is made after a backoff that doubles up to `max_backoff_ms`. Nothing a
 //! worker waits on is shared with another device's worker, so a dead or
-//! slow device delays only itself. While the lease is out the worker calls
-//! nothing (and the host refuses device writes anyway).
+//! slow device delays only itself. While the lease is out the worker does
+//! not call `actuate`, and the host refuses any device write a driver
+//! attempts.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,16 +123,17 @@ async fn session(node: &Arc<NodeInner>, fence: &Arc<Fence>, rx: &mut watch::Rece
         let flush_at = reports.due().map(tokio::time::Instant::from_std);
         tokio::select! {
             _ = poll.tick() => {
-                if fence.valid() {
-                    if let Err(e) = instance.poll(deadline).await {
-                        drain(node, &d, &mut instance, &mut reports).await;
-                        if e.is_fatal() {
-                            return Exit::Failed(e.to_string());
-                        }
-                        tracing::debug!(device = %d.spec.id, error = %e, "poll failed");
-                    }
+                // Reading goes on while the lease is out (a fenced owner may
+                // look, not touch: the host refuses its writes); what it
+                // reports is refused at apply if the device moved on.
+                if let Err(e) = instance.poll(deadline).await {
                     drain(node, &d, &mut instance, &mut reports).await;
+                    if e.is_fatal() {
+                        return Exit::Failed(e.to_string());
+                    }
+                    tracing::debug!(device = %d.spec.id, error = %e, "poll failed");
                 }
+                drain(node, &d, &mut instance, &mut reports).await;
             }
             r = rx.changed() => {
                 if r.is_err() {
@@ -148,7 +150,7 @@ async fn session(node: &Arc<NodeInner>, fence: &Arc<Fence>, rx: &mut watch::Rece
                 match done {
                     Ok(Ok(())) => {}
                     Ok(Err(Report::Fenced(why))) => {
-                        tracing::info!(device = %d.spec.id, epoch, error = %why, "report fenced: this node no longer owns the device");
+                        tracing::debug!(device = %d.spec.id, epoch, error = %why, "stopping: this node no longer owns the device");
                         return Exit::Stop;
                     }
                     Ok(Err(Report::Lost { fields, actuated })) => reports.retry(fields, actuated),
@@ -256,7 +258,10 @@ async fn report(
     });
     match tokio::time::timeout(Duration::from_secs(5), node.write(op, SYSTEM)).await {
         Ok(Ok((_, response))) => match response.result {
-            Some(Err(CommandError::Fenced { message })) => Err(Report::Fenced(message)),
+            Some(Err(CommandError::Fenced { message })) => {
+                tracing::info!(device = %id, epoch, error = %message, "report fenced");
+                Err(Report::Fenced(message))
+            }
             Some(Err(CommandError::NotFound { message })) => Err(Report::Fenced(message)),
             Some(Err(e)) => {
                 tracing::warn!(device = %id, error = %e, "report refused");

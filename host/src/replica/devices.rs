@@ -96,6 +96,8 @@ pub struct Device {
     pub last_actuated_version: u64,
     /// Leader time of the last change.
     pub updated_ms: u64,
+    /// The node and epoch of the last accepted report.
+    pub reported_by: Option<(NodeId, u64)>,
 }
 
 /// A node's last heartbeat.
@@ -380,6 +382,7 @@ impl Device {
             "desired_version": self.desired_version,
             "last_actuated_version": self.last_actuated_version,
             "updated_ms": self.updated_ms,
+            "reported_by": self.reported_by.map(|(node, epoch)| serde_json::json!({ "node": node, "epoch": epoch })),
         })
     }
 
@@ -583,6 +586,7 @@ impl Devices {
                     desired_version: 0,
                     last_actuated_version: 0,
                     updated_ms: now_ms,
+                    reported_by: None,
                 };
                 if let Some(desired) = &spec.desired {
                     let patch = parse_object("desired", desired).unwrap_or_default();
@@ -685,6 +689,7 @@ impl Devices {
         if let Some(v) = actuated {
             d.last_actuated_version = v;
         }
+        d.reported_by = Some((node, epoch));
         d.version += 1;
         d.updated_ms = now_ms;
         if let Err(e) = d.check_size() {
