@@ -185,6 +185,14 @@ fn fingerprint() -> EngineFingerprint {
             super::host::SCAN_ENTRY_FUEL,
             super::host::MAX_SCAN_ENTRIES
         ),
+        // What loads (the interfaces a handler may import) and where the
+        // device interface refuses a call decide results too.
+        format!("wit={}", super::WIT_VERSION),
+        format!(
+            "devices=max_document:{},max_desired_patches:{}",
+            crate::replica::devices::MAX_DEVICE_BYTES,
+            super::host::MAX_DESIRED_PATCHES
+        ),
         // Defaults matter for plugins installed without explicit limits.
         format!("default_limits={limits:?}"),
     ];

@@ -6,6 +6,7 @@
 //! lines, and whether it hit the memory limit.
 
 mod devices;
+pub use devices::MAX_DESIRED_PATCHES;
 mod events;
 mod log;
 mod random;
