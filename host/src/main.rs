@@ -119,6 +119,10 @@ enum SimCmd {
         /// Ambient temperature, °C.
         #[arg(long, default_value_t = 10.0)]
         ambient: f64,
+        /// A fault for every room, to try a driver against: `delay:<ms>`,
+        /// `drop` (never answer), `exception:<code>` or `disconnect`.
+        #[arg(long)]
+        fault: Option<String>,
     },
 }
 
@@ -419,7 +423,16 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             out(serde_json::to_string_pretty(&info)?)?;
         }
         Action::Device { command } => device(command).await?,
-        Action::Sim { command: SimCmd::Modbus { listen, devices, seed, heat_rate, cool_rate, ambient } } => {
+        Action::Sim { command: SimCmd::Modbus { listen, devices, seed, heat_rate, cool_rate, ambient, fault } } => {
+            use synod_sim::modbus::Fault;
+            let fault = match fault.as_deref().map(|f| f.split_once(':').unwrap_or((f, ""))) {
+                None => Fault::None,
+                Some(("delay", ms)) => Fault::Delay(std::time::Duration::from_millis(ms.parse().context("delay:<ms>")?)),
+                Some(("drop", "")) => Fault::Drop,
+                Some(("exception", code)) => Fault::Exception(code.parse().context("exception:<code>")?),
+                Some(("disconnect", "")) => Fault::Disconnect,
+                Some(_) => anyhow::bail!("--fault must be delay:<ms>, drop, exception:<code> or disconnect"),
+            };
             let config = synod_sim::modbus::SimConfig {
                 rooms: devices,
                 seed,
@@ -428,7 +441,20 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 cool_rate_c_per_s: cool_rate,
                 ..Default::default()
             };
-            synod_sim::modbus::run(listen, config).await?;
+            let sim = synod_sim::modbus::start(listen, config).await?;
+            sim.set_fault(None, fault);
+            println!(
+                "modbus simulator: {devices} room(s) on {} (room k: input/holding register 16k = temperature ×10, \
+                 coil 16k = heater){}",
+                sim.addr(),
+                if fault == Fault::None { String::new() } else { format!("; fault {fault:?}") }
+            );
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            sim.shutdown().await;
         }
         Action::Engine => {
             let runtime = synod::runtime::Runtime::new()?;

@@ -242,3 +242,47 @@ async fn writes_stop_when_the_lease_runs_out() {
     d.actuate(2, &json!({"heater": true}).to_string(), Duration::from_secs(2)).await.unwrap();
     assert_eq!(sim.heater(0), Some(true));
 }
+
+/// The driver is profile-driven, not written for our simulator: against
+/// another Modbus TCP server (pymodbus) keeping the temperature as a float
+/// in little word order in holding registers and the heater in coil 5, it
+/// reads and actuates with nothing but a different profile.
+#[tokio::test]
+async fn modbus_room_drives_another_vendor_s_server() {
+    let port = synod::dev::free_port().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/devices/pymodbus_server.py");
+    let mut server = std::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let _server = Kill(server);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "pymodbus must be installed (pip install pymodbus==3.6.9)");
+
+    let profile = json!({
+        "temperature": { "table": "holding", "address": 100, "type": "f32", "word_order": "little" },
+        "heater": { "table": "coil", "address": 5 },
+    });
+    let s = setup("vendor", profile, vec![format!("modbus-tcp://127.0.0.1:{port}/1")], Duration::from_secs(2));
+    let mut d = instance("modbus-room", &s, fence(Duration::from_secs(60))).await;
+    d.poll(Duration::from_secs(5)).await.unwrap();
+    let (items, _) = d.take_sink();
+    assert_eq!(telemetry(&items, "temperature"), vec![21.5], "{items:?}");
+    assert_eq!(reports(&items).last().unwrap()["heater"], json!(false));
+    d.actuate(1, &json!({"heater": true}).to_string(), Duration::from_secs(5)).await.unwrap();
+    d.poll(Duration::from_secs(5)).await.unwrap();
+    let (items, _) = d.take_sink();
+    assert_eq!(reports(&items).last().unwrap()["heater"], json!(true), "written and read back: {items:?}");
+}

@@ -142,31 +142,30 @@ pub async fn manager(node: Arc<NodeInner>, fence: Arc<Fence>) {
         HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
-            _ = sweep.tick() => {}
-        }
-        // Changed devices, plus every device now and then (a worker that
-        // stopped on its own while this node still owns the device is
-        // restarted, and nothing depends on a notice never being lost).
+        let swept = tokio::select! {
+            r = changed.changed() => if r.is_err() { return } else { false },
+            _ = sweep.tick() => true,
+        };
+        // The devices whose shadow changed; on the sweep, also every worker
+        // and every device this node owns (a worker that stopped on its own
+        // while the device is still ours is restarted, and nothing depends
+        // on a notice never being lost).
         let mut ids: Vec<String> = node
             .shared
             .device_changes
             .lock()
             .map(|mut s| std::mem::take(&mut *s).into_iter().collect())
             .unwrap_or_default();
-        ids.extend(workers.keys().cloned());
-        ids.extend(
-            node.with_replica(|r| {
-                r.devices()
-                    .view()
-                    .values()
-                    .filter(|d| d.owner == Some(node.id))
-                    .map(|d| d.spec.id.clone())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default(),
-        );
+        if swept {
+            ids.extend(workers.keys().cloned());
+            ids.extend(
+                node.with_replica(|r| {
+                    let all = r.devices().view();
+                    all.values().filter(|d| d.owner == Some(node.id)).map(|d| d.spec.id.clone()).collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+            );
+        }
         ids.sort();
         ids.dedup();
         for id in ids {
@@ -174,7 +173,10 @@ pub async fn manager(node: Arc<NodeInner>, fence: Arc<Fence>) {
             match device {
                 Some(d) if d.owner == Some(node.id) => match workers.get(&id) {
                     Some((tx, task)) if !task.0.is_finished() && tx.borrow().epoch == d.epoch => {
-                        tx.send_replace(d);
+                        // Wake the worker only for a new version of the shadow.
+                        if !Arc::ptr_eq(&tx.borrow(), &d) {
+                            tx.send_replace(d);
+                        }
                     }
                     _ => {
                         let (tx, rx) = tokio::sync::watch::channel(d);
