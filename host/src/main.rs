@@ -427,7 +427,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             use synod_sim::modbus::Fault;
             let fault = match fault.as_deref().map(|f| f.split_once(':').unwrap_or((f, ""))) {
                 None => Fault::None,
-                Some(("delay", ms)) => Fault::Delay(std::time::Duration::from_millis(ms.parse().context("delay:<ms>")?)),
+                Some(("delay", ms)) => {
+                    Fault::Delay(std::time::Duration::from_millis(ms.parse().context("delay:<ms>")?))
+                }
                 Some(("drop", "")) => Fault::Drop,
                 Some(("exception", code)) => Fault::Exception(code.parse().context("exception:<code>")?),
                 Some(("disconnect", "")) => Fault::Disconnect,

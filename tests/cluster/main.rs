@@ -4,6 +4,7 @@
 
 mod basics;
 mod failover;
+mod gossip;
 // The shared test kit; not every helper is used here.
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]

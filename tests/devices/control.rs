@@ -305,3 +305,58 @@ async fn a_paused_owner_is_fenced_and_writes_nothing_after_its_lease() {
     );
     p.c.same_digest().await;
 }
+
+/// Telemetry reaches every member over gossip: a node that does not own
+/// the device serves the owner's readings at
+/// `GET /v1/devices/{id}/telemetry`, fresh, and following the plant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_own_the_device_serves_its_fresh_telemetry() {
+    let _serial = serial().await;
+    let p = plant(None).await;
+    let (c, sim) = (&p.c, &p.sim);
+    c.client(1).put("/v1/devices/room-1", definition(sim, false).to_string().into_bytes()).await.unwrap();
+    let d = wait_for(Duration::from_secs(15), "an owner reporting", async || {
+        let d = device(c, 1).await;
+        (d["owner"].is_u64() && d["reported"]["temperature"].is_number()).then_some(d)
+    })
+    .await;
+    let (owner, epoch) = (d["owner"].as_u64().unwrap(), d["epoch"].as_u64().unwrap());
+    // A node that has not applied the definition yet answers 404 until the
+    // first reading reaches it.
+    let telemetry = async |id: u64| c.client(id).get("/v1/devices/room-1/telemetry").await.unwrap_or_default();
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+
+    for id in [1, 2, 3].into_iter().filter(|id| *id != owner) {
+        let t = wait_for(Duration::from_secs(10), "the owner's readings on another node", async || {
+            let t = telemetry(id).await;
+            t["metrics"]["temperature"].is_object().then_some(t)
+        })
+        .await;
+        assert_eq!(t["device"], "room-1", "{t}");
+        for metric in ["temperature", "heater"] {
+            let m = &t["metrics"][metric];
+            assert!(m["v"].is_number(), "node {id}: {t}");
+            assert_eq!((m["node"].as_u64(), m["epoch"].as_u64()), (Some(owner), Some(epoch)), "node {id}: {t}");
+        }
+        // Fresh: readings keep coming at the 100 ms poll, stamped just now.
+        let first = t["metrics"]["temperature"]["ts_ms"].as_u64().unwrap();
+        let later = wait_for(Duration::from_secs(5), "a newer reading", async || {
+            let ts = telemetry(id).await["metrics"]["temperature"]["ts_ms"].as_u64()?;
+            (ts > first).then_some(ts)
+        })
+        .await;
+        assert!(now_ms().abs_diff(later) < 3000, "node {id}: a reading from {later}, now is {}", now_ms());
+    }
+
+    // The plant moves; a non-owner sees it within a few polls.
+    let other = [1, 2, 3].into_iter().find(|id| *id != owner).unwrap();
+    sim.set_temperature(0, 30.0);
+    wait_for(Duration::from_secs(10), "the new temperature on another node", async || {
+        let v = telemetry(other).await["metrics"]["temperature"]["v"].as_f64()?;
+        (v > 28.0 && (v - sim.temperature(0).unwrap()).abs() < 0.5).then_some(())
+    })
+    .await;
+
+    let e = c.client(other).get("/v1/devices/no-such-room/telemetry").await.unwrap_err();
+    assert!(matches!(&e, synod::client::ClientError::Status { status: 404, .. }), "{e}");
+}

@@ -63,6 +63,7 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/devices/{id}", get(get_device).put(put_device).delete(delete_device))
         .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
         .route("/v1/devices/{id}/delta", get(get_delta))
+        .route("/v1/devices/{id}/telemetry", get(get_telemetry))
         .route("/v1/cluster", get(cluster))
         .route("/v1/digest", get(digest_at))
         .route("/v1/cluster/nodes", post(add_node))
@@ -333,4 +334,16 @@ async fn ready(State(node): State<Arc<NodeInner>>) -> Response {
     let (ready, body) = node.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// The latest reading of each of a device's metrics this node has heard of,
+/// from its own drivers or a member's gossip: `{"device", "metrics":
+/// {"<metric>": {"v", "ts_ms", "node", "epoch"}}}`. 404 for a device with
+/// no readings that this node's state does not know either.
+async fn get_telemetry(State(node): State<Arc<NodeInner>>, Path(id): Path<String>) -> ApiResult {
+    let metrics = node.telemetry.device(&id);
+    if metrics.is_empty() {
+        node.device_get(&id, Consistency::Local).await?;
+    }
+    ok(json!({ "device": id, "metrics": metrics }))
 }

@@ -3,8 +3,8 @@
 //! In: the device's shadow as it changes (a watch channel from the
 //! manager), this node's fence, and the driver plugin's active version.
 //! Out: `poll` every interval, `actuate` once per new desired version,
-//! telemetry on NATS, coalesced reports through the log at the worker's
-//! epoch.
+//! telemetry on NATS and on gossip (every node serves the latest readings),
+//! coalesced reports through the log at the worker's epoch.
 //!
 //! One call at a time (one request in flight per device), each within its
 //! deadline; a trap or a missed deadline drops the instance and a new one
@@ -200,8 +200,8 @@ fn reported(d: &Device) -> serde_json::Map<String, Value> {
     d.reported.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or(Value::Null))).collect()
 }
 
-/// Publish what the driver said: telemetry to NATS, reports to the
-/// coalescer, log lines to the node's log.
+/// Publish what the driver said: telemetry to NATS and gossip, reports to
+/// the coalescer, log lines to the node's log.
 async fn drain(node: &NodeInner, d: &Device, instance: &mut DriverInstance, reports: &mut Coalescer) {
     let (items, dropped) = instance.take_sink();
     if dropped > 0 {
@@ -210,6 +210,8 @@ async fn drain(node: &NodeInner, d: &Device, instance: &mut DriverInstance, repo
     for item in items {
         match item {
             SinkItem::Telemetry { metric, value, ts_ms } => {
+                let reading = crate::node::gossip::Reading { v: value, ts_ms, node: node.id, epoch: d.epoch };
+                node.telemetry.share(&node.p2p, &d.spec.id, &metric, reading);
                 if let Some(client) = node.bus.get() {
                     let body = serde_json::json!({ "v": value, "ts_ms": ts_ms, "node": node.id, "epoch": d.epoch });
                     let subject = format!("synod.tel.{}.{metric}", d.spec.id);

@@ -12,12 +12,17 @@
 //!   a follower's forwarder — over bounded queues.
 //! - [`peer`]: the peer protocol — one typed request helper out, the
 //!   handlers for what peers ask in.
+//! - [`gossip`]: what travels on gossipsub — digest notices (compared
+//!   against ours, alarm on a mismatch) and device telemetry (the latest
+//!   reading per device and metric, on every node).
+//! - [`device_service`]: device shadows for clients.
 //!
 //! This file holds the wiring: starting and stopping a node, membership
 //! and leader lookups, and the background tasks (owned by a `JoinSet` that
 //! shutdown stops).
 
 pub mod device_service;
+pub mod gossip;
 pub mod peer;
 pub mod service;
 pub mod write_path;
@@ -109,6 +114,8 @@ pub struct NodeInner {
     driver_cache: std::sync::Mutex<std::collections::HashMap<String, Arc<DriverComponent>>>,
     /// This node's ownership lease: device writes stop when it runs out.
     pub fence: Arc<Fence>,
+    /// The latest reading of each device metric, from every member's gossip.
+    pub telemetry: gossip::Telemetry,
 }
 
 /// A started node.
@@ -215,6 +222,7 @@ impl RunningNode {
             drivers,
             driver_cache: Default::default(),
             fence: Arc::new(Fence::default()),
+            telemetry: gossip::Telemetry::default(),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
@@ -241,6 +249,7 @@ impl RunningNode {
         tasks.spawn(follow_membership(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
+        tasks.spawn(gossip::telemetry(inner.clone()));
         tasks.spawn(crate::devices::heartbeat(inner.clone(), inner.fence.clone()));
         tasks.spawn(crate::devices::reassign(inner.clone()));
         tasks.spawn(crate::devices::manager(inner.clone(), inner.fence.clone()));
@@ -343,26 +352,41 @@ async fn replicate_settings(node: Arc<NodeInner>) {
     }
 }
 
-/// Every second, ask each member for its digest and alarm when one differs
+/// Every second, gossip our digest; and alarm when a member's digest differs
 /// from ours at the same applied operation.
 async fn compare_digests(node: Arc<NodeInner>) {
+    let mut inbox = node.p2p.subscribe(crate::p2p::GossipTopic::Digest);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tick.tick().await;
-        for status in node.peer_statuses().await.into_iter().flatten() {
-            let ours = node.with_replica(|r| r.digest_at(status.digest_index)).flatten();
-            if let Some(ours) = ours
-                && ours.to_hex() != status.digest
-            {
-                tracing::error!(
-                    peer = status.id, index = status.digest_index, ours = %ours, theirs = %status.digest,
-                    "STATE DIVERGENCE: a member applied the same entries to a different state"
-                );
-                node.shared.divergence.store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Some(client) = node.bus.get() {
-                    let body = serde_json::json!({ "node": node.id, "peer": status.id, "index": status.digest_index });
-                    crate::bus::notify(client, "divergence", body).await;
+        let gossip = tokio::select! {
+            _ = tick.tick() => {
+                if let Some(notice) = gossip::DigestNotice::ours(&node) {
+                    notice.publish(&node.p2p);
                 }
+                continue;
+            }
+            received = inbox.recv() => match received {
+                Ok(gossip) => gossip,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "digest gossip came faster than it was compared; skipped some");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let Some(status) = gossip::DigestNotice::received(&node, &gossip) else { continue };
+        let ours = node.with_replica(|r| r.digest_at(status.digest_index)).flatten();
+        if let Some(ours) = ours
+            && ours.to_hex() != status.digest
+        {
+            tracing::error!(
+                peer = status.node, index = status.digest_index, ours = %ours, theirs = %status.digest,
+                "STATE DIVERGENCE: a member applied the same entries to a different state"
+            );
+            node.shared.divergence.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(client) = node.bus.get() {
+                let body = serde_json::json!({ "node": node.id, "peer": status.node, "index": status.digest_index });
+                crate::bus::notify(client, "divergence", body).await;
             }
         }
     }

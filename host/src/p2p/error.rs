@@ -1,12 +1,13 @@
 //! Errors of the transport stage: why the node key cannot be used, why the
-//! swarm cannot start, and why one request got no answer.
+//! swarm cannot start, why one request got no answer, and why gossip was
+//! not sent.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 
-use super::Protocol;
+use super::{GossipTopic, Protocol};
 
 /// Why the transport could not do what was asked.
 ///
@@ -91,6 +92,23 @@ pub enum P2pError {
         size: usize,
         /// The protocol's cap.
         limit: usize,
+    },
+    /// A gossip payload is bigger than gossip allows; it was not sent.
+    #[error("a {topic} gossip message of {size} bytes is over the limit of {limit} bytes")]
+    GossipTooLarge {
+        /// The topic it was meant for.
+        topic: GossipTopic,
+        /// Size of the payload.
+        size: usize,
+        /// The cap on one payload.
+        limit: usize,
+    },
+    /// The queue of gossip waiting to be sent is full; the message was
+    /// dropped.
+    #[error("gossip on {topic} dropped: the p2p transport is behind")]
+    GossipFull {
+        /// The topic it was meant for.
+        topic: GossipTopic,
     },
     /// The transport has shut down; no more requests can be made.
     #[error("the p2p transport has stopped")]

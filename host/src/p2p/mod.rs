@@ -13,24 +13,32 @@
 //! over a channel, and each inbound request runs on its own task. Raft
 //! traffic goes over one long-lived stream per peer ([`raft_stream`]),
 //! plugin bytes over libp2p request-response.
+//!
+//! Besides requests, members gossip (module `gossip`): bytes published on a
+//! [`GossipTopic`] with [`P2p::publish`] reach every member's
+//! [`P2p::subscribe`] receivers, signed by their author, whose key must be
+//! on the receiver's allowlist.
 
 mod codec;
 mod error;
+mod gossip;
 pub mod identity;
 mod raft_stream;
 mod swarm;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use error::P2pError;
+pub use gossip::{Gossip, GossipTopic, MAX_GOSSIP_BYTES};
 
 use swarm::{Command, SwarmTask};
 
@@ -186,6 +194,13 @@ pub struct P2p {
     peers: Peers,
     /// `/synod/raft/1` requests.
     raft: Arc<raft_stream::RaftStreams>,
+    /// Gossip to publish, into the swarm task; bounded, see
+    /// [`P2p::publish`].
+    publishes: mpsc::Sender<gossip::Outgoing>,
+    /// Received gossip, per topic.
+    subscribers: gossip::Subscribers,
+    /// Gossip dropped because the publish queue was full.
+    gossip_dropped: Arc<AtomicU64>,
 }
 
 impl P2p {
@@ -211,8 +226,19 @@ impl P2p {
         let raft = Arc::new(raft_stream::RaftStreams::new(control, config.max_message_bytes, config.request_timeout));
 
         let (commands_tx, commands) = mpsc::unbounded_channel();
+        let (publishes_tx, publishes) = mpsc::channel(gossip::PUBLISH_QUEUE);
+        let subscribers = gossip::Subscribers::new();
         let (connected_tx, connected) = watch::channel(Vec::new());
-        let task = SwarmTask::new(swarm, peers.clone(), commands, handler, connected_tx, config.request_timeout);
+        let task = SwarmTask::new(
+            swarm,
+            peers.clone(),
+            commands,
+            publishes,
+            subscribers.clone(),
+            handler,
+            connected_tx,
+            config.request_timeout,
+        );
         tokio::spawn(task.run());
         tracing::info!(peer_id = %local_peer_id, %addr, "p2p transport listening");
 
@@ -224,6 +250,9 @@ impl P2p {
             max_blob_bytes: config.max_blob_bytes,
             peers,
             raft,
+            publishes: publishes_tx,
+            subscribers,
+            gossip_dropped: Arc::default(),
         };
         Ok((p2p, addr))
     }
@@ -261,7 +290,9 @@ impl P2p {
     }
 
     /// Adds `peer` to the allowlist; with `addr`, also records (or
-    /// replaces) where to dial it.
+    /// replaces) where to dial it. A peer with a known address is dialled
+    /// now and whenever it is not connected (every few seconds), so members
+    /// gossip directly.
     pub fn allow(&self, peer: PeerId, addr: Option<Multiaddr>) {
         self.peers.allow(peer, addr);
         self.send(Command::Allow { peer });
@@ -281,6 +312,40 @@ impl P2p {
     /// The peers with at least one open connection, sorted.
     pub fn connected_peers(&self) -> Vec<PeerId> {
         self.connected.borrow().clone()
+    }
+
+    /// Publishes `bytes` on `topic` to every connected member subscribed to
+    /// it; without waiting, and without confirmation that anyone got it.
+    ///
+    /// Fails without sending if `bytes` is over [`MAX_GOSSIP_BYTES`], if the
+    /// transport has stopped, or if the queue into the swarm task is full
+    /// (then the message is dropped and counted in [`P2p::gossip_dropped`]).
+    /// This node's own subscribers do not receive what it publishes.
+    pub fn publish(&self, topic: GossipTopic, bytes: Vec<u8>) -> Result<(), P2pError> {
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(P2pError::GossipTooLarge { topic, size: bytes.len(), limit: MAX_GOSSIP_BYTES });
+        }
+        match self.publishes.try_send(gossip::Outgoing { topic, data: bytes }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.gossip_dropped.fetch_add(1, Ordering::Relaxed);
+                Err(P2pError::GossipFull { topic })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(P2pError::Stopped),
+        }
+    }
+
+    /// Messages other members publish on `topic` from now on, signed by
+    /// members on this node's allowlist. A receiver that falls more than a
+    /// thousand messages behind loses the oldest (`RecvError::Lagged`).
+    pub fn subscribe(&self, topic: GossipTopic) -> broadcast::Receiver<Gossip> {
+        self.subscribers.subscribe(topic)
+    }
+
+    /// How many messages [`P2p::publish`] dropped because the swarm task
+    /// was behind, since start.
+    pub fn gossip_dropped(&self) -> u64 {
+        self.gossip_dropped.load(Ordering::Relaxed)
     }
 
     /// Stops the swarm task: closes the listener and every connection, and
@@ -609,6 +674,140 @@ mod tests {
         // B's listener and connections are gone, so A cannot reach it.
         assert!(request(&a, b.id(), Protocol::Raft, b"anyone?").await.is_err());
         assert_eq!(b.recorder.seen().len(), 1);
+    }
+
+    /// A node that allows `allowed`, dialling each at its address if given.
+    async fn member(key: Keypair, allowed: Vec<(PeerId, Option<Multiaddr>)>) -> Node {
+        start(config(key, allowed)).await
+    }
+
+    /// Publishes `tag:<n>` from `from` every 100 ms until `to` receives one
+    /// (gossip flows once the peers are connected and have told each other
+    /// their subscriptions); returns what `to` got.
+    async fn gossip_until(from: &Node, topic: GossipTopic, to: &mut broadcast::Receiver<Gossip>, tag: &str) -> Gossip {
+        timeout(WAIT, async {
+            for n in 0.. {
+                from.p2p.publish(topic, format!("{tag}:{n}").into_bytes()).unwrap();
+                let wait = tokio::time::sleep(Duration::from_millis(100));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        got = to.recv() => {
+                            let got = got.unwrap();
+                            if got.data.starts_with(format!("{tag}:").as_bytes()) {
+                                return got;
+                            }
+                        }
+                        _ = &mut wait => break,
+                    }
+                }
+            }
+            unreachable!()
+        })
+        .await
+        .expect("gossip never arrived")
+    }
+
+    /// Everything `rx` holds now.
+    fn drain(rx: &mut broadcast::Receiver<Gossip>) -> Vec<Gossip> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_reaches_every_member_on_its_topic_only() {
+        let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+        let ids: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+        // A knows nobody's address, B knows A's, C knows A's and B's: the
+        // dialler connects them all.
+        let a = member(keys[0].clone(), vec![(ids[1], None), (ids[2], None)]).await;
+        let b = member(keys[1].clone(), vec![(ids[0], Some(a.addr.clone())), (ids[2], None)]).await;
+        let c = member(keys[2].clone(), vec![(ids[0], Some(a.addr.clone())), (ids[1], Some(b.addr.clone()))]).await;
+        let mut a_tel = a.p2p.subscribe(GossipTopic::Telemetry);
+        let mut b_tel = b.p2p.subscribe(GossipTopic::Telemetry);
+        let mut b_dig = b.p2p.subscribe(GossipTopic::Digest);
+        let mut c_tel = c.p2p.subscribe(GossipTopic::Telemetry);
+        let mut c_dig = c.p2p.subscribe(GossipTopic::Digest);
+
+        let got = gossip_until(&a, GossipTopic::Telemetry, &mut b_tel, "a").await;
+        assert_eq!(got.from, a.id());
+        let got = gossip_until(&a, GossipTopic::Telemetry, &mut c_tel, "a").await;
+        assert_eq!(got.from, a.id());
+        let got = gossip_until(&c, GossipTopic::Digest, &mut b_dig, "c").await;
+        assert_eq!(got.from, c.id());
+        assert_eq!(gossip_until(&b, GossipTopic::Telemetry, &mut a_tel, "b").await.from, b.id());
+
+        // Once the mesh is up, one message reaches each other member once,
+        // on its topic only, and not the publisher itself.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for rx in [&mut a_tel, &mut b_tel, &mut b_dig, &mut c_tel, &mut c_dig] {
+            drain(rx);
+        }
+        b.p2p.publish(GossipTopic::Digest, b"digest 7".to_vec()).unwrap();
+        let got = timeout(WAIT, c_dig.recv()).await.unwrap().unwrap();
+        assert_eq!(got, Gossip { from: b.id(), data: b"digest 7".to_vec() });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(drain(&mut c_dig).is_empty(), "delivered twice");
+        assert!(drain(&mut b_dig).is_empty(), "delivered to its publisher");
+        assert!(drain(&mut a_tel).is_empty() && drain(&mut c_tel).is_empty(), "delivered on the wrong topic");
+        assert_eq!(b.p2p.gossip_dropped(), 0);
+    }
+
+    /// B allows everyone; A allows B and D; C is a member only for B. A
+    /// hears D through B, but never C, though B relays both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_from_a_non_member_is_not_delivered_even_through_a_member() {
+        let keys: Vec<Keypair> = (0..4).map(|_| Keypair::generate_ed25519()).collect();
+        let [pa, pb, pc, pd] = [0, 1, 2, 3].map(|i| keys[i].public().to_peer_id());
+        let b = member(keys[1].clone(), vec![(pa, None), (pc, None), (pd, None)]).await;
+        let to_b = Some(b.addr.clone());
+        let a = member(keys[0].clone(), vec![(pb, to_b.clone()), (pd, None)]).await;
+        let c = member(keys[2].clone(), vec![(pb, to_b.clone())]).await;
+        let d = member(keys[3].clone(), vec![(pb, to_b.clone()), (pa, None)]).await;
+        let mut a_rx = a.p2p.subscribe(GossipTopic::Telemetry);
+        let mut b_rx = b.p2p.subscribe(GossipTopic::Telemetry);
+
+        // B takes C's messages; A takes D's, which only B can have relayed.
+        assert_eq!(gossip_until(&c, GossipTopic::Telemetry, &mut b_rx, "c").await.from, pc);
+        assert_eq!(gossip_until(&d, GossipTopic::Telemetry, &mut a_rx, "d").await.from, pd);
+        assert!(!a.p2p.connected_peers().contains(&pd), "A and D are connected; nothing was relayed");
+
+        // Now both publish; A gets every message of D and none of C.
+        drain(&mut a_rx);
+        for n in 0..5 {
+            c.p2p.publish(GossipTopic::Telemetry, format!("c-late:{n}").into_bytes()).unwrap();
+            d.p2p.publish(GossipTopic::Telemetry, format!("d-late:{n}").into_bytes()).unwrap();
+        }
+        let mut from_d = 0;
+        timeout(WAIT, async {
+            while from_d < 5 {
+                let got = a_rx.recv().await.unwrap();
+                assert_eq!(got.from, pd, "A delivered {:?}", String::from_utf8_lossy(&got.data));
+                from_d += 1;
+            }
+        })
+        .await
+        .expect("D's messages did not all reach A");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let late = drain(&mut a_rx);
+        assert!(late.iter().all(|g| g.from != pc), "A delivered a non-member's message: {late:?}");
+        assert!(!a.p2p.connected_peers().contains(&pc));
+    }
+
+    #[tokio::test]
+    async fn gossip_over_the_cap_or_after_shutdown_is_refused() {
+        let a = start(config(Keypair::generate_ed25519(), vec![])).await;
+        let err = a.p2p.publish(GossipTopic::Digest, vec![0; MAX_GOSSIP_BYTES + 1]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "a synod/digest/1 gossip message of {} bytes is over the limit of {MAX_GOSSIP_BYTES} bytes",
+                MAX_GOSSIP_BYTES + 1
+            )
+        );
+        // Alone, there is nobody to publish to, which is not an error.
+        a.p2p.publish(GossipTopic::Digest, vec![0; MAX_GOSSIP_BYTES]).unwrap();
+        a.p2p.shutdown().await;
+        assert!(matches!(a.p2p.publish(GossipTopic::Digest, b"x".to_vec()), Err(P2pError::Stopped)));
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! The swarm task: the one owner of the libp2p [`Swarm`].
 //!
-//! In: [`Command`]s from [`super::P2p`] handles, swarm events, and answers
-//! from inbound-request tasks. Out: `/synod/blob/1` requests on the wire,
-//! replies to the callers that made them, inbound blob requests handed to
-//! the [`InboundHandler`] each on its own task, and the set of connected
-//! peers. Raft streams (see [`super::raft_stream`]) are driven by the
-//! `raft` behaviour here but read and written by their own tasks.
+//! In: [`Command`]s and gossip to publish from [`super::P2p`] handles, swarm
+//! events, and answers from inbound-request tasks. Out: `/synod/blob/1`
+//! requests on the wire, replies to the callers that made them, inbound
+//! blob requests handed to the [`InboundHandler`] each on its own task,
+//! gossip published and received (see [`super::gossip`]), dials to allowed
+//! peers not connected yet, and the set of connected peers. Raft streams
+//! (see [`super::raft_stream`]) are driven by the `raft` behaviour here but
+//! read and written by their own tasks.
 //!
 //! Nothing here awaits a handler or a caller: the loop only moves messages,
 //! so a slow handler never stalls anything else.
@@ -22,18 +24,24 @@ use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::core::Endpoint;
 use libp2p::core::transport::PortUse;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm, dummy,
 };
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::FrameCodec;
+use super::gossip::{self, Outgoing, Subscribers};
 use super::{IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError, Peers, Protocol};
 
 /// Wire name of [`Protocol::Blob`].
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Blob.name());
+/// How often allowed peers that are not connected are dialled. Raft only
+/// connects a leader to its followers; gossip wants every pair of members
+/// connected, so a message does not depend on one relay.
+const DIAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Everything the node speaks on a connection.
 #[derive(NetworkBehaviour)]
@@ -52,6 +60,8 @@ pub(super) struct SynodBehaviour {
     /// Tells peers our listen addresses and protocol version, and logs
     /// theirs, which is what an operator checks first when nodes disagree.
     identify: identify::Behaviour,
+    /// Signed publish/subscribe among members (see [`super::gossip`]).
+    gossip: gossipsub::Behaviour,
 }
 
 /// Gives libp2p the configured address of a peer it dials by id alone, as
@@ -178,6 +188,7 @@ pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehav
         [(BLOB_PROTOCOL, ProtocolSupport::Full)],
         rr_config,
     );
+    let gossip = gossip::behaviour(&config.keypair)?;
     let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
@@ -191,6 +202,7 @@ pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehav
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
                     .with_agent_version(format!("synod/{}", env!("CARGO_PKG_VERSION"))),
             ),
+            gossip,
         })
         .map_err(|e| match e {})?
         .with_swarm_config(|c| {
@@ -253,14 +265,24 @@ pub(super) struct SwarmTask {
     connected: watch::Sender<Vec<PeerId>>,
     /// The configured request timeout, for error messages.
     request_timeout: Duration,
+    /// Gossip to publish, from the handles; bounded, unlike `commands`, so
+    /// a burst of telemetry cannot grow memory without bound.
+    publishes: mpsc::Receiver<Outgoing>,
+    /// Where received gossip goes.
+    subscribers: Subscribers,
+    /// When to dial allowed peers that are not connected.
+    dial_tick: tokio::time::Interval,
 }
 
 impl SwarmTask {
     /// Wraps a listening swarm; `peers` seeds the allowlist.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mut swarm: Swarm<SynodBehaviour>,
         peers: Peers,
         commands: mpsc::UnboundedReceiver<Command>,
+        publishes: mpsc::Receiver<Outgoing>,
+        subscribers: Subscribers,
         handler: Arc<dyn InboundHandler>,
         connected: watch::Sender<Vec<PeerId>>,
         request_timeout: Duration,
@@ -269,6 +291,8 @@ impl SwarmTask {
             swarm.behaviour_mut().allowed.allow_peer(peer);
         }
         let (answers_tx, answers) = mpsc::unbounded_channel();
+        let mut dial_tick = tokio::time::interval(DIAL_INTERVAL);
+        dial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             swarm,
             commands,
@@ -280,6 +304,9 @@ impl SwarmTask {
             dial_errors: HashMap::new(),
             connected,
             request_timeout,
+            publishes,
+            subscribers,
+            dial_tick,
         }
     }
 
@@ -294,6 +321,11 @@ impl SwarmTask {
                 },
                 // Never `None`: this task holds a sender.
                 Some(answer) = self.answers.recv() => self.on_answer(answer),
+                // `None` once every handle is gone, which `commands` sees too.
+                Some(outgoing) = self.publishes.recv() => {
+                    gossip::publish(&mut self.swarm.behaviour_mut().gossip, outgoing);
+                }
+                _ = self.dial_tick.tick() => self.dial_disconnected(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
             }
         };
@@ -316,6 +348,7 @@ impl SwarmTask {
             Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Command::Allow { peer } => {
                 self.swarm.behaviour_mut().allowed.allow_peer(peer);
+                self.dial(peer);
             }
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
@@ -323,6 +356,26 @@ impl SwarmTask {
             }
             // Handled by `run`, which must leave its loop.
             Command::Shutdown { .. } => {}
+        }
+    }
+
+    /// Dials every allowed peer with a known address that is not connected.
+    fn dial_disconnected(&mut self) {
+        for peer in self.peers.ids() {
+            self.dial(peer);
+        }
+    }
+
+    /// Dials `peer` if it is allowed, has a known address, is not this node
+    /// and is neither connected nor being dialled. The address comes from
+    /// the [`AddressBook`].
+    fn dial(&mut self, peer: PeerId) {
+        if peer == *self.swarm.local_peer_id() || self.peers.address(&peer).is_none() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::trace!(%peer, error = %e, "not dialled");
         }
     }
 
@@ -343,6 +396,15 @@ impl SwarmTask {
     fn on_swarm_event(&mut self, event: SwarmEvent<SynodBehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => self.on_request_response(event),
+            SwarmEvent::Behaviour(SynodBehaviourEvent::Gossip(event)) => {
+                let peers = &self.peers;
+                gossip::on_event(
+                    &mut self.swarm.behaviour_mut().gossip,
+                    &self.subscribers,
+                    |p| peers.contains(p),
+                    event,
+                );
+            }
             SwarmEvent::Behaviour(SynodBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
             })) => {
