@@ -5,8 +5,8 @@
 //! three-node Synod cluster (release build, fsync on) with a nats-server
 //! when one is installed, the `modbus-room` driver, and every device
 //! eligible on node 1 only, polled at 1 Hz. Half the rooms sit at ambient
-//! (their readings do not change), half cool toward it (every reading
-//! changes). Then measures, over `--seconds`:
+//! (their readings do not change), half are heated (every reading
+//! changes by more than the deadband). Then measures, over `--seconds`:
 //!
 //! - node CPU % and RSS, log entries/s and committed reports/s against
 //!   readings/s (coalescing and batching at work);
@@ -124,13 +124,24 @@ fn profile() -> impl Fn(usize) -> Value {
 async fn main() -> anyhow::Result<()> {
     let o = options()?;
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().to_owned();
+    // SYNOD_BENCH_KEEP=1 keeps every node's data and log for a look.
+    let dir = if std::env::var_os("SYNOD_BENCH_KEEP").is_some() { tmp.keep() } else { tmp.path().to_owned() };
+    eprintln!("working in {}", dir.display());
     let http = reqwest::Client::new();
     let sim_config = SimConfig { rooms: o.devices, seed: 1, ..SimConfig::default() };
     let sim = synod_sim::modbus::start("127.0.0.1:0".parse()?, sim_config).await?;
-    for k in (0..o.devices).step_by(2) {
-        sim.set_temperature(k, 10.0); // at ambient: its readings never change
+    // Even rooms sit at ambient: their readings never change. Odd rooms
+    // heat at 0.5 °C/s: every reading changes by more than the deadband.
+    let mut writer = tokio_modbus::client::tcp::connect_slave(sim.addr(), tokio_modbus::Slave(1)).await?;
+    for k in 0..o.devices {
+        if k % 2 == 0 {
+            sim.set_temperature(k, 10.0);
+        } else {
+            use tokio_modbus::client::Writer;
+            writer.write_single_coil((16 * k) as u16, true).await??;
+        }
     }
+    drop(writer);
     let me = std::process::id();
 
     // Phase 0: the simulator alone, so its CPU can be taken out of the
@@ -236,7 +247,8 @@ async fn main() -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("only {reporting} of {} devices report", o.devices);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        eprintln!("{reporting} of {} devices report", o.devices);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -308,9 +320,9 @@ async fn main() -> anyhow::Result<()> {
         o.devices, o.seconds
     );
     println!();
-    println!("| | CPU % (of one core) | RSS MiB | readings/s | log entries/s | committed reports/s |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    println!("| bare tokio-modbus poller (floor) | {:.1} | — | {base_rate:.0} | — | — |", base_cpu * 100.0);
+    println!("| | CPU % (of one core) | RSS MiB | polls/s | telemetry msgs/s | log entries/s | committed reports/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| bare tokio-modbus poller (floor) | {:.1} | — | {base_rate:.0} | — | — | — |", base_cpu * 100.0);
     for (id, (cpu, rss)) in &node_stats {
         let role = match (*id == 1, *id == leader) {
             (true, true) => "owner + leader",
@@ -318,12 +330,18 @@ async fn main() -> anyhow::Result<()> {
             (false, true) => "leader",
             _ => "follower",
         };
-        let (r, e, rep) = if *id == 1 {
-            (format!("{readings_rate:.0}"), format!("{entries:.1}"), format!("{reports_rate:.0}"))
+        let (p, r, e, rep) = if *id == 1 {
+            // Two metrics per poll (temperature, heater).
+            (
+                format!("{:.0}", readings_rate / 2.0),
+                format!("{readings_rate:.0}"),
+                format!("{entries:.1}"),
+                format!("{reports_rate:.0}"),
+            )
         } else {
-            ("—".into(), "—".into(), "—".into())
+            ("—".into(), "—".into(), "—".into(), "—".into())
         };
-        println!("| synod node {id} ({role}) | {cpu:.1} | {rss:.0} | {r} | {e} | {rep} |");
+        println!("| synod node {id} ({role}) | {cpu:.1} | {rss:.0} | {p} | {r} | {e} | {rep} |");
     }
     println!();
     println!("| latency (ms) | p50 | p90 | p99 | max | samples |");

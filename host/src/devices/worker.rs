@@ -211,7 +211,7 @@ async fn drain(node: &NodeInner, d: &Device, instance: &mut DriverInstance, repo
         match item {
             SinkItem::Telemetry { metric, value, ts_ms } => {
                 let reading = crate::node::gossip::Reading { v: value, ts_ms, node: node.id, epoch: d.epoch };
-                node.telemetry.share(&node.p2p, &d.spec.id, &metric, reading);
+                node.telemetry.share(&d.spec.id, &metric, reading);
                 if let Some(client) = node.bus.get() {
                     let body = serde_json::json!({ "v": value, "ts_ms": ts_ms, "node": node.id, "epoch": d.epoch });
                     let subject = format!("synod.tel.{}.{metric}", d.spec.id);

@@ -2,7 +2,11 @@
 //!
 //! In: readings from this node's drivers ([`Telemetry::share`]), and
 //! messages from other members on the gossip topics of [`crate::p2p`]. Out:
-//! this node's readings published on `synod/telemetry/1`, the latest
+//! this node's readings published on `synod/telemetry/1` — batched: every
+//! [`TELEMETRY_FLUSH`] one message (or a few, each under
+//! [`TELEMETRY_BATCH_BYTES`]) carries the latest reading of every (device,
+//! metric) that changed, so a thousand devices cost a handful of messages a
+//! second, not a thousand — the latest
 //! reading per (device, metric) from every member in [`Telemetry`] (served
 //! by `GET /v1/devices/{id}/telemetry`), and digest notices
 //! ([`DigestNotice`]) for the divergence check in [`super`].
@@ -45,8 +49,14 @@ impl Reading {
     }
 }
 
-/// A reading on `synod/telemetry/1`, as JSON:
-/// `{"device", "metric", "v", "ts_ms", "node", "epoch"}`.
+/// How often a node gossips the readings its drivers took.
+pub const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Largest telemetry message, bytes of JSON (under the gossip cap).
+pub const TELEMETRY_BATCH_BYTES: usize = 48 * 1024;
+
+/// One reading on `synod/telemetry/1`; a message is a JSON array of them:
+/// `[{"device", "metric", "v", "ts_ms", "node", "epoch"}, …]`.
 #[derive(Debug, Serialize, Deserialize)]
 struct TelemetryMessage {
     device: String,
@@ -61,6 +71,8 @@ struct TelemetryMessage {
 pub struct Telemetry {
     /// Readings and their update order.
     inner: Mutex<Latest>,
+    /// This node's readings not yet gossiped, latest per (device, metric).
+    outgoing: Mutex<BTreeMap<(String, String), Reading>>,
     /// Entries kept at most.
     capacity: usize,
 }
@@ -85,7 +97,7 @@ impl Default for Telemetry {
 impl Telemetry {
     /// An empty cache that keeps at most `capacity` entries.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { inner: Mutex::default(), capacity }
+        Self { inner: Mutex::default(), outgoing: Mutex::default(), capacity }
     }
 
     fn lock(&self) -> MutexGuard<'_, Latest> {
@@ -140,26 +152,60 @@ impl Telemetry {
     /// Records a reading of this node's own driver and gossips it to the
     /// other members. Never waits: gossip that cannot be queued is dropped
     /// (the next reading replaces it anyway).
-    pub fn share(&self, p2p: &P2p, device: &str, metric: &str, reading: Reading) {
+    pub fn share(&self, device: &str, metric: &str, reading: Reading) {
         self.record(device, metric, reading);
-        let message = TelemetryMessage { device: device.to_owned(), metric: metric.to_owned(), reading };
-        match serde_json::to_vec(&message) {
-            Ok(bytes) => {
-                if let Err(e) = p2p.publish(GossipTopic::Telemetry, bytes) {
-                    tracing::debug!(device, metric, error = %e, "telemetry not gossiped");
-                }
-            }
-            Err(e) => tracing::debug!(device, metric, error = %e, "telemetry not encoded"),
+        let mut out = self.outgoing.lock().unwrap_or_else(|e| e.into_inner());
+        if out.len() < self.capacity {
+            out.insert((device.to_owned(), metric.to_owned()), reading);
         }
     }
+
+    /// Gossip what [`Telemetry::share`] collected since the last flush.
+    pub fn flush(&self, p2p: &P2p) {
+        let out = std::mem::take(&mut *self.outgoing.lock().unwrap_or_else(|e| e.into_inner()));
+        for batch in batches(out, TELEMETRY_BATCH_BYTES) {
+            if let Err(e) = p2p.publish(GossipTopic::Telemetry, batch) {
+                tracing::debug!(error = %e, "telemetry not gossiped");
+            }
+        }
+    }
+}
+
+/// Readings as JSON arrays of at most `limit` bytes each (a single reading
+/// is far smaller than any sensible limit).
+fn batches(readings: BTreeMap<(String, String), Reading>, limit: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
+    for ((device, metric), reading) in readings {
+        let Ok(item) = serde_json::to_vec(&TelemetryMessage { device, metric, reading }) else { continue };
+        if !batch.is_empty() && batch.len() + item.len() + 2 > limit {
+            batch.push(b']');
+            out.push(std::mem::take(&mut batch));
+        }
+        batch.push(if batch.is_empty() { b'[' } else { b',' });
+        batch.extend_from_slice(&item);
+    }
+    if !batch.is_empty() {
+        batch.push(b']');
+        out.push(batch);
+    }
+    out
 }
 
 /// Keeps [`NodeInner::telemetry`] up to date with other members' readings,
 /// until the transport stops.
 pub async fn telemetry(node: Arc<NodeInner>) {
     let mut inbox = node.p2p.subscribe(GossipTopic::Telemetry);
+    let mut flush = tokio::time::interval(TELEMETRY_FLUSH);
     loop {
-        let gossip = match inbox.recv().await {
+        let received = tokio::select! {
+            r = inbox.recv() => r,
+            _ = flush.tick() => {
+                node.telemetry.flush(&node.p2p);
+                continue;
+            }
+        };
+        let gossip = match received {
             Ok(gossip) => gossip,
             Err(RecvError::Lagged(missed)) => {
                 tracing::debug!(missed, "telemetry gossip came faster than it was recorded; skipped some");
@@ -167,15 +213,17 @@ pub async fn telemetry(node: Arc<NodeInner>) {
             }
             Err(RecvError::Closed) => return,
         };
-        let message: TelemetryMessage = match serde_json::from_slice(&gossip.data) {
+        let messages: Vec<TelemetryMessage> = match serde_json::from_slice(&gossip.data) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(from = %gossip.from, error = %e, "undecodable telemetry gossip");
                 continue;
             }
         };
-        if speaks_for(&node, &gossip, message.reading.node) {
-            node.telemetry.record(&message.device, &message.metric, message.reading);
+        for message in messages {
+            if speaks_for(&node, &gossip, message.reading.node) {
+                node.telemetry.record(&message.device, &message.metric, message.reading);
+            }
         }
     }
 }
@@ -309,6 +357,18 @@ mod tests {
         );
         let back: TelemetryMessage = serde_json::from_value(json).unwrap();
         assert_eq!(back.reading, message.reading);
+
+        let many: BTreeMap<(String, String), Reading> = (0..1000)
+            .map(|i| {
+                ((format!("room-{i}"), "temperature".to_owned()), Reading { v: 20.0, ts_ms: i, node: 1, epoch: 1 })
+            })
+            .collect();
+        let out = batches(many, 4096);
+        assert!(out.len() > 10 && out.iter().all(|b| b.len() <= 4096), "{} batches", out.len());
+        let decoded: usize =
+            out.iter().map(|b| serde_json::from_slice::<Vec<TelemetryMessage>>(b).unwrap().len()).sum();
+        assert_eq!(decoded, 1000, "every reading in exactly one batch");
+        assert!(batches(BTreeMap::new(), 4096).is_empty());
 
         let notice = DigestNotice { node: 3, digest_index: 42, digest: "ab".into(), sent_ms: 5 };
         let json = serde_json::to_value(&notice).unwrap();

@@ -110,8 +110,9 @@ pub struct NodeInner {
     forward: tokio::sync::mpsc::Sender<Queued>,
     /// The driver engine (not the fingerprinted command-handler engine).
     pub drivers: Arc<DriverRuntime>,
-    /// Compiled drivers by sha256.
-    driver_cache: std::sync::Mutex<std::collections::HashMap<String, Arc<DriverComponent>>>,
+    /// Compiled drivers by sha256, each compiled once however many devices
+    /// ask at the same time.
+    driver_cache: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<Arc<DriverComponent>>>>>,
     /// This node's ownership lease: device writes stop when it runs out.
     pub fence: Arc<Fence>,
     /// The latest reading of each device metric, from every member's gossip.
@@ -396,24 +397,25 @@ impl NodeInner {
     /// The compiled driver with this sha256 (compiled once per node, off
     /// the async workers).
     pub async fn driver_component(&self, sha256: &str) -> Result<Arc<DriverComponent>, String> {
-        if let Some(c) = self.driver_cache.lock().ok().and_then(|m| m.get(sha256).cloned()) {
-            return Ok(c);
-        }
-        let bytes = match self.artifacts.get(sha256) {
-            Ok(Some(b)) => b,
-            Ok(None) => self.fetch_blob(sha256).await?,
-            Err(e) => return Err(e.to_string()),
+        let cell = match self.driver_cache.lock() {
+            Ok(mut m) => m.entry(sha256.to_owned()).or_default().clone(),
+            Err(_) => return Err("driver cache lock poisoned".into()),
         };
-        let drivers = self.drivers.clone();
-        let component = tokio::task::spawn_blocking(move || drivers.compile(&bytes))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let component = Arc::new(component);
-        if let Ok(mut m) = self.driver_cache.lock() {
-            m.insert(sha256.to_owned(), component.clone());
-        }
-        Ok(component)
+        cell.get_or_try_init(|| async {
+            let bytes = match self.artifacts.get(sha256) {
+                Ok(Some(b)) => b,
+                Ok(None) => self.fetch_blob(sha256).await?,
+                Err(e) => return Err(e.to_string()),
+            };
+            let drivers = self.drivers.clone();
+            let component = tokio::task::spawn_blocking(move || drivers.compile(&bytes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(component))
+        })
+        .await
+        .cloned()
     }
 
     /// Current members (from the latest membership, else the config).

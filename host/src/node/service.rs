@@ -207,6 +207,15 @@ impl NodeInner {
             known = lookup();
         }
         match known {
+            None if self.with_replica(|r| r.registry().contains_key(plugin)) == Some(true) => {
+                return Err(ServiceError::new(
+                    404,
+                    "unknown_plugin",
+                    format!(
+                        "plugin `{plugin}` is a device driver: it takes no commands (define a device that uses it)"
+                    ),
+                ));
+            }
             None => return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() })),
             Some(false) => {
                 return Err(ServiceError::command(&CommandError::UnknownCommand { name: command.to_owned() }));
@@ -303,11 +312,13 @@ impl NodeInner {
                 r.registry()
                     .iter()
                     .map(|(name, record)| {
-                        let info = r.plugin(name).map(|p| p.info().clone()).unwrap_or_default();
+                        let handler = r.plugin(name);
+                        let info = handler.map(|p| p.info().clone()).unwrap_or_default();
+                        let kind = if handler.is_none() && record.active.is_some() { "driver" } else { "handler" };
                         (
                             name.clone(),
                             json!({
-                                "active": record.active, "activated_at": record.activated_at,
+                                "kind": kind, "active": record.active, "activated_at": record.activated_at,
                                 "versions": record.versions, "commands": info.commands, "queries": info.queries,
                             }),
                         )
