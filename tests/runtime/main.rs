@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod c_counter;
 mod determinism;
 mod harness;
 mod isolation;

@@ -12,7 +12,7 @@
 //! `snapshot.bin` in the data dir so a restart resumes from it:
 //!
 //! ```text
-//! snapshot.bin = "SYNODSNAP1" | len u64 LE | blake3(body) 32 bytes | body
+//! snapshot.bin = "SYNODSNAP2" | len u64 LE | blake3(body) 32 bytes | body
 //! body         = postcard(SnapshotFile { meta, data = postcard(SnapshotData) })
 //! ```
 //!
@@ -216,6 +216,12 @@ impl StateMachineStore {
         };
         let path = self.snapshot_path.display();
         let header = MAGIC.len() + 8 + 32;
+        if bytes.starts_with(b"SYNODSNAP1") {
+            return Err(snap_err(format!(
+                "{path} is a snapshot of an earlier Synod (format 1, before device shadows): this version reads \
+                 format 2 only; start the node with a fresh data dir and let it catch up from its peers"
+            )));
+        }
         if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
             return Err(snap_err(format!("{path} is not a Synod snapshot")));
         }
