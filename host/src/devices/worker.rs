@@ -168,16 +168,26 @@ async fn session(node: &Arc<NodeInner>, fence: &Arc<Fence>, rx: &mut watch::Rece
         }
         // Actuate once per new desired version.
         let due = now.desired_version > actuated.max(now.last_actuated_version);
+        // A version whose delta is empty right now is not consumed: the
+        // shadow's reported state may be stale (a new owner starts from what
+        // the old one last reported), and once this driver reports what the
+        // device really holds, a delta for the same version appears.
         if due && fence.valid() {
-            actuated = now.desired_version;
+            let previous = actuated;
             let delta = now.delta_json();
             if delta.as_object().is_some_and(|m| !m.is_empty()) {
+                actuated = now.desired_version;
                 let result = instance.actuate(actuated, &delta.to_string(), deadline).await;
                 drain(node, &now, &mut instance, &mut reports).await;
                 match result {
                     Ok(()) => reports.actuated(actuated),
                     Err(e) if e.is_fatal() => return Exit::Failed(e.to_string()),
-                    Err(e) => tracing::warn!(device = %now.spec.id, version = actuated, error = %e, "actuate failed"),
+                    Err(e) => {
+                        // Not done: try again on the next turn (after the
+                        // next poll at the latest), not never.
+                        tracing::warn!(device = %now.spec.id, version = actuated, error = %e, "actuate failed; will retry");
+                        actuated = previous;
+                    }
                 }
             }
         }
