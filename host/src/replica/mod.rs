@@ -644,8 +644,17 @@ impl Replica {
         Ok(Response { result: Some(result), ..Response::default() })
     }
 
-    /// Record one device change: digest, events, owners told.
+    /// Record one device operation: digest, events, owners told, and the
+    /// operation index advanced.
     fn commit_device(&mut self, index: u64, applied: devices::Applied) {
+        self.record_device(index, applied);
+        self.advance(index);
+    }
+
+    /// Chain a device change into the digest at `index`, queue its events
+    /// and tell owners which shadows changed (liveness and lease writes name
+    /// no device).
+    fn record_device(&mut self, index: u64, applied: devices::Applied) {
         let effects = Effects {
             result: applied.result.unwrap_or(Ok(Vec::new())).map_err(|e| e.to_string()),
             writes: applied.writes,
@@ -653,7 +662,6 @@ impl Replica {
             fuel_used: 0,
         };
         self.digest = self.digest.chain(index, DEVICE_FAMILY, &effects);
-        self.advance(index);
         self.queue_events(index, DEVICE_FAMILY, &effects.events);
         for (id, _) in effects.writes.iter() {
             if !id.starts_with("node/") && id != "lease" {
@@ -662,21 +670,11 @@ impl Replica {
         }
     }
 
-    /// Desired-state patches a command buffered through `devices`.
+    /// Desired-state patches a command buffered through `devices`, recorded
+    /// at the command's own index.
     fn apply_desired(&mut self, ctx: &Context, patches: &[(String, String)]) {
-        if patches.is_empty() {
-            return;
-        }
         for applied in self.devices.apply_patches(patches, ctx.timestamp_ms) {
-            let effects = Effects {
-                result: applied.result.unwrap_or(Ok(Vec::new())).map_err(|e| e.to_string()),
-                writes: applied.writes,
-                events: applied.events,
-                fuel_used: 0,
-            };
-            self.digest = self.digest.chain(ctx.index, DEVICE_FAMILY, &effects);
-            self.queue_events(ctx.index, DEVICE_FAMILY, &effects.events);
-            self.device_changes.extend(effects.writes.iter().map(|(id, _)| id.to_owned()));
+            self.record_device(ctx.index, applied);
         }
     }
 
