@@ -196,9 +196,12 @@ enum DeviceCmd {
 
 #[derive(Subcommand)]
 enum PluginCmd {
-    /// Build Rust plugin crates into components.
+    /// Build a plugin into a component: Rust (Cargo.toml: a crate or a
+    /// workspace of them), JavaScript (package.json), Python
+    /// (pyproject.toml) or C (Makefile). A missing toolchain is installed
+    /// under ~/.cache/synod unless SYNOD_NO_TOOLCHAIN_INSTALL is set.
     Build {
-        /// A plugin crate, or a workspace of them.
+        /// The plugin's directory.
         #[arg(default_value = ".")]
         dir: PathBuf,
         /// Only this package (repeatable).
@@ -214,6 +217,27 @@ enum PluginCmd {
         /// Cargo features to enable (comma-separated or repeated).
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
+    },
+    /// Write a new plugin that builds and passes its own test
+    /// (`synod plugin test`).
+    New {
+        /// Plugin name (lowercase letters, digits, '-').
+        name: String,
+        /// rust, js, python or c.
+        #[arg(long, default_value = "rust")]
+        lang: synod::toolchain::Language,
+        /// Where to write it (default: ./<name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Build a plugin and run its tests.json on a local runtime.
+    Test {
+        /// The plugin's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Guest target dir (as for `build`).
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
     },
     /// Upload a component as a new version of a plugin (the first version
     /// of a plugin becomes active at once).
@@ -403,6 +427,27 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             for built in synod::toolchain::build(&dir, &options)? {
                 let size = std::fs::metadata(&built.component)?.len();
                 out(format_args!("{}\t{}\t{size} bytes", built.name, built.component.display()))?;
+            }
+        }
+        Action::Plugin { command: PluginCmd::New { name, lang, dir } } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            for path in synod::toolchain::scaffold::new_plugin(&dir, &name, lang)? {
+                out(format_args!("{}", path.display()))?;
+            }
+        }
+        Action::Plugin { command: PluginCmd::Test { dir, target_dir } } => {
+            let options = synod::toolchain::BuildOptions { target_dir, ..Default::default() };
+            let tests = dir.join("tests.json");
+            for built in synod::toolchain::build(&dir, &options)? {
+                let bytes = std::fs::read(&built.component)?;
+                let (n, failures) = synod::toolchain::plugin_test::run(&bytes, &tests)?;
+                for f in &failures {
+                    eprintln!("FAIL {} case {}: {}", built.name, f.case, f.message);
+                }
+                if !failures.is_empty() {
+                    anyhow::bail!("{}: {} of {n} cases failed", built.name, failures.len());
+                }
+                out(format_args!("{}\t{n} cases passed", built.name))?;
             }
         }
         Action::Plugin { command: PluginCmd::Inspect { file } } => {

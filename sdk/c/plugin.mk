@@ -111,3 +111,8 @@ clean:
 	rm -rf $(BUILD) $(PLUGIN).wasm
 
 -include $(PLUGIN_OBJS:.o=.d) $(SYNOD_C_OBJS:.o=.d)
+
+# What `synod plugin build` asks to learn the component's name.
+.PHONY: synod-plugin-name
+synod-plugin-name:
+	@echo $(PLUGIN)

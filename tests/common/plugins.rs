@@ -51,3 +51,21 @@ pub fn counter_v2() -> Vec<u8> {
     })
     .clone()
 }
+
+/// The component of the plugin in `plugins/<dir>` (any language), built
+/// with `synod plugin build`'s code once per test process. Builds run one
+/// at a time: they share the plugin target dir.
+#[allow(dead_code)]
+pub fn built_dir(dir: &str) -> Vec<u8> {
+    static BUILT: std::sync::Mutex<BTreeMap<String, Vec<u8>>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(bytes) = built.get(dir) {
+        return bytes.clone();
+    }
+    let path = plugins_dir().join(dir);
+    let out = synod::toolchain::build(&path, &BuildOptions::default())
+        .unwrap_or_else(|e| panic!("building plugins/{dir} failed: {e}"));
+    let bytes = std::fs::read(&out[0].component).unwrap();
+    built.insert(dir.to_owned(), bytes.clone());
+    bytes
+}

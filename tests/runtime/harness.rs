@@ -70,3 +70,16 @@ pub fn ok_json(outcome: &Outcome) -> serde_json::Value {
         Err(e) => panic!("expected success, got {e:?} (logs: {:?})", outcome.logs),
     }
 }
+
+impl Node {
+    /// A node with `installs` = (name, component bytes) active.
+    pub fn with_components(installs: &[(&str, &[u8])]) -> Node {
+        let runtime = Runtime::new().unwrap();
+        let mut sm = Replica::default();
+        for (name, bytes) in installs {
+            let p = runtime.load(bytes, PluginLimits::default()).unwrap();
+            sm.activate(name, Arc::new(p));
+        }
+        Node { sm, next_index: 1 }
+    }
+}

@@ -7,6 +7,7 @@ mod c_counter;
 mod determinism;
 mod harness;
 mod isolation;
+mod languages;
 mod load_errors;
 mod misbehave;
 #[path = "../common/plugins.rs"]

@@ -34,8 +34,18 @@ const POOL_INSTANCES: u32 = 64;
 const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
 
 /// Core instances a single component may create. wit-component output for a
-/// plugin uses 3 (the module plus its import shims); headroom for adapters.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// Rust or C plugin uses 3 (the module plus its import shims); a Python
+/// plugin (componentize-py: the interpreter, libc, libpython and their
+/// shims) about 38; a QuickJS plugin (componentize-qjs) fewer. Whether a
+/// component loads depends on it, so it is in the fingerprint.
+pub const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+
+/// Linear memories a single component may have: Rust, C and Python plugins
+/// use 1, a QuickJS plugin 3 (the engine, libc, the bindings glue).
+pub const MEMORIES_PER_COMPONENT: u32 = 4;
+
+/// Tables a single component may have.
+pub const TABLES_PER_COMPONENT: u32 = 8;
 
 /// Default per-command resource limits. A plugin may be installed with its
 /// own [`PluginLimits`]; these numbers are documented in `wit/README.md`.
@@ -148,11 +158,13 @@ fn pooling() -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(POOL_INSTANCES)
         .total_core_instances(POOL_INSTANCES * CORE_INSTANCES_PER_COMPONENT)
-        .total_memories(POOL_INSTANCES)
-        .total_tables(POOL_INSTANCES * 2)
+        // Most instances have one memory and one or two tables; a few
+        // multi-memory plugins fit beside them.
+        .total_memories(POOL_INSTANCES * 2)
+        .total_tables(POOL_INSTANCES * 4)
         .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-        .max_memories_per_component(2)
-        .max_tables_per_component(4)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
         .max_memory_size(MAX_MEMORY_CEILING)
         // Find the pages a command dirtied (PAGEMAP_SCAN, Linux 6.7+) and
         // reset only those; without the ioctl wasmtime falls back to madvise.
@@ -175,6 +187,11 @@ fn fingerprint() -> EngineFingerprint {
         "memory_guard_size=0".to_owned(),
         format!("max_wasm_stack={MAX_WASM_STACK}"),
         format!("max_memory_ceiling={MAX_MEMORY_CEILING}"),
+        // Whether a component loads at all (a Python or QuickJS plugin needs
+        // more than a Rust one).
+        format!(
+            "per_component=core_instances:{CORE_INSTANCES_PER_COMPONENT},memories:{MEMORIES_PER_COMPONENT},tables:{TABLES_PER_COMPONENT}"
+        ),
         // The whole table, not a name for it: any changed cost changes this.
         format!("fuel_costs={}", &blake3::hash(format!("{:?}", fuel_costs()).as_bytes()).to_hex()[..16]),
         // What host calls cost decides where a command runs out of fuel.

@@ -1,7 +1,9 @@
-//! Plugin build: Rust guest crate → wasm32 core module → component.
+//! Plugin build: guest source → component, for Rust here and JavaScript,
+//! Python and C in [`lang`] (the language is recognised from the directory).
 //!
-//! In: a cargo package or workspace of plugin crates. Out: one component per
-//! `cdylib` crate, ready to upload, plus the core module it was made from.
+//! Rust: in: a cargo package or workspace of plugin crates. Out: one
+//! component per `cdylib` crate, ready to upload, plus the core module it
+//! was made from.
 //!
 //! The guest compiler is found in this order: the active rustup toolchain if
 //! it has the `wasm32-unknown-unknown` target installed; otherwise a Debian
@@ -17,6 +19,12 @@ use std::process::{Command, Stdio};
 
 /// The guest target.
 pub const TARGET: &str = "wasm32-unknown-unknown";
+
+mod lang;
+pub mod plugin_test;
+pub mod scaffold;
+
+pub use lang::{C_PACKAGES, COMPONENTIZE_PY, Language, WASM_TOOLS_VERSION, tools_dir};
 
 /// Why a plugin build failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +45,40 @@ pub enum BuildError {
         program: String,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// A plugin manifest (package.json, pyproject.toml, Makefile) is
+    /// missing something the build needs.
+    #[error("{path}: {reason}")]
+    Manifest {
+        /// The manifest or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A language toolchain is not installed and could not be.
+    #[error("`{tool}` is not installed: {hint}")]
+    ToolMissing {
+        /// The tool.
+        tool: String,
+        /// How to install it.
+        hint: String,
+    },
+    /// A build tool reported failure (its diagnostics went to stderr).
+    #[error("{tool} failed ({status}); its messages are above")]
+    Tool {
+        /// The tool.
+        tool: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+    },
+    /// Nothing in the directory says which language it is.
+    #[error(
+        "{path} is not a plugin: no Cargo.toml (Rust), package.json (JavaScript), pyproject.toml (Python) \
+         or Makefile (C); `synod plugin new` writes one"
+    )]
+    UnknownLanguage {
+        /// The directory.
+        path: PathBuf,
     },
     /// cargo reported failure (its diagnostics went to stderr).
     #[error("cargo build of the plugin failed ({status}); the compiler's messages are above")]
@@ -117,7 +159,7 @@ pub struct BuildOptions {
 }
 
 /// The fallback installer, `sdk/install-wasm-toolchain.sh`.
-const INSTALL_SCRIPT: &str = include_str!("../../sdk/install-wasm-toolchain.sh");
+const INSTALL_SCRIPT: &str = include_str!("../../../sdk/install-wasm-toolchain.sh");
 
 /// Find the guest toolchain, installing the fallback if that is possible and
 /// allowed (see the module docs).
@@ -202,9 +244,23 @@ fn guest_cargo(dir: &Path) -> Command {
     cmd
 }
 
+/// Build the plugin in `dir`, in whatever language it is written (see
+/// [`Language::detect`]): a Rust crate or workspace gives one component per
+/// plugin crate, a JavaScript, Python or C plugin one component.
+pub fn build(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, BuildError> {
+    match Language::detect(dir) {
+        Some(Language::Rust) => build_rust(dir, options),
+        Some(lang) => lang::build_other(dir, lang, options),
+        None if !dir.is_dir() => {
+            Err(BuildError::Io { path: dir.to_owned(), source: std::io::ErrorKind::NotFound.into() })
+        }
+        None => Err(BuildError::UnknownLanguage { path: dir.to_owned() }),
+    }
+}
+
 /// Build every plugin crate under `dir` (a crate or a workspace) and turn
 /// each into a component.
-pub fn build(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, BuildError> {
+pub fn build_rust(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>, BuildError> {
     let toolchain = detect_or_install()?;
     let dir = &dir.canonicalize().map_err(|source| BuildError::Io { path: dir.to_owned(), source })?;
     let meta = metadata(dir)?;
