@@ -58,14 +58,22 @@ pub fn counter_v2() -> Vec<u8> {
 #[allow(dead_code)]
 pub fn built_dir(dir: &str) -> Vec<u8> {
     static BUILT: std::sync::Mutex<BTreeMap<String, Vec<u8>>> = std::sync::Mutex::new(BTreeMap::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(bytes) = built.get(dir) {
+    if let Some(bytes) = BUILT.lock().unwrap_or_else(|e| e.into_inner()).get(dir) {
         return bytes.clone();
     }
     let path = plugins_dir().join(dir);
-    let out = synod::toolchain::build(&path, &BuildOptions::default())
+    let out = serialized(|| synod::toolchain::build(&path, &BuildOptions::default()))
         .unwrap_or_else(|e| panic!("building plugins/{dir} failed: {e}"));
     let bytes = std::fs::read(&out[0].component).unwrap();
-    built.insert(dir.to_owned(), bytes.clone());
+    BUILT.lock().unwrap_or_else(|e| e.into_inner()).insert(dir.to_owned(), bytes.clone());
     bytes
+}
+
+/// Run a plugin build while no other build of this process runs (they
+/// share the plugin target dir and its staged SDKs).
+#[allow(dead_code)]
+pub fn serialized<T>(build: impl FnOnce() -> T) -> T {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    build()
 }

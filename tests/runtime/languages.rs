@@ -317,3 +317,33 @@ fn sdk_clocks_and_randomness_follow_the_entry() {
         }
     }
 }
+
+/// `synod plugin new` writes, in each language, a plugin that
+/// `synod plugin build` builds and that passes its own `tests.json` (the
+/// same code `synod plugin test` runs). Rust is left out here: its scaffold
+/// builds a workspace of its own from nothing (minutes); the CLI does it the
+/// same way.
+#[test]
+fn scaffolds_build_and_pass_their_own_tests() {
+    use synod::toolchain::{BuildOptions, Language, plugin_test, scaffold};
+    let root = tempfile::tempdir().unwrap();
+    let target = std::env::var_os("SYNOD_PLUGIN_TARGET_DIR").map(std::path::PathBuf::from);
+    for lang in [Language::JavaScript, Language::Python, Language::C] {
+        let dir = root.path().join(format!("tally-{}", lang.name()));
+        scaffold::new_plugin(&dir, &format!("tally-{}", lang.name()), lang).unwrap();
+        assert_eq!(Language::detect(&dir), Some(lang));
+        let options = BuildOptions { target_dir: target.clone(), ..Default::default() };
+        let built = crate::plugins::serialized(|| synod::toolchain::build(&dir, &options))
+            .unwrap_or_else(|e| panic!("{lang:?}: {e}"));
+        let bytes = std::fs::read(&built[0].component).unwrap();
+        let (cases, failures) = plugin_test::run(&bytes, &dir.join("tests.json")).unwrap();
+        assert!(cases >= 5 && failures.is_empty(), "{lang:?}: {failures:?}");
+        // A scaffold never overwrites a plugin that is already there.
+        assert!(scaffold::new_plugin(&dir, "again", lang).is_err());
+    }
+    let empty = root.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = synod::toolchain::build(&empty, &BuildOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("is not a plugin") && err.contains("synod plugin new"), "{err}");
+    assert!(scaffold::new_plugin(&root.path().join("x"), "Bad Name", Language::JavaScript).is_err());
+}

@@ -104,6 +104,10 @@ pub enum BlobRpc {
     Push(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Send the bytes with this sha256 if you have them.
     Fetch(String),
+    /// Have the stored component with this sha256 compiled for your engine
+    /// (into your compile cache), so that applying its install does not
+    /// compile; answers `Prepared` once it is, `Preparing` meanwhile.
+    Prepare(String),
 }
 
 /// A response on `/synod/blob/1`.
@@ -115,6 +119,11 @@ pub enum BlobReply {
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Not here.
     NotFound,
-    /// The request failed (refused sender, disk fault).
+    /// The request failed (refused sender, disk fault, a component that
+    /// does not compile).
     Failed(String),
+    /// Compiled and in the compile cache (or a driver, which needs none).
+    Prepared,
+    /// Being compiled.
+    Preparing,
 }

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use libp2p::PeerId;
 
 use super::NodeInner;
+use crate::artifacts::Prepared;
 use crate::consensus::rpc::{BlobReply, BlobRpc, NodeStatus, RaftReply, RaftRpc, WriteError};
 use crate::consensus::{BlobSource, NodeId, Op};
 use crate::p2p::{InboundHandler, P2pError, Protocol};
@@ -155,8 +156,18 @@ impl NodeInner {
     pub(super) fn handle_blob(&self, request: &[u8]) -> BlobReply {
         match postcard::from_bytes::<BlobRpc>(request) {
             Ok(BlobRpc::Push(bytes)) => match self.artifacts.put(&bytes) {
-                Ok(sha) => BlobReply::Stored(sha),
+                Ok(sha) => {
+                    // Compile now, off the apply path: the install follows.
+                    self.artifacts.prepare(&sha);
+                    BlobReply::Stored(sha)
+                }
                 Err(e) => BlobReply::Failed(e.to_string()),
+            },
+            Ok(BlobRpc::Prepare(sha)) => match self.artifacts.prepare(&sha) {
+                Prepared::Ready => BlobReply::Prepared,
+                Prepared::Running => BlobReply::Preparing,
+                Prepared::Failed(e) => BlobReply::Failed(e),
+                Prepared::Missing => BlobReply::NotFound,
             },
             Ok(BlobRpc::Fetch(sha)) => match self.artifacts.get(&sha) {
                 Ok(Some(b)) => BlobReply::Bytes(b),

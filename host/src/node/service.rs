@@ -15,6 +15,10 @@ use crate::consensus::{NodeInfo, Op, Response};
 use crate::runtime::{CommandError, Context, LoadError, PluginLimits};
 use crate::state::parse_name;
 
+/// How long an upload waits for the other voters to compile a component
+/// before it proposes the install.
+pub const COMPILE_AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Why a request was not served: a status shared by HTTP and NATS, a
 /// machine-readable kind, and a message that says what to do.
 #[derive(Debug, Clone)]
@@ -386,6 +390,7 @@ impl NodeInner {
         let sha256 = self.validate_component(&bytes, limits).await?;
         self.check_version_free(name, version, &sha256, &limits)?;
         self.spread(&bytes, &sha256).await?;
+        self.await_compiled(&sha256).await;
         let op = Op::InstallPlugin {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -470,6 +475,41 @@ impl NodeInner {
             ));
         }
         Ok(())
+    }
+
+    /// Wait (up to [`COMPILE_AHEAD_WAIT`]) until every other voter has
+    /// compiled the component `sha256` (see [`crate::artifacts::Artifacts::prepare`]),
+    /// so that no node compiles on its apply thread when the install is
+    /// applied: a Python plugin takes seconds to compile, and apply, queries
+    /// and the node's place in the cluster would wait for it. A voter that
+    /// does not answer or cannot compile is not waited for (it compiles at
+    /// apply, or refuses the install there like every node).
+    async fn await_compiled(&self, sha256: &str) {
+        use crate::consensus::rpc::{BlobReply, BlobRpc};
+        let deadline = tokio::time::Instant::now() + COMPILE_AHEAD_WAIT;
+        let mut waiting: Vec<u64> = self.voters().into_iter().filter(|id| *id != self.id).collect();
+        while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+            let asks = waiting
+                .iter()
+                .map(|&id| async move { (id, self.ask_blob(id, BlobRpc::Prepare(sha256.to_owned())).await) });
+            let mut still = Vec::new();
+            for (id, reply) in futures::future::join_all(asks).await {
+                match reply {
+                    Ok(BlobReply::Preparing) => still.push(id),
+                    Ok(BlobReply::Prepared) => {}
+                    other => {
+                        tracing::warn!(node = id, sha256, reply = ?other, "a voter did not compile the plugin ahead of its install")
+                    }
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        if !waiting.is_empty() {
+            tracing::warn!(?waiting, sha256, "voters still compiling the plugin; installing anyway");
+        }
     }
 
     /// Make `version` the active version of `name`.

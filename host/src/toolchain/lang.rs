@@ -148,9 +148,11 @@ fn write_files(root: &Path, files: &[(&str, &[u8])]) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Run a build tool; its output goes to stderr (stdout is `synod plugin
+/// build`'s list of components).
 fn run(mut cmd: Command, tool: &str) -> Result<(), BuildError> {
     let status = cmd
-        .stdout(Stdio::inherit())
+        .stdout(std::io::stderr())
         .stderr(Stdio::inherit())
         .status()
         .map_err(|source| BuildError::Spawn { program: tool.into(), source })?;
