@@ -6,7 +6,8 @@
 //! Numbers are compared as numbers (a JavaScript build writes `21` where
 //! serde writes `21.0`; both read back as the same f64).
 //!
-//! And per language, determinism: a random sequence of 1,000+ commands that
+//! And per language (JavaScript, Python, C; Rust in determinism.rs),
+//! determinism: a random sequence of 1,000+ commands that
 //! reach for clocks, randomness, float math, iteration order, exceptions,
 //! running out of fuel and memory, on two independent runtimes, gives
 //! identical outputs, fuel, writes, events and digests.
@@ -222,7 +223,9 @@ fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
     }
 }
 
-fn two_runtimes_agree(lang: &str, counter: &str, misbehave: &str, steps: u32) {
+/// `throw` is how the language's uncaught failure is reported: an exception
+/// becomes `internal`, a C panic a trap.
+fn two_runtimes_agree(lang: &str, counter: &str, misbehave: &str, steps: u32, throw: &str) {
     let seed = std::env::var("SYNOD_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
@@ -259,20 +262,13 @@ fn two_runtimes_agree(lang: &str, counter: &str, misbehave: &str, steps: u32) {
     }
     eprintln!("{lang}: {seen:?}");
     // The sequence must have reached every path it is meant to test …
-    for path in [
-        "clock:ok",
-        "random:ok",
-        "floats:ok",
-        "order:ok",
-        "write:ok",
-        "throw:Internal",
-        "spin:OutOfFuel",
-        "increment:ok",
-    ] {
+    for path in ["clock:ok", "random:ok", "floats:ok", "order:ok", "write:ok", throw, "spin:OutOfFuel", "increment:ok"]
+    {
         assert!(seen.contains_key(path), "{lang}: the sequence never reached {path}: {seen:?}");
     }
     // Out of linear memory: a trap in JavaScript, a MemoryError (reported as
-    // `internal`) in Python; either way the same on both runtimes.
+    // `internal`) in Python, out of fuel touching every page in C; either
+    // way the same on both runtimes.
     assert!(seen.keys().any(|k| k.starts_with("alloc:") && !k.ends_with(":ok")), "{lang}: alloc must fail: {seen:?}");
     // … and clocks and randomness must actually vary between entries.
     assert!(outputs.len() as u32 > (seen["clock:ok"] + seen["random:ok"]) / 2, "{lang}: clock/random outputs repeat");
@@ -281,12 +277,17 @@ fn two_runtimes_agree(lang: &str, counter: &str, misbehave: &str, steps: u32) {
 
 #[test]
 fn javascript_plugins_are_deterministic() {
-    two_runtimes_agree("javascript", "counter-js", "misbehave-js", 1_000);
+    two_runtimes_agree("javascript", "counter-js", "misbehave-js", 1_000, "throw:Internal");
 }
 
 #[test]
 fn python_plugins_are_deterministic() {
-    two_runtimes_agree("python", "counter-py", "misbehave-py", 1_000);
+    two_runtimes_agree("python", "counter-py", "misbehave-py", 1_000, "throw:Internal");
+}
+
+#[test]
+fn c_plugins_are_deterministic() {
+    two_runtimes_agree("c", "counter-c", "misbehave-c", 1_000, "throw:Trap");
 }
 
 /// The SDKs take the clock from the entry and randomness from the host's
