@@ -5,23 +5,7 @@
 use serde_json::{Value, json};
 use synod::runtime::CommandError;
 
-use crate::harness::Node;
-
-/// splitmix64: a tiny, dependency-free generator for the command sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::harness::{Node, Rng, test_seed};
 
 const PLUGINS: [(&str, &str); 3] = [("counter", "counter"), ("thermostat", "thermostat"), ("misbehave", "misbehave")];
 
@@ -52,10 +36,7 @@ fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
 
 #[test]
 fn two_runtimes_agree_on_a_random_sequence() {
-    let seed = std::env::var("SYNOD_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    eprintln!("determinism seed: {seed} (rerun with SYNOD_TEST_SEED={seed})");
+    let seed = test_seed("determinism");
     let mut rng = Rng(seed);
     let mut a = Node::new(&PLUGINS);
     let mut b = Node::new(&PLUGINS);

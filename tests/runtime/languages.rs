@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use synod::runtime::{CommandError, Outcome, Runtime};
 
-use crate::harness::{Node, component};
+use crate::harness::{Node, Rng, component, test_seed};
 use crate::plugins::built_dir;
 
 fn kind(e: &CommandError) -> String {
@@ -181,22 +181,6 @@ fn the_thermostat_behaves_alike_in_rust_javascript_and_python() {
     same_behaviour("thermostat", &builds, &cases);
 }
 
-/// splitmix64, for the command sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
     let to = |v: Value| serde_json::to_vec(&v).unwrap();
     let words = ["ab", "abc", "kitchen", "hall", "x", "attic", "zone-9", "éé", "10", "2", "long-key-name"];
@@ -226,10 +210,7 @@ fn random_command(rng: &mut Rng) -> (&'static str, &'static str, Vec<u8>) {
 /// `throw` is how the language's uncaught failure is reported: an exception
 /// becomes `internal`, a C panic a trap.
 fn two_runtimes_agree(lang: &str, counter: &str, misbehave: &str, steps: u32, throw: &str) {
-    let seed = std::env::var("SYNOD_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    eprintln!("{lang} determinism seed: {seed} (rerun with SYNOD_TEST_SEED={seed})");
+    let seed = test_seed(&format!("{lang} determinism"));
     let (counter, misbehave) = (built_dir(counter), built_dir(misbehave));
     let installs: [(&str, &[u8]); 2] = [("counter", &counter), ("misbehave", &misbehave)];
     let mut a = Node::with_components(&installs);
