@@ -229,12 +229,7 @@ fn stamp(component: &Path) -> PathBuf {
 
 /// The target dir for a non-Rust plugin, and where its component goes.
 fn dirs(dir: &Path, lang: Language, options: &BuildOptions) -> (PathBuf, PathBuf) {
-    let target = options
-        .target_dir
-        .clone()
-        .or_else(|| std::env::var_os("SYNOD_PLUGIN_TARGET_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| dir.join("target"))
-        .join(lang.name());
+    let target = options.chosen_target_dir().unwrap_or_else(|| dir.join("target")).join(lang.name());
     let out = options.out_dir.clone().unwrap_or_else(|| target.join("components"));
     (target, out)
 }
@@ -528,13 +523,16 @@ fn build_c(dir: &Path, options: &BuildOptions) -> Result<BuiltPlugin, BuildError
     let (target, out_dir) = dirs(dir, Language::C, options);
     let sdk = target.join("sdk");
     write_files(&sdk, C_SDK)?;
+    // Objects and the core module of each plugin directory apart: plugins
+    // sharing a target dir must never link each other's objects.
+    let build = target.join("build").join(&blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex()[..16]);
     let make = |args: &[&str]| {
         let mut cmd = Command::new("make");
         cmd.current_dir(dir)
             .args(["--no-print-directory", "-s"])
             .args(args)
             .arg(format!("SYNOD_C_SDK={}", sdk.display()))
-            .arg(format!("BUILD={}", target.join("build").display()))
+            .arg(format!("BUILD={}", build.display()))
             .env("PATH", path_with_cargo_bin());
         cmd
     };
@@ -551,5 +549,5 @@ fn build_c(dir: &Path, options: &BuildOptions) -> Result<BuiltPlugin, BuildError
     let component = out_dir.join(format!("{name}.wasm"));
     let made = dir.join(format!("{name}.wasm"));
     std::fs::copy(&made, &component).map_err(io(&made))?;
-    Ok(BuiltPlugin { name, component, core_module: target.join("build/core.wasm") })
+    Ok(BuiltPlugin { name, component, core_module: build.join("core.wasm") })
 }

@@ -158,6 +158,14 @@ pub struct BuildOptions {
     pub features: Vec<String>,
 }
 
+impl BuildOptions {
+    /// The target dir asked for: `target_dir`, else
+    /// `$SYNOD_PLUGIN_TARGET_DIR`; `None` leaves the language's default.
+    fn chosen_target_dir(&self) -> Option<PathBuf> {
+        self.target_dir.clone().or_else(|| std::env::var_os("SYNOD_PLUGIN_TARGET_DIR").map(PathBuf::from))
+    }
+}
+
 /// The fallback installer, `sdk/install-wasm-toolchain.sh`.
 const INSTALL_SCRIPT: &str = include_str!("../../../sdk/install-wasm-toolchain.sh");
 
@@ -264,11 +272,7 @@ pub fn build_rust(dir: &Path, options: &BuildOptions) -> Result<Vec<BuiltPlugin>
     let toolchain = detect_or_install()?;
     let dir = &dir.canonicalize().map_err(|source| BuildError::Io { path: dir.to_owned(), source })?;
     let meta = metadata(dir)?;
-    let target_dir = options
-        .target_dir
-        .clone()
-        .or_else(|| std::env::var_os("SYNOD_PLUGIN_TARGET_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| meta.workspace_root.join("target"));
+    let target_dir = options.chosen_target_dir().unwrap_or_else(|| meta.workspace_root.join("target"));
     let wanted: Vec<&Package> = meta
         .packages
         .iter()
