@@ -1,8 +1,16 @@
 //! The CLI's HTTP client: what `synod cmd`, `synod plugin …` and
 //! `synod status` send to a node.
 //!
-//! In: a node URL and a request. Out: the node's JSON answer, or an error
-//! carrying the status and the node's message.
+//! In: a node URL, a bearer token and a request. Out: the node's JSON
+//! answer, or an error carrying the status and the node's message.
+//!
+//! The CLI finds its token on its own ([`find_token`]): `--token` /
+//! `SYNOD_TOKEN`, else the file `SYNOD_TOKEN_FILE` names, else the first
+//! admin token of a `synod dev` cluster in `.synod-dev` here. Over HTTPS it
+//! trusts a CA file (`--ca-file` / `SYNOD_CA_FILE`), else the dev cluster's
+//! own certificate when there is one, else the system's roots.
+
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -15,6 +23,14 @@ pub enum ClientError {
         /// The URL.
         url: String,
         /// Why.
+        reason: String,
+    },
+    /// A CA file could not be used.
+    #[error("CA file {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
         reason: String,
     },
     /// The node answered with an error status.
@@ -33,6 +49,35 @@ pub struct Client {
     base: String,
     /// Connection pool.
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` with every request.
+    token: Option<String>,
+}
+
+/// The dev cluster's directory, where `synod dev` runs by default.
+pub const DEV_DIR: &str = ".synod-dev";
+
+/// The token the CLI sends: `explicit` (`--token` / `SYNOD_TOKEN`), else
+/// the contents of `SYNOD_TOKEN_FILE`, else the first admin token of a dev
+/// cluster in `./.synod-dev` (node 1 bootstraps it).
+pub fn find_token(explicit: Option<String>) -> Option<String> {
+    if let Some(t) = explicit.filter(|t| !t.is_empty()) {
+        return Some(t);
+    }
+    let file = match std::env::var_os("SYNOD_TOKEN_FILE") {
+        Some(f) => PathBuf::from(f),
+        None => crate::node::auth::admin_token_path(&Path::new(DEV_DIR).join("n1")),
+    };
+    crate::node::auth::read_token_file(&file).ok().filter(|t| !t.is_empty())
+}
+
+/// The CA the CLI trusts: `explicit`, else the dev cluster's certificate
+/// while the dev cluster here runs with `--tls`.
+pub fn find_ca(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit.or_else(|| {
+        let dev = Path::new(DEV_DIR);
+        let config = crate::config::NodeConfig::load(&dev.join("n1").join("synod.toml")).ok()?;
+        config.tls.is_some().then(|| crate::dev::tls_cert_path(dev)).filter(|p| p.exists())
+    })
 }
 
 impl Client {
@@ -44,10 +89,43 @@ impl Client {
         } else {
             format!("http://{base}")
         };
-        Client { base, http: reqwest::Client::new() }
+        Client { base, http: Self::builder().build().unwrap_or_default(), token: None }
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        // reqwest takes its TLS backend from rustls' process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+    }
+
+    /// Send `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token;
+        self
+    }
+
+    /// Trust the PEM certificate(s) in `ca` (and only them) for HTTPS.
+    pub fn with_ca(mut self, ca: &Path) -> Result<Client, ClientError> {
+        let err = |reason: String| ClientError::Ca { path: ca.to_owned(), reason };
+        let pem = std::fs::read(ca).map_err(|e| err(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no certificate in the file".into()));
+        }
+        self.http = Self::builder().tls_certs_only(certs).build().map_err(|e| err(e.to_string()))?;
+        Ok(self)
+    }
+
+    /// The node's URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Value, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
         let resp =
             req.send().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
         let status = resp.status();

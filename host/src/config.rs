@@ -69,6 +69,36 @@ pub struct NodeConfig {
     /// Devices and drivers.
     #[serde(default)]
     pub devices: DevicesConfig,
+    /// Whether every API and bus request must carry a bearer token: `on`
+    /// (the default) or `off`, for experiments only — allowed only with
+    /// the HTTP API bound to loopback, and logged loudly at start. Tokens
+    /// are kept (and can be made) either way.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Serve the HTTP API over TLS only (plain HTTP is refused).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the API's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `auth = "on" | "off"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every request but `/healthz` and `/readyz` needs a valid token.
+    #[default]
+    On,
+    /// Requests without a token run as "anonymous" with every right.
+    Off,
 }
 
 /// `[devices]`: this node's labels, the ownership lease (replicated from
@@ -319,6 +349,12 @@ impl NodeConfig {
         if ids.windows(2).any(|w| w[0] == w[1]) {
             return bad("peers lists an id twice".into());
         }
+        if self.auth == AuthMode::Off && !self.http.ip().is_loopback() {
+            return bad(format!(
+                "auth = \"off\" is allowed only with the HTTP API on a loopback address, not {}",
+                self.http
+            ));
+        }
         let r = &self.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
             return bad("election_timeout_min_ms must exceed twice heartbeat_ms (> 0)".into());
@@ -398,6 +434,20 @@ mod tests {
         assert!(e.to_string().contains("unknown field `http_addr`"), "{e}");
         let c: NodeConfig = toml::from_str("id = 0\ndata_dir = \"d\"").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    /// Authentication is on unless switched off, and off only on loopback.
+    #[test]
+    fn auth_is_on_by_default_and_off_only_on_loopback() {
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
+        assert_eq!(c.auth, AuthMode::On);
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"\nauth = \"off\"").unwrap();
+        c.validate().unwrap();
+        let c: NodeConfig =
+            toml::from_str("id = 1\ndata_dir = \"d\"\nauth = \"off\"\nhttp = \"0.0.0.0:7001\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("only with the HTTP API on a loopback address"), "{e}");
+        assert!(toml::from_str::<NodeConfig>("id = 1\ndata_dir = \"d\"\nauth = \"maybe\"").is_err());
     }
 
     /// A payload limit no Raft message can carry is refused at load, not

@@ -123,6 +123,8 @@ pub fn prepare_with_ports(
             limits: Default::default(),
             nats: Default::default(),
             devices: Default::default(),
+            auth: Default::default(),
+            tls: None,
         };
         configs.push((path, config));
     }
@@ -163,15 +165,41 @@ fn start_nats(dir: &Path) -> Result<Option<(tokio::process::Child, String)>, Dev
     Ok(Some((child, format!("nats://127.0.0.1:{port}"))))
 }
 
-/// Run the dev cluster until Ctrl-C.
-pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
+/// Where `synod dev --tls` keeps the cluster's self-signed certificate
+/// (which the CLI trusts on its own).
+pub fn tls_cert_path(dir: &Path) -> PathBuf {
+    dir.join("tls").join("cert.pem")
+}
+
+/// The dev cluster's TLS settings: a self-signed certificate for loopback,
+/// made once under `dir/tls`.
+fn dev_tls(dir: &Path) -> Result<crate::config::TlsConfig, DevError> {
+    let cert = tls_cert_path(dir);
+    let key = dir.join("tls").join("key.pem");
+    if !cert.exists() || !key.exists() {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let (cert_pem, key_pem) = crate::api::tls::self_signed(&names)
+            .map_err(|e| DevError::Io { what: e.to_string(), source: std::io::Error::other("rcgen") })?;
+        std::fs::create_dir_all(dir.join("tls")).map_err(io("creating the tls dir"))?;
+        std::fs::write(&cert, cert_pem).map_err(io("writing the certificate"))?;
+        crate::node::auth::write_token_file(&key, key_pem.trim_end()).map_err(io("writing the TLS key"))?;
+    }
+    let absolute = |p: PathBuf| std::path::absolute(&p).map_err(io("resolving the tls dir"));
+    Ok(crate::config::TlsConfig { cert: absolute(cert)?, key: absolute(key)? })
+}
+
+/// Run the dev cluster until Ctrl-C; with `tls`, its API speaks HTTPS only
+/// with a self-signed certificate the CLI finds in `dir/tls`.
+pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
     let mut configs = prepare_with_ports(dir, 3, Some((7000, 7100)))?;
+    let tls = if tls { Some(dev_tls(dir)?) } else { None };
     let mut children = Vec::new();
     let nats = start_nats(dir)?;
     let nats_url = nats.as_ref().map(|(_, url)| url.clone());
     for (path, config) in &mut configs {
-        if config.nats.url != nats_url {
+        if config.nats.url != nats_url || config.tls != tls {
             config.nats.url = nats_url.clone();
+            config.tls = tls.clone();
             std::fs::write(&*path, config.to_toml()?).map_err(io(format!("writing {}", path.display())))?;
         }
     }
@@ -198,8 +226,15 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
 
     let wait = Duration::from_secs(30);
     let deadline = tokio::time::Instant::now() + wait;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     for (_, config) in &configs {
-        let client = Client::new(&config.http.to_string());
+        let mut client = Client::new(&format!("{scheme}://{}", config.http));
+        if tls.is_some() {
+            client = client.with_ca(&tls_cert_path(dir)).map_err(|e| DevError::Io {
+                what: "trusting the dev certificate".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         while client.get("/readyz").await.is_err() {
             if tokio::time::Instant::now() > deadline {
                 stop(&mut children).await;
@@ -210,17 +245,29 @@ pub async fn run(dir: &Path, exe: &Path) -> Result<(), DevError> {
     }
 
     let first = configs.first().map(|(_, c)| c.http.to_string()).unwrap_or_default();
+    let token_path = configs.first().map(|(_, c)| crate::node::auth::admin_token_path(&c.data_dir)).unwrap_or_default();
+    let token = crate::node::auth::read_token_file(&token_path).unwrap_or_default();
     println!("synod dev: a three-node cluster is running on loopback\n");
     if let Some(url) = &nats_url {
         println!("  nats     {url}  (JetStream; events on synod.evt.>, commands on synod.cmd.<plugin>.<command>)");
     }
     for (path, c) in &configs {
-        println!("  node {}  http://{}  p2p {}  config {}", c.id, c.http, c.p2p, path.display());
+        println!("  node {}  {scheme}://{}  p2p {}  config {}", c.id, c.http, c.p2p, path.display());
+    }
+    println!(
+        "\n  admin token  {token}\n               (in {}, mode 0600; the CLI finds it there when run from this directory)",
+        token_path.display()
+    );
+    if tls.is_some() {
+        println!(
+            "  TLS          self-signed certificate {} (the CLI trusts it from here)",
+            tls_cert_path(dir).display()
+        );
     }
     println!(
         "\nlogs: {dir}/n*/node.log   data: {dir}\n\
          try:\n  \
-         export SYNOD_NODE=http://{first}   # the default when it is 127.0.0.1:7001\n  \
+         export SYNOD_NODE={scheme}://{first}   # the default when it is http://127.0.0.1:7001\n  \
          synod plugin build plugins\n  \
          synod plugin push plugins/target/components/counter.wasm --name counter --version 1\n  \
          synod cmd counter increment '{{\"by\": 2}}'\n  \

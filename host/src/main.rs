@@ -12,6 +12,40 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Action,
+    /// Bearer token for the node's API (default: $SYNOD_TOKEN, else the
+    /// file $SYNOD_TOKEN_FILE, else the dev cluster's admin token in
+    /// ./.synod-dev).
+    #[arg(long, global = true, env = "SYNOD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to trust for an HTTPS node (default: the dev
+    /// cluster's own certificate when `synod dev --tls` made one here).
+    #[arg(long, global = true, env = "SYNOD_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+/// How the CLI reaches nodes: its token and the CA it trusts.
+struct Reach {
+    token: Option<String>,
+    ca: Option<PathBuf>,
+}
+
+impl Reach {
+    /// A client for `node`: HTTPS when the URL says so, or when it names no
+    /// scheme and there is a CA to trust.
+    fn client(&self, node: &str) -> anyhow::Result<synod::client::Client> {
+        let url = if node.contains("://") {
+            node.to_owned()
+        } else if self.ca.is_some() {
+            format!("https://{node}")
+        } else {
+            format!("http://{node}")
+        };
+        let client = synod::client::Client::new(&url).with_token(self.token.clone());
+        Ok(match &self.ca {
+            Some(ca) if url.starts_with("https://") => client.with_ca(ca)?,
+            _ => client,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -39,6 +73,33 @@ enum Action {
         /// Where the nodes keep their keys, configs, logs and data.
         #[arg(long, default_value = ".synod-dev")]
         dir: PathBuf,
+        /// Serve the API over HTTPS only, with a self-signed certificate
+        /// made in <dir>/tls (the CLI trusts it when run from here).
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Bearer tokens: who may do what.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Show the audit trail of admin actions (tokens, plugins, membership,
+    /// device definitions).
+    Audit {
+        /// Only records after this operation index.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Change the membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
     },
     /// Print the PeerId of the key in a data dir (creating the key).
     NodeId {
@@ -93,6 +154,58 @@ enum Action {
     Sim {
         #[command(subcommand)]
         command: SimCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token; its secret is printed once and stored nowhere.
+    Create {
+        /// Who will hold it: the `caller` their commands run as.
+        principal: String,
+        /// A role (repeatable): admin, operator, reader, operator:<plugin>,
+        /// reader:<plugin>.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// List tokens (ids, principals, roles; never secrets).
+    List {
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Revoke a token by id, or every token of a principal.
+    Revoke {
+        /// A token id or a principal name.
+        target: String,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Add a running node: its id, key, addresses and engine fingerprint
+    /// are read from its /healthz, and the leader refuses it if its engine
+    /// differs.
+    Add {
+        /// The new node's HTTP address.
+        new: String,
+        /// The leader's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Remove a node by id.
+    Remove {
+        /// Its id.
+        id: u64,
+        /// The leader's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
     },
 }
 
@@ -340,27 +453,26 @@ async fn node(
     Ok(())
 }
 
-async fn device(command: DeviceCmd) -> anyhow::Result<()> {
-    use synod::client::Client;
+async fn device(reach: &Reach, command: DeviceCmd) -> anyhow::Result<()> {
     match command {
         DeviceCmd::Put { id, definition, node } => {
             let body = match definition.strip_prefix('@') {
                 Some(path) => std::fs::read(path).with_context(|| format!("reading {path}"))?,
                 None => definition.into_bytes(),
             };
-            print(&Client::new(&node).put(&format!("/v1/devices/{id}"), body).await?)
+            print(&reach.client(&node)?.put(&format!("/v1/devices/{id}"), body).await?)
         }
-        DeviceCmd::Get { id, node } => print(&Client::new(&node).get(&format!("/v1/devices/{id}")).await?),
+        DeviceCmd::Get { id, node } => print(&reach.client(&node)?.get(&format!("/v1/devices/{id}")).await?),
         DeviceCmd::List { prefix, node } => {
-            print(&Client::new(&node).get(&format!("/v1/devices?prefix={prefix}")).await?)
+            print(&reach.client(&node)?.get(&format!("/v1/devices?prefix={prefix}")).await?)
         }
         DeviceCmd::Desired { id, patch, expected_version, node } => {
             let query = expected_version.map(|v| format!("?expected_version={v}")).unwrap_or_default();
-            print(&Client::new(&node).patch(&format!("/v1/devices/{id}/desired{query}"), patch.into_bytes()).await?)
+            print(&reach.client(&node)?.patch(&format!("/v1/devices/{id}/desired{query}"), patch.into_bytes()).await?)
         }
-        DeviceCmd::Delete { id, node } => print(&Client::new(&node).delete(&format!("/v1/devices/{id}")).await?),
+        DeviceCmd::Delete { id, node } => print(&reach.client(&node)?.delete(&format!("/v1/devices/{id}")).await?),
         DeviceCmd::Watch { id, count, interval_ms, node } => {
-            let client = Client::new(&node);
+            let client = reach.client(&node)?;
             let mut last = None;
             let mut seen = 0u64;
             loop {
@@ -398,29 +510,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_async(cli: Cli) -> anyhow::Result<()> {
-    use synod::client::Client;
+    let reach = Reach { token: synod::client::find_token(cli.token), ca: synod::client::find_ca(cli.ca_file) };
     match cli.command {
         Action::Node { config, id, data_dir, http, p2p } => node(config, id, data_dir, http, p2p).await?,
-        Action::Dev { dir } => synod::dev::run(&dir, &std::env::current_exe()?).await?,
+        Action::Dev { dir, tls } => synod::dev::run(&dir, &std::env::current_exe()?, tls).await?,
+        Action::Token { command: TokenCmd::Create { principal, roles, node } } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "principal": principal, "roles": roles }))?;
+            let created = reach.client(&node)?.post("/v1/tokens", body).await?;
+            print(&created)?;
+            eprintln!("the token is shown only now: keep it (it is stored hashed)");
+        }
+        Action::Token { command: TokenCmd::List { node } } => print(&reach.client(&node)?.get("/v1/tokens").await?)?,
+        Action::Token { command: TokenCmd::Revoke { target, node } } => {
+            print(&reach.client(&node)?.delete(&format!("/v1/tokens/{target}")).await?)?
+        }
+        Action::Audit { after, limit, node } => {
+            print(&reach.client(&node)?.get(&format!("/v1/audit?after={after}&limit={limit}")).await?)?
+        }
+        Action::Cluster { command: ClusterCmd::Add { new, node } } => {
+            let health =
+                reach.client(&new)?.get("/healthz").await.with_context(|| format!("asking {new} who it is"))?;
+            let body = serde_json::json!({
+                "id": health["id"], "peer_id": health["peer_id"], "p2p": health["p2p"], "http": health["http"],
+                "engine": health["engine"], "protocol": health["protocol"],
+            });
+            print(&reach.client(&node)?.post("/v1/cluster/nodes", serde_json::to_vec(&body)?).await?)?
+        }
+        Action::Cluster { command: ClusterCmd::Remove { id, node } } => {
+            print(&reach.client(&node)?.delete(&format!("/v1/cluster/nodes/{id}")).await?)?
+        }
         Action::NodeId { data_dir } => {
             let key = synod::p2p::identity::load_or_create(&data_dir)?;
             out(key.public().to_peer_id())?;
         }
         Action::Cmd { plugin, command, payload: p, node } => {
-            print(&Client::new(&node).post(&format!("/v1/commands/{plugin}/{command}"), payload(p)).await?)?
+            print(&reach.client(&node)?.post(&format!("/v1/commands/{plugin}/{command}"), payload(p)).await?)?
         }
         Action::Query { plugin, query, payload: p, node } => {
-            print(&Client::new(&node).post(&format!("/v1/queries/{plugin}/{query}"), payload(p)).await?)?
+            print(&reach.client(&node)?.post(&format!("/v1/queries/{plugin}/{query}"), payload(p)).await?)?
         }
-        Action::Status { node } => print(&Client::new(&node).get("/v1/cluster").await?)?,
+        Action::Status { node } => print(&reach.client(&node)?.get("/v1/cluster").await?)?,
         Action::Plugin { command: PluginCmd::Push { file, name, version, node } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            print(&Client::new(&node).post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?
+            print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?
         }
-        Action::Plugin { command: PluginCmd::List { node } } => print(&Client::new(&node).get("/v1/plugins").await?)?,
+        Action::Plugin { command: PluginCmd::List { node } } => print(&reach.client(&node)?.get("/v1/plugins").await?)?,
         Action::Plugin { command: PluginCmd::Activate { name, version, node } } => {
             let body = serde_json::to_vec(&serde_json::json!({ "version": version }))?;
-            print(&Client::new(&node).post(&format!("/v1/plugins/{name}/activate"), body).await?)?
+            print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}/activate"), body).await?)?
         }
         Action::Plugin { command: PluginCmd::Build { dir, packages, out_dir, target_dir, features } } => {
             let options = synod::toolchain::BuildOptions { packages, target_dir, out_dir, features };
@@ -467,7 +604,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             });
             out(serde_json::to_string_pretty(&info)?)?;
         }
-        Action::Device { command } => device(command).await?,
+        Action::Device { command } => device(&reach, command).await?,
         Action::Sim { command: SimCmd::Modbus { listen, devices, seed, heat_rate, cool_rate, ambient, fault } } => {
             use synod_sim::modbus::Fault;
             let fault = match fault.as_deref().map(|f| f.split_once(':').unwrap_or((f, ""))) {

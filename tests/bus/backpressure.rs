@@ -45,12 +45,18 @@ async fn a_flood_of_50k_requests_is_answered_and_bounded() {
 
     let client =
         async_nats::ConnectOptions::new().request_timeout(Some(Duration::from_secs(60))).connect(&url).await.unwrap();
+    let token = c.admin_token().unwrap();
+    let token = token.as_str();
     const TOTAL: usize = 50_000;
     let answers = futures::stream::iter(0..TOTAL)
         .map(|_| {
             let client = client.clone();
             async move {
-                let msg = client.request("synod.cmd.counter.increment", br#"{"by": 1}"#.to_vec().into()).await;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Authorization", format!("Bearer {token}").as_str());
+                let msg = client
+                    .request_with_headers("synod.cmd.counter.increment", headers, br#"{"by": 1}"#.to_vec().into())
+                    .await;
                 let msg = msg.map_err(|e| e.to_string())?;
                 let headers = msg.headers.as_ref().ok_or("no headers")?;
                 let status: u16 =

@@ -7,8 +7,14 @@ use crate::harness::{Cluster, serial};
 use crate::nats::NatsServer;
 use crate::plugins::component;
 
-async fn request(client: &async_nats::Client, subject: &str, payload: &[u8], id: Option<&str>) -> (u16, Value) {
+/// The client and the bearer token it sends.
+type Bus<'a> = (&'a async_nats::Client, &'a str);
+
+async fn request((client, token): Bus<'_>, subject: &str, payload: &[u8], id: Option<&str>) -> (u16, Value) {
     let mut headers = async_nats::HeaderMap::new();
+    if !token.is_empty() {
+        headers.insert("Authorization", format!("Bearer {token}").as_str());
+    }
     if let Some(id) = id {
         headers.insert("Synod-Request-Id", id);
     }
@@ -28,17 +34,19 @@ async fn commands_over_nats_match_http_and_retries_apply_once() {
     });
     let leader = c.leader().await;
     c.push(leader, "counter", "1", component("counter")).await.unwrap();
-    let client = async_nats::connect(&url).await.unwrap();
+    let nats_client = async_nats::connect(&url).await.unwrap();
+    let token = c.admin_token().unwrap();
+    let client = (&nats_client, token.as_str());
 
-    let (status, body) = request(&client, "synod.cmd.counter.increment", br#"{"by": 2}"#, None).await;
+    let (status, body) = request(client, "synod.cmd.counter.increment", br#"{"by": 2}"#, None).await;
     assert_eq!((status, &body["result"]), (200, &json!({"value": 2})));
     let over_http = c.cmd(leader, "counter", "increment", json!({"by": 2})).await.unwrap();
     assert_eq!(over_http["result"], json!({"value": 4}));
     assert!(over_http["index"].as_u64() > body["index"].as_u64());
 
     // The same request id twice: applied once, answered twice alike.
-    let (_, first) = request(&client, "synod.cmd.counter.increment", br#"{"by": 10}"#, Some("req-1")).await;
-    let (_, retry) = request(&client, "synod.cmd.counter.increment", br#"{"by": 10}"#, Some("req-1")).await;
+    let (_, first) = request(client, "synod.cmd.counter.increment", br#"{"by": 10}"#, Some("req-1")).await;
+    let (_, retry) = request(client, "synod.cmd.counter.increment", br#"{"by": 10}"#, Some("req-1")).await;
     assert_eq!(first, retry);
     assert_eq!(first["result"], json!({"value": 14}));
     // ...also when the retry arrives over HTTP at another node.
@@ -68,7 +76,7 @@ async fn commands_over_nats_match_http_and_retries_apply_once() {
         ("synod.cmd.counter.increment", br#"{"by": "x"}"#.to_vec(), 400, "invalid `increment` payload"),
     ];
     for (subject, payload, want, text) in cases {
-        let (status, body) = request(&client, subject, &payload, None).await;
+        let (status, body) = request(client, subject, &payload, None).await;
         assert_eq!(status, want, "{subject}: {body}");
         assert!(body["error"].as_str().unwrap().contains(text), "{subject}: {body}");
     }

@@ -91,8 +91,27 @@ impl Cluster {
         Cluster { dir, nodes }
     }
 
+    /// A client of node `id` holding the cluster's first admin token.
     pub fn client(&self, id: u64) -> Client {
-        Client::new(&self.nodes[&id].config.http.to_string())
+        self.client_with(id, self.admin_token().as_deref())
+    }
+
+    /// A client of node `id` with `token` (or none); over HTTPS, trusting
+    /// the node's own certificate, when the node serves TLS.
+    pub fn client_with(&self, id: u64, token: Option<&str>) -> Client {
+        let config = &self.nodes[&id].config;
+        let client = match &config.tls {
+            None => Client::new(&config.http.to_string()),
+            Some(tls) => Client::new(&format!("https://{}", config.http)).with_ca(&tls.cert).unwrap(),
+        };
+        client.with_token(token.map(str::to_owned))
+    }
+
+    /// The first admin token, which node 1 (the bootstrap node) wrote to
+    /// its data dir once the cluster committed it.
+    pub fn admin_token(&self) -> Option<String> {
+        let member = self.nodes.get(&1)?;
+        synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(&member.config.data_dir)).ok()
     }
 
     pub fn live(&self) -> Vec<u64> {

@@ -5,13 +5,20 @@
 //! `{"error": "...", "kind": "..."}` with the status the service names: 400
 //! malformed, 404 unknown plugin or command, 409 conflict, 413 too large,
 //! 422 rejected by the handler, 429 overloaded (with `Retry-After`), 503 no
-//! leader (with the leader's address when known).
+//! leader (with the leader's address when known), 401 without a valid
+//! bearer token, 403 when the token lacks the role (named in the error).
+//!
+//! Every route but `/healthz` and `/readyz` goes through [`authenticate`],
+//! which turns the `Authorization: Bearer` header into the request's
+//! [`Principal`]; the service checks what that principal may do.
+
+pub mod tls;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -21,7 +28,8 @@ use serde_json::json;
 
 use crate::consensus::NodeInfo;
 use crate::node::service::{REQUEST_ID_HEADER, check_request_id, output_json};
-use crate::node::{Consistency, LimitRequest, NodeInner, ServiceError};
+use crate::node::{Consistency, LimitRequest, NodeInner, Principal, ServiceError};
+use crate::replica::auth::Access;
 
 /// An API error: a [`ServiceError`] as an HTTP response.
 pub struct ApiError(pub ServiceError);
@@ -38,6 +46,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(self.0.body())).into_response();
         if let Some(secs) = self.0.retry_after {
             response.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        }
+        if self.0.status == 401 {
+            response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer realm=\"synod\""));
         }
         response
     }
@@ -68,10 +79,45 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/digest", get(digest_at))
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{target}", delete(revoke_token))
+        .route("/v1/audit", get(audit))
+        .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError(ServiceError::new(404, "not_found", "no such endpoint")) })
+        .layer(axum::middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
+}
+
+/// Routes anyone may call: a load balancer's and a joining node's checks.
+const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// Who is asking: the request's [`Principal`] from its bearer token (401
+/// when there is none or it is not valid), put in the request's extensions
+/// for the handlers.
+async fn authenticate(
+    State(node): State<Arc<NodeInner>>,
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if OPEN_ROUTES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+    match node.authenticate(header) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(e) => {
+            // The body was not read: hyper closes the connection after this
+            // answer, so say so, or a client may send its next request on a
+            // connection that is closing and see it fail.
+            let mut response = ApiError(e).into_response();
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 /// The body, or a JSON 413/400 for one axum refused to read.
@@ -91,6 +137,7 @@ fn ok(value: serde_json::Value) -> ApiResult {
 
 async fn run_command(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path((plugin, command)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -100,7 +147,7 @@ async fn run_command(
         None => None,
         Some(v) => Some(check_request_id(v.to_str().unwrap_or(""))?),
     };
-    let (index, out) = node.submit(&plugin, &command, body.to_vec(), request_id).await?;
+    let (index, out) = node.submit(&who, &plugin, &command, body.to_vec(), request_id).await?;
     ok(json!({ "result": output_json(&out), "index": index }))
 }
 
@@ -117,28 +164,31 @@ struct ReadParams {
 
 async fn read_state(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(plugin): Path<String>,
     Query(params): Query<ReadParams>,
 ) -> ApiResult {
     let consistency = Consistency::parse(params.consistency.as_deref())?;
     let limit = params.limit.unwrap_or(1000);
-    let (entries, index) = node.read_state(&plugin, &params.prefix, limit, consistency).await?;
+    let (entries, index) = node.read_state(&who, &plugin, &params.prefix, limit, consistency).await?;
     ok(json!({ "plugin": plugin, "entries": entries, "applied_index": index }))
 }
 
 async fn run_query(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path((plugin, query)): Path<(String, String)>,
     Query(params): Query<ReadParams>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_or(body, "payload", node.config.limits.max_payload_bytes)?;
     let consistency = Consistency::parse(params.consistency.as_deref())?;
-    let out = node.query(&plugin, &query, body.to_vec(), consistency).await?;
+    let out = node.query(&who, &plugin, &query, body.to_vec(), consistency).await?;
     ok(json!({ "result": output_json(&out) }))
 }
 
-async fn list_plugins(State(node): State<Arc<NodeInner>>) -> ApiResult {
+async fn list_plugins(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    who.require(Access::Read)?;
     ok(node.plugins())
 }
 
@@ -155,6 +205,7 @@ struct UploadParams {
 
 async fn upload_plugin(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     Query(params): Query<UploadParams>,
     body: Result<Bytes, BytesRejection>,
@@ -162,7 +213,7 @@ async fn upload_plugin(
     let body = body_or(body, "plugin", node.config.limits.max_plugin_bytes)?;
     let version = params.version.unwrap_or_default();
     let limits = LimitRequest { fuel: params.fuel, memory_bytes: params.memory_bytes };
-    let (index, out) = node.upload(&name, &version, body.to_vec(), limits).await?;
+    let (index, out) = node.upload(&who, &name, &version, body.to_vec(), limits).await?;
     Ok((StatusCode::CREATED, Json(json!({ "result": output_json(&out), "index": index }))).into_response())
 }
 
@@ -171,15 +222,25 @@ struct Activate {
     version: String,
 }
 
-async fn activate_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<String>, body: Bytes) -> ApiResult {
+async fn activate_plugin(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    who.require(Access::Admin)?;
     let Activate { version } = serde_json::from_slice(&body)
         .map_err(|e| ServiceError::bad_request(format!("expected {{\"version\": \"...\"}}: {e}")))?;
-    let (index, out) = node.activate(&name, &version).await?;
+    let (index, out) = node.activate(&who, &name, &version).await?;
     ok(json!({ "result": output_json(&out), "index": index }))
 }
 
-async fn remove_plugin(State(node): State<Arc<NodeInner>>, Path(name): Path<String>) -> ApiResult {
-    let (index, out) = node.remove(&name).await?;
+async fn remove_plugin(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let (index, out) = node.remove(&who, &name).await?;
     ok(json!({ "result": output_json(&out), "index": index }))
 }
 
@@ -191,7 +252,12 @@ struct DigestParams {
 
 /// This node's state digest after operation `index`, while it is among the
 /// recent ones remembered: nodes at different positions compare here.
-async fn digest_at(State(node): State<Arc<NodeInner>>, Query(params): Query<DigestParams>) -> ApiResult {
+async fn digest_at(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Query(params): Query<DigestParams>,
+) -> ApiResult {
+    who.require(Access::Read)?;
     let (last, digest) = node
         .with_replica(|r| {
             let index = params.index.unwrap_or(r.last_applied());
@@ -208,7 +274,8 @@ async fn digest_at(State(node): State<Arc<NodeInner>>, Query(params): Query<Dige
     }
 }
 
-async fn cluster(State(node): State<Arc<NodeInner>>) -> ApiResult {
+async fn cluster(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    who.require(Access::Read)?;
     ok(node.cluster().await)
 }
 
@@ -218,18 +285,32 @@ struct AddNode {
     peer_id: String,
     p2p: String,
     http: String,
+    /// The joining node's engine fingerprint hash (its `/healthz` shows
+    /// it): a node whose engine differs would apply plugins differently.
+    engine: String,
+    /// Its peer protocol version (also in its `/healthz`).
+    protocol: String,
 }
 
-async fn add_node(State(node): State<Arc<NodeInner>>, body: Bytes) -> ApiResult {
-    let req: AddNode = serde_json::from_slice(&body)
-        .map_err(|e| ServiceError::bad_request(format!("expected {{id, peer_id, p2p, http}}: {e}")))?;
+async fn add_node(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>, body: Bytes) -> ApiResult {
+    who.require(Access::Admin)?;
+    let req: AddNode = serde_json::from_slice(&body).map_err(|e| {
+        ServiceError::bad_request(format!(
+            "expected {{id, peer_id, p2p, http, engine, protocol}} (the new node's /healthz shows them): {e}"
+        ))
+    })?;
+    node.check_admission(&req.engine, &req.protocol)?;
     let info = NodeInfo { peer_id: req.peer_id, p2p_addr: req.p2p, http_addr: req.http };
-    let index = node.add_node(req.id, info).await?;
+    let index = node.add_node(&who, req.id, info).await?;
     ok(json!({ "added": req.id, "index": index }))
 }
 
-async fn remove_node(State(node): State<Arc<NodeInner>>, Path(id): Path<u64>) -> ApiResult {
-    let index = node.remove_node(id).await?;
+async fn remove_node(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<u64>,
+) -> ApiResult {
+    let index = node.remove_node(&who, id).await?;
     ok(json!({ "removed": id, "index": index }))
 }
 
@@ -270,49 +351,58 @@ fn versioned(index: u64, doc: serde_json::Value) -> ApiResult {
 
 async fn get_device(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<DeviceParams>,
 ) -> ApiResult {
     let consistency = Consistency::parse(params.consistency.as_deref())?;
-    let doc = node.device_get(&id, consistency).await?;
+    let doc = node.device_get(&who, &id, consistency).await?;
     versioned(0, doc)
 }
 
 async fn get_delta(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<DeviceParams>,
 ) -> ApiResult {
     let consistency = Consistency::parse(params.consistency.as_deref())?;
-    let doc = node.device_get(&id, consistency).await?;
+    let doc = node.device_get(&who, &id, consistency).await?;
     ok(json!({ "id": id, "delta": doc["delta"], "version": doc["version"], "desired_version": doc["desired_version"] }))
 }
 
-async fn put_device(State(node): State<Arc<NodeInner>>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let (index, doc) = node.device_put(&id, &body).await?;
+async fn put_device(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let (index, doc) = node.device_put(&who, &id, &body).await?;
     versioned(index, doc)
 }
 
 async fn delete_device(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<DeviceParams>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult {
     let expected = expected_version(&params, &headers)?;
-    let (index, out) = node.device_delete(&id, expected).await?;
+    let (index, out) = node.device_delete(&who, &id, expected).await?;
     ok(json!({ "result": out, "index": index }))
 }
 
 async fn patch_desired(
     State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<DeviceParams>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> ApiResult {
     let expected = expected_version(&params, &headers)?;
-    let (index, doc) = node.device_patch_desired(&id, &body, expected).await?;
+    let (index, doc) = node.device_patch_desired(&who, &id, &body, expected).await?;
     versioned(index, doc)
 }
 
@@ -324,9 +414,13 @@ struct ListDevices {
     consistency: Option<String>,
 }
 
-async fn list_devices(State(node): State<Arc<NodeInner>>, Query(params): Query<ListDevices>) -> ApiResult {
+async fn list_devices(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Query(params): Query<ListDevices>,
+) -> ApiResult {
     let consistency = Consistency::parse(params.consistency.as_deref())?;
-    let (devices, index) = node.device_list(&params.prefix, params.limit.unwrap_or(1000), consistency).await?;
+    let (devices, index) = node.device_list(&who, &params.prefix, params.limit.unwrap_or(1000), consistency).await?;
     ok(json!({ "devices": devices, "applied_index": index }))
 }
 
@@ -340,10 +434,83 @@ async fn ready(State(node): State<Arc<NodeInner>>) -> Response {
 /// from its own drivers or a member's gossip: `{"device", "metrics":
 /// {"<metric>": {"v", "ts_ms", "node", "epoch"}}}`. 404 for a device with
 /// no readings that this node's state does not know either.
-async fn get_telemetry(State(node): State<Arc<NodeInner>>, Path(id): Path<String>) -> ApiResult {
+async fn get_telemetry(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    who.require(Access::Read)?;
     let metrics = node.telemetry.device(&id);
     if metrics.is_empty() {
-        node.device_get(&id, Consistency::Local).await?;
+        node.device_get(&who, &id, Consistency::Local).await?;
     }
     ok(json!({ "device": id, "metrics": metrics }))
+}
+
+/// Liveness, and who this node is: what `POST /v1/cluster/nodes` needs to
+/// add it (its id, key, addresses, engine fingerprint and protocol).
+async fn health(State(node): State<Arc<NodeInner>>) -> ApiResult {
+    ok(json!({
+        "status": "ok",
+        "id": node.id,
+        "peer_id": node.p2p.local_peer_id().to_string(),
+        "p2p": node.p2p_addr.to_string(),
+        "http": node.http_addr.to_string(),
+        "engine": node.artifacts.runtime().fingerprint().hash,
+        "protocol": crate::node::PROTOCOL_VERSION,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    /// Who will hold it.
+    principal: String,
+    /// `admin`, `operator`, `reader`, `operator:<plugin>`, `reader:<plugin>`.
+    roles: Vec<String>,
+}
+
+async fn create_token(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    who.require(Access::Admin)?;
+    let req: NewToken = serde_json::from_slice(&body).map_err(|e| {
+        ServiceError::bad_request(format!("expected {{\"principal\": \"...\", \"roles\": [...]}}: {e}"))
+    })?;
+    let (index, mut record) = node.token_create(&who, &req.principal, &req.roles).await?;
+    record["index"] = json!(index);
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+async fn list_tokens(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    ok(node.token_list(&who)?)
+}
+
+async fn revoke_token(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(target): Path<String>,
+) -> ApiResult {
+    let (index, mut out) = node.token_revoke(&who, &target).await?;
+    out["index"] = json!(index);
+    ok(out)
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    /// Only records after this operation index.
+    #[serde(default)]
+    after: u64,
+    /// At most this many (default 1000).
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Query(params): Query<AuditParams>,
+) -> ApiResult {
+    ok(node.audit(&who, params.after, params.limit.unwrap_or(1000)).await?)
 }

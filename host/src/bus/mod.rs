@@ -154,9 +154,12 @@ async fn reply(client: &Client, msg: &async_nats::Message, result: Result<(u64, 
 }
 
 async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), ServiceError> {
+    // The same bearer tokens as HTTP, in an `Authorization` header.
+    let authorization = msg.headers.as_ref().and_then(|h| h.get("Authorization")).map(|v| v.as_str());
+    let who = node.authenticate(authorization)?;
     let parts: Vec<&str> = msg.subject.split('.').collect();
     if let [_, "dev", id, verb] = parts.as_slice() {
-        return run_device(node, msg, id, verb).await;
+        return run_device(node, &who, msg, id, verb).await;
     }
     let [_, _, plugin, command] = parts.as_slice() else {
         return Err(ServiceError::bad_request(format!(
@@ -169,12 +172,13 @@ async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8
             Some(v) => Some(check_request_id(v.as_str())?),
             None => None,
         };
-    node.submit(plugin, command, msg.payload.to_vec(), request_id).await
+    node.submit(&who, plugin, command, msg.payload.to_vec(), request_id).await
 }
 
 /// One device request: the HTTP API's device document as `result`.
 async fn run_device(
     node: &NodeInner,
+    who: &crate::node::Principal,
     msg: &async_nats::Message,
     id: &str,
     verb: &str,
@@ -187,14 +191,14 @@ async fn run_device(
     };
     let consistency = crate::node::Consistency::Linearizable;
     let (index, doc) = match verb {
-        "get" => (0, node.device_get(id, consistency).await?),
+        "get" => (0, node.device_get(who, id, consistency).await?),
         "delta" => {
-            let doc = node.device_get(id, consistency).await?;
+            let doc = node.device_get(who, id, consistency).await?;
             (0, json!({ "id": id, "delta": doc["delta"], "version": doc["version"] }))
         }
-        "put" => node.device_put(id, &msg.payload).await?,
-        "desired" => node.device_patch_desired(id, &msg.payload, expected).await?,
-        "delete" => node.device_delete(id, expected).await?,
+        "put" => node.device_put(who, id, &msg.payload).await?,
+        "desired" => node.device_patch_desired(who, id, &msg.payload, expected).await?,
+        "delete" => node.device_delete(who, id, expected).await?,
         other => {
             return Err(ServiceError::bad_request(format!(
                 "device verb {other:?} is not one of get, put, delete, desired, delta"

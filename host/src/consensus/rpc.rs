@@ -23,17 +23,31 @@ pub enum RaftRpc {
     /// openraft: one chunk of a snapshot.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// Client writes a follower received, for the leader to propose (in
-    /// its next batch). The leader stamps the timestamp. Commands only:
-    /// the leader refuses anything else in a forwarded batch.
-    WriteBatch(Vec<Request>),
+    /// its next batch). The leader stamps the timestamp. Client commands
+    /// and the sender's own reports only: the leader refuses anything else
+    /// in a forwarded batch, and checks each client's credential itself.
+    WriteBatch(Vec<Forwarded>),
     /// A plugin lifecycle change (install, activate, remove) a follower
-    /// received; the leader validates it itself before proposing it.
-    Lifecycle(Request),
+    /// received; the leader validates it (and the caller's credential)
+    /// itself before proposing it.
+    Lifecycle(Forwarded),
     /// Confirm leadership for a linearizable read; the answer is the index
     /// the reader must have applied before it reads.
     ReadIndex,
     /// This node's applied index and digest.
     Status,
+}
+
+/// A request a follower forwards to the leader, with the credential its
+/// caller presented: the SHA-256 of the bearer token (never the token), so
+/// the leader authenticates the caller itself against its own table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The request as it will enter the log.
+    pub request: Request,
+    /// The caller's token hash; `None` for an anonymous caller (a cluster
+    /// with authentication off) or the node's own operations.
+    pub credential: Option<crate::replica::auth::TokenHash>,
 }
 
 /// A response on `/synod/raft/1`.
@@ -80,6 +94,12 @@ pub enum WriteError {
     /// Anything else (the leader stepped down mid-request, storage fault).
     #[error("{0}")]
     Failed(String),
+    /// The leader does not know the caller's token (401).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's token lacks a role on the leader (403).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A node's position, for digest comparison and `GET /v1/cluster`.

@@ -71,9 +71,23 @@ pub struct Shared {
     /// Bumped whenever `device_changes` gains ids (or a snapshot replaced
     /// the state: then every device may have changed).
     pub devices_changed: tokio::sync::watch::Sender<u64>,
+    /// The token table as of the last applied entry, replaced whole when it
+    /// changes: request handlers verify bearer tokens against it without
+    /// waiting for apply (see `replica::auth`).
+    pub tokens: RwLock<crate::replica::auth::TokenTable>,
+    /// Whether the cluster has had a token (the bootstrap is done).
+    pub auth_bootstrapped: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Give request handlers the replica's token table.
+    fn publish_auth(&self, replica: &Replica) {
+        if let Ok(mut table) = self.tokens.write() {
+            *table = replica.auth().table();
+        }
+        self.auth_bootstrapped.store(replica.auth().bootstrapped(), std::sync::atomic::Ordering::Release);
+    }
+
     /// Tell the device manager which shadows changed.
     fn note_device_changes(&self, ids: Vec<String>) {
         if ids.is_empty() {
@@ -145,6 +159,9 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
                     let r =
                         replica.apply_entry(entry.log_id, entry.payload, artifacts.as_ref()).map_err(|e| e.to_string());
                     changed_devices.extend(replica.take_device_changes());
+                    if replica.take_auth_changed() {
+                        shared.publish_auth(&replica);
+                    }
                     r
                 }
                 Err(_) => Err("replica lock poisoned".to_owned()),
@@ -185,6 +202,8 @@ impl StateMachineStore {
             membership: tokio::sync::watch::Sender::new(StoredMembership::default()),
             device_changes: Default::default(),
             devices_changed: tokio::sync::watch::Sender::new(0),
+            tokens: Default::default(),
+            auth_bootstrapped: Default::default(),
         });
         let store = StateMachineStore {
             shared: shared.clone(),
@@ -284,6 +303,7 @@ impl StateMachineStore {
         let ids: Vec<String> = replica.devices().view().keys().cloned().collect();
         let before: Vec<String> =
             self.shared.replica.read().map(|r| r.devices().view().keys().cloned().collect()).unwrap_or_default();
+        self.shared.publish_auth(&replica);
         *self.shared.replica.write().map_err(sm_err)? = replica;
         // Every device may have changed, including those the snapshot drops.
         self.shared.note_device_changes(ids.into_iter().chain(before).collect());

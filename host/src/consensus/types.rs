@@ -118,6 +118,8 @@ pub enum Op {
     /// A device shadow operation (definitions, desired state, fenced
     /// reports, heartbeats, reassignment; see `replica::devices`).
     Device(crate::replica::devices::DeviceOp),
+    /// Tokens and audit notes (see `replica::auth`).
+    Auth(crate::replica::auth::AuthOp),
 }
 
 /// Settings every node applies alike, from the log (see [`Op::Settings`]).

@@ -9,9 +9,11 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::NodeInner;
+use super::auth::Principal;
 use super::service::{Consistency, ServiceError};
-use super::{ANONYMOUS, NodeInner};
 use crate::consensus::Op;
+use crate::replica::auth::Access;
 use crate::replica::devices::{Controller, DeviceOp, DeviceSpec, canonical, check_id};
 
 /// A definition as a client writes it (`PUT /v1/devices/{id}`).
@@ -57,8 +59,8 @@ fn id_ok(id: &str) -> Result<(), ServiceError> {
 impl NodeInner {
     /// Apply one device operation through the log; the shadow document (or
     /// `{"deleted": id}`) and the operation index.
-    async fn device_write(&self, op: DeviceOp) -> Result<(u64, Value), ServiceError> {
-        let (index, response) = self.write(Op::Device(op), ANONYMOUS).await?;
+    async fn device_write(&self, who: &Principal, op: DeviceOp) -> Result<(u64, Value), ServiceError> {
+        let (index, response) = self.write_as(Op::Device(op), who, None).await?;
         match response.result {
             Some(Ok(bytes)) => Ok((index, serde_json::from_slice(&bytes).unwrap_or(Value::Null))),
             Some(Err(e)) => Err(ServiceError::command(&e).with("index", json!(index))),
@@ -67,7 +69,8 @@ impl NodeInner {
     }
 
     /// Create or replace the definition of `id`.
-    pub async fn device_put(&self, id: &str, body: &[u8]) -> Result<(u64, Value), ServiceError> {
+    pub async fn device_put(&self, who: &Principal, id: &str, body: &[u8]) -> Result<(u64, Value), ServiceError> {
+        who.require(Access::Admin)?;
         id_ok(id)?;
         self.check_device_body(body)?;
         let def: DefinitionBody = serde_json::from_slice(body).map_err(|e| {
@@ -95,23 +98,31 @@ impl NodeInner {
             desired: def.desired.as_ref().map(canonical),
         };
         spec.check().map_err(|e| ServiceError::command(&e))?;
-        self.device_write(DeviceOp::Put { spec, expected_version: def.expected_version }).await
+        self.device_write(who, DeviceOp::Put { spec, expected_version: def.expected_version }).await
     }
 
     /// Remove `id`.
-    pub async fn device_delete(&self, id: &str, expected_version: Option<u64>) -> Result<(u64, Value), ServiceError> {
+    pub async fn device_delete(
+        &self,
+        who: &Principal,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<(u64, Value), ServiceError> {
+        who.require(Access::Admin)?;
         id_ok(id)?;
-        self.device_write(DeviceOp::Delete { id: id.to_owned(), expected_version }).await
+        self.device_write(who, DeviceOp::Delete { id: id.to_owned(), expected_version }).await
     }
 
     /// Merge `body` (a JSON object; `null` removes a field) into the desired
     /// state of `id`.
     pub async fn device_patch_desired(
         &self,
+        who: &Principal,
         id: &str,
         body: &[u8],
         expected_version: Option<u64>,
     ) -> Result<(u64, Value), ServiceError> {
+        who.require(Access::Desired)?;
         id_ok(id)?;
         self.check_device_body(body)?;
         let patch: Value =
@@ -120,7 +131,7 @@ impl NodeInner {
             return Err(ServiceError::bad_request("desired state must be a JSON object"));
         }
         let op = DeviceOp::PatchDesired { id: id.to_owned(), patch: canonical(&patch), expected_version };
-        self.device_write(op).await
+        self.device_write(who, op).await
     }
 
     fn check_device_body(&self, body: &[u8]) -> Result<(), ServiceError> {
@@ -132,7 +143,8 @@ impl NodeInner {
     }
 
     /// The shadow of `id`.
-    pub async fn device_get(&self, id: &str, consistency: Consistency) -> Result<Value, ServiceError> {
+    pub async fn device_get(&self, who: &Principal, id: &str, consistency: Consistency) -> Result<Value, ServiceError> {
+        who.require(Access::Read)?;
         id_ok(id)?;
         self.consistent(consistency).await?;
         self.with_replica(|r| r.devices().get(id).map(|d| d.document()))
@@ -143,10 +155,12 @@ impl NodeInner {
     /// Up to `limit` shadows whose id starts with `prefix`.
     pub async fn device_list(
         &self,
+        who: &Principal,
         prefix: &str,
         limit: usize,
         consistency: Consistency,
     ) -> Result<(Vec<Value>, u64), ServiceError> {
+        who.require(Access::Read)?;
         self.consistent(consistency).await?;
         Ok(self
             .with_replica(|r| {

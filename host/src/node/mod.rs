@@ -21,6 +21,7 @@
 //! and leader lookups, and the background tasks (owned by a `JoinSet` that
 //! shutdown stops).
 
+pub mod auth;
 pub mod device_service;
 pub mod gossip;
 pub mod peer;
@@ -45,8 +46,12 @@ use crate::driver::io::Fence;
 use crate::driver::{DriverComponent, DriverRuntime};
 use crate::p2p::{P2p, P2pConfig};
 use crate::runtime::Runtime;
+pub use auth::Principal;
 pub use service::{ANONYMOUS, Consistency, LimitRequest, SYSTEM, ServiceError};
 use write_path::{Queue, Queued};
+
+/// The peer protocol version a node speaks (and a joining node must).
+pub const PROTOCOL_VERSION: &str = crate::p2p::IDENTIFY_PROTOCOL_VERSION;
 
 /// Largest message on `/synod/raft/1`, bytes. An entry is capped well below
 /// it (`limits.max_entry_bytes`), so one always fits; an append of several
@@ -79,6 +84,9 @@ pub enum NodeError {
     /// openraft refused to start, or stopped.
     #[error("raft: {0}")]
     Raft(String),
+    /// The API's TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::api::tls::TlsError),
 }
 
 /// Everything a node's tasks and handlers share.
@@ -247,6 +255,16 @@ impl RunningNode {
                 Err(e) => tracing::error!(error = %e, "NATS bus not started; HTTP and Raft carry on"),
             }
         }
+        if inner.config.bootstrap {
+            tasks.spawn(auth::bootstrap(inner.clone()));
+        }
+        if !inner.auth_on() {
+            tracing::warn!(
+                http = %http_addr,
+                "AUTHENTICATION IS OFF (auth = \"off\"): anyone who reaches this node's HTTP API or its NATS subjects may \
+                 upload plugins, change the membership and run any command, as \"anonymous\""
+            );
+        }
         tasks.spawn(follow_membership(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
@@ -257,14 +275,27 @@ impl RunningNode {
 
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let app = crate::api::router(inner.clone());
-        let http = tokio::spawn(async move {
-            let serve = axum::serve(http, app).with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "http server failed");
+        let stopping = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let http = match &inner.config.tls {
+            None => tokio::spawn(async move {
+                if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stopping).await {
+                    tracing::error!(error = %e, "http server failed");
+                }
+            }),
+            Some(tls) => {
+                let config = crate::api::tls::server_config(&tls.cert, &tls.key)?;
+                let listener = crate::api::tls::TlsListener::new(http, config)
+                    .map_err(|source| NodeError::DataDir { path: tls.cert.clone(), source })?;
+                tracing::info!(cert = %tls.cert.display(), "the HTTP API speaks TLS only");
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopping).await {
+                        tracing::error!(error = %e, "https server failed");
+                    }
+                })
             }
-        });
+        };
         Ok(RunningNode { inner, http, tasks, stop })
     }
 

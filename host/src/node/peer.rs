@@ -19,6 +19,7 @@ use crate::artifacts::Prepared;
 use crate::consensus::rpc::{BlobReply, BlobRpc, NodeStatus, RaftReply, RaftRpc, WriteError};
 use crate::consensus::{BlobSource, NodeId, Op};
 use crate::p2p::{InboundHandler, P2pError, Protocol};
+use crate::replica::auth::Access;
 
 pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
@@ -142,12 +143,19 @@ impl NodeInner {
                 let sender =
                     self.members().into_iter().find(|(id, _)| self.peer_of(*id) == Some(from)).map(|(id, _)| id);
                 let answers = writes.into_iter().map(|w| async move {
-                    check_forwarded(&w, sender)?;
-                    self.write_local(w).await
+                    if let Some(access) = forwarded_access(&w.request, sender)? {
+                        self.check_credential(&w.request.caller, w.credential, access)?;
+                    }
+                    self.write_local(w.request).await
                 });
                 RaftReply::WriteBatch(futures::future::join_all(answers).await)
             }
-            RaftRpc::Lifecycle(request) => RaftReply::Lifecycle(self.lifecycle_local(request).await),
+            RaftRpc::Lifecycle(f) => {
+                RaftReply::Lifecycle(match self.check_credential(&f.request.caller, f.credential, Access::Admin) {
+                    Ok(()) => self.lifecycle_local(f.request).await,
+                    Err(e) => Err(e),
+                })
+            }
             RaftRpc::ReadIndex => RaftReply::ReadIndex(self.read_index_local().await),
             RaftRpc::Status => RaftReply::Status(self.status()),
         }
@@ -191,35 +199,38 @@ impl NodeInner {
     }
 }
 
-/// What a follower may forward in a `WriteBatch`: client commands and
-/// device writes, as the follower's callers sent them, and the sender's own
-/// heartbeats and device reports (speaking for the node the sending key is
-/// bound to, `sender`, and no other). Never another internal operation (an
-/// events mark, a plugin install, a reassignment — those have their own
-/// paths), never a batch, and never a caller a follower cannot have
-/// authenticated.
-fn check_forwarded(request: &crate::consensus::Request, sender: Option<NodeId>) -> Result<(), WriteError> {
+/// What a follower may forward in a `WriteBatch`, and what its caller
+/// must be allowed to do: client commands, device writes and token changes
+/// as the follower's callers sent them (`Some(access)`: the leader checks
+/// the caller's credential itself), and the sender's own heartbeats and
+/// device reports and a bootstrap token (`None`: speaking for the node the
+/// sending key is bound to, `sender`, and no other). Never another internal
+/// operation (an events mark, a plugin install, a reassignment, an audit
+/// note — those have their own paths), and never a batch.
+fn forwarded_access(
+    request: &crate::consensus::Request,
+    sender: Option<NodeId>,
+) -> Result<Option<Access<'_>>, WriteError> {
+    use crate::replica::auth::AuthOp;
     use crate::replica::devices::DeviceOp;
-    match &request.op {
-        Op::Command { .. }
-        | Op::Device(DeviceOp::Put { .. } | DeviceOp::Delete { .. } | DeviceOp::PatchDesired { .. }) => {}
-        Op::Device(DeviceOp::Report { node, .. } | DeviceOp::Heartbeat { node, .. }) => {
-            if Some(*node) != sender {
-                return Err(WriteError::Refused(format!("a peer may report only for itself, not node {node}")));
-            }
-            if request.caller != super::SYSTEM {
-                return Err(WriteError::Refused("a node's own report is made by the node".into()));
-            }
-            return Ok(());
+    let own = |node: Option<NodeId>| -> Result<Option<Access<'_>>, WriteError> {
+        if node.is_some() && node != sender {
+            return Err(WriteError::Refused(format!("a peer may report only for itself, not node {node:?}")));
         }
-        _ => return Err(WriteError::Refused("a forwarded batch may carry only client commands".into())),
+        if sender.is_none() || request.caller != super::SYSTEM {
+            return Err(WriteError::Refused("a node's own operation is made by the node, from a member".into()));
+        }
+        Ok(None)
+    };
+    match &request.op {
+        Op::Command { plugin, .. } => Ok(Some(Access::Command(plugin))),
+        Op::Device(DeviceOp::Put { .. } | DeviceOp::Delete { .. }) => Ok(Some(Access::Admin)),
+        Op::Device(DeviceOp::PatchDesired { .. }) => Ok(Some(Access::Desired)),
+        Op::Auth(AuthOp::Create { .. } | AuthOp::Revoke { .. }) => Ok(Some(Access::Admin)),
+        Op::Device(DeviceOp::Report { node, .. } | DeviceOp::Heartbeat { node, .. }) => own(Some(*node)),
+        Op::Auth(AuthOp::Bootstrap { .. }) => own(None),
+        _ => Err(WriteError::Refused("a forwarded batch may carry only client commands".into())),
     }
-    // Until tokens exist every client is anonymous; a peer naming another
-    // caller is forging one.
-    if request.caller != super::ANONYMOUS {
-        return Err(WriteError::Refused(format!("a forwarded command may not claim caller {:?}", request.caller)));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -232,14 +243,13 @@ mod tests {
         Request { timestamp_ms: 0, caller: caller.into(), request_id: None, op }
     }
 
-    /// A peer may forward client commands; never an internal operation, a
-    /// batch, or a caller it cannot have authenticated.
+    /// A peer may forward client commands (whose caller's credential the
+    /// leader checks); never an internal operation or a batch.
     #[test]
     fn forwarded_batches_carry_only_client_commands() {
         let command = Op::Command { plugin: "p".into(), command: "c".into(), payload: b"{}".to_vec() };
-        assert!(check_forwarded(&request(super::super::ANONYMOUS, command.clone()), Some(2)).is_ok());
-        let forged = check_forwarded(&request("admin", command.clone()), Some(2)).unwrap_err();
-        assert!(forged.to_string().contains("may not claim caller"), "{forged}");
+        let req = request(super::super::ANONYMOUS, command.clone());
+        assert_eq!(forwarded_access(&req, Some(2)).unwrap(), Some(Access::Command("p")));
         let install = Op::InstallPlugin {
             name: "p".into(),
             version: "1".into(),
@@ -247,16 +257,20 @@ mod tests {
             size: 1,
             limits: PluginLimits::default(),
         };
+        let note = Op::Auth(crate::replica::auth::AuthOp::Note { action: "membership.add".into(), target: "4".into() });
         for op in [
             install,
+            note,
             Op::EventsPublished { upto: u64::MAX },
             Op::RemovePlugin { name: "p".into() },
             Op::ActivatePlugin { name: "p".into(), version: "1".into() },
             Op::Batch(vec![request(super::super::ANONYMOUS, command.clone())]),
         ] {
-            let refused = check_forwarded(&request(super::super::ANONYMOUS, op), Some(2)).unwrap_err();
+            let refused = forwarded_access(&request(super::super::ANONYMOUS, op), Some(2)).unwrap_err();
             assert!(matches!(refused, WriteError::Refused(_)), "{refused}");
         }
+        let revoke = Op::Auth(crate::replica::auth::AuthOp::Revoke { target: "x".into() });
+        assert_eq!(forwarded_access(&request("bob", revoke), Some(2)).unwrap(), Some(Access::Admin));
     }
 
     /// A node may forward its own heartbeats and device reports, never
@@ -266,14 +280,18 @@ mod tests {
         use crate::replica::devices::DeviceOp;
         let report =
             |node| Op::Device(DeviceOp::Report { id: "d".into(), node, epoch: 1, fields: "{}".into(), actuated: None });
-        assert!(check_forwarded(&request(super::super::SYSTEM, report(2)), Some(2)).is_ok());
-        assert!(check_forwarded(&request(super::super::SYSTEM, report(3)), Some(2)).is_err());
-        assert!(check_forwarded(&request(super::super::ANONYMOUS, report(2)), Some(2)).is_err());
+        assert!(forwarded_access(&request(super::super::SYSTEM, report(2)), Some(2)).unwrap().is_none());
+        assert!(forwarded_access(&request(super::super::SYSTEM, report(3)), Some(2)).is_err());
+        assert!(forwarded_access(&request(super::super::ANONYMOUS, report(2)), Some(2)).is_err());
         let beat = Op::Device(DeviceOp::Heartbeat { node: 3, labels: Vec::new() });
-        assert!(check_forwarded(&request(super::super::SYSTEM, beat), Some(2)).is_err());
+        assert!(forwarded_access(&request(super::super::SYSTEM, beat), Some(2)).is_err());
         let reassign = Op::Device(DeviceOp::Reassign { id: "d".into(), epoch: 1 });
-        assert!(check_forwarded(&request(super::super::SYSTEM, reassign), Some(2)).is_err());
+        assert!(forwarded_access(&request(super::super::SYSTEM, reassign), Some(2)).is_err());
         let patch = Op::Device(DeviceOp::PatchDesired { id: "d".into(), patch: "{}".into(), expected_version: None });
-        assert!(check_forwarded(&request(super::super::ANONYMOUS, patch), Some(2)).is_ok());
+        assert_eq!(forwarded_access(&request(super::super::ANONYMOUS, patch), Some(2)).unwrap(), Some(Access::Desired));
+        let boot = Op::Auth(crate::replica::auth::AuthOp::Bootstrap { hash: [1; 32] });
+        assert!(forwarded_access(&request(super::super::SYSTEM, boot.clone()), Some(2)).unwrap().is_none());
+        assert!(forwarded_access(&request(super::super::SYSTEM, boot.clone()), None).is_err(), "from a non-member");
+        assert!(forwarded_access(&request("admin", boot), Some(2)).is_err());
     }
 }

@@ -10,8 +10,10 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 use super::NodeInner;
+use super::auth::Principal;
 use crate::consensus::rpc::WriteError;
 use crate::consensus::{NodeInfo, Op, Response};
+use crate::replica::auth::Access;
 use crate::runtime::{CommandError, Context, LoadError, PluginLimits};
 use crate::state::parse_name;
 
@@ -111,6 +113,8 @@ impl From<WriteError> for ServiceError {
             }
             WriteError::Overloaded => ServiceError { retry_after: Some(1), ..ServiceError::new(429, "overloaded", &e) },
             WriteError::Refused(m) => ServiceError::new(409, "refused", m),
+            WriteError::Unauthenticated(m) => ServiceError::new(401, "unauthenticated", m),
+            WriteError::Forbidden(m) => ServiceError::new(403, "forbidden", m),
             WriteError::Failed(m) => ServiceError::new(503, "unavailable", m),
         }
     }
@@ -194,6 +198,7 @@ impl NodeInner {
     /// applied at.
     pub async fn submit(
         &self,
+        who: &Principal,
         plugin: &str,
         command: &str,
         payload: Vec<u8>,
@@ -201,6 +206,7 @@ impl NodeInner {
     ) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", plugin)?;
         check_name("command", command)?;
+        who.require(Access::Command(plugin))?;
         self.check_payload(&payload)?;
         // Refuse what cannot succeed before it reaches the log. This node may
         // lag the leader (a plugin installed a moment ago through another
@@ -227,7 +233,7 @@ impl NodeInner {
             Some(true) => {}
         }
         let op = Op::Command { plugin: plugin.to_owned(), command: command.to_owned(), payload };
-        let (index, response) = self.write_request(op, ANONYMOUS, request_id).await?;
+        let (index, response) = self.write_as(op, who, request_id).await?;
         applied(response).map(|out| (index, out)).map_err(|e| e.with("index", json!(index)))
     }
 
@@ -260,6 +266,7 @@ impl NodeInner {
     /// replica's lock, so it delays neither apply nor other reads.
     pub async fn query(
         &self,
+        who: &Principal,
         plugin: &str,
         query: &str,
         payload: Vec<u8>,
@@ -267,6 +274,7 @@ impl NodeInner {
     ) -> Result<Vec<u8>, ServiceError> {
         check_name("plugin", plugin)?;
         check_name("query", query)?;
+        who.require(Access::ReadPlugin(plugin))?;
         self.check_payload(&payload)?;
         self.barrier(consistency).await?;
         let (view, index) = self
@@ -276,8 +284,9 @@ impl NodeInner {
             return Err(ServiceError::command(&CommandError::UnknownPlugin { name: plugin.to_owned() }));
         };
         let query = query.to_owned();
+        let caller = who.name.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let ctx = Context { index, term: 0, timestamp_ms: 0, caller: ANONYMOUS.into() };
+            let ctx = Context { index, term: 0, timestamp_ms: 0, caller };
             p.query(&ctx, &query, &payload, Box::new(namespace), devices)
         })
         .await
@@ -289,12 +298,14 @@ impl NodeInner {
     /// they are as of.
     pub async fn read_state(
         &self,
+        who: &Principal,
         plugin: &str,
         prefix: &str,
         limit: usize,
         consistency: Consistency,
     ) -> Result<(BTreeMap<String, Value>, u64), ServiceError> {
         check_name("plugin", plugin)?;
+        who.require(Access::ReadPlugin(plugin))?;
         self.barrier(consistency).await?;
         let (namespace, index) = self
             .with_replica(|r| (r.kv().view(plugin), r.last_applied()))
@@ -366,18 +377,24 @@ impl NodeInner {
     /// known to load (with these limits) on this engine.
     pub async fn upload(
         &self,
+        who: &Principal,
         name: &str,
         version: &str,
         bytes: Vec<u8>,
         asked: LimitRequest,
     ) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", name)?;
-        if name == crate::replica::DEVICE_FAMILY {
-            return Err(ServiceError::new(
-                400,
-                "bad_name",
-                "the plugin name `device` is reserved: device shadow events are published as synod.evt.device.>",
-            ));
+        who.require(Access::Admin)?;
+        for reserved in [crate::replica::DEVICE_FAMILY, crate::replica::auth::AUDIT_FAMILY] {
+            if name == reserved {
+                return Err(ServiceError::new(
+                    400,
+                    "bad_name",
+                    format!(
+                        "the plugin name `{reserved}` is reserved: the node publishes its own events as synod.evt.{reserved}.>"
+                    ),
+                ));
+            }
         }
         if version.is_empty() || version.len() > 64 || version.chars().any(char::is_control) {
             return Err(ServiceError::bad_request("`version` query parameter required (1-64 characters)"));
@@ -398,7 +415,7 @@ impl NodeInner {
             size: bytes.len() as u64,
             limits,
         };
-        let (index, response) = self.lifecycle(op).await?;
+        let (index, response) = self.lifecycle(op, who).await?;
         Ok((index, applied(response)?))
     }
 
@@ -513,10 +530,11 @@ impl NodeInner {
     }
 
     /// Make `version` the active version of `name`.
-    pub async fn activate(&self, name: &str, version: &str) -> Result<(u64, Vec<u8>), ServiceError> {
+    pub async fn activate(&self, who: &Principal, name: &str, version: &str) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", name)?;
+        who.require(Access::Admin)?;
         let (index, response) =
-            self.lifecycle(Op::ActivatePlugin { name: name.to_owned(), version: version.to_owned() }).await?;
+            self.lifecycle(Op::ActivatePlugin { name: name.to_owned(), version: version.to_owned() }, who).await?;
         let out = applied(response)?;
         if let Some(client) = self.bus.get() {
             crate::bus::notify(client, "plugin.activated", json!({ "plugin": name, "version": version })).await;
@@ -525,20 +543,22 @@ impl NodeInner {
     }
 
     /// Remove a plugin (its state is kept).
-    pub async fn remove(&self, name: &str) -> Result<(u64, Vec<u8>), ServiceError> {
+    pub async fn remove(&self, who: &Principal, name: &str) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", name)?;
-        let (index, response) = self.lifecycle(Op::RemovePlugin { name: name.to_owned() }).await?;
+        who.require(Access::Admin)?;
+        let (index, response) = self.lifecycle(Op::RemovePlugin { name: name.to_owned() }, who).await?;
         Ok((index, applied(response)?))
     }
 
     /// A lifecycle change through the leader, which validates it itself.
-    async fn lifecycle(&self, op: Op) -> Result<(u64, Response), ServiceError> {
-        let request = crate::consensus::Request { timestamp_ms: 0, caller: ANONYMOUS.into(), request_id: None, op };
+    async fn lifecycle(&self, op: Op, who: &Principal) -> Result<(u64, Response), ServiceError> {
+        let request = crate::consensus::Request { timestamp_ms: 0, caller: who.name.clone(), request_id: None, op };
+        let forwarded = crate::consensus::rpc::Forwarded { request: request.clone(), credential: who.credential };
         let result = self
             .on_leader(
                 || self.lifecycle_local(request.clone()),
                 |l| {
-                    let rpc = crate::consensus::rpc::RaftRpc::Lifecycle(request.clone());
+                    let rpc = crate::consensus::rpc::RaftRpc::Lifecycle(forwarded.clone());
                     async move {
                         match self.forward(l, &rpc).await? {
                             crate::consensus::rpc::RaftReply::Lifecycle(r) => r,
@@ -581,15 +601,15 @@ impl NodeInner {
             Op::ActivatePlugin { .. } | Op::RemovePlugin { .. } => {}
             _ => return Err(WriteError::Refused("not a plugin lifecycle change".into())),
         }
-        if request.caller != ANONYMOUS {
-            return Err(WriteError::Refused(format!("a lifecycle change may not claim caller {:?}", request.caller)));
-        }
+        // The caller is an admin: checked by the service that took the
+        // request here, or against the forwarded credential (`peer.rs`).
         self.write_local(request).await
     }
 
     /// Add a node: first as a learner (it catches up), then as a voter. Its
     /// key is allowed to connect once the membership naming it commits.
-    pub async fn add_node(&self, id: u64, info: NodeInfo) -> Result<u64, ServiceError> {
+    pub async fn add_node(&self, who: &Principal, id: u64, info: NodeInfo) -> Result<u64, ServiceError> {
+        who.require(Access::Admin)?;
         if id == 0 {
             return Err(ServiceError::bad_request("node id must be greater than 0"));
         }
@@ -609,12 +629,56 @@ impl NodeInner {
             .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
             .await
             .map_err(|e| fail(e.to_string()))?;
+        self.audit_note(who, "membership.add", &id.to_string()).await;
         Ok(r.log_id.index)
+    }
+
+    /// Record an admin action that is openraft's own entry (a membership
+    /// change) in the audit trail, as `who`.
+    async fn audit_note(&self, who: &Principal, action: &str, target: &str) {
+        use crate::replica::auth::AuthOp;
+        let op = Op::Auth(AuthOp::Note { action: action.to_owned(), target: target.to_owned() });
+        if let Err(e) = self.write_as(op, who, None).await {
+            tracing::warn!(error = %e, action, target, principal = %who.name, "cannot record an admin action in the audit trail");
+        }
+    }
+
+    /// 409 unless a joining node's engine fingerprint and peer protocol
+    /// are this node's: a node with another engine would apply the same
+    /// plugins differently (and be refused when it connects anyway).
+    pub fn check_admission(&self, engine: &str, protocol: &str) -> Result<(), ServiceError> {
+        let ours = &self.artifacts.runtime().fingerprint().hash;
+        if engine != ours {
+            return Err(ServiceError::new(
+                409,
+                "engine_mismatch",
+                format!(
+                    "the joining node's engine fingerprint is {engine} but this cluster's is {ours}: it would run \
+                     plugins differently; run the same synod build on it (`synod engine` prints the fingerprint)"
+                ),
+            )
+            .with("ours", json!(ours))
+            .with("theirs", json!(engine)));
+        }
+        if protocol != super::PROTOCOL_VERSION {
+            return Err(ServiceError::new(
+                409,
+                "protocol_mismatch",
+                format!(
+                    "the joining node speaks peer protocol {protocol:?} but this cluster speaks {:?}",
+                    super::PROTOCOL_VERSION
+                ),
+            )
+            .with("ours", json!(super::PROTOCOL_VERSION))
+            .with("theirs", json!(protocol)));
+        }
+        Ok(())
     }
 
     /// Remove a node from the membership; its key is disallowed once the
     /// change is applied.
-    pub async fn remove_node(&self, id: u64) -> Result<u64, ServiceError> {
+    pub async fn remove_node(&self, who: &Principal, id: u64) -> Result<u64, ServiceError> {
+        who.require(Access::Admin)?;
         if self.leader().0 != Some(self.id) {
             return Err(self.not_leader().into());
         }
@@ -623,6 +687,7 @@ impl NodeInner {
             .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
             .await
             .map_err(|e| ServiceError::new(503, "unavailable", e))?;
+        self.audit_note(who, "membership.remove", &id.to_string()).await;
         Ok(r.log_id.index)
     }
 
@@ -667,9 +732,12 @@ impl NodeInner {
     pub fn ready(&self) -> (bool, Value) {
         let metrics = self.raft.metrics().borrow().clone();
         let fatal = metrics.running_state.as_ref().err().map(|e| e.to_string());
-        let ready = metrics.current_leader.is_some() && fatal.is_none();
+        // With authentication on, nothing can be served before the cluster
+        // has its first token.
+        let auth = self.shared.auth_bootstrapped.load(std::sync::atomic::Ordering::Acquire);
+        let ready = metrics.current_leader.is_some() && fatal.is_none() && (auth || !self.auth_on());
         let body = json!({
-            "ready": ready, "leader": metrics.current_leader,
+            "ready": ready, "leader": metrics.current_leader, "auth": if auth { "ready" } else { "bootstrapping" },
             "applied_index": metrics.last_applied.map(|l| l.index),
             "bus": crate::bus::state(self.bus.get()), "fatal": fatal,
         });

@@ -23,9 +23,10 @@ use openraft::Raft;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::mpsc;
 
-use crate::consensus::rpc::{RaftReply, RaftRpc, WriteError};
+use crate::consensus::rpc::{Forwarded, RaftReply, RaftRpc, WriteError};
 use crate::consensus::types::OPS_PER_ENTRY;
 use crate::consensus::{NodeId, Op, Request, Response, TypeConfig};
+use crate::replica::auth::TokenHash;
 
 /// Where a queued write's answer goes.
 pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(u64, Response), WriteError>>;
@@ -33,6 +34,9 @@ pub(super) type Reply = tokio::sync::oneshot::Sender<Result<(u64, Response), Wri
 /// A write waiting to be proposed, and where its answer goes.
 pub(super) struct Queued {
     pub(super) request: Request,
+    /// The caller's token hash, for the leader to check when the write is
+    /// forwarded (see [`Forwarded`]).
+    pub(super) credential: Option<TokenHash>,
     pub(super) reply: Reply,
 }
 
@@ -70,9 +74,10 @@ impl Queue {
     /// `first` and whatever else is already queued, up to one entry's worth:
     /// [`OPS_PER_ENTRY`] writes and `max_bytes` (a first write larger than
     /// that goes alone).
-    fn take_batch(&mut self, first: Queued, max_bytes: usize) -> (Vec<Request>, Vec<Reply>) {
+    fn take_batch(&mut self, first: Queued, max_bytes: usize) -> (Vec<Forwarded>, Vec<Reply>) {
         let mut bytes = request_bytes(&first.request);
-        let (mut requests, mut replies) = (vec![first.request], vec![first.reply]);
+        let (mut requests, mut replies) =
+            (vec![Forwarded { request: first.request, credential: first.credential }], vec![first.reply]);
         while requests.len() < OPS_PER_ENTRY as usize {
             let Ok(q) = self.rx.try_recv() else { break };
             let size = request_bytes(&q.request);
@@ -81,7 +86,7 @@ impl Queue {
                 break;
             }
             bytes += size;
-            requests.push(q.request);
+            requests.push(Forwarded { request: q.request, credential: q.credential });
             replies.push(q.reply);
         }
         (requests, replies)
@@ -89,9 +94,13 @@ impl Queue {
 }
 
 /// Put a write on a bounded queue and wait for its answer.
-pub(super) async fn enqueue(queue: &mpsc::Sender<Queued>, request: Request) -> Result<(u64, Response), WriteError> {
+pub(super) async fn enqueue(
+    queue: &mpsc::Sender<Queued>,
+    request: Request,
+    credential: Option<TokenHash>,
+) -> Result<(u64, Response), WriteError> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    queue.try_send(Queued { request, reply }).map_err(|e| match e {
+    queue.try_send(Queued { request, credential, reply }).map_err(|e| match e {
         mpsc::error::TrySendError::Full(_) => WriteError::Overloaded,
         mpsc::error::TrySendError::Closed(_) => WriteError::Failed("the node is shutting down".into()),
     })?;
@@ -104,7 +113,8 @@ pub(super) async fn enqueue(queue: &mpsc::Sender<Queued>, request: Request) -> R
 /// next, so without this a leader does one fsync per client write.
 pub(super) async fn batcher(raft: Raft<TypeConfig>, mut queue: Queue, max_entry_bytes: usize) {
     while let Some(first) = queue.next().await {
-        let (mut requests, replies) = queue.take_batch(first, max_entry_bytes);
+        let (forwarded, replies) = queue.take_batch(first, max_entry_bytes);
+        let mut requests: Vec<Request> = forwarded.into_iter().map(|f| f.request).collect();
         let now = super::now_ms();
         for r in &mut requests {
             r.timestamp_ms = now;
@@ -163,36 +173,49 @@ impl super::NodeInner {
     /// Propose on this node (it believes it leads) in the next batch; the
     /// batch stamps the time. Answers with the operation's index.
     pub(super) async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
-        match enqueue(&self.batch, request).await {
+        match enqueue(&self.batch, request, None).await {
             Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
             other => other,
         }
     }
 
-    /// Replicate `op` through the leader, wherever it is; waits out an
-    /// election (up to a few seconds) rather than failing at once.
+    /// Replicate the node's own `op` (a heartbeat, a report, a setting)
+    /// through the leader, wherever it is; waits out an election (up to a
+    /// few seconds) rather than failing at once.
     pub async fn write(&self, op: Op, caller: &str) -> Result<(u64, Response), WriteError> {
-        self.write_request(op, caller, None).await
+        self.write_with(op, caller, None, None).await
     }
 
-    /// [`NodeInner::write`] with a client request id for deduplication. For
-    /// a retry, the index returned is the first application's.
-    pub async fn write_request(
+    /// Replicate a client's `op` as the authenticated `who`, with a client
+    /// request id for deduplication. For a retry, the index returned is the
+    /// first application's.
+    pub async fn write_as(
+        &self,
+        op: Op,
+        who: &super::auth::Principal,
+        request_id: Option<String>,
+    ) -> Result<(u64, Response), WriteError> {
+        self.write_with(op, &who.name, who.credential, request_id).await
+    }
+
+    async fn write_with(
         &self,
         op: Op,
         caller: &str,
+        credential: Option<TokenHash>,
         request_id: Option<String>,
     ) -> Result<(u64, Response), WriteError> {
         let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
-        let (index, response) =
-            self.on_leader(|| self.write_local(request.clone()), |_| enqueue(&self.forward, request.clone())).await?;
+        let (index, response) = self
+            .on_leader(|| self.write_local(request.clone()), |_| enqueue(&self.forward, request.clone(), credential))
+            .await?;
         Ok((response.first_index.unwrap_or(index), response))
     }
 
     /// Send one batch of queued writes to the leader and hand out the
     /// answers; when there is no other leader to send to, each write is told
     /// so and retries (see [`NodeInner::on_leader`]).
-    pub(super) async fn forward_batch(&self, requests: Vec<Request>, replies: Vec<Reply>) {
+    pub(super) async fn forward_batch(&self, requests: Vec<Forwarded>, replies: Vec<Reply>) {
         let n = replies.len();
         let answers = match self.leader().0 {
             Some(l) if l != self.id => match self.forward(l, &RaftRpc::WriteBatch(requests)).await {
@@ -274,7 +297,11 @@ mod tests {
     fn command(bytes: usize) -> Queued {
         let (reply, _) = tokio::sync::oneshot::channel();
         let op = Op::Command { plugin: "p".into(), command: "c".into(), payload: vec![0; bytes] };
-        Queued { request: Request { timestamp_ms: 0, caller: "a".into(), request_id: None, op }, reply }
+        Queued {
+            request: Request { timestamp_ms: 0, caller: "a".into(), request_id: None, op },
+            credential: None,
+            reply,
+        }
     }
 
     /// A burst of 1 MiB commands becomes entries of at most the byte cap,
@@ -291,7 +318,7 @@ mod tests {
         let mut total = 0;
         while let Some(first) = queue.next().await {
             let (requests, _) = queue.take_batch(first, cap);
-            let bytes: usize = requests.iter().map(request_bytes).sum();
+            let bytes: usize = requests.iter().map(|f| request_bytes(&f.request)).sum();
             assert!(bytes <= cap, "a batch of {bytes} bytes is over the cap of {cap}");
             assert!(!requests.is_empty());
             total += requests.len();

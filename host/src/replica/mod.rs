@@ -21,6 +21,7 @@
 //! log, never a reason to stop. Only a local fault ([`ApplyError::Host`]: a
 //! disk error, missing plugin bytes) stops the entry from being applied.
 
+pub mod auth;
 pub mod dedup;
 pub mod devices;
 
@@ -147,6 +148,8 @@ pub struct Image {
     pub settings: ClusterSettings,
     /// Device shadows and node liveness.
     pub devices: devices::DevicesImage,
+    /// Tokens and the audit trail.
+    pub auth: auth::AuthImage,
 }
 
 /// The replicated state, captured at one log id in O(number of namespaces):
@@ -215,6 +218,11 @@ pub struct Replica {
     /// Devices changed since the adapter last took the list (not
     /// replicated: it tells owners what to look at).
     device_changes: Vec<String>,
+    /// Tokens and the audit trail.
+    auth: auth::Auth,
+    /// Whether the token table changed since the adapter last looked (not
+    /// replicated: it tells request handlers to take the new table).
+    auth_changed: bool,
 }
 
 /// How many recent digests to keep for comparison.
@@ -313,19 +321,46 @@ impl Replica {
             Op::InstallPlugin { name, version, sha256, size, limits } => {
                 let record = VersionRecord { sha256, size, limits, installed_at: index };
                 let result = self.apply_install(index, &name, &version, record, loader)?;
+                let target = format!("{name}@{version}");
+                self.audit(index, request.timestamp_ms, &request.caller, "plugin.install", &target, &result);
                 Response { result: Some(result), ..Response::default() }
             }
             Op::ActivatePlugin { name, version } => {
                 let result = self.apply_activate(index, &name, &version, loader)?;
+                let target = format!("{name}@{version}");
+                self.audit(index, request.timestamp_ms, &request.caller, "plugin.activate", &target, &result);
                 Response { result: Some(result), ..Response::default() }
             }
             Op::RemovePlugin { name } => {
                 let result = self.apply_remove(index, &name)?;
+                self.audit(index, request.timestamp_ms, &request.caller, "plugin.remove", &name, &result);
                 Response { result: Some(result), ..Response::default() }
             }
             Op::Device(op) => {
+                let admin = match &op {
+                    devices::DeviceOp::Put { spec, .. } => Some(("device.put", spec.id.clone())),
+                    devices::DeviceOp::Delete { id, .. } => Some(("device.delete", id.clone())),
+                    _ => None,
+                };
                 let ctx = Context { index, term, timestamp_ms: request.timestamp_ms, caller: request.caller };
-                self.apply_device(&ctx, op)?
+                let response = self.apply_device(&ctx, op)?;
+                if let (Some((action, id)), Some(result)) = (admin, &response.result) {
+                    self.audit(index, ctx.timestamp_ms, &ctx.caller, action, &id, result);
+                }
+                response
+            }
+            Op::Auth(op) => {
+                self.check_order(index)?;
+                let result = self
+                    .auth
+                    .apply(&op, index, request.timestamp_ms, &request.caller)
+                    .map_err(|message| CommandError::Lifecycle { message });
+                self.auth_changed |= !matches!(op, auth::AuthOp::Note { .. });
+                self.commit_lifecycle(index, auth::AUDIT_FAMILY, &result);
+                if let Some(record) = self.auth.last_audit().cloned() {
+                    self.queue_audit_event(&record);
+                }
+                Response { result: Some(result), ..Response::default() }
             }
         };
         response.index = index;
@@ -678,6 +713,48 @@ impl Replica {
         }
     }
 
+    /// Keep an audit record of an admin operation applied at `index` and
+    /// queue its `synod.evt.audit.<action>` event.
+    fn audit(
+        &mut self,
+        index: u64,
+        at_ms: u64,
+        caller: &str,
+        action: &str,
+        target: &str,
+        result: &Result<Vec<u8>, CommandError>,
+    ) {
+        let record = auth::AuditRecord {
+            index,
+            at_ms,
+            principal: caller.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            ok: result.is_ok(),
+            detail: match result {
+                Ok(out) => String::from_utf8_lossy(out).into_owned(),
+                Err(e) => e.to_string(),
+            },
+        };
+        self.queue_audit_event(&record);
+        self.auth.record(record);
+    }
+
+    fn queue_audit_event(&mut self, record: &auth::AuditRecord) {
+        let event = Event { topic: record.action.clone(), payload: serde_json::to_vec(record).unwrap_or_default() };
+        self.queue_events(record.index, auth::AUDIT_FAMILY, &[event]);
+    }
+
+    /// Tokens and the audit trail.
+    pub fn auth(&self) -> &auth::Auth {
+        &self.auth
+    }
+
+    /// Whether the token table changed since the last call.
+    pub fn take_auth_changed(&mut self) -> bool {
+        std::mem::take(&mut self.auth_changed)
+    }
+
     /// The device shadows and liveness.
     pub fn devices(&self) -> &devices::Devices {
         &self.devices
@@ -782,6 +859,7 @@ impl Replica {
                 outbox_dropped: self.outbox_dropped,
                 settings: self.settings,
                 devices: self.devices.image(),
+                auth: self.auth.image(),
             },
         }
     }
@@ -831,6 +909,8 @@ impl Replica {
             settings: image.settings,
             devices: devices::Devices::from_image(image.devices),
             device_changes: Vec::new(),
+            auth: auth::Auth::from_image(image.auth),
+            auth_changed: true,
         })
     }
 }
