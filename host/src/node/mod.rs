@@ -157,6 +157,16 @@ impl RunningNode {
                 allowed.push((peer, p.p2p.parse().ok()));
             }
         }
+        let network_key = config.network_key()?.map(libp2p::pnet::PreSharedKey::new);
+        if network_key.is_none() {
+            tracing::warn!(
+                "NO PRIVATE NETWORK KEY: network_key is not set in this node's config, so any process that \
+                 reaches the p2p port {} can complete a handshake with this node (only the allowlist stops \
+                 it). Set the same 64-hex-character network_key on every member.",
+                config.p2p
+            );
+        }
+        let runtime_fingerprint = artifacts.runtime().fingerprint().hash.clone();
         let listen: Multiaddr = config
             .p2p
             .parse()
@@ -168,6 +178,11 @@ impl RunningNode {
             max_message_bytes: MAX_RAFT_MESSAGE_BYTES,
             max_blob_bytes: config.limits.max_plugin_bytes + 1024 * 1024,
             request_timeout: Duration::from_secs(10),
+            network_key,
+            engine: runtime_fingerprint,
+            max_connections: config.limits.max_connections,
+            max_connections_per_peer: config.limits.max_connections_per_peer,
+            max_pending_connections: config.limits.max_pending_connections,
         };
         let (p2p, p2p_addr) = P2p::start(p2p_config, Arc::new(peer::Inbound(cell.clone()))).await?;
         let http_addr = http.local_addr().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;

@@ -659,6 +659,7 @@ impl NodeInner {
             "engine": self.artifacts.runtime().fingerprint(),
             "settings": self.with_replica(|r| r.settings()),
             "allowed_peers": self.p2p.allowed_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "refused_peers": self.p2p.refused_peers().into_iter().map(|(p, why)| (p.to_string(), why)).collect::<BTreeMap<_, _>>(),
         })
     }
 
