@@ -359,6 +359,7 @@ impl P2p {
     /// judged afresh.
     pub fn disallow(&self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.admission.forget(&peer);
         self.send(Command::Disallow { peer });
     }
 
@@ -715,6 +716,60 @@ mod tests {
         assert!(matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
         assert!(request(&c, a.id(), Protocol::Raft, b"third").await.is_err());
         assert_eq!(a.recorder.seen().len(), 1, "a disallowed peer reached the handler");
+    }
+
+    /// Peers on each other's allowlists still need the same network key.
+    #[tokio::test]
+    async fn only_peers_with_the_network_key_connect() {
+        let key = Some(PreSharedKey::new([7; 32]));
+        let (a, b) = pair(|c| c.network_key = key, |c| c.network_key = key).await;
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"same key").await.unwrap(), b"re:same key");
+
+        for other in [Some(PreSharedKey::new([8; 32])), None] {
+            let kc = Keypair::generate_ed25519();
+            a.p2p.allow(kc.public().to_peer_id(), None);
+            let c = start(P2pConfig { network_key: other, ..config(kc, vec![(a.id(), Some(a.addr.clone()))]) }).await;
+            let err = request(&c, a.id(), Protocol::Raft, b"let me in").await.unwrap_err();
+            assert!(matches!(&err, P2pError::Dial { .. } | P2pError::Request { .. }), "{err:?}");
+            assert!(!a.p2p.connected_peers().contains(&c.id()));
+        }
+        assert_eq!(a.recorder.seen().len(), 0);
+        assert_eq!(b.recorder.seen().len(), 1);
+    }
+
+    /// A peer that identifies with another engine fingerprint is refused
+    /// on both sides, and stays refused when the membership allows it
+    /// again; only leaving the allowlist clears that.
+    #[tokio::test]
+    async fn a_peer_with_another_engine_is_refused_and_stays_refused() {
+        let (a, b) = pair(|c| c.engine = "aaaa".into(), |c| c.engine = "bbbb".into()).await;
+        let err = request(&a, b.id(), Protocol::Raft, b"append").await.unwrap_err();
+        assert!(!matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
+        assert!(b.recorder.seen().is_empty(), "a refused peer reached the handler");
+
+        let reason = format!(
+            "it runs {IDENTIFY_PROTOCOL_VERSION}/engine/aaaa, this node {IDENTIFY_PROTOCOL_VERSION}/engine/bbbb"
+        );
+        timeout(WAIT, async {
+            while b.p2p.refused_peers().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(b.p2p.refused_peers(), vec![(a.id(), reason)]);
+
+        // Allowed again (as every membership change does): still refused.
+        b.p2p.allow(a.id(), None);
+        let err = request(&b, a.id(), Protocol::Raft, b"x").await.unwrap_err();
+        assert!(matches!(&err, P2pError::Refused { peer, .. } if *peer == a.id()), "{err:?}");
+        assert!(err.to_string().contains("engine/aaaa"), "{err}");
+        assert!(request(&a, b.id(), Protocol::Blob, b"x").await.is_err());
+        assert!(b.recorder.seen().is_empty() && a.recorder.seen().is_empty());
+
+        b.p2p.disallow(a.id());
+        b.p2p.allow(a.id(), None);
+        assert!(b.p2p.refused_peers().is_empty());
     }
 
     #[tokio::test]

@@ -426,7 +426,6 @@ impl SwarmTask {
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
                 self.swarm.behaviour_mut().allowed.disallow_peer(peer);
-                self.admission.forget(&peer);
             }
             // Handled by `run`, which must leave its loop.
             Command::Shutdown { .. } => {}
