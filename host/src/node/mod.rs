@@ -16,12 +16,14 @@
 //!   against ours, alarm on a mismatch) and device telemetry (the latest
 //!   reading per device and metric, on every node).
 //! - [`device_service`]: device shadows for clients.
+//! - [`discovery`]: how a node that knows one member finds the others.
 //!
 //! This file holds the wiring: starting and stopping a node, membership
 //! and leader lookups, and the background tasks (owned by a `JoinSet` that
 //! shutdown stops).
 
 pub mod device_service;
+pub mod discovery;
 pub mod gossip;
 pub mod peer;
 pub mod service;
@@ -100,7 +102,7 @@ pub struct NodeInner {
     /// The HTTP address clients reach this node at.
     pub http_addr: std::net::SocketAddr,
     /// Members from the config file, until the membership carries them.
-    seed_members: BTreeMap<NodeId, NodeInfo>,
+    pub(crate) seed_members: BTreeMap<NodeId, NodeInfo>,
     /// The NATS client, when a bus is configured.
     pub bus: OnceLock<async_nats::Client>,
     /// Writes waiting for the next batch (see [`write_path::batcher`]).
@@ -263,6 +265,7 @@ impl RunningNode {
             }
         }
         tasks.spawn(follow_membership(inner.clone()));
+        tasks.spawn(discovery::discover(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
         tasks.spawn(gossip::telemetry(inner.clone()));
