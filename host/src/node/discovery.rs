@@ -2,8 +2,10 @@
 //!
 //! In: the seed peers of this node's config file, and what they answer to
 //! [`RaftRpc::Members`]. Out: every member they name on this node's
-//! allowlist, with its address, until this node has applied a membership
-//! that names it — from then on `follow_membership` keeps the allowlist.
+//! allowlist, with its address, and in `NodeInner::discovered` (so the
+//! leader's Raft messages are bound to its node id), until this node has
+//! applied a membership that names it — from then on `follow_membership`
+//! keeps the allowlist and the membership names the members.
 //!
 //! Why: a member accepts connections only from keys on its allowlist, and
 //! so does a new node. When the leader adds a node, the leader (not the
@@ -69,6 +71,9 @@ pub async fn discover(node: Arc<NodeInner>) {
                     tracing::info!(seed, member = id, %peer, addr = %info.p2p_addr, "discovered a member");
                 }
                 node.p2p.allow(peer, info.p2p_addr.parse().ok());
+                if let Ok(mut discovered) = node.discovered.write() {
+                    discovered.insert(id, info);
+                }
             }
         }
     }

@@ -103,6 +103,10 @@ pub struct NodeInner {
     pub http_addr: std::net::SocketAddr,
     /// Members from the config file, until the membership carries them.
     pub(crate) seed_members: BTreeMap<NodeId, NodeInfo>,
+    /// Members the seeds named (see [`discovery`]), until the membership
+    /// carries them: the leader's Raft messages are checked against them
+    /// before this node has a membership of its own.
+    pub(crate) discovered: std::sync::RwLock<BTreeMap<NodeId, NodeInfo>>,
     /// The NATS client, when a bus is configured.
     pub bus: OnceLock<async_nats::Client>,
     /// Writes waiting for the next batch (see [`write_path::batcher`]).
@@ -234,6 +238,7 @@ impl RunningNode {
             p2p_addr,
             http_addr,
             seed_members,
+            discovered: Default::default(),
             bus: OnceLock::new(),
             batch,
             forward,
@@ -436,12 +441,19 @@ impl NodeInner {
         .cloned()
     }
 
-    /// Current members (from the latest membership, else the config).
+    /// Current members (from the latest membership, else the config and
+    /// what discovery learned from it).
     pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
         let metrics = self.raft.metrics().borrow().clone();
         let nodes: BTreeMap<NodeId, NodeInfo> =
             metrics.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
-        if nodes.is_empty() { self.seed_members.clone() } else { nodes }
+        if !nodes.is_empty() {
+            return nodes;
+        }
+        let mut nodes = self.discovered.read().map(|d| d.clone()).unwrap_or_default();
+        // The config wins over what a seed said about the same id.
+        nodes.extend(self.seed_members.clone());
+        nodes
     }
 
     /// Voter ids of the current membership.
