@@ -53,6 +53,16 @@ pub struct NodeConfig {
     /// Set on exactly one node of a new cluster; ignored once initialized.
     #[serde(default)]
     pub bootstrap: bool,
+    /// The cluster's private network key: 64 hex characters (32 random
+    /// bytes), the same on every member. Every libp2p connection starts
+    /// with a handshake on this key (libp2p pnet) before noise, so a
+    /// process without it cannot complete a connection or even learn which
+    /// protocols a member speaks; its attempts are logged by the member.
+    /// Without it any process that reaches the p2p port may handshake
+    /// (only the allowlist stops it), and the node warns at start. `synod
+    /// dev` generates one. Keep it secret, like the node keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_key: Option<String>,
     /// The other members this node trusts: only these keys may connect.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
@@ -287,6 +297,17 @@ pub struct LimitsConfig {
     /// Most bytes the request-id table may hold (oldest forgotten first).
     /// Cluster-wide, like `dedup_ttl_secs`.
     pub dedup_max_bytes: u64,
+    /// Most libp2p connections this node keeps open at once, in and out
+    /// together; more are refused. A cluster needs about one per member,
+    /// so this only bounds what a flood of connections can cost.
+    pub max_connections: u32,
+    /// Most libp2p connections with any one peer (members use one, two
+    /// when they dial each other at the same moment).
+    pub max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake at once; past
+    /// it new ones are refused, so slow or bogus handshakes cannot tie up
+    /// the node.
+    pub max_pending_connections: u32,
 }
 
 impl Default for LimitsConfig {
@@ -300,6 +321,9 @@ impl Default for LimitsConfig {
             max_queued_writes: 8192,
             dedup_ttl_secs: 600,
             dedup_max_bytes: 64 * 1024 * 1024,
+            max_connections: 256,
+            max_connections_per_peer: 8,
+            max_pending_connections: 64,
         }
     }
 }
@@ -401,6 +425,13 @@ impl NodeConfig {
         if l.max_queued_writes == 0 {
             return bad("limits.max_queued_writes must be greater than 0".into());
         }
+        if l.max_connections == 0 || l.max_connections_per_peer == 0 || l.max_pending_connections == 0 {
+            return bad(
+                "limits.max_connections, max_connections_per_peer and max_pending_connections must be greater than 0"
+                    .into(),
+            );
+        }
+        self.network_key()?;
         if l.max_plugin_fuel == 0 {
             return bad("limits.max_plugin_fuel must be greater than 0".into());
         }
@@ -412,6 +443,21 @@ impl NodeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The 32 bytes of `network_key`, if one is set.
+    pub fn network_key(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        let Some(text) = &self.network_key else { return Ok(None) };
+        let mut key = [0u8; 32];
+        // Never echo the key itself into an error message or a log.
+        hex::decode_to_slice(text.trim(), &mut key).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "network_key must be 64 hex characters (32 bytes; `synod dev` generates one), \
+                 not {} characters of something else",
+                text.trim().len()
+            ))
+        })?;
+        Ok(Some(key))
     }
 
     /// TOML text of this configuration (for `synod dev`).
@@ -457,5 +503,40 @@ mod tests {
         let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"\n[limits]\nmax_payload_bytes = 33554432").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("max_payload_bytes 33554432 cannot fit a Raft message"), "{e}");
+    }
+
+    #[test]
+    fn network_key_is_64_hex_characters() {
+        let key = "0123456789abcdefABCDEF0123456789abcdef0123456789abcdef0123456789";
+        let c: NodeConfig = toml::from_str(&format!("id = 1\ndata_dir = \"d\"\nnetwork_key = \"{key}\"")).unwrap();
+        c.validate().unwrap();
+        let bytes = c.network_key().unwrap().unwrap();
+        assert_eq!(bytes[0], 0x01);
+        assert_eq!(bytes[31], 0x89);
+        // Written back out and read again, it is the same key.
+        let again: NodeConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again.network_key, c.network_key);
+
+        for bad in [&key[..62], "zz".repeat(32).as_str(), &format!("{key}00"), ""] {
+            let c: NodeConfig = toml::from_str(&format!("id = 1\ndata_dir = \"d\"\nnetwork_key = \"{bad}\"")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("network_key must be 64 hex characters"), "{e}");
+            assert!(bad.is_empty() || !e.contains(bad), "the error echoes the key: {e}");
+        }
+        // Without one the node runs (and warns at start).
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
+        assert_eq!(c.network_key().unwrap(), None);
+        assert!(!c.to_toml().unwrap().contains("network_key"));
+    }
+
+    #[test]
+    fn connection_limits_must_be_positive() {
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
+        assert_eq!((c.limits.max_connections, c.limits.max_connections_per_peer), (256, 8));
+        for field in ["max_connections", "max_connections_per_peer", "max_pending_connections"] {
+            let c: NodeConfig = toml::from_str(&format!("id = 1\ndata_dir = \"d\"\n[limits]\n{field} = 0")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("must be greater than 0") && e.contains(field), "{e}");
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! `synod dev`: a three-node cluster on loopback in one command.
 //!
 //! In: a directory (default `.synod-dev`). Out: three `synod node` child
-//! processes with generated keys and configs, initialized as one cluster,
+//! processes with generated keys (one private network key shared by all,
+//! one node key each) and configs, initialized as one cluster,
 //! their addresses printed; stopped together on Ctrl-C. Running it again in
 //! the same directory restarts the same cluster with its data.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +29,9 @@ pub enum DevError {
     /// A node's key could not be made.
     #[error(transparent)]
     Key(#[from] crate::p2p::P2pError),
+    /// The OS gave no random bytes for the network key.
+    #[error("cannot generate a network key: {0}")]
+    Random(String),
     /// A generated config was invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -78,7 +83,19 @@ pub fn free_port() -> std::io::Result<u16> {
 /// flight. A production node keeps tokio's default (one per core).
 pub const DEV_WORKER_THREADS: &str = "1";
 
+/// A new private network key: 32 random bytes as 64 hex characters.
+pub fn generate_network_key() -> Result<String, DevError> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| DevError::Random(e.to_string()))?;
+    Ok(hex::encode(key))
+}
+
 /// Write (or reuse) configs for `nodes` nodes under `dir`, on free ports.
+///
+/// They share one private network key: an existing config's, else a new
+/// random one. So every call on a fresh `dir` makes a new key, and a node
+/// prepared on its own joins a cluster only once that cluster's key is
+/// copied into its config.
 pub fn prepare(dir: &Path, nodes: u64) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
     prepare_with_ports(dir, nodes, None)
 }
@@ -90,13 +107,25 @@ pub fn prepare_with_ports(
     nodes: u64,
     base: Option<(u16, u16)>,
 ) -> Result<Vec<(PathBuf, NodeConfig)>, DevError> {
+    let config_path = |id: u64| dir.join(format!("n{id}")).join("synod.toml");
+    let mut existing = BTreeMap::new();
+    for id in 1..=nodes {
+        let path = config_path(id);
+        if path.exists() {
+            existing.insert(id, NodeConfig::load(&path)?);
+        }
+    }
+    let network_key = match existing.values().find_map(|c| c.network_key.clone()) {
+        Some(key) => key,
+        None => generate_network_key()?,
+    };
     let mut configs = Vec::new();
     let mut peers = Vec::new();
     for id in 1..=nodes {
         let data_dir = dir.join(format!("n{id}"));
-        let path = data_dir.join("synod.toml");
-        if path.exists() {
-            configs.push((path.clone(), NodeConfig::load(&path)?));
+        let path = config_path(id);
+        if let Some(config) = existing.remove(&id) {
+            configs.push((path, config));
             continue;
         }
         std::fs::create_dir_all(&data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
@@ -118,6 +147,7 @@ pub fn prepare_with_ports(
             http,
             p2p,
             bootstrap: id == 1,
+            network_key: Some(network_key.clone()),
             peers: Vec::new(),
             raft: Default::default(),
             limits: Default::default(),
@@ -128,9 +158,14 @@ pub fn prepare_with_ports(
         };
         configs.push((path, config));
     }
-    if !peers.is_empty() {
+    // A dir made before network keys existed gets one on its next start.
+    let keyless = configs.iter().any(|(_, c)| c.network_key.is_none());
+    if !peers.is_empty() || keyless {
         for (path, config) in &mut configs {
-            config.peers = peers.iter().filter(|p| p.id != config.id).cloned().collect();
+            config.network_key = Some(network_key.clone());
+            if !peers.is_empty() {
+                config.peers = peers.iter().filter(|p| p.id != config.id).cloned().collect();
+            }
             config.validate()?;
             std::fs::write(&*path, config.to_toml()?).map_err(io(format!("writing {}", path.display())))?;
         }

@@ -79,7 +79,15 @@ async fn digests_are_gossiped_and_only_a_member_s_own_can_raise_the_alarm() {
         .into_iter()
         .map(|p| (p.peer_id.parse::<PeerId>().unwrap(), Some(p.p2p.parse::<Multiaddr>().unwrap())))
         .collect();
-    let config = P2pConfig { allowed: members, ..P2pConfig::new(key, "/ip4/127.0.0.1/tcp/0".parse().unwrap()) };
+    // A stolen node has its network key and runs the cluster's engine too.
+    let network_key = c.nodes[&victim].config.network_key().unwrap().map(libp2p::pnet::PreSharedKey::new);
+    let engine = c.client(leader).get("/v1/cluster").await.unwrap()["engine"]["hash"].as_str().unwrap().to_owned();
+    let config = P2pConfig {
+        allowed: members,
+        network_key,
+        engine,
+        ..P2pConfig::new(key, "/ip4/127.0.0.1/tcp/0".parse().unwrap())
+    };
     let (impostor, _) = P2p::start(config, Arc::new(Mute)).await.unwrap();
     let false_digest = "00".repeat(32);
     assert_ne!(digest, false_digest);

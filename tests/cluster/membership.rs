@@ -18,14 +18,17 @@ async fn add_a_fourth_node_then_remove_it() {
         c.cmd(leader, "counter", "increment", json!({"by": 1})).await.unwrap();
     }
 
-    // Node 4 trusts the three members; they learn its key from the request.
+    // Node 4 trusts the three members and has the cluster's network key;
+    // they learn its node key from the request.
     let (path, mut config) = synod::dev::prepare(&c.dir.path().join("new"), 1).unwrap().remove(0);
     config.id = 4;
     config.bootstrap = false;
     config.peers = c.peer_configs(None);
+    config.network_key = c.nodes[&1].config.network_key.clone();
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     let peer_id = synod::p2p::identity::load_or_create(&config.data_dir).unwrap().public().to_peer_id().to_string();
-    let add = json!({"id": 4, "peer_id": peer_id, "p2p": config.p2p, "http": config.http.to_string()});
+    let add = json!({"id": 4, "peer_id": peer_id, "p2p": config.p2p, "http": config.http.to_string(),
+        "engine": synod::runtime::Runtime::new().unwrap().fingerprint().hash, "protocol": synod::node::PROTOCOL_VERSION});
     c.nodes.insert(4, Member::new(config, path));
     c.restart(4);
 

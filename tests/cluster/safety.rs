@@ -217,7 +217,9 @@ async fn the_allowlist_follows_committed_membership() {
     let follower = c.live().into_iter().find(|id| *id != leader).unwrap();
     let stranger = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id().to_string();
     let body = serde_json::to_vec(
-        &json!({ "id": 9, "peer_id": stranger, "p2p": "/ip4/127.0.0.1/tcp/9", "http": "127.0.0.1:9" }),
+        &json!({ "id": 9, "peer_id": stranger, "p2p": "/ip4/127.0.0.1/tcp/9", "http": "127.0.0.1:9",
+                 "engine": synod::runtime::Runtime::new().unwrap().fingerprint().hash,
+                 "protocol": synod::node::PROTOCOL_VERSION }),
     )
     .unwrap();
     let e = c.client(follower).post("/v1/cluster/nodes", body).await.unwrap_err();

@@ -1,16 +1,19 @@
 //! What nodes say to each other (postcard-encoded, over libp2p).
 //!
 //! `/synod/raft/1` carries [`RaftRpc`]: openraft's three RPCs, client writes
-//! forwarded by followers, read-index requests, and status for digest
-//! comparison. `/synod/blob/1` carries [`BlobRpc`]: plugin bytes.
+//! forwarded by followers, read-index requests, status for digest
+//! comparison, and the membership for a node discovering its peers. `/synod/blob/1` carries [`BlobRpc`]: plugin bytes.
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use super::NodeInfo;
 use super::types::{NodeId, Request, Response, TypeConfig};
 
 /// A request on `/synod/raft/1`.
@@ -36,6 +39,9 @@ pub enum RaftRpc {
     ReadIndex,
     /// This node's applied index and digest.
     Status,
+    /// The members of the membership this node has applied, so a node
+    /// configured with one member can learn (and allow) the others.
+    Members,
 }
 
 /// A request a follower forwards to the leader, with the credential its
@@ -68,6 +74,9 @@ pub enum RaftReply {
     ReadIndex(Result<u64, WriteError>),
     /// To [`RaftRpc::Status`].
     Status(NodeStatus),
+    /// To [`RaftRpc::Members`]: every node of the applied membership
+    /// (voters and learners), empty before one is applied.
+    Members(BTreeMap<NodeId, NodeInfo>),
     /// The request was refused (sender not bound to the id it claims,
     /// undecodable request).
     Refused(String),

@@ -16,6 +16,7 @@
 //!   against ours, alarm on a mismatch) and device telemetry (the latest
 //!   reading per device and metric, on every node).
 //! - [`device_service`]: device shadows for clients.
+//! - [`discovery`]: how a node that knows one member finds the others.
 //!
 //! This file holds the wiring: starting and stopping a node, membership
 //! and leader lookups, and the background tasks (owned by a `JoinSet` that
@@ -23,6 +24,7 @@
 
 pub mod auth;
 pub mod device_service;
+pub mod discovery;
 pub mod gossip;
 pub mod peer;
 pub mod service;
@@ -108,7 +110,11 @@ pub struct NodeInner {
     /// The HTTP address clients reach this node at.
     pub http_addr: std::net::SocketAddr,
     /// Members from the config file, until the membership carries them.
-    seed_members: BTreeMap<NodeId, NodeInfo>,
+    pub(crate) seed_members: BTreeMap<NodeId, NodeInfo>,
+    /// Members the seeds named (see [`discovery`]), until the membership
+    /// carries them: the leader's Raft messages are checked against them
+    /// before this node has a membership of its own.
+    pub(crate) discovered: std::sync::RwLock<BTreeMap<NodeId, NodeInfo>>,
     /// The NATS client, when a bus is configured.
     pub bus: OnceLock<async_nats::Client>,
     /// Writes waiting for the next batch (see [`write_path::batcher`]).
@@ -165,6 +171,16 @@ impl RunningNode {
                 allowed.push((peer, p.p2p.parse().ok()));
             }
         }
+        let network_key = config.network_key()?.map(libp2p::pnet::PreSharedKey::new);
+        if network_key.is_none() {
+            tracing::warn!(
+                "NO PRIVATE NETWORK KEY: network_key is not set in this node's config, so any process that \
+                 reaches the p2p port {} can complete a handshake with this node (only the allowlist stops \
+                 it). Set the same 64-hex-character network_key on every member.",
+                config.p2p
+            );
+        }
+        let runtime_fingerprint = artifacts.runtime().fingerprint().hash.clone();
         let listen: Multiaddr = config
             .p2p
             .parse()
@@ -176,6 +192,11 @@ impl RunningNode {
             max_message_bytes: MAX_RAFT_MESSAGE_BYTES,
             max_blob_bytes: config.limits.max_plugin_bytes + 1024 * 1024,
             request_timeout: Duration::from_secs(10),
+            network_key,
+            engine: runtime_fingerprint,
+            max_connections: config.limits.max_connections,
+            max_connections_per_peer: config.limits.max_connections_per_peer,
+            max_pending_connections: config.limits.max_pending_connections,
         };
         let (p2p, p2p_addr) = P2p::start(p2p_config, Arc::new(peer::Inbound(cell.clone()))).await?;
         let http_addr = http.local_addr().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
@@ -225,6 +246,7 @@ impl RunningNode {
             p2p_addr,
             http_addr,
             seed_members,
+            discovered: Default::default(),
             bus: OnceLock::new(),
             batch,
             forward,
@@ -266,6 +288,7 @@ impl RunningNode {
             );
         }
         tasks.spawn(follow_membership(inner.clone()));
+        tasks.spawn(discovery::discover(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
         tasks.spawn(gossip::telemetry(inner.clone()));
@@ -449,12 +472,19 @@ impl NodeInner {
         .cloned()
     }
 
-    /// Current members (from the latest membership, else the config).
+    /// Current members (from the latest membership, else the config and
+    /// what discovery learned from it).
     pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
         let metrics = self.raft.metrics().borrow().clone();
         let nodes: BTreeMap<NodeId, NodeInfo> =
             metrics.membership_config.nodes().map(|(id, n)| (*id, n.clone())).collect();
-        if nodes.is_empty() { self.seed_members.clone() } else { nodes }
+        if !nodes.is_empty() {
+            return nodes;
+        }
+        let mut nodes = self.discovered.read().map(|d| d.clone()).unwrap_or_default();
+        // The config wins over what a seed said about the same id.
+        nodes.extend(self.seed_members.clone());
+        nodes
     }
 
     /// Voter ids of the current membership.

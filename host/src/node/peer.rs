@@ -3,9 +3,10 @@
 //!
 //! In: requests from peers on `/synod/raft/1` ([`RaftRpc`]) and
 //! `/synod/blob/1` ([`BlobRpc`]). Out: openraft's handling of Raft RPCs,
-//! forwarded client commands proposed here, read indexes, status, plugin
-//! bytes. Outbound, [`NodeInner::ask`] is the one typed request helper every
-//! caller uses: encode, send, decode, with the error a caller can act on.
+//! forwarded client commands proposed here, read indexes, status, the
+//! applied membership, plugin bytes. Outbound, [`NodeInner::ask`] is the
+//! one typed request helper every caller uses: encode, send, decode, with
+//! the error a caller can act on.
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -158,6 +159,9 @@ impl NodeInner {
             }
             RaftRpc::ReadIndex => RaftReply::ReadIndex(self.read_index_local().await),
             RaftRpc::Status => RaftReply::Status(self.status()),
+            RaftRpc::Members => RaftReply::Members(
+                self.shared.membership.borrow().nodes().map(|(id, info)| (*id, info.clone())).collect(),
+            ),
         }
     }
 

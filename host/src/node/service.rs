@@ -21,6 +21,10 @@ use crate::state::parse_name;
 /// before it proposes the install.
 pub const COMPILE_AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How long `POST /v1/cluster/nodes` waits for a new node to catch up
+/// before it makes it a voter.
+pub const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why a request was not served: a status shared by HTTP and NATS, a
 /// machine-readable kind, and a message that says what to do.
 #[derive(Debug, Clone)]
@@ -623,7 +627,18 @@ impl NodeInner {
             return Err(self.not_leader().into());
         }
         let fail = |e: String| ServiceError::new(503, "unavailable", e);
+        let peer_id = info.peer_id.clone();
         self.raft.add_learner(id, info, true).await.map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = self.await_learner(id, &peer_id).await {
+            // Never promote a node that cannot follow: as a voter it would
+            // count toward every quorum without ever holding the log.
+            if let Err(undo) =
+                self.raft.change_membership(openraft::ChangeMembers::RemoveNodes([id].into()), false).await
+            {
+                tracing::warn!(node = id, error = %undo, "cannot take back a learner that did not catch up");
+            }
+            return Err(e);
+        }
         let r = self
             .raft
             .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
@@ -631,6 +646,45 @@ impl NodeInner {
             .map_err(|e| fail(e.to_string()))?;
         self.audit_note(who, "membership.add", &id.to_string()).await;
         Ok(r.log_id.index)
+    }
+
+    /// Wait until learner `id` has every entry this leader had when it was
+    /// added. openraft 0.9's blocking `add_learner` returns as soon as a
+    /// learner is within `replication_lag_threshold` (5,000) entries — at
+    /// once on a short log, even for a node that never connected — so the
+    /// caller checks itself: a node this one refused at connection (another
+    /// engine fingerprint) fails at once with the reason, one that never
+    /// catches up fails after [`LEARNER_CATCH_UP`].
+    async fn await_learner(&self, id: u64, peer_id: &str) -> Result<(), ServiceError> {
+        let target = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + LEARNER_CATCH_UP;
+        loop {
+            let matched = self
+                .raft
+                .metrics()
+                .borrow()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|m| m >= target) {
+                return Ok(());
+            }
+            if let Some((_, reason)) = self.p2p.refused_peers().into_iter().find(|(p, _)| p.to_string() == peer_id) {
+                return Err(ServiceError::new(409, "refused_peer", format!("node {id} was refused: {reason}")));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ServiceError::new(
+                    503,
+                    "not_caught_up",
+                    format!(
+                        "node {id} did not catch up within {LEARNER_CATCH_UP:?} (it holds {matched:?} of {target}); \
+                         check that it runs, has the cluster's network_key and can reach the leader"
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Record an admin action that is openraft's own entry (a membership
@@ -724,6 +778,7 @@ impl NodeInner {
             "engine": self.artifacts.runtime().fingerprint(),
             "settings": self.with_replica(|r| r.settings()),
             "allowed_peers": self.p2p.allowed_peers().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "refused_peers": self.p2p.refused_peers().into_iter().map(|(p, why)| (p.to_string(), why)).collect::<BTreeMap<_, _>>(),
         })
     }
 

@@ -1,6 +1,6 @@
 //! Errors of the transport stage: why the node key cannot be used, why the
-//! swarm cannot start, why one request got no answer, and why gossip was
-//! not sent.
+//! swarm cannot start, why one request got no answer (a refused peer
+//! among them), and why gossip was not sent.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +56,16 @@ pub enum P2pError {
     NotAllowed {
         /// The refused peer.
         peer: PeerId,
+    },
+    /// The peer identified itself with another synod protocol version or
+    /// engine fingerprint, so this node refuses it (until it leaves the
+    /// membership and is added again, or this node restarts).
+    #[error("peer {peer} is refused: {reason}")]
+    Refused {
+        /// The refused peer.
+        peer: PeerId,
+        /// What it runs against what this node runs.
+        reason: String,
     },
     /// No connection to the peer could be made.
     #[error("cannot connect to peer {peer}: {reason}")]

@@ -6,9 +6,14 @@
 //! inbound requests to the node's [`InboundHandler`], whose bytes go back as
 //! the response. This stage knows nothing of what the bytes mean.
 //!
-//! Connections are TCP + noise (authenticated by the node key from
-//! [`identity::load_or_create`]) + yamux, and are made or accepted only with
-//! peers on the allowlist: a peer off the list never reaches the handler.
+//! Connections are TCP + the private network handshake (libp2p pnet, on the
+//! cluster's shared key, when one is configured) + noise (authenticated by
+//! the node key from [`identity::load_or_create`]) + yamux, under
+//! connection limits, and are made or accepted only with peers on the
+//! allowlist: a peer off the list never reaches the handler. A connected
+//! peer's requests wait for identify to show it runs this node's protocol
+//! and engine fingerprint ([`admission`]); one that does not is refused and
+//! stays refused.
 //! One task owns the libp2p swarm ([`swarm`]); [`P2p`] handles talk to it
 //! over a channel, and each inbound request runs on its own task. Raft
 //! traffic goes over one long-lived stream per peer ([`raft_stream`]),
@@ -19,6 +24,7 @@
 //! [`P2p::subscribe`] receivers, signed by their author, whose key must be
 //! on the receiver's allowlist.
 
+mod admission;
 mod codec;
 mod error;
 mod gossip;
@@ -34,6 +40,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -52,12 +59,19 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection with no open stream is kept. Longer than Raft's
 /// heartbeat interval, so a quiet cluster does not redial every beat.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-/// The protocol version advertised over identify.
+/// The synod protocol version advertised over identify.
 ///
 /// libp2p 0.57 fixes identify's own stream protocol at `/ipfs/id/1.0.0`;
-/// this string travels inside it, and a peer with a different one is
-/// logged.
+/// this string travels inside it, followed by the engine fingerprint (see
+/// [`P2pConfig::protocol_version`]), and a peer with a different one is
+/// refused.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "/synod/id/1.0.0";
+/// Default cap on open connections, in and out together.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// Default cap on connections with one peer.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Default cap on incoming connections still in their handshake.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: u32 = 64;
 
 /// The allowlist, with the address to dial each peer at if known. Shared
 /// by the handles (which change it), the swarm task, the dialer and the
@@ -145,6 +159,20 @@ pub struct P2pConfig {
     /// How long a request may take, sending to whole answer, on either
     /// side: an inbound request whose handler is slower is dropped too.
     pub request_timeout: Duration,
+    /// The cluster's private network key: with it every connection starts
+    /// with the pnet handshake, which a process without the key cannot
+    /// complete. `None`: plain TCP + noise, open to anyone who can reach
+    /// the port (the allowlist still applies).
+    pub network_key: Option<PreSharedKey>,
+    /// The engine fingerprint hash this node runs
+    /// (`Runtime::fingerprint().hash`); a peer with another one is refused.
+    pub engine: String,
+    /// Most open connections, in and out together.
+    pub max_connections: u32,
+    /// Most connections with any one peer.
+    pub max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake.
+    pub max_pending_connections: u32,
 }
 
 impl P2pConfig {
@@ -157,7 +185,19 @@ impl P2pConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            network_key: None,
+            engine: "none".to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
         }
+    }
+
+    /// What this node says over identify, and what it requires a peer to
+    /// say: the synod protocol version and the engine fingerprint, e.g.
+    /// `/synod/id/1.0.0/engine/0123456789abcdef`.
+    pub fn protocol_version(&self) -> String {
+        format!("{IDENTIFY_PROTOCOL_VERSION}/engine/{}", self.engine)
     }
 }
 
@@ -201,6 +241,8 @@ pub struct P2p {
     subscribers: gossip::Subscribers,
     /// Gossip dropped because the publish queue was full.
     gossip_dropped: Arc<AtomicU64>,
+    /// Which connected peers are identified, and which are refused.
+    admission: admission::Admission,
 }
 
 impl P2p {
@@ -215,6 +257,7 @@ impl P2p {
         for (peer, addr) in &config.allowed {
             peers.allow(*peer, addr.clone());
         }
+        let admission = admission::Admission::new();
         let mut swarm = swarm::build(&config, peers.clone())?;
         let addr = swarm::listen(&mut swarm, &config.listen).await?;
 
@@ -222,7 +265,14 @@ impl P2p {
         let incoming = control
             .accept(raft_stream::RAFT_PROTOCOL)
             .map_err(|e| P2pError::Transport { reason: format!("cannot accept {}: {e:?}", Protocol::Raft) })?;
-        raft_stream::serve(incoming, handler.clone(), peers.clone(), config.max_message_bytes, config.request_timeout);
+        raft_stream::serve(
+            incoming,
+            handler.clone(),
+            peers.clone(),
+            admission.clone(),
+            config.max_message_bytes,
+            config.request_timeout,
+        );
         let raft = Arc::new(raft_stream::RaftStreams::new(control, config.max_message_bytes, config.request_timeout));
 
         let (commands_tx, commands) = mpsc::unbounded_channel();
@@ -231,16 +281,18 @@ impl P2p {
         let (connected_tx, connected) = watch::channel(Vec::new());
         let task = SwarmTask::new(
             swarm,
-            peers.clone(),
+            swarm::Shared { peers: peers.clone(), admission: admission.clone(), subscribers: subscribers.clone() },
             commands,
             publishes,
-            subscribers.clone(),
             handler,
             connected_tx,
-            config.request_timeout,
+            &config,
         );
         tokio::spawn(task.run());
-        tracing::info!(peer_id = %local_peer_id, %addr, "p2p transport listening");
+        tracing::info!(
+            peer_id = %local_peer_id, %addr, protocol = %config.protocol_version(),
+            private_network = config.network_key.is_some(), "p2p transport listening"
+        );
 
         let p2p = P2p {
             commands: commands_tx,
@@ -253,6 +305,7 @@ impl P2p {
             publishes: publishes_tx,
             subscribers,
             gossip_dropped: Arc::default(),
+            admission,
         };
         Ok((p2p, addr))
     }
@@ -281,6 +334,9 @@ impl P2p {
         if !self.peers.contains(&peer) {
             return Err(P2pError::NotAllowed { peer });
         }
+        if let Some(reason) = self.admission.refusal(&peer) {
+            return Err(P2pError::Refused { peer, reason });
+        }
         if protocol == Protocol::Raft {
             return self.raft.request(peer, request).await;
         }
@@ -298,15 +354,26 @@ impl P2p {
         self.send(Command::Allow { peer });
     }
 
-    /// Removes `peer` from the allowlist and closes its connections.
+    /// Removes `peer` from the allowlist and closes its connections; a
+    /// refusal of it is forgotten, so if it is allowed again later it is
+    /// judged afresh.
     pub fn disallow(&self, peer: PeerId) {
         self.peers.remove(&peer);
+        self.admission.forget(&peer);
         self.send(Command::Disallow { peer });
     }
 
     /// The peers on the allowlist.
     pub fn allowed_peers(&self) -> Vec<PeerId> {
         self.peers.ids()
+    }
+
+    /// The peers this node refuses because they identified themselves with
+    /// another protocol version or engine fingerprint, with the reason
+    /// (theirs against ours), sorted. They stay refused until they leave
+    /// the allowlist.
+    pub fn refused_peers(&self) -> Vec<(PeerId, String)> {
+        self.admission.refused()
     }
 
     /// The peers with at least one open connection, sorted.
@@ -649,6 +716,60 @@ mod tests {
         assert!(matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
         assert!(request(&c, a.id(), Protocol::Raft, b"third").await.is_err());
         assert_eq!(a.recorder.seen().len(), 1, "a disallowed peer reached the handler");
+    }
+
+    /// Peers on each other's allowlists still need the same network key.
+    #[tokio::test]
+    async fn only_peers_with_the_network_key_connect() {
+        let key = Some(PreSharedKey::new([7; 32]));
+        let (a, b) = pair(|c| c.network_key = key, |c| c.network_key = key).await;
+        assert_eq!(request(&a, b.id(), Protocol::Raft, b"same key").await.unwrap(), b"re:same key");
+
+        for other in [Some(PreSharedKey::new([8; 32])), None] {
+            let kc = Keypair::generate_ed25519();
+            a.p2p.allow(kc.public().to_peer_id(), None);
+            let c = start(P2pConfig { network_key: other, ..config(kc, vec![(a.id(), Some(a.addr.clone()))]) }).await;
+            let err = request(&c, a.id(), Protocol::Raft, b"let me in").await.unwrap_err();
+            assert!(matches!(&err, P2pError::Dial { .. } | P2pError::Request { .. }), "{err:?}");
+            assert!(!a.p2p.connected_peers().contains(&c.id()));
+        }
+        assert_eq!(a.recorder.seen().len(), 0);
+        assert_eq!(b.recorder.seen().len(), 1);
+    }
+
+    /// A peer that identifies with another engine fingerprint is refused
+    /// on both sides, and stays refused when the membership allows it
+    /// again; only leaving the allowlist clears that.
+    #[tokio::test]
+    async fn a_peer_with_another_engine_is_refused_and_stays_refused() {
+        let (a, b) = pair(|c| c.engine = "aaaa".into(), |c| c.engine = "bbbb".into()).await;
+        let err = request(&a, b.id(), Protocol::Raft, b"append").await.unwrap_err();
+        assert!(!matches!(err, P2pError::NotAllowed { .. }), "{err:?}");
+        assert!(b.recorder.seen().is_empty(), "a refused peer reached the handler");
+
+        let reason = format!(
+            "it runs {IDENTIFY_PROTOCOL_VERSION}/engine/aaaa, this node {IDENTIFY_PROTOCOL_VERSION}/engine/bbbb"
+        );
+        timeout(WAIT, async {
+            while b.p2p.refused_peers().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(b.p2p.refused_peers(), vec![(a.id(), reason)]);
+
+        // Allowed again (as every membership change does): still refused.
+        b.p2p.allow(a.id(), None);
+        let err = request(&b, a.id(), Protocol::Raft, b"x").await.unwrap_err();
+        assert!(matches!(&err, P2pError::Refused { peer, .. } if *peer == a.id()), "{err:?}");
+        assert!(err.to_string().contains("engine/aaaa"), "{err}");
+        assert!(request(&a, b.id(), Protocol::Blob, b"x").await.is_err());
+        assert!(b.recorder.seen().is_empty() && a.recorder.seen().is_empty());
+
+        b.p2p.disallow(a.id());
+        b.p2p.allow(a.id(), None);
+        assert!(b.p2p.refused_peers().is_empty());
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use libp2p_stream::{Control, IncomingStreams, OpenStreamError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::admission::Admission;
 use super::{InboundHandler, P2pError, Peers, Protocol};
 
 /// Wire name of [`Protocol::Raft`].
@@ -253,12 +254,24 @@ pub(super) fn serve(
     mut incoming: IncomingStreams,
     handler: Arc<dyn InboundHandler>,
     peers: Peers,
+    admission: Admission,
     max_bytes: usize,
     timeout: Duration,
 ) {
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
-            tokio::spawn(serve_stream(peer, stream, handler.clone(), peers.clone(), max_bytes, timeout));
+            let (handler, peers, admission) = (handler.clone(), peers.clone(), admission.clone());
+            tokio::spawn(async move {
+                // Nothing from a peer reaches the handler before identify
+                // has shown it runs our protocol and engine: a stream opened
+                // earlier waits (its requests wait with it), and one from a
+                // refused peer is dropped, which resets it.
+                if let Err(e) = admission.admitted(peer, timeout).await {
+                    tracing::info!(%peer, error = %e, "dropped a raft stream from a peer not admitted");
+                    return;
+                }
+                serve_stream(peer, stream, handler, peers, max_bytes, timeout).await;
+            });
         }
     });
 }

@@ -11,6 +11,11 @@
 //!
 //! Nothing here awaits a handler or a caller: the loop only moves messages,
 //! so a slow handler never stalls anything else.
+//!
+//! Here, too, peers are judged: identify tells each peer's protocol version
+//! and engine fingerprint, and one that differs from ours is refused (see
+//! [`super::admission`]); a connection that fails the private network
+//! handshake is logged for the operator.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,20 +26,25 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use libp2p::allow_block_list::{self, AllowedPeers};
-use libp2p::core::Endpoint;
-use libp2p::core::transport::PortUse;
+use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, PortUse};
+use libp2p::core::upgrade::Version;
+use libp2p::core::{Endpoint, Transport as _};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandler, THandlerInEvent,
+    ConnectionDenied, ConnectionId, FromSwarm, ListenError, NetworkBehaviour, SwarmEvent, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm, dummy,
 };
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, noise, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::admission::Admission;
 use super::codec::FrameCodec;
 use super::gossip::{self, Outgoing, Subscribers};
-use super::{IDENTIFY_PROTOCOL_VERSION, IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError, Peers, Protocol};
+use super::{IDLE_CONNECTION_TIMEOUT, InboundHandler, P2pConfig, P2pError, Peers, Protocol};
 
 /// Wire name of [`Protocol::Blob`].
 const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new(Protocol::Blob.name());
@@ -50,6 +60,10 @@ pub(super) struct SynodBehaviour {
     /// a peer off the list is refused before the other behaviours ever get
     /// a handler on its connection.
     allowed: allow_block_list::Behaviour<AllowedPeers>,
+    /// Second, for the same reason: caps on connections in total, per peer
+    /// and still in their handshake, so a flood of connections costs a
+    /// bounded amount.
+    limits: connection_limits::Behaviour,
     /// Where to dial a peer that is dialled by id alone.
     book: AddressBook,
     /// `/synod/raft/1`: long-lived streams for Raft RPCs and forwarded
@@ -57,8 +71,8 @@ pub(super) struct SynodBehaviour {
     pub(super) raft: libp2p_stream::Behaviour,
     /// `/synod/blob/1`: plugin bytes, request-response under a larger cap.
     blob: request_response::Behaviour<FrameCodec>,
-    /// Tells peers our listen addresses and protocol version, and logs
-    /// theirs, which is what an operator checks first when nodes disagree.
+    /// Tells peers our listen addresses, protocol version and engine
+    /// fingerprint, and tells us theirs: a peer that differs is refused.
     identify: identify::Behaviour,
     /// Signed publish/subscribe among members (see [`super::gossip`]).
     gossip: gossipsub::Behaviour,
@@ -178,7 +192,35 @@ struct Pending {
 /// Concurrent blob request streams (inbound + outbound).
 const MAX_CONCURRENT_STREAMS: usize = 2048;
 
-/// Builds the swarm: TCP + noise + yamux, and [`SynodBehaviour`].
+/// TCP, then the private network handshake when there is a key, then noise
+/// and yamux. pnet goes first so that a process without the key cannot get
+/// as far as noise or protocol negotiation.
+fn transport(
+    keypair: &libp2p::identity::Keypair,
+    network_key: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, P2pError> {
+    let noise = noise::Config::new(keypair).map_err(|e| P2pError::Transport { reason: e.to_string() })?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default());
+    // V1Lazy as libp2p's own TCP builder: the protocol proposal goes out
+    // with the first bytes.
+    Ok(match network_key {
+        Some(key) => tcp
+            .and_then(move |socket, _| PnetConfig::new(key).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
+}
+
+/// Builds the swarm: TCP + pnet + noise + yamux, and [`SynodBehaviour`].
 pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehaviour>, P2pError> {
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
@@ -189,17 +231,23 @@ pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehav
         rr_config,
     );
     let gossip = gossip::behaviour(&config.keypair)?;
+    let transport = transport(&config.keypair, config.network_key)?;
+    let limits = ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(config.max_connections_per_peer))
+        .with_max_pending_incoming(Some(config.max_pending_connections));
     let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .map_err(|e| P2pError::Transport { reason: e.to_string() })?
+        .with_other_transport(|_| transport)
+        .map_err(|e| match e {})?
         .with_behaviour(|key| SynodBehaviour {
             allowed: allow_block_list::Behaviour::default(),
+            limits: connection_limits::Behaviour::new(limits),
             book: AddressBook { peers },
             raft: libp2p_stream::Behaviour::new(),
             blob,
             identify: identify::Behaviour::new(
-                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+                identify::Config::new(config.protocol_version(), key.public())
                     .with_agent_version(format!("synod/{}", env!("CARGO_PKG_VERSION"))),
             ),
             gossip,
@@ -239,6 +287,17 @@ pub(super) async fn listen(swarm: &mut Swarm<SynodBehaviour>, addr: &Multiaddr) 
     }
 }
 
+/// What the swarm task shares with the [`super::P2p`] handles and the Raft
+/// streams.
+pub(super) struct Shared {
+    /// The allowlist and where to dial each peer.
+    pub(super) peers: Peers,
+    /// Identified and refused peers.
+    pub(super) admission: Admission,
+    /// Where received gossip goes.
+    pub(super) subscribers: Subscribers,
+}
+
 /// The swarm task's state.
 pub(super) struct SwarmTask {
     /// The swarm; owned here alone.
@@ -272,6 +331,14 @@ pub(super) struct SwarmTask {
     subscribers: Subscribers,
     /// When to dial allowed peers that are not connected.
     dial_tick: tokio::time::Interval,
+    /// Identified and refused peers; refused ones are neither dialled nor
+    /// let back onto the allowlist.
+    admission: Admission,
+    /// What a peer must say over identify: our protocol and engine.
+    protocol_version: String,
+    /// Whether connections start with the pnet handshake, so a failed
+    /// incoming handshake most likely means a missing or wrong key.
+    private_network: bool,
 }
 
 impl SwarmTask {
@@ -279,13 +346,12 @@ impl SwarmTask {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mut swarm: Swarm<SynodBehaviour>,
-        peers: Peers,
+        Shared { peers, admission, subscribers }: Shared,
         commands: mpsc::UnboundedReceiver<Command>,
         publishes: mpsc::Receiver<Outgoing>,
-        subscribers: Subscribers,
         handler: Arc<dyn InboundHandler>,
         connected: watch::Sender<Vec<PeerId>>,
-        request_timeout: Duration,
+        config: &P2pConfig,
     ) -> Self {
         for peer in peers.ids() {
             swarm.behaviour_mut().allowed.allow_peer(peer);
@@ -303,10 +369,13 @@ impl SwarmTask {
             pending: HashMap::new(),
             dial_errors: HashMap::new(),
             connected,
-            request_timeout,
+            request_timeout: config.request_timeout,
             publishes,
             subscribers,
             dial_tick,
+            admission,
+            protocol_version: config.protocol_version(),
+            private_network: config.network_key.is_some(),
         }
     }
 
@@ -347,8 +416,12 @@ impl SwarmTask {
         match command {
             Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
             Command::Allow { peer } => {
-                self.swarm.behaviour_mut().allowed.allow_peer(peer);
-                self.dial(peer);
+                // Membership changes re-allow every member; a refused one
+                // stays out until it leaves the membership.
+                if self.admission.refusal(&peer).is_none() {
+                    self.swarm.behaviour_mut().allowed.allow_peer(peer);
+                    self.dial(peer);
+                }
             }
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
@@ -370,7 +443,10 @@ impl SwarmTask {
     /// and is neither connected nor being dialled. The address comes from
     /// the [`AddressBook`].
     fn dial(&mut self, peer: PeerId) {
-        if peer == *self.swarm.local_peer_id() || self.peers.address(&peer).is_none() {
+        if peer == *self.swarm.local_peer_id()
+            || self.peers.address(&peer).is_none()
+            || self.admission.refusal(&peer).is_some()
+        {
             return;
         }
         let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
@@ -397,36 +473,27 @@ impl SwarmTask {
         match event {
             SwarmEvent::Behaviour(SynodBehaviourEvent::Blob(event)) => self.on_request_response(event),
             SwarmEvent::Behaviour(SynodBehaviourEvent::Gossip(event)) => {
-                let peers = &self.peers;
+                let (peers, admission) = (&self.peers, &self.admission);
                 gossip::on_event(
                     &mut self.swarm.behaviour_mut().gossip,
                     &self.subscribers,
-                    |p| peers.contains(p),
+                    |p| peers.contains(p) && admission.refusal(p).is_none(),
                     event,
                 );
             }
             SwarmEvent::Behaviour(SynodBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
-            })) => {
-                if info.protocol_version != IDENTIFY_PROTOCOL_VERSION {
-                    tracing::warn!(
-                        peer = %peer_id,
-                        theirs = %info.protocol_version,
-                        ours = IDENTIFY_PROTOCOL_VERSION,
-                        agent = %info.agent_version,
-                        "peer runs a different synod protocol version"
-                    );
-                } else {
-                    tracing::debug!(peer = %peer_id, agent = %info.agent_version, "identified peer");
-                }
-            }
+            })) => self.on_identified(peer_id, &info),
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 self.dial_errors.remove(&peer_id);
                 self.publish_connected();
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                if num_established == 0 {
+                    self.admission.disconnected(&peer_id);
+                }
                 self.publish_connected();
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
@@ -434,12 +501,43 @@ impl SwarmTask {
                 self.dial_errors.insert(peer, error.to_string());
             }
             SwarmEvent::IncomingConnectionError { peer_id, send_back_addr, error, .. } => {
-                // A refused peer is worth an operator's attention: it is
-                // usually a node missing from this node's membership.
-                tracing::info!(peer = ?peer_id, addr = %send_back_addr, %error, "incoming connection refused");
+                if self.private_network && matches!(error, ListenError::Transport(_)) {
+                    // The handshake itself failed. With pnet first, a
+                    // process without the key (or with another) fails here
+                    // whatever else it does, and it is the likeliest cause.
+                    tracing::warn!(
+                        addr = %send_back_addr, %error,
+                        "refused an incoming connection that failed the handshake: the remote most likely \
+                         does not have this cluster's private network key (network_key)"
+                    );
+                } else {
+                    // A refused peer is worth an operator's attention: it
+                    // is usually a node missing from this node's membership.
+                    tracing::info!(peer = ?peer_id, addr = %send_back_addr, %error, "incoming connection refused");
+                }
             }
             other => tracing::trace!(?other, "swarm event"),
         }
+    }
+
+    /// Admits `peer` if it runs our protocol version and engine; else
+    /// refuses it for good and closes its connections.
+    fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
+        if info.protocol_version == self.protocol_version {
+            tracing::debug!(%peer, agent = %info.agent_version, "identified peer");
+            self.admission.identified(peer);
+            return;
+        }
+        let (ours, theirs) = (&self.protocol_version, &info.protocol_version);
+        tracing::error!(
+            %peer, %ours, %theirs, agent = %info.agent_version,
+            "REFUSED PEER: it runs a different synod protocol or engine fingerprint ({theirs}, this node \
+             {ours}); it would apply the log to a different state, so its connections are closed and it \
+             stays refused until it is removed from the membership (or this node restarts)"
+        );
+        self.admission.refuse(peer, format!("it runs {theirs}, this node {ours}"));
+        // Closes its connections and refuses new ones.
+        self.swarm.behaviour_mut().allowed.disallow_peer(peer);
     }
 
     fn on_request_response(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
@@ -477,10 +575,18 @@ impl SwarmTask {
             tracing::info!(%peer, "dropped a blob request from a peer not on the allowlist");
             return;
         }
-        let answer = self.handler.handle(peer, Protocol::Blob, request);
+        let handler = self.handler.clone();
+        let admission = self.admission.clone();
+        let within = self.request_timeout;
         let answers = self.answers_tx.clone();
         tokio::spawn(async move {
-            let response = answer.await;
+            // Not before identify has shown the peer runs our engine;
+            // dropping the channel resets the stream.
+            if let Err(e) = admission.admitted(peer, within).await {
+                tracing::info!(%peer, error = %e, "dropped a blob request from a peer not admitted");
+                return;
+            }
+            let response = handler.handle(peer, Protocol::Blob, request).await;
             // Fails only if the swarm task has stopped; nobody is left to
             // answer then.
             let _ = answers.send(Answer { channel, response });

@@ -174,9 +174,28 @@ fn pooling() -> PoolingAllocationConfig {
     pool
 }
 
+/// The environment variable that adds a salt to the engine fingerprint.
+pub const FINGERPRINT_SALT_ENV: &str = "SYNOD_FINGERPRINT_SALT";
+
+/// This build's fingerprint, salted by [`FINGERPRINT_SALT_ENV`].
+///
+/// `SYNOD_FINGERPRINT_SALT`, when set and not empty, adds the setting
+/// `salt=<value>` and so changes the hash, with the engine itself
+/// unchanged. It is the way to test admission and upgrade procedures: a
+/// node started with a salt looks to its peers exactly like one running a
+/// different engine build, and is refused at connection time. Unset (or
+/// empty), the fingerprint is exactly the unsalted one. Never set it on a
+/// production member: the cluster will refuse that node.
 fn fingerprint() -> EngineFingerprint {
+    let salt = std::env::var(FINGERPRINT_SALT_ENV).ok();
+    fingerprint_with(salt.as_deref())
+}
+
+/// The fingerprint with an explicit salt (`None` or empty: none), so tests
+/// need not touch the process-wide environment.
+fn fingerprint_with(salt: Option<&str>) -> EngineFingerprint {
     let limits = PluginLimits::default();
-    let settings = vec![
+    let mut settings = vec![
         "strategy=cranelift".to_owned(),
         "nan_canonicalization=true".to_owned(),
         "relaxed_simd=false".to_owned(),
@@ -213,6 +232,9 @@ fn fingerprint() -> EngineFingerprint {
         // Defaults matter for plugins installed without explicit limits.
         format!("default_limits={limits:?}"),
     ];
+    if let Some(salt) = salt.filter(|s| !s.is_empty()) {
+        settings.push(format!("salt={salt}"));
+    }
     let arch = std::env::consts::ARCH.to_owned();
     let mut h = blake3::Hasher::new_derive_key("synod 2026-11 engine fingerprint v1");
     h.update(WASMTIME_VERSION.as_bytes());
@@ -248,5 +270,21 @@ mod tests {
         let (_, b) = build_engine().unwrap();
         assert_eq!(a, b);
         assert_eq!(a.hash.len(), 16);
+    }
+
+    /// A salt changes the hash and nothing else; no salt (or an empty one)
+    /// leaves the fingerprint exactly as it was.
+    #[test]
+    fn salt_changes_only_the_hash() {
+        let plain = fingerprint_with(None);
+        assert_eq!(fingerprint_with(Some("")), plain);
+        assert!(plain.settings.iter().all(|s| !s.starts_with("salt=")));
+        let salted = fingerprint_with(Some("x"));
+        assert_ne!(salted.hash, plain.hash);
+        assert_eq!(salted.hash.len(), 16);
+        assert_eq!(salted.settings.last().map(String::as_str), Some("salt=x"));
+        assert_eq!(salted.settings[..salted.settings.len() - 1], plain.settings[..]);
+        assert_ne!(fingerprint_with(Some("y")).hash, salted.hash);
+        assert_eq!(fingerprint_with(Some("x")), salted);
     }
 }
