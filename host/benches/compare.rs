@@ -70,6 +70,9 @@ struct Options {
     table_only: bool,
     /// Keep the data dirs and logs (node logs at `SYNOD_BENCH_LOG` level).
     keep_dir: bool,
+    /// Skip the second Synod-over-HTTP pass with authentication off (what
+    /// checking tokens costs).
+    no_auth_pass: bool,
 }
 
 const SYSTEMS: [&str; 4] = ["synod-http", "synod-nats", "etcd", "jetstream-kv"];
@@ -84,6 +87,7 @@ fn options() -> anyhow::Result<Options> {
         systems: SYSTEMS.iter().map(|s| s.to_string()).collect(),
         table_only: false,
         keep_dir: false,
+        no_auth_pass: false,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -103,6 +107,7 @@ fn options() -> anyhow::Result<Options> {
             }
             "--table-only" => o.table_only = true,
             "--keep-dir" => o.keep_dir = true,
+            "--no-auth-pass" => o.no_auth_pass = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -221,14 +226,39 @@ impl Synod {
         format!("http://{}", self.configs[&id].1.http)
     }
 
+    /// An HTTP client sending the cluster's first admin token.
+    fn api(&self) -> anyhow::Result<reqwest::Client> {
+        let data_dir = &self.configs[&1].1.data_dir;
+        let token = synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(data_dir))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+        Ok(reqwest::Client::builder().pool_max_idle_per_host(512).default_headers(headers).build()?)
+    }
+
+    /// Stop every node, set `auth` in their configs, start them again and
+    /// wait for a leader.
+    async fn restart_with(&mut self, auth: synod::config::AuthMode, http: &reqwest::Client) -> anyhow::Result<u64> {
+        self.procs.clear();
+        for (path, config) in self.configs.values_mut() {
+            config.auth = auth;
+            std::fs::write(&*path, config.to_toml()?)?;
+        }
+        for id in 1..=3 {
+            self.start_node(id)?;
+        }
+        self.leader(http).await
+    }
+
     async fn leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        // The node that names itself leader: another node's answer may be
-        // stale right after a restart, and killing a follower by mistake
-        // would time nothing.
+        // The ready node that names itself leader: another node's answer
+        // may be stale right after a restart, and killing a follower by
+        // mistake would time nothing. (Ready includes the cluster's first
+        // admin token.)
         loop {
             for id in self.procs.keys() {
                 if let Ok(r) = http.get(format!("{}/readyz", self.http(*id))).send().await
+                    && r.status().is_success()
                     && let Ok(v) = r.json::<Value>().await
                     && v["leader"].as_u64() == Some(*id)
                 {
@@ -327,7 +357,10 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Wait for all three systems.
-    let leader = synod.leader(&http).await?;
+    let mut leader = synod.leader(&http).await?;
+    let api = synod.api()?;
+    let token =
+        synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(&synod.configs[&1].1.data_dir))?;
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     let built = synod::toolchain::build(
         &plugins,
@@ -335,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let counter = std::fs::read(&built[0].component)?;
     let r =
-        http.post(format!("{}/v1/plugins/counter?version=1", synod.http(leader))).body(counter.clone()).send().await?;
+        api.post(format!("{}/v1/plugins/counter?version=1", synod.http(leader))).body(counter.clone()).send().await?;
     if !r.status().is_success() {
         bail!("upload failed: {}", r.text().await?);
     }
@@ -389,7 +422,7 @@ async fn main() -> anyhow::Result<()> {
         for system in o.systems.iter().map(String::as_str) {
             let stats = match system {
                 "synod-http" => {
-                    let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
+                    let (h, url) = (api.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
                     drive(inflight, warmup, run, move |i| {
                         let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
                         let req = h.post(&url).body(body).send();
@@ -399,11 +432,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 "synod-nats" => {
                     let n = nats.clone();
+                    let bearer = format!("Bearer {token}");
                     drive(inflight, warmup, run, move |i| {
                         let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
                         let n = n.clone();
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Authorization", bearer.as_str());
                         async move {
-                            match n.request("synod.cmd.counter.increment", body.into()).await {
+                            match n.request_with_headers("synod.cmd.counter.increment", headers, body.into()).await {
                                 Ok(m) => m
                                     .headers
                                     .as_ref()
@@ -444,6 +480,24 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let loaded_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+    if o.systems.iter().any(|s| s == "synod-http") && !o.no_auth_pass {
+        // The same cluster restarted with authentication off: the
+        // difference to `synod-http` is what checking tokens costs.
+        leader = synod.restart_with(synod::config::AuthMode::Off, &http).await?;
+        for &inflight in &o.inflight {
+            let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
+            let stats = drive(inflight, warmup, run, move |i| {
+                let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
+                let req = h.post(&url).body(body).send();
+                async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+            })
+            .await;
+            println!("{}", row("synod-http (auth off)", inflight, &stats));
+            synod_commands += stats.count;
+            results.entry("synod-http-auth-off".to_owned()).or_default().insert(inflight, stats);
+        }
+        synod.restart_with(synod::config::AuthMode::On, &http).await?;
+    }
     let ratio = |a: &str, b: &str, k: usize| {
         let (x, y) = (results.get(a).and_then(|m| m.get(&k)), results.get(b).and_then(|m| m.get(&k)));
         match (x, y) {
@@ -458,6 +512,7 @@ async fn main() -> anyhow::Result<()> {
             "synod_http/jetstream_kv": ratio("synod-http", "jetstream-kv", k),
             "synod_nats/etcd": ratio("synod-nats", "etcd", k),
             "synod_nats/jetstream_kv": ratio("synod-nats", "jetstream-kv", k),
+            "synod_http_auth_on/auth_off": ratio("synod-http", "synod-http-auth-off", k),
         });
         println!("ratios at {k} in flight: {r}");
         ratios.insert(k, r);
@@ -488,7 +543,7 @@ async fn main() -> anyhow::Result<()> {
         drop(synod.procs.remove(&old));
         let killed = Instant::now();
         loop {
-            let ok = matches!(http.post(&url).body(r#"{"by":1}"#).timeout(Duration::from_secs(2)).send().await, Ok(r) if r.status().is_success());
+            let ok = matches!(api.post(&url).body(r#"{"by":1}"#).timeout(Duration::from_secs(2)).send().await, Ok(r) if r.status().is_success());
             if ok {
                 break;
             }
@@ -512,7 +567,7 @@ async fn main() -> anyhow::Result<()> {
     let applied = |v: &Value| v["applied_index"].as_u64().unwrap_or(0);
     let url = format!("{}/v1/commands/counter/increment", synod.http(leader));
     while synod_commands < o.restart_entries {
-        let h = http.clone();
+        let h = api.clone();
         let url = url.clone();
         let fill = drive(64, Duration::ZERO, Duration::from_secs(5), move |_| {
             let req = h.post(&url).body(r#"{"by":1}"#).send();
@@ -526,7 +581,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let victim = *synod.procs.keys().find(|id| **id != leader).context("no follower")?;
     drop(synod.procs.remove(&victim));
-    let target = applied(&http.get(format!("{}/readyz", synod.http(leader))).send().await?.json().await?);
+    let target = applied(&api.get(format!("{}/readyz", synod.http(leader))).send().await?.json().await?);
     let started = Instant::now();
     synod.start_node(victim)?;
     loop {

@@ -214,6 +214,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let lh = https[&leader].clone();
+    // Every API call carries the cluster's first admin token (readyz
+    // answered, so node 1 has written it).
+    let token = synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(&dir.join("n1")))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    let http = reqwest::Client::builder().default_headers(headers).build()?;
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     let built = synod::toolchain::build(&plugins, &synod::toolchain::BuildOptions::default())?;
     let driver = built.iter().find(|b| b.name == "modbus-room").context("modbus-room not built")?;

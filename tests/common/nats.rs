@@ -9,12 +9,26 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: tempfile::TempDir,
+    /// A config file (users, permissions) the server runs with.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
         let port = synod::dev::free_port().unwrap();
-        let mut s = NatsServer { child: None, port, store: tempfile::tempdir().unwrap() };
+        let mut s = NatsServer { child: None, port, store: tempfile::tempdir().unwrap(), config: None };
+        s.restart();
+        s
+    }
+
+    /// A server with `config` (nats-server syntax: `authorization { … }`
+    /// and the like) besides the usual flags.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let port = synod::dev::free_port().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let path = store.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        let mut s = NatsServer { child: None, port, store, config: Some(path) };
         s.restart();
         s
     }
@@ -30,9 +44,13 @@ impl NatsServer {
     /// Start (again) on the same port with the same store.
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.store())
+            .arg(self.store().join("js"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
