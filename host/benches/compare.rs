@@ -1,7 +1,10 @@
 //! Side-by-side benchmark: Synod against etcd and NATS JetStream KV, on
 //! loopback, in one run, fsync on for all three.
 //!
-//! Starts a three-node Synod cluster (the `counter` plugin), a three-member
+//! Starts a three-node Synod cluster (the `counter` plugin; authentication
+//! on, every request with a bearer token), a second one with `auth = "off"`
+//! (driven in turn with the first, to show what token checks cost), a
+//! three-member
 //! etcd cluster (Debian `etcd-server`, 3.4) and a three-node nats-server
 //! cluster with a JetStream KV bucket of 3 replicas and
 //! `sync_interval: always`; drives each with one closed-loop Rust client at
@@ -70,12 +73,12 @@ struct Options {
     table_only: bool,
     /// Keep the data dirs and logs (node logs at `SYNOD_BENCH_LOG` level).
     keep_dir: bool,
-    /// Skip the second Synod-over-HTTP pass with authentication off (what
-    /// checking tokens costs).
-    no_auth_pass: bool,
 }
 
-const SYSTEMS: [&str; 4] = ["synod-http", "synod-nats", "etcd", "jetstream-kv"];
+/// `synod-http-auth-off` is a second Synod cluster, the same in all but
+/// `auth = "off"`, driven in turn with the first: what checking tokens
+/// costs, measured side by side.
+const SYSTEMS: [&str; 5] = ["synod-http", "synod-http-auth-off", "synod-nats", "etcd", "jetstream-kv"];
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -87,7 +90,6 @@ fn options() -> anyhow::Result<Options> {
         systems: SYSTEMS.iter().map(|s| s.to_string()).collect(),
         table_only: false,
         keep_dir: false,
-        no_auth_pass: false,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -107,7 +109,6 @@ fn options() -> anyhow::Result<Options> {
             }
             "--table-only" => o.table_only = true,
             "--keep-dir" => o.keep_dir = true,
-            "--no-auth-pass" => o.no_auth_pass = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -235,19 +236,6 @@ impl Synod {
         Ok(reqwest::Client::builder().pool_max_idle_per_host(512).default_headers(headers).build()?)
     }
 
-    /// Stop every node, set `auth` in their configs, start them again and
-    /// wait for a leader.
-    async fn restart_with(&mut self, auth: synod::config::AuthMode, http: &reqwest::Client) -> anyhow::Result<u64> {
-        self.procs.clear();
-        for (path, config) in self.configs.values_mut() {
-            config.auth = auth;
-            std::fs::write(&*path, config.to_toml()?)?;
-        }
-        for id in 1..=3 {
-            self.start_node(id)?;
-        }
-        self.leader(http).await
-    }
 
     async fn leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -283,6 +271,8 @@ fn row(name: &str, inflight: usize, s: &Stats) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = options()?;
+    // reqwest takes its TLS backend from rustls' process default (ring here).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let (warmup, run) = (Duration::from_secs(o.warmup), Duration::from_secs(o.seconds));
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
@@ -356,8 +346,32 @@ async fn main() -> anyhow::Result<()> {
         synod.start_node(id)?;
     }
 
+    // The same again with authentication off. It publishes its events too
+    // (the counter emits one per command), to a nats-server of its own set
+    // up as the first cluster's stream is (one replica, fsync always): two
+    // Synod clusters cannot share one stream's subjects.
+    let mut synod_off = Synod { procs: BTreeMap::new(), configs: BTreeMap::new(), dir: dir.clone() };
+    if o.systems.iter().any(|s| s == "synod-http-auth-off") {
+        let port = free_port();
+        let store = dir.join("nats-auth-off");
+        std::fs::create_dir_all(&store)?;
+        let conf = format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n");
+        let path = dir.join("nats-auth-off.conf");
+        std::fs::write(&path, conf)?;
+        procs.push(spawn("nats-auth-off", Command::new("nats-server").arg("-c").arg(&path), &dir.join("nats-auth-off.log"))?);
+        for (path, mut config) in synod::dev::prepare(&dir.join("synod-auth-off"), 3)? {
+            config.auth = synod::config::AuthMode::Off;
+            config.nats.url = Some(format!("nats://127.0.0.1:{port}"));
+            std::fs::write(&path, config.to_toml()?)?;
+            synod_off.configs.insert(config.id, (path, config));
+        }
+        for id in 1..=3 {
+            synod_off.start_node(id)?;
+        }
+    }
+
     // Wait for all three systems.
-    let mut leader = synod.leader(&http).await?;
+    let leader = synod.leader(&http).await?;
     let api = synod.api()?;
     let token =
         synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(&synod.configs[&1].1.data_dir))?;
@@ -372,6 +386,16 @@ async fn main() -> anyhow::Result<()> {
     if !r.status().is_success() {
         bail!("upload failed: {}", r.text().await?);
     }
+    let leader_off = if synod_off.configs.is_empty() {
+        0
+    } else {
+        let l = synod_off.leader(&http).await?;
+        let r = http.post(format!("{}/v1/plugins/counter?version=1", synod_off.http(l))).body(counter.clone()).send().await?;
+        if !r.status().is_success() {
+            bail!("upload (auth off) failed: {}", r.text().await?);
+        }
+        l
+    };
     for p in &etcd_client {
         wait_http_ok(&http, &format!("http://127.0.0.1:{p}/health"), "etcd").await?;
     }
@@ -430,6 +454,15 @@ async fn main() -> anyhow::Result<()> {
                     })
                     .await
                 }
+                "synod-http-auth-off" => {
+                    let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod_off.http(leader_off)));
+                    drive(inflight, warmup, run, move |i| {
+                        let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
+                        let req = h.post(&url).body(body).send();
+                        async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+                    })
+                    .await
+                }
                 "synod-nats" => {
                     let n = nats.clone();
                     let bearer = format!("Bearer {token}");
@@ -472,7 +505,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             println!("{}", row(system, inflight, &stats));
-            if system.starts_with("synod") {
+            if system == "synod-http-auth-off" {
+                // Its own cluster: not part of the log the restart times.
+            } else if system.starts_with("synod") {
                 // Warm-up writes count too, but are not measured: a lower bound.
                 synod_commands += stats.count;
             }
@@ -480,24 +515,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let loaded_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
-    if o.systems.iter().any(|s| s == "synod-http") && !o.no_auth_pass {
-        // The same cluster restarted with authentication off: the
-        // difference to `synod-http` is what checking tokens costs.
-        leader = synod.restart_with(synod::config::AuthMode::Off, &http).await?;
-        for &inflight in &o.inflight {
-            let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod.http(leader)));
-            let stats = drive(inflight, warmup, run, move |i| {
-                let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
-                let req = h.post(&url).body(body).send();
-                async move { matches!(req.await, Ok(r) if r.status().is_success()) }
-            })
-            .await;
-            println!("{}", row("synod-http (auth off)", inflight, &stats));
-            synod_commands += stats.count;
-            results.entry("synod-http-auth-off".to_owned()).or_default().insert(inflight, stats);
-        }
-        synod.restart_with(synod::config::AuthMode::On, &http).await?;
-    }
+    // The auth-off cluster has done its part; it must not load what follows.
+    drop(synod_off);
     let ratio = |a: &str, b: &str, k: usize| {
         let (x, y) = (results.get(a).and_then(|m| m.get(&k)), results.get(b).and_then(|m| m.get(&k)));
         match (x, y) {

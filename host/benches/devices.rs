@@ -122,6 +122,8 @@ fn profile() -> impl Fn(usize) -> Value {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // reqwest takes its TLS backend from rustls' process default (ring here).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let o = options()?;
     let tmp = tempfile::tempdir()?;
     // SYNOD_BENCH_KEEP=1 keeps every node's data and log for a look.
