@@ -236,7 +236,6 @@ impl Synod {
         Ok(reqwest::Client::builder().pool_max_idle_per_host(512).default_headers(headers).build()?)
     }
 
-
     async fn leader(&self, http: &reqwest::Client) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         // The ready node that names itself leader: another node's answer
@@ -358,7 +357,11 @@ async fn main() -> anyhow::Result<()> {
         let conf = format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\n");
         let path = dir.join("nats-auth-off.conf");
         std::fs::write(&path, conf)?;
-        procs.push(spawn("nats-auth-off", Command::new("nats-server").arg("-c").arg(&path), &dir.join("nats-auth-off.log"))?);
+        procs.push(spawn(
+            "nats-auth-off",
+            Command::new("nats-server").arg("-c").arg(&path),
+            &dir.join("nats-auth-off.log"),
+        )?);
         for (path, mut config) in synod::dev::prepare(&dir.join("synod-auth-off"), 3)? {
             config.auth = synod::config::AuthMode::Off;
             config.nats.url = Some(format!("nats://127.0.0.1:{port}"));
@@ -390,7 +393,11 @@ async fn main() -> anyhow::Result<()> {
         0
     } else {
         let l = synod_off.leader(&http).await?;
-        let r = http.post(format!("{}/v1/plugins/counter?version=1", synod_off.http(l))).body(counter.clone()).send().await?;
+        let r = http
+            .post(format!("{}/v1/plugins/counter?version=1", synod_off.http(l)))
+            .body(counter.clone())
+            .send()
+            .await?;
         if !r.status().is_success() {
             bail!("upload (auth off) failed: {}", r.text().await?);
         }
@@ -455,7 +462,8 @@ async fn main() -> anyhow::Result<()> {
                     .await
                 }
                 "synod-http-auth-off" => {
-                    let (h, url) = (http.clone(), format!("{}/v1/commands/counter/increment", synod_off.http(leader_off)));
+                    let (h, url) =
+                        (http.clone(), format!("{}/v1/commands/counter/increment", synod_off.http(leader_off)));
                     drive(inflight, warmup, run, move |i| {
                         let body = serde_json::to_vec(&json!({"by": 1, "note": value_256(i)})).unwrap_or_default();
                         let req = h.post(&url).body(body).send();
