@@ -339,7 +339,18 @@ pub(super) struct SwarmTask {
     /// Whether connections start with the pnet handshake, so a failed
     /// incoming handshake most likely means a missing or wrong key.
     private_network: bool,
+    /// Refused peers whose connections close at the given time (see
+    /// [`REFUSAL_GRACE`]).
+    closing: Vec<(tokio::time::Instant, PeerId)>,
 }
+
+/// How long a refused peer's connection stays open (carrying nothing to
+/// the handlers: admission already refuses it) before it is closed, so
+/// that our identify reaches it too and it refuses us in turn. Closed at
+/// once, the side that identified first was often the only one to know:
+/// the other kept dialling, and a leader adding such a node never learned
+/// why it did not catch up.
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
 impl SwarmTask {
     /// Wraps a listening swarm; `peers` seeds the allowlist.
@@ -376,13 +387,21 @@ impl SwarmTask {
             admission,
             protocol_version: config.protocol_version(),
             private_network: config.network_key.is_some(),
+            closing: Vec::new(),
         }
     }
 
     /// Runs until [`Command::Shutdown`] or until every handle is dropped.
     pub(super) async fn run(mut self) {
         let done = loop {
+            let close_at = self.closing.iter().map(|(at, _)| *at).min();
             tokio::select! {
+                _ = async {
+                    match close_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.close_refused(),
                 command = self.commands.recv() => match command {
                     None => break None,
                     Some(Command::Shutdown { done }) => break Some(done),
@@ -536,8 +555,20 @@ impl SwarmTask {
              stays refused until it is removed from the membership (or this node restarts)"
         );
         self.admission.refuse(peer, format!("it runs {theirs}, this node {ours}"));
-        // Closes its connections and refuses new ones.
-        self.swarm.behaviour_mut().allowed.disallow_peer(peer);
+        self.closing.push((tokio::time::Instant::now() + REFUSAL_GRACE, peer));
+    }
+
+    /// Close the connections of refused peers whose grace is over, and
+    /// refuse new ones (unless the refusal was lifted meanwhile).
+    fn close_refused(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.closing.drain(..).partition(|(at, _)| *at <= now);
+        self.closing = later;
+        for (_, peer) in due {
+            if self.admission.refusal(&peer).is_some() {
+                self.swarm.behaviour_mut().allowed.disallow_peer(peer);
+            }
+        }
     }
 
     fn on_request_response(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
