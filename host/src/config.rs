@@ -55,7 +55,7 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     /// The cluster's private network key: 64 hex characters (32 random
     /// bytes), the same on every member. Every libp2p connection starts
-    /// with a handshake on this key (libp2p pnet) before noise, so a
+    /// with a handshake proving this key before noise, so a
     /// process without it cannot complete a connection or even learn which
     /// protocols a member speaks; its attempts are logged by the member.
     /// Without it any process that reaches the p2p port may handshake

@@ -80,7 +80,7 @@ async fn digests_are_gossiped_and_only_a_member_s_own_can_raise_the_alarm() {
         .map(|p| (p.peer_id.parse::<PeerId>().unwrap(), Some(p.p2p.parse::<Multiaddr>().unwrap())))
         .collect();
     // A stolen node has its network key and runs the cluster's engine too.
-    let network_key = c.nodes[&victim].config.network_key().unwrap().map(libp2p::pnet::PreSharedKey::new);
+    let network_key = c.nodes[&victim].config.network_key().unwrap();
     let engine = c.client(leader).get("/v1/cluster").await.unwrap()["engine"]["hash"].as_str().unwrap().to_owned();
     let config = P2pConfig {
         allowed: members,

@@ -171,7 +171,7 @@ impl RunningNode {
                 allowed.push((peer, p.p2p.parse().ok()));
             }
         }
-        let network_key = config.network_key()?.map(libp2p::pnet::PreSharedKey::new);
+        let network_key = config.network_key()?;
         if network_key.is_none() {
             tracing::warn!(
                 "NO PRIVATE NETWORK KEY: network_key is not set in this node's config, so any process that \

@@ -6,8 +6,8 @@
 //! inbound requests to the node's [`InboundHandler`], whose bytes go back as
 //! the response. This stage knows nothing of what the bytes mean.
 //!
-//! Connections are TCP + the private network handshake (libp2p pnet, on the
-//! cluster's shared key, when one is configured) + noise (authenticated by
+//! Connections are TCP + the private network handshake (a proof of the
+//! cluster's shared key, see `psk`, when one is configured) + noise (authenticated by
 //! the node key from [`identity::load_or_create`]) + yamux, under
 //! connection limits, and are made or accepted only with peers on the
 //! allowlist: a peer off the list never reaches the handler. A connected
@@ -29,6 +29,7 @@ mod codec;
 mod error;
 mod gossip;
 pub mod identity;
+mod psk;
 mod raft_stream;
 mod swarm;
 
@@ -40,7 +41,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
-use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -160,10 +160,10 @@ pub struct P2pConfig {
     /// side: an inbound request whose handler is slower is dropped too.
     pub request_timeout: Duration,
     /// The cluster's private network key: with it every connection starts
-    /// with the pnet handshake, which a process without the key cannot
+    /// with the key-proof handshake, which a process without the key cannot
     /// complete. `None`: plain TCP + noise, open to anyone who can reach
     /// the port (the allowlist still applies).
-    pub network_key: Option<PreSharedKey>,
+    pub network_key: Option<[u8; 32]>,
     /// The engine fingerprint hash this node runs
     /// (`Runtime::fingerprint().hash`); a peer with another one is refused.
     pub engine: String,
@@ -721,11 +721,11 @@ mod tests {
     /// Peers on each other's allowlists still need the same network key.
     #[tokio::test]
     async fn only_peers_with_the_network_key_connect() {
-        let key = Some(PreSharedKey::new([7; 32]));
+        let key = Some([7; 32]);
         let (a, b) = pair(|c| c.network_key = key, |c| c.network_key = key).await;
         assert_eq!(request(&a, b.id(), Protocol::Raft, b"same key").await.unwrap(), b"re:same key");
 
-        for other in [Some(PreSharedKey::new([8; 32])), None] {
+        for other in [Some([8; 32]), None] {
             let kc = Keypair::generate_ed25519();
             a.p2p.allow(kc.public().to_peer_id(), None);
             let c = start(P2pConfig { network_key: other, ..config(kc, vec![(a.id(), Some(a.addr.clone()))]) }).await;

@@ -31,7 +31,6 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, PortUse};
 use libp2p::core::upgrade::Version;
 use libp2p::core::{Endpoint, Transport as _};
-use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{
@@ -192,12 +191,12 @@ struct Pending {
 /// Concurrent blob request streams (inbound + outbound).
 const MAX_CONCURRENT_STREAMS: usize = 2048;
 
-/// TCP, then the private network handshake when there is a key, then noise
-/// and yamux. pnet goes first so that a process without the key cannot get
-/// as far as noise or protocol negotiation.
+/// TCP, then the private network handshake when there is a key (see
+/// [`super::psk`]), then noise and yamux. The key goes first so that a
+/// process without it cannot get as far as noise or protocol negotiation.
 fn transport(
     keypair: &libp2p::identity::Keypair,
-    network_key: Option<PreSharedKey>,
+    network_key: Option<[u8; 32]>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, P2pError> {
     let noise = noise::Config::new(keypair).map_err(|e| P2pError::Transport { reason: e.to_string() })?;
     let tcp = tcp::tokio::Transport::new(tcp::Config::default());
@@ -205,7 +204,7 @@ fn transport(
     // with the first bytes.
     Ok(match network_key {
         Some(key) => tcp
-            .and_then(move |socket, _| PnetConfig::new(key).handshake(socket))
+            .and_then(move |socket, _| super::psk::handshake(key, socket))
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
@@ -220,7 +219,7 @@ fn transport(
     })
 }
 
-/// Builds the swarm: TCP + pnet + noise + yamux, and [`SynodBehaviour`].
+/// Builds the swarm: TCP + network-key proof + noise + yamux, and [`SynodBehaviour`].
 pub(super) fn build(config: &P2pConfig, peers: Peers) -> Result<Swarm<SynodBehaviour>, P2pError> {
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
@@ -336,7 +335,7 @@ pub(super) struct SwarmTask {
     admission: Admission,
     /// What a peer must say over identify: our protocol and engine.
     protocol_version: String,
-    /// Whether connections start with the pnet handshake, so a failed
+    /// Whether connections start with the network-key handshake, so a failed
     /// incoming handshake most likely means a missing or wrong key.
     private_network: bool,
     /// Refused peers whose connections close at the given time (see
@@ -521,7 +520,7 @@ impl SwarmTask {
             }
             SwarmEvent::IncomingConnectionError { peer_id, send_back_addr, error, .. } => {
                 if self.private_network && matches!(error, ListenError::Transport(_)) {
-                    // The handshake itself failed. With pnet first, a
+                    // The handshake itself failed. With the key proof first, a
                     // process without the key (or with another) fails here
                     // whatever else it does, and it is the likeliest cause.
                     tracing::warn!(
