@@ -33,6 +33,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod bus;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod consensus;

@@ -1,0 +1,265 @@
+//! A linearizability checker for per-key registers (put, get,
+//! compare-and-set), in the style of Wing & Gong with Lowe's memoization, as
+//! Porcupine and Knossos do it.
+//!
+//! In: a history of client operations, each with its invocation and
+//! completion times and its outcome (`Ok` with what the client saw, or
+//! `Unknown` when the client never learned: a timeout, a lost connection).
+//! Out: `Ok` when some order of the operations is consistent with a single
+//! register per key and with real time (an operation that completed before
+//! another was invoked comes first), else the first key without one.
+//!
+//! Keys are independent registers, so each is checked alone (P-compositionality),
+//! which keeps the search small. An `Unknown` operation may have taken effect
+//! at any time after its invocation, or never: it is placed only where it
+//! helps, and its output is not checked. Operations that failed for sure
+//! (refused before they reached the log) must be left out by the caller.
+
+use std::collections::{BTreeMap, HashSet};
+
+/// A register operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegOp {
+    /// Write a value.
+    Put(i64),
+    /// Read the value.
+    Get,
+    /// Write `to` if the value is `from`.
+    Cas {
+        /// The expected value.
+        from: i64,
+        /// The new value.
+        to: i64,
+    },
+}
+
+/// What a client saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A put was acknowledged.
+    Written,
+    /// A get returned this (`None`: never written).
+    Read(Option<i64>),
+    /// A compare-and-set answered whether it swapped.
+    Swapped(bool),
+    /// No answer: it may or may not have taken effect.
+    Unknown,
+}
+
+/// One client operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    /// The register.
+    pub key: String,
+    /// When the client invoked it (any monotonic clock, one for the whole
+    /// history).
+    pub call: u64,
+    /// When the client got its answer; ignored for [`Outcome::Unknown`].
+    pub ret: u64,
+    /// What it asked.
+    pub op: RegOp,
+    /// What it saw.
+    pub outcome: Outcome,
+}
+
+/// Why a history did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// No register order explains this key's operations.
+    #[error("key {key:?}: no linearization of its {operations} operations")]
+    NotLinearizable {
+        /// The key.
+        key: String,
+        /// How many operations it had (unanswered reads left out).
+        operations: usize,
+    },
+    /// The search gave up: too many orders to try (many concurrent
+    /// operations without an answer). Not a verdict; record shorter
+    /// histories or fewer unknowns.
+    #[error("key {key:?}: gave up after {explored} states; the history is too concurrent to decide")]
+    Undecided {
+        /// The key.
+        key: String,
+        /// States explored.
+        explored: usize,
+    },
+}
+
+/// States the search explores per key before it gives up.
+pub const MAX_STATES: usize = 5_000_000;
+
+/// The state after `op` from `state`, if `op`'s outcome is possible there.
+fn step(state: Option<i64>, op: RegOp, outcome: Outcome) -> Option<Option<i64>> {
+    match (op, outcome) {
+        (RegOp::Put(v), Outcome::Written | Outcome::Unknown) => Some(Some(v)),
+        (RegOp::Get, Outcome::Read(seen)) => (seen == state).then_some(state),
+        (RegOp::Get, Outcome::Unknown) => Some(state),
+        (RegOp::Cas { from, to }, Outcome::Swapped(true)) => (state == Some(from)).then_some(Some(to)),
+        (RegOp::Cas { from, .. }, Outcome::Swapped(false)) => (state != Some(from)).then_some(state),
+        (RegOp::Cas { from, to }, Outcome::Unknown) => Some(if state == Some(from) { Some(to) } else { state }),
+        _ => None,
+    }
+}
+
+/// Check a whole history, key by key.
+pub fn check(history: &[Operation]) -> Result<(), Violation> {
+    let mut by_key: BTreeMap<&str, Vec<&Operation>> = BTreeMap::new();
+    // A read with no answer constrains nothing and changes nothing; left
+    // in, it would only multiply the orders to try.
+    for op in history.iter().filter(|o| !(o.op == RegOp::Get && o.outcome == Outcome::Unknown)) {
+        by_key.entry(&op.key).or_default().push(op);
+    }
+    for (key, ops) in by_key {
+        let mut search = Search::new(&ops);
+        match search.run() {
+            Some(true) => {}
+            Some(false) => return Err(Violation::NotLinearizable { key: key.to_owned(), operations: ops.len() }),
+            None => return Err(Violation::Undecided { key: key.to_owned(), explored: search.seen.len() }),
+        }
+    }
+    Ok(())
+}
+
+/// The search over one key's operations.
+struct Search<'a> {
+    ops: &'a [&'a Operation],
+    /// Completion time for the real-time order; `u64::MAX` for unknowns.
+    ret: Vec<u64>,
+    /// Operations that must be linearized (known outcomes).
+    required: usize,
+    /// (linearized set, state) pairs already explored and failed.
+    seen: HashSet<(Vec<u64>, Option<i64>)>,
+}
+
+impl<'a> Search<'a> {
+    fn new(ops: &'a [&'a Operation]) -> Search<'a> {
+        let ret = ops.iter().map(|o| if o.outcome == Outcome::Unknown { u64::MAX } else { o.ret }).collect();
+        let required = ops.iter().filter(|o| o.outcome != Outcome::Unknown).count();
+        Search { ops, ret, required, seen: HashSet::new() }
+    }
+
+    /// `Some(linearizable)`, or `None` past [`MAX_STATES`].
+    fn run(&mut self) -> Option<bool> {
+        let done = vec![0u64; self.ops.len().div_ceil(64)];
+        self.extend(done, 0, None)
+    }
+
+    /// Whether the operations not in `done` can follow from `state`.
+    fn extend(&mut self, done: Vec<u64>, linearized_required: usize, state: Option<i64>) -> Option<bool> {
+        if linearized_required == self.required {
+            return Some(true);
+        }
+        if self.seen.len() > MAX_STATES {
+            return None;
+        }
+        let is_done = |i: usize| done[i / 64] & (1 << (i % 64)) != 0;
+        // Nothing may go before an operation that completed before it was
+        // invoked: candidates are those invoked before every pending
+        // operation's completion.
+        let horizon = (0..self.ops.len()).filter(|&i| !is_done(i)).map(|i| self.ret[i]).min().unwrap_or(u64::MAX);
+        for i in 0..self.ops.len() {
+            let o = self.ops[i];
+            if is_done(i) || o.call > horizon {
+                continue;
+            }
+            let Some(next) = step(state, o.op, o.outcome) else { continue };
+            let mut after = done.clone();
+            after[i / 64] |= 1 << (i % 64);
+            if !self.seen.insert((after.clone(), next)) {
+                continue;
+            }
+            let required = linearized_required + usize::from(o.outcome != Outcome::Unknown);
+            if self.extend(after, required, next)? {
+                return Some(true);
+            }
+        }
+        Some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(key: &str, call: u64, ret: u64, op: RegOp, outcome: Outcome) -> Operation {
+        Operation { key: key.into(), call, ret, op, outcome }
+    }
+
+    #[test]
+    fn sequential_and_concurrent_good_histories_pass() {
+        let h = vec![
+            op("a", 0, 1, RegOp::Put(1), Outcome::Written),
+            op("a", 2, 3, RegOp::Get, Outcome::Read(Some(1))),
+            op("a", 4, 5, RegOp::Cas { from: 1, to: 2 }, Outcome::Swapped(true)),
+            op("a", 6, 7, RegOp::Cas { from: 1, to: 3 }, Outcome::Swapped(false)),
+            op("a", 8, 9, RegOp::Get, Outcome::Read(Some(2))),
+            op("b", 0, 1, RegOp::Get, Outcome::Read(None)),
+        ];
+        check(&h).unwrap();
+        // Two overlapping puts and reads that saw them in either order.
+        let h = vec![
+            op("k", 0, 10, RegOp::Put(1), Outcome::Written),
+            op("k", 1, 9, RegOp::Put(2), Outcome::Written),
+            op("k", 2, 3, RegOp::Get, Outcome::Read(Some(2))),
+            op("k", 4, 5, RegOp::Get, Outcome::Read(Some(1))),
+        ];
+        check(&h).unwrap();
+    }
+
+    #[test]
+    fn stale_reads_and_lost_writes_are_caught() {
+        // A read after an acknowledged write sees the old value.
+        let h = vec![
+            op("a", 0, 1, RegOp::Put(1), Outcome::Written),
+            op("a", 2, 3, RegOp::Put(2), Outcome::Written),
+            op("a", 4, 5, RegOp::Get, Outcome::Read(Some(1))),
+        ];
+        assert!(matches!(check(&h).unwrap_err(), Violation::NotLinearizable { key, .. } if key == "a"));
+        // Two compare-and-sets from the same value both succeed.
+        let h = vec![
+            op("c", 0, 1, RegOp::Put(0), Outcome::Written),
+            op("c", 2, 5, RegOp::Cas { from: 0, to: 1 }, Outcome::Swapped(true)),
+            op("c", 3, 6, RegOp::Cas { from: 0, to: 2 }, Outcome::Swapped(true)),
+        ];
+        assert!(check(&h).is_err());
+        // A value nobody wrote.
+        let h = vec![op("d", 0, 1, RegOp::Get, Outcome::Read(Some(7)))];
+        assert!(check(&h).is_err());
+        // Only the bad key is named.
+        let h = vec![
+            op("good", 0, 1, RegOp::Put(1), Outcome::Written),
+            op("bad", 0, 1, RegOp::Put(1), Outcome::Written),
+            op("bad", 2, 3, RegOp::Get, Outcome::Read(None)),
+        ];
+        assert!(matches!(check(&h).unwrap_err(), Violation::NotLinearizable { key, .. } if key == "bad"));
+    }
+
+    #[test]
+    fn unknown_outcomes_may_or_may_not_have_happened() {
+        // A timed-out put seen later: it took effect.
+        let h = vec![op("a", 0, 0, RegOp::Put(1), Outcome::Unknown), op("a", 5, 6, RegOp::Get, Outcome::Read(Some(1)))];
+        check(&h).unwrap();
+        // ...or never seen: it did not (or not yet).
+        let h = vec![op("a", 0, 0, RegOp::Put(1), Outcome::Unknown), op("a", 5, 6, RegOp::Get, Outcome::Read(None))];
+        check(&h).unwrap();
+        // But it cannot have taken effect before it was invoked.
+        let h = vec![op("a", 0, 1, RegOp::Get, Outcome::Read(Some(1))), op("a", 5, 0, RegOp::Put(1), Outcome::Unknown)];
+        assert!(check(&h).is_err());
+    }
+
+    /// A long concurrent history of one writer and many readers stays fast
+    /// (memoization) and passes.
+    #[test]
+    fn long_histories_are_checked_quickly() {
+        let mut h = Vec::new();
+        for i in 0..400u64 {
+            h.push(op("k", i * 10, i * 10 + 5, RegOp::Put(i as i64), Outcome::Written));
+            h.push(op("k", i * 10 + 1, i * 10 + 8, RegOp::Get, Outcome::Read(Some(i as i64))));
+            h.push(op("k", i * 10 + 2, i * 10 + 9, RegOp::Get, Outcome::Unknown));
+        }
+        check(&h).unwrap();
+        // One read in the middle that saw a value overwritten long before.
+        h[3 * 200 + 1].outcome = Outcome::Read(Some(3));
+        assert!(matches!(check(&h).unwrap_err(), Violation::NotLinearizable { operations: 800, .. }));
+    }
+}
