@@ -227,10 +227,14 @@ impl Synod {
         format!("http://{}", self.configs[&id].1.http)
     }
 
-    /// An HTTP client sending the cluster's first admin token.
-    fn api(&self) -> anyhow::Result<reqwest::Client> {
+    /// The cluster's first admin token (node 1 bootstraps it).
+    fn admin_token(&self) -> anyhow::Result<String> {
         let data_dir = &self.configs[&1].1.data_dir;
-        let token = synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(data_dir))?;
+        Ok(synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(data_dir))?)
+    }
+
+    /// An HTTP client sending `token`.
+    fn api(token: &str) -> anyhow::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
         Ok(reqwest::Client::builder().pool_max_idle_per_host(512).default_headers(headers).build()?)
@@ -375,9 +379,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Wait for all three systems.
     let leader = synod.leader(&http).await?;
-    let api = synod.api()?;
-    let token =
-        synod::node::auth::read_token_file(&synod::node::auth::admin_token_path(&synod.configs[&1].1.data_dir))?;
+    let token = synod.admin_token()?;
+    let api = Synod::api(&token)?;
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     let built = synod::toolchain::build(
         &plugins,

@@ -210,7 +210,7 @@ impl NodeInner {
             roles.iter().map(|r| Role::parse(r)).collect::<Result<Vec<_>, _>>().map_err(ServiceError::bad_request)?;
         let token = new_token().map_err(|e| ServiceError::new(500, "internal", e))?;
         let op = Op::Auth(AuthOp::Create { hash: token_hash(&token), principal: principal.to_owned(), roles });
-        let (index, out) = self.admin_write(who, op).await?;
+        let (index, out) = self.write_applied(op, who, None).await?;
         let mut record: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
         record["token"] = json!(token);
         Ok((index, record))
@@ -219,7 +219,8 @@ impl NodeInner {
     /// Revoke a token by id, or every token of a principal.
     pub async fn token_revoke(&self, who: &Principal, target: &str) -> Result<(u64, serde_json::Value), ServiceError> {
         who.require(Access::Admin)?;
-        let (index, out) = self.admin_write(who, Op::Auth(AuthOp::Revoke { target: target.to_owned() })).await?;
+        let (index, out) =
+            self.write_applied(Op::Auth(AuthOp::Revoke { target: target.to_owned() }), who, None).await?;
         Ok((index, serde_json::from_slice(&out).unwrap_or_default()))
     }
 
@@ -237,16 +238,6 @@ impl NodeInner {
         self.read_barrier().await?;
         let records = self.with_replica(|r| r.auth().audit_after(after, limit.min(10_000))).unwrap_or_default();
         Ok(json!({ "records": records }))
-    }
-
-    /// An admin operation through the log as `who`; its output.
-    async fn admin_write(&self, who: &Principal, op: Op) -> Result<(u64, Vec<u8>), ServiceError> {
-        let (index, response) = self.write_as(op, who, None).await?;
-        match response.result {
-            Some(Ok(out)) => Ok((index, out)),
-            Some(Err(e)) => Err(ServiceError::command(&e).with("index", json!(index))),
-            None => Err(ServiceError::new(500, "internal", "entry produced no result")),
-        }
     }
 }
 

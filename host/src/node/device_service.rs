@@ -60,12 +60,8 @@ impl NodeInner {
     /// Apply one device operation through the log; the shadow document (or
     /// `{"deleted": id}`) and the operation index.
     async fn device_write(&self, who: &Principal, op: DeviceOp) -> Result<(u64, Value), ServiceError> {
-        let (index, response) = self.write_as(Op::Device(op), who, None).await?;
-        match response.result {
-            Some(Ok(bytes)) => Ok((index, serde_json::from_slice(&bytes).unwrap_or(Value::Null))),
-            Some(Err(e)) => Err(ServiceError::command(&e).with("index", json!(index))),
-            None => Err(ServiceError::new(500, "internal", "entry produced no result")),
-        }
+        let (index, bytes) = self.write_applied(Op::Device(op), who, None).await?;
+        Ok((index, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 
     /// Create or replace the definition of `id`.

@@ -237,6 +237,18 @@ impl NodeInner {
             Some(true) => {}
         }
         let op = Op::Command { plugin: plugin.to_owned(), command: command.to_owned(), payload };
+        self.write_applied(op, who, request_id).await
+    }
+
+    /// A client's write through the log as `who`: its operation index and
+    /// output; the error of a failed operation carries the index it was
+    /// applied at.
+    pub(super) async fn write_applied(
+        &self,
+        op: Op,
+        who: &Principal,
+        request_id: Option<String>,
+    ) -> Result<(u64, Vec<u8>), ServiceError> {
         let (index, response) = self.write_as(op, who, request_id).await?;
         applied(response).map(|out| (index, out)).map_err(|e| e.with("index", json!(index)))
     }

@@ -185,11 +185,6 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
-    /// Whether any of its roles grants `access`.
-    pub fn allows(&self, access: Access<'_>) -> bool {
-        self.roles.iter().any(|r| access.granted_by(r))
-    }
-
     /// Its public JSON (no hash).
     pub fn public(&self) -> serde_json::Value {
         serde_json::json!({
