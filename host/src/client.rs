@@ -43,7 +43,8 @@ pub enum ClientError {
     },
 }
 
-/// A client for one node's API.
+/// A client for one node's API. Cloning shares its connection pool.
+#[derive(Clone)]
 pub struct Client {
     /// `http://127.0.0.1:7001`, no trailing slash.
     base: String,

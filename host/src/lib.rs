@@ -40,6 +40,7 @@ pub mod consensus;
 pub mod dev;
 pub mod devices;
 pub mod driver;
+pub mod faults;
 pub mod node;
 pub mod p2p;
 pub mod replica;

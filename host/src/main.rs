@@ -96,6 +96,13 @@ enum Action {
         #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
         node: String,
     },
+    /// Find where the members' states parted, if they did: the first
+    /// divergent operation and what it did on each node.
+    Divergence {
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
     /// Change the membership.
     Cluster {
         #[command(subcommand)]
@@ -379,6 +386,34 @@ enum PluginCmd {
         name: String,
         /// Version label.
         version: String,
+        /// First replay this many recent commands on the version and report.
+        #[arg(long)]
+        replay: Option<usize>,
+        /// Activate only if the replay passes (no trap, no command that
+        /// worked before failing).
+        #[arg(long, requires = "replay")]
+        require_replay: bool,
+        /// With --require-replay: also require identical outputs.
+        #[arg(long, requires = "require_replay")]
+        identical: bool,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Run an installed version on the plugin's recent commands against a
+    /// scratch copy of its state and report how it differs from the
+    /// active one (nothing is activated or written).
+    Replay {
+        /// Plugin name.
+        name: String,
+        /// The candidate version label.
+        version: String,
+        /// How many recent commands to replay.
+        #[arg(long, default_value_t = 1000)]
+        commands: usize,
+        /// Pass only on identical outputs.
+        #[arg(long)]
+        identical: bool,
         /// A node's HTTP address.
         #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
         node: String,
@@ -555,10 +590,27 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?
         }
         Action::Plugin { command: PluginCmd::List { node } } => print(&reach.client(&node)?.get("/v1/plugins").await?)?,
-        Action::Plugin { command: PluginCmd::Activate { name, version, node } } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "version": version }))?;
+        Action::Plugin { command: PluginCmd::Activate { name, version, replay, require_replay, identical, node } } => {
+            let mut body = serde_json::json!({ "version": version });
+            if let Some(n) = replay {
+                body["replay"] = n.into();
+                body["require_replay"] = require_replay.into();
+                body["identical"] = identical.into();
+            }
+            let body = serde_json::to_vec(&body)?;
             print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}/activate"), body).await?)?
         }
+        Action::Plugin { command: PluginCmd::Replay { name, version, commands, identical, node } } => {
+            let body = serde_json::json!({ "version": version, "commands": commands, "identical": identical });
+            let report =
+                reach.client(&node)?.post(&format!("/v1/plugins/{name}/replay"), serde_json::to_vec(&body)?).await?;
+            let passed = report["passed"].as_bool() == Some(true);
+            print(&report)?;
+            if !passed {
+                anyhow::bail!("the replay did not pass");
+            }
+        }
+        Action::Divergence { node } => print(&reach.client(&node)?.get("/v1/divergence").await?)?,
         Action::Plugin { command: PluginCmd::Build { dir, packages, out_dir, target_dir, features } } => {
             let options = synod::toolchain::BuildOptions { packages, target_dir, out_dir, features };
             for built in synod::toolchain::build(&dir, &options)? {

@@ -58,9 +58,21 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Member>,
 }
 
-fn spawn(config_path: &PathBuf, config: &NodeConfig, env: &[(String, String)]) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(config.data_dir.join("node.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_synod"))
+/// The `synod` binary the nodes run: this build's, or `SYNOD_BIN` (a long
+/// soak runs a copy, so rebuilding meanwhile cannot swap it underneath).
+pub fn synod_bin() -> PathBuf {
+    std::env::var_os("SYNOD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_synod")))
+}
+
+/// Where a member's process log goes: beside its config (which is its data
+/// dir, unless a test moved that onto a disk of its own).
+pub fn log_path(config_path: &std::path::Path) -> PathBuf {
+    config_path.with_file_name("node.log")
+}
+
+fn spawn(config_path: &PathBuf, _config: &NodeConfig, env: &[(String, String)]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(config_path)).unwrap();
+    Command::new(synod_bin())
         .args(["node", "--config"])
         .arg(config_path)
         .env("RUST_LOG", "info,openraft=warn")
@@ -79,16 +91,35 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment for every node process.
     pub fn start_env(n: u64, env: &[(&str, &str)], tune: impl Fn(&mut NodeConfig)) -> Cluster {
+        let mut c = Cluster::configure(n, env, tune);
+        for id in 1..=n {
+            c.restart(id);
+        }
+        c
+    }
+
+    /// [`Cluster::start_env`] without starting anything: the configs are
+    /// written, [`Cluster::restart`] starts each node.
+    pub fn configure(n: u64, env: &[(&str, &str)], tune: impl Fn(&mut NodeConfig)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = BTreeMap::new();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         for (config_path, mut config) in synod::dev::prepare(dir.path(), n).unwrap() {
             tune(&mut config);
             std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
-            let child = Some(spawn(&config_path, &config, &env));
-            nodes.insert(config.id, Member { config, config_path, env: env.clone(), child });
+            nodes.insert(config.id, Member { config, config_path, env: env.clone(), child: None });
         }
         Cluster { dir, nodes }
+    }
+
+    /// SIGSTOP (`stop = true`) or SIGCONT node `id`: a pause as long as the
+    /// test likes, like a long GC or a VM migration.
+    pub fn signal_pause(&self, id: u64, stop: bool) {
+        if let Some(pid) = self.nodes[&id].pid() {
+            let signal = if stop { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+            assert!(status.success(), "kill {signal} {pid}");
+        }
     }
 
     /// A client of node `id` holding the cluster's first admin token.
@@ -255,7 +286,7 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
             if failed {
-                let log = std::fs::read_to_string(m.config.data_dir.join("node.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(log_path(&m.config_path)).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("---- node {id} log (last 40 lines) ----");
                 for line in tail.iter().rev() {

@@ -35,21 +35,31 @@ pub fn core_module(name: &str) -> Vec<u8> {
 /// `counter` built with its `v2` feature: replies carry `"version": 2`.
 #[allow(dead_code)]
 pub fn counter_v2() -> Vec<u8> {
-    static V2: OnceLock<Vec<u8>> = OnceLock::new();
-    V2.get_or_init(|| {
-        built(); // v1 first, so the two builds never race for the target dir
-        let out = std::env::temp_dir().join(format!("synod-counter-v2-{}", std::process::id()));
-        let options = BuildOptions {
-            packages: vec!["counter".into()],
-            features: vec!["v2".into()],
-            out_dir: Some(out),
-            ..Default::default()
-        };
-        let built = synod::toolchain::build(&plugins_dir(), &options)
-            .unwrap_or_else(|e| panic!("building counter v2 failed: {e}"));
-        std::fs::read(&built[0].component).unwrap()
-    })
-    .clone()
+    with_feature("counter", "v2")
+}
+
+/// An example plugin of the workspace built with one of its features, once
+/// per test process.
+#[allow(dead_code)]
+pub fn with_feature(package: &str, feature: &str) -> Vec<u8> {
+    static BUILT: std::sync::Mutex<BTreeMap<(String, String), Vec<u8>>> = std::sync::Mutex::new(BTreeMap::new());
+    let id = (package.to_owned(), feature.to_owned());
+    if let Some(bytes) = BUILT.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        return bytes.clone();
+    }
+    built(); // the plain build first, so the two builds never race for the target dir
+    let out = std::env::temp_dir().join(format!("synod-{package}-{feature}-{}", std::process::id()));
+    let options = BuildOptions {
+        packages: vec![package.into()],
+        features: vec![feature.into()],
+        out_dir: Some(out),
+        ..Default::default()
+    };
+    let built = serialized(|| synod::toolchain::build(&plugins_dir(), &options))
+        .unwrap_or_else(|e| panic!("building {package} with {feature} failed: {e}"));
+    let bytes = std::fs::read(&built[0].component).unwrap();
+    BUILT.lock().unwrap_or_else(|e| e.into_inner()).insert(id, bytes.clone());
+    bytes
 }
 
 /// The component of the plugin in `plugins/<dir>` (any language), built

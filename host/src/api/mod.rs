@@ -27,6 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::consensus::NodeInfo;
+use crate::node::replay::ReplayRequest;
 use crate::node::service::{REQUEST_ID_HEADER, check_request_id, output_json};
 use crate::node::{Consistency, LimitRequest, NodeInner, Principal, ServiceError};
 use crate::replica::auth::Access;
@@ -60,7 +61,7 @@ type ApiResult = Result<Response, ApiError>;
 pub fn router(node: Arc<NodeInner>) -> Router {
     let plugin_limit = node.config.limits.max_plugin_bytes;
     let payload_limit = node.config.limits.max_payload_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/v1/commands/{plugin}/{command}", post(run_command).layer(DefaultBodyLimit::max(payload_limit + 1)))
         .route("/v1/queries/{plugin}/{query}", post(run_query).layer(DefaultBodyLimit::max(payload_limit + 1)))
         .route("/v1/state/{plugin}", get(read_state))
@@ -70,6 +71,7 @@ pub fn router(node: Arc<NodeInner>) -> Router {
             post(upload_plugin).delete(remove_plugin).layer(DefaultBodyLimit::max(plugin_limit + 1)),
         )
         .route("/v1/plugins/{name}/activate", post(activate_plugin))
+        .route("/v1/plugins/{name}/replay", post(replay_plugin))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", get(get_device).put(put_device).delete(delete_device))
         .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
@@ -77,13 +79,18 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/devices/{id}/telemetry", get(get_telemetry))
         .route("/v1/cluster", get(cluster))
         .route("/v1/digest", get(digest_at))
+        .route("/v1/divergence", get(divergence))
         .route("/v1/cluster/nodes", post(add_node))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{target}", delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/healthz", get(health))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(ready));
+    // The fault battery's control: only in builds with the `faults` feature.
+    #[cfg(feature = "faults")]
+    let routes = routes.route("/v1/faults", get(get_faults).post(set_faults));
+    routes
         .fallback(|| async { ApiError(ServiceError::new(404, "not_found", "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
@@ -218,8 +225,18 @@ async fn upload_plugin(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Activate {
     version: String,
+    /// Replay this many recent commands on the version first, and report.
+    #[serde(default)]
+    replay: Option<usize>,
+    /// Refuse to activate unless the replay passes.
+    #[serde(default)]
+    require_replay: bool,
+    /// With `require_replay`: pass only on identical outputs.
+    #[serde(default)]
+    identical: bool,
 }
 
 async fn activate_plugin(
@@ -229,10 +246,58 @@ async fn activate_plugin(
     body: Bytes,
 ) -> ApiResult {
     who.require(Access::Admin)?;
-    let Activate { version } = serde_json::from_slice(&body)
-        .map_err(|e| ServiceError::bad_request(format!("expected {{\"version\": \"...\"}}: {e}")))?;
+    let Activate { version, replay, require_replay, identical } = serde_json::from_slice(&body).map_err(|e| {
+        ServiceError::bad_request(format!(
+            "expected {{\"version\": \"...\", \"replay\": n, \"require_replay\": bool, \"identical\": bool}}: {e}"
+        ))
+    })?;
+    if require_replay && replay.is_none() {
+        return Err(ServiceError::bad_request("require_replay needs replay: how many commands to replay").into());
+    }
+    let report = match replay {
+        Some(commands) => {
+            let request = ReplayRequest { version: version.clone(), commands, identical };
+            let report = node.replay(&who, &name, &request).await?;
+            if require_replay && !report.passed {
+                let mut error = ServiceError::new(
+                    409,
+                    "replay_failed",
+                    format!("not activated: {}; see `replay` for the differences", report.summary()),
+                );
+                error.extra.insert("replay".into(), json!(report));
+                return Err(error.into());
+            }
+            Some(report)
+        }
+        None => None,
+    };
     let (index, out) = node.activate(&who, &name, &version).await?;
-    ok(json!({ "result": output_json(&out), "index": index }))
+    let mut body = json!({ "result": output_json(&out), "index": index });
+    if let Some(report) = report {
+        body["replay"] = json!(report);
+    }
+    ok(body)
+}
+
+/// Run a candidate version on the plugin's recent commands, without
+/// activating it: the replay gate's report.
+async fn replay_plugin(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let request: ReplayRequest = serde_json::from_slice(&body).map_err(|e| {
+        ServiceError::bad_request(format!(
+            "expected {{\"version\": \"...\", \"commands\": n, \"identical\": bool}}: {e}"
+        ))
+    })?;
+    ok(json!(node.replay(&who, &name, &request).await?))
+}
+
+/// Where this node's state parted from each member's, if it did.
+async fn divergence(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    ok(node.divergence(&who).await?)
 }
 
 async fn remove_plugin(
@@ -277,6 +342,29 @@ async fn digest_at(
 async fn cluster(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Read)?;
     ok(node.cluster().await)
+}
+
+/// The faults in force on this node (`faults` builds only).
+#[cfg(feature = "faults")]
+async fn get_faults(Extension(who): Extension<Principal>) -> ApiResult {
+    who.require(Access::Admin)?;
+    ok(serde_json::json!(crate::faults::current()))
+}
+
+/// Inject (or heal) faults on this node (`faults` builds only).
+#[cfg(feature = "faults")]
+async fn set_faults(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    who.require(Access::Admin)?;
+    let settings: crate::faults::FaultSettings = serde_json::from_slice(&body).map_err(|e| {
+        ServiceError::bad_request(format!(
+            "expected {{\"cut\": [ids], \"clock_offset_ms\": n, \"perturb_next_write\": bool}}: {e}"
+        ))
+    })?;
+    ok(serde_json::json!(node.inject_faults(&settings)))
 }
 
 #[derive(Deserialize)]

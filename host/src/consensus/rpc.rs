@@ -42,6 +42,11 @@ pub enum RaftRpc {
     /// The members of the membership this node has applied, so a node
     /// configured with one member can learn (and allow) the others.
     Members,
+    /// This node's digests right after these operation indices (divergence
+    /// bisection), and which indices it remembers.
+    Digests(Vec<u64>),
+    /// What this node's operation at this index did (divergence report).
+    Effects(u64),
 }
 
 /// A request a follower forwards to the leader, with the credential its
@@ -77,6 +82,10 @@ pub enum RaftReply {
     /// To [`RaftRpc::Members`]: every node of the applied membership
     /// (voters and learners), empty before one is applied.
     Members(BTreeMap<NodeId, NodeInfo>),
+    /// To [`RaftRpc::Digests`].
+    Digests(DigestSample),
+    /// To [`RaftRpc::Effects`]: empty when no longer kept.
+    Effects(Vec<crate::replica::trail::EffectSummary>),
     /// The request was refused (sender not bound to the id it claims,
     /// undecodable request).
     Refused(String),
@@ -109,6 +118,15 @@ pub enum WriteError {
     /// The caller's token lacks a role on the leader (403).
     #[error("{0}")]
     Forbidden(String),
+}
+
+/// A node's digests at some operation indices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestSample {
+    /// The first and last operation index it remembers digests for.
+    pub bounds: Option<(u64, u64)>,
+    /// The digest after each index asked for; `None` where not remembered.
+    pub digests: Vec<Option<[u8; 32]>>,
 }
 
 /// A node's position, for digest comparison and `GET /v1/cluster`.

@@ -25,8 +25,10 @@
 pub mod auth;
 pub mod device_service;
 pub mod discovery;
+pub mod divergence;
 pub mod gossip;
 pub mod peer;
+pub mod replay;
 pub mod service;
 pub mod write_path;
 
@@ -145,8 +147,11 @@ pub struct RunningNode {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
+/// The wall clock in Unix milliseconds, as this node stamps entries with it
+/// (shifted by a clock-jump fault when the battery injects one).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    let wall = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    wall.saturating_add_signed(crate::faults::clock_offset_ms())
 }
 
 impl RunningNode {

@@ -162,6 +162,10 @@ impl NodeInner {
             RaftRpc::Members => RaftReply::Members(
                 self.shared.membership.borrow().nodes().map(|(id, info)| (*id, info.clone())).collect(),
             ),
+            RaftRpc::Digests(indices) => RaftReply::Digests(self.digest_sample(&indices)),
+            RaftRpc::Effects(index) => {
+                RaftReply::Effects(self.with_replica(|r| r.effects_at(index)).unwrap_or_default())
+            }
         }
     }
 

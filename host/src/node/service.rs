@@ -8,6 +8,7 @@
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::str::FromStr;
 
 use super::NodeInner;
 use super::auth::Principal;
@@ -813,6 +814,26 @@ impl NodeInner {
 
     /// Run `f` with read access to the replicated state (briefly: apply
     /// waits while it runs).
+    /// Put `settings` in force on this node (the fault battery's control;
+    /// see [`crate::faults`]): a cut names member ids, which become the
+    /// peers whose connections the transport closes and refuses.
+    pub fn inject_faults(&self, settings: &crate::faults::FaultSettings) -> crate::faults::FaultSettings {
+        crate::faults::set(settings);
+        if settings.cut.is_some() {
+            let cut = crate::faults::cut();
+            let peers = self
+                .members()
+                .into_iter()
+                .filter(|(id, _)| cut.contains(id))
+                .filter_map(|(_, info)| libp2p::PeerId::from_str(&info.peer_id).ok())
+                .collect();
+            self.p2p.cut(peers);
+        }
+        let now = crate::faults::current();
+        tracing::warn!(?now, "FAULT INJECTION: faults in force changed");
+        now
+    }
+
     pub fn with_replica<T>(&self, f: impl FnOnce(&crate::replica::Replica) -> T) -> Option<T> {
         self.shared.replica.read().ok().map(|r| f(&r))
     }

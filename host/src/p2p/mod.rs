@@ -363,6 +363,12 @@ impl P2p {
         self.send(Command::Disallow { peer });
     }
 
+    /// Cut this node off from exactly `peers` (the fault battery's network
+    /// partition, see [`crate::faults`]); an empty set heals.
+    pub fn cut(&self, peers: std::collections::HashSet<PeerId>) {
+        self.send(Command::Cut { peers });
+    }
+
     /// The peers on the allowlist.
     pub fn allowed_peers(&self) -> Vec<PeerId> {
         self.peers.ids()

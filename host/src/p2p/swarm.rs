@@ -17,7 +17,7 @@
 //! [`super::admission`]); a connection that fails the private network
 //! handshake is logged for the operator.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
@@ -151,6 +151,13 @@ pub(super) enum Command {
         /// The peer to refuse.
         peer: PeerId,
     },
+    /// Cut this node off from exactly these peers (a fault the battery
+    /// injects, see [`crate::faults`]): their connections are closed and
+    /// refused until they leave the set.
+    Cut {
+        /// The peers to be unreachable.
+        peers: HashSet<PeerId>,
+    },
     /// Stop the task; `done` fires once the swarm is dropped.
     Shutdown {
         /// Fired after the swarm and its listener are gone.
@@ -167,6 +174,7 @@ impl fmt::Debug for Command {
             }
             Command::Allow { peer } => write!(f, "Allow({peer})"),
             Command::Disallow { peer } => write!(f, "Disallow({peer})"),
+            Command::Cut { peers } => write!(f, "Cut({} peers)", peers.len()),
             Command::Shutdown { .. } => f.write_str("Shutdown"),
         }
     }
@@ -328,6 +336,8 @@ pub(super) struct SwarmTask {
     publishes: mpsc::Receiver<Outgoing>,
     /// Where received gossip goes.
     subscribers: Subscribers,
+    /// Peers cut off by a fault: not dialled, not allowed, until healed.
+    cut: HashSet<PeerId>,
     /// When to dial allowed peers that are not connected.
     dial_tick: tokio::time::Interval,
     /// Identified and refused peers; refused ones are neither dialled nor
@@ -387,6 +397,7 @@ impl SwarmTask {
             protocol_version: config.protocol_version(),
             private_network: config.network_key.is_some(),
             closing: Vec::new(),
+            cut: HashSet::new(),
         }
     }
 
@@ -436,7 +447,7 @@ impl SwarmTask {
             Command::Allow { peer } => {
                 // Membership changes re-allow every member; a refused one
                 // stays out until it leaves the membership.
-                if self.admission.refusal(&peer).is_none() {
+                if self.admission.refusal(&peer).is_none() && !self.cut.contains(&peer) {
                     self.swarm.behaviour_mut().allowed.allow_peer(peer);
                     self.dial(peer);
                 }
@@ -444,6 +455,21 @@ impl SwarmTask {
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
                 self.swarm.behaviour_mut().allowed.disallow_peer(peer);
+            }
+            Command::Cut { peers } => {
+                let healed: Vec<PeerId> = self.cut.difference(&peers).copied().collect();
+                for peer in &peers {
+                    // Also closes the peer's open connections.
+                    self.swarm.behaviour_mut().allowed.disallow_peer(*peer);
+                }
+                self.cut = peers;
+                let members = self.peers.ids();
+                for peer in healed {
+                    if members.contains(&peer) && self.admission.refusal(&peer).is_none() {
+                        self.swarm.behaviour_mut().allowed.allow_peer(peer);
+                        self.dial(peer);
+                    }
+                }
             }
             // Handled by `run`, which must leave its loop.
             Command::Shutdown { .. } => {}
@@ -464,6 +490,7 @@ impl SwarmTask {
         if peer == *self.swarm.local_peer_id()
             || self.peers.address(&peer).is_none()
             || self.admission.refusal(&peer).is_some()
+            || self.cut.contains(&peer)
         {
             return;
         }

@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod dedup;
 pub mod devices;
+pub mod trail;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -150,6 +151,9 @@ pub struct Image {
     pub devices: devices::DevicesImage,
     /// Tokens and the audit trail.
     pub auth: auth::AuthImage,
+    /// The latest timestamp given to an operation: no later one gets an
+    /// earlier time, whatever the clock of the leader that stamped it.
+    pub clock_ms: u64,
 }
 
 /// The replicated state, captured at one log id in O(number of namespaces):
@@ -223,10 +227,19 @@ pub struct Replica {
     /// Whether the token table changed since the adapter last looked (not
     /// replicated: it tells request handlers to take the new table).
     auth_changed: bool,
+    /// The timestamp of the operation being applied, or of the last one:
+    /// never lower than an earlier operation's (see [`Image::clock_ms`]).
+    clock_ms: u64,
+    /// Who sent the operation being applied, and what kind it is (for the
+    /// trail).
+    op_caller: String,
+    /// Recent effect summaries and commands (not replicated).
+    trail: trail::Trail,
 }
 
-/// How many recent digests to keep for comparison.
-const HISTORY: usize = 4096;
+/// How many recent digests to keep for comparison and divergence
+/// bisection (40 bytes each).
+pub const HISTORY: usize = 100_000;
 
 impl Replica {
     /// Apply one committed log entry, whole. On `Err` nothing of the entry
@@ -298,9 +311,14 @@ impl Replica {
         &mut self,
         term: u64,
         index: u64,
-        request: Request,
+        mut request: Request,
         loader: &dyn PluginLoader,
     ) -> Result<Response, ApplyError> {
+        // Time never runs backwards in the log: a new leader whose clock is
+        // behind the last one's stamps what the last one would have.
+        request.timestamp_ms = request.timestamp_ms.max(self.clock_ms);
+        self.clock_ms = request.timestamp_ms;
+        self.op_caller.clone_from(&request.caller);
         let mut response = match request.op {
             Op::Batch(_) => return Err(ApplyError::Host { index, reason: "nested batch".into() }),
             Op::Command { plugin, command, payload } => {
@@ -471,8 +489,39 @@ impl Replica {
             events: Vec::new(),
             fuel_used: 0,
         };
-        self.digest = self.digest.chain(index, name, &effects);
+        self.chain(index, name, "lifecycle", &[], &effects);
         self.advance(index);
+    }
+
+    /// Chain an operation's effects into the digest and remember a summary
+    /// of them.
+    fn chain(&mut self, index: u64, plugin: &str, command: &str, payload: &[u8], effects: &Effects) {
+        self.digest = self.digest.chain(index, plugin, effects);
+        let ctx = Context { index, term: 0, timestamp_ms: self.clock_ms, caller: self.op_caller.clone() };
+        self.trail.effect(trail::EffectSummary::new(&ctx, plugin, command, payload, effects, self.digest));
+    }
+
+    /// The summaries of what operation `index` did here, if still kept
+    /// (two for a device report that ran its controller).
+    pub fn effects_at(&self, index: u64) -> Vec<trail::EffectSummary> {
+        self.trail.effects_at(index)
+    }
+
+    /// The last `n` commands `plugin` applied here, oldest first.
+    pub fn recent_commands(&self, plugin: &str, n: usize) -> Vec<Arc<trail::RecordedCommand>> {
+        self.trail.recent_commands(plugin, n)
+    }
+
+    /// The operation indices in `lo..=hi` this node remembers digests for.
+    pub fn history_indices(&self, lo: u64, hi: u64) -> Vec<u64> {
+        let start = self.history.partition_point(|(i, _)| *i < lo);
+        self.history.range(start..).map(|(i, _)| *i).take_while(|i| *i <= hi).collect()
+    }
+
+    /// The (index, digest) pairs this node remembers: the first and the
+    /// last, if any.
+    pub fn history_bounds(&self) -> Option<(u64, u64)> {
+        Some((self.history.front()?.0, self.history.back()?.0))
     }
 
     fn advance(&mut self, index: u64) {
@@ -502,15 +551,33 @@ impl Replica {
         payload: &[u8],
     ) -> Result<Outcome, ApplyError> {
         self.check_order(ctx.index)?;
-        let outcome = match self.plugins.get(plugin) {
+        let known = self.plugins.get(plugin);
+        let mut outcome = match known {
             Some(p) => p.handle(ctx, command, payload, Box::new(self.kv.view(plugin)), self.devices.view()),
             None => Outcome::failed(CommandError::UnknownPlugin { name: plugin.to_owned() }),
         };
         if let Err(CommandError::Host { reason }) = &outcome.result {
             return Err(ApplyError::Host { index: ctx.index, reason: reason.clone() });
         }
+        if known.is_some() {
+            let recorded = trail::RecordedCommand {
+                ctx: ctx.clone(),
+                command: command.to_owned(),
+                payload: payload.to_vec(),
+                result: trail::result_of(&outcome.result),
+            };
+            self.trail.command(plugin, recorded);
+        }
+        if crate::faults::take_perturbation() {
+            perturb(&mut outcome.writes);
+            tracing::warn!(
+                index = ctx.index,
+                plugin,
+                "FAULT INJECTION: this command's writes were perturbed here only"
+            );
+        }
         self.kv.apply(plugin, &outcome.writes);
-        self.digest = self.digest.chain(ctx.index, plugin, &outcome.effects());
+        self.chain(ctx.index, plugin, command, payload, &outcome.effects());
         self.advance(ctx.index);
         Ok(outcome)
     }
@@ -633,6 +700,7 @@ impl Replica {
         let result = match self.registry.remove(name) {
             Some(_) => {
                 self.plugins.remove(name);
+                self.trail.forget(name);
                 Ok(serde_json::to_vec(&serde_json::json!({ "removed": name })).unwrap_or_default())
             }
             None => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
@@ -672,7 +740,7 @@ impl Replica {
                 tracing::debug!(device = %r.device, plugin = %r.plugin, error = %e, "device controller refused");
             }
             self.kv.apply(&r.plugin, &outcome.writes);
-            self.digest = self.digest.chain(ctx.index, &r.plugin, &outcome.effects());
+            self.chain(ctx.index, &r.plugin, &r.command, &r.payload, &outcome.effects());
             self.queue_events(ctx.index, &r.plugin, &outcome.events);
             self.apply_desired(&rctx, &outcome.desired);
         }
@@ -696,7 +764,7 @@ impl Replica {
             events: applied.events,
             fuel_used: 0,
         };
-        self.digest = self.digest.chain(index, DEVICE_FAMILY, &effects);
+        self.chain(index, DEVICE_FAMILY, "device", &[], &effects);
         self.queue_events(index, DEVICE_FAMILY, &effects.events);
         for (id, _) in effects.writes.iter() {
             if !id.starts_with("node/") && id != "lease" {
@@ -860,6 +928,7 @@ impl Replica {
                 settings: self.settings,
                 devices: self.devices.image(),
                 auth: self.auth.image(),
+                clock_ms: self.clock_ms,
             },
         }
     }
@@ -911,7 +980,24 @@ impl Replica {
             device_changes: Vec::new(),
             auth: auth::Auth::from_image(image.auth),
             auth_changed: true,
+            clock_ms: image.clock_ms,
+            op_caller: String::new(),
+            trail: trail::Trail::default(),
         })
+    }
+}
+
+/// The battery's perturbed write (see [`crate::faults`]): the first write's
+/// value gets one more byte, or a write appears where there was none.
+fn perturb(writes: &mut WriteSet) {
+    let first = writes.iter().next().map(|(k, v)| (k.to_owned(), v.map(<[u8]>::to_vec)));
+    match first {
+        Some((key, value)) => {
+            let mut value = value.unwrap_or_default();
+            value.push(0xff);
+            writes.set(key, value);
+        }
+        None => writes.set("synod-fault".into(), b"perturbed".to_vec()),
     }
 }
 

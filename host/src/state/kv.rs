@@ -102,7 +102,9 @@ impl Namespace {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
-    fn apply(&mut self, writes: &WriteSet) {
+    /// Commit `writes` to this namespace (copy-on-write: views taken
+    /// before are unchanged).
+    pub fn apply(&mut self, writes: &WriteSet) {
         if writes.is_empty() {
             return;
         }

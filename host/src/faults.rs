@@ -1,0 +1,89 @@
+//! Faults the fault battery injects into a running node: a network cut to
+//! named members, a jump of the node's clock, and one perturbed write (a
+//! divergence on purpose).
+//!
+//! The state lives here in every build, so the code paths that consult it
+//! are the ones production runs; only the way to set it — `POST
+//! /v1/faults` — is compiled in with the `faults` cargo feature, which the
+//! test suite enables and release builds do not. Without it every fault
+//! stays off: no cut, a zero offset, no perturbation.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::consensus::NodeId;
+
+/// Added to the wall clock this node stamps entries with (milliseconds).
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Perturb the next command's writes as it is applied on this node.
+static PERTURB_NEXT_WRITE: AtomicBool = AtomicBool::new(false);
+
+/// Members this node neither connects to nor accepts connections from.
+static CUT: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
+
+/// What `POST /v1/faults` sets; absent fields are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Members to cut this node off from (both ways: their connections are
+    /// closed and refused). `[]` heals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<BTreeSet<NodeId>>,
+    /// Shift of the wall clock, in milliseconds (negative: back in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
+    /// Perturb the writes of the next command this node applies (one value
+    /// changed), so its digest departs from the others'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perturb_next_write: Option<bool>,
+}
+
+/// The faults in force.
+pub fn current() -> FaultSettings {
+    FaultSettings {
+        cut: Some(cut()),
+        clock_offset_ms: Some(clock_offset_ms()),
+        perturb_next_write: Some(PERTURB_NEXT_WRITE.load(Ordering::Relaxed)),
+    }
+}
+
+/// Apply `settings`; returns the members whose cut changed (to close or
+/// reopen connections with).
+pub fn set(settings: &FaultSettings) -> BTreeSet<NodeId> {
+    if let Some(offset) = settings.clock_offset_ms {
+        CLOCK_OFFSET_MS.store(offset, Ordering::Relaxed);
+    }
+    if let Some(perturb) = settings.perturb_next_write {
+        PERTURB_NEXT_WRITE.store(perturb, Ordering::Relaxed);
+    }
+    let Some(wanted) = &settings.cut else { return BTreeSet::new() };
+    let mut cut = CUT.lock().unwrap_or_else(|e| e.into_inner());
+    let changed = cut.symmetric_difference(wanted).copied().collect();
+    *cut = wanted.clone();
+    changed
+}
+
+/// The clock shift in force (0 unless a fault set one).
+pub fn clock_offset_ms() -> i64 {
+    CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// Whether the next applied command's writes are to be perturbed; true at
+/// most once per setting.
+pub fn take_perturbation() -> bool {
+    PERTURB_NEXT_WRITE.load(Ordering::Relaxed) && PERTURB_NEXT_WRITE.swap(false, Ordering::Relaxed)
+}
+
+/// The members this node is cut off from.
+pub fn cut() -> BTreeSet<NodeId> {
+    CUT.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Whether this node is cut off from `member`.
+pub fn is_cut(member: NodeId) -> bool {
+    CUT.lock().unwrap_or_else(|e| e.into_inner()).contains(&member)
+}
