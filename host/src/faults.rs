@@ -1,6 +1,6 @@
 //! Faults the fault battery injects into a running node: a network cut to
-//! named members, a jump of the node's clock, and one perturbed write (a
-//! divergence on purpose).
+//! named members, a jump of the node's clock, one perturbed write (a
+//! divergence on purpose), and one lost answer from the leader.
 //!
 //! The state lives here in every build, so the code paths that consult it
 //! are the ones production runs; only the way to set it — `POST
@@ -22,6 +22,10 @@ static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
 /// Perturb the next command's writes as it is applied on this node.
 static PERTURB_NEXT_WRITE: AtomicBool = AtomicBool::new(false);
 
+/// Drop the answer to the next write this node forwards to the leader, as
+/// a connection lost after the leader took it would.
+static LOSE_NEXT_ANSWER: AtomicBool = AtomicBool::new(false);
+
 /// Members this node neither connects to nor accepts connections from.
 static CUT: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
 
@@ -40,6 +44,10 @@ pub struct FaultSettings {
     /// changed), so its digest departs from the others'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perturb_next_write: Option<bool>,
+    /// Lose the leader's answer to the next write this node forwards (the
+    /// leader has acted on it), as a connection cut at that moment would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lose_next_answer: Option<bool>,
 }
 
 /// The faults in force.
@@ -48,6 +56,7 @@ pub fn current() -> FaultSettings {
         cut: Some(cut()),
         clock_offset_ms: Some(clock_offset_ms()),
         perturb_next_write: Some(PERTURB_NEXT_WRITE.load(Ordering::Relaxed)),
+        lose_next_answer: Some(LOSE_NEXT_ANSWER.load(Ordering::Relaxed)),
     }
 }
 
@@ -59,6 +68,9 @@ pub fn set(settings: &FaultSettings) -> BTreeSet<NodeId> {
     }
     if let Some(perturb) = settings.perturb_next_write {
         PERTURB_NEXT_WRITE.store(perturb, Ordering::Relaxed);
+    }
+    if let Some(lose) = settings.lose_next_answer {
+        LOSE_NEXT_ANSWER.store(lose, Ordering::Relaxed);
     }
     let Some(wanted) = &settings.cut else { return BTreeSet::new() };
     let mut cut = CUT.lock().unwrap_or_else(|e| e.into_inner());
@@ -76,6 +88,12 @@ pub fn clock_offset_ms() -> i64 {
 /// most once per setting.
 pub fn take_perturbation() -> bool {
     PERTURB_NEXT_WRITE.load(Ordering::Relaxed) && PERTURB_NEXT_WRITE.swap(false, Ordering::Relaxed)
+}
+
+/// Whether to lose the answer to this forwarded write; true at most once per
+/// setting.
+pub fn take_lost_answer() -> bool {
+    LOSE_NEXT_ANSWER.load(Ordering::Relaxed) && LOSE_NEXT_ANSWER.swap(false, Ordering::Relaxed)
 }
 
 /// The members this node is cut off from.

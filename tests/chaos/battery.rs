@@ -12,6 +12,7 @@
 //! - every node ends at one applied index with one digest.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,9 @@ pub enum Nemesis {
     Kill,
     /// kill -9 a node and drop every write it had not fsynced.
     PowerLoss,
+    /// Fill a node's disk under load until it stops (a node exits on a
+    /// storage error), lose its unsynced writes, free the space, restart.
+    DiskFull,
     /// SIGSTOP a node for seconds (longer than an election), then SIGCONT.
     Pause,
     /// Cut the leader off from every other node.
@@ -77,6 +81,8 @@ pub struct Tally {
     pub operations: u64,
     pub acknowledged_writes: u64,
     pub unknown: u64,
+    /// Disk-full cycles where the node noticed and exited on its own.
+    pub disk_full_exits: u64,
     pub counter_invoked: u64,
     pub counter_acknowledged: u64,
     pub cycles: BTreeMap<String, u64>,
@@ -94,14 +100,15 @@ impl Tally {
     pub fn summary(&self) -> String {
         format!(
             "{} rounds, {} operations ({} acknowledged writes, {} unknown), {} counter increments ({} acknowledged); \
-             cycles: {:?}; 0 lost, 0 linearizability violations",
+             cycles: {:?} ({} disk-full exits); 0 lost, 0 linearizability violations",
             self.rounds,
             self.operations,
             self.acknowledged_writes,
             self.unknown,
             self.counter_invoked,
             self.counter_acknowledged,
-            self.cycles
+            self.cycles,
+            self.disk_full_exits
         )
     }
 }
@@ -110,6 +117,11 @@ impl Tally {
 pub struct Rig {
     pub c: Cluster,
     disks: BTreeMap<u64, LossyDisk>,
+    /// The small tmpfs under each lossy disk (its backing dir), so a disk
+    /// can fill up.
+    backings: BTreeMap<u64, PathBuf>,
+    /// Disk-full cycles where the node exited by itself.
+    pub disk_full_exits: u64,
     pub token: String,
     /// Nodes clients should not pick just now (down or paused).
     avoid: Arc<RwLock<BTreeSet<u64>>>,
@@ -131,10 +143,18 @@ impl Rig {
             cfg.raft.snapshot_after_entries = 400;
         });
         let mut disks = BTreeMap::new();
+        let mut backings = BTreeMap::new();
         for (id, m) in &c.nodes {
             let home = m.config_path.parent().unwrap();
             let backing = home.join("backing");
             std::fs::create_dir_all(&backing).unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256m", "synod-chaos"])
+                .arg(&backing)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mounting a tmpfs needs root (CI and this machine run as root)");
+            backings.insert(*id, backing.clone());
             let key = synod::p2p::identity::KEY_FILE;
             std::fs::copy(home.join(key), backing.join(key)).unwrap();
             disks.insert(*id, LossyDisk::mount(&backing, &m.config.data_dir, &home.join("lossyfs.log")));
@@ -152,7 +172,16 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let register = component("register");
-        let rig = Rig { c, disks, token, avoid: Arc::default(), versions: 1, register: register.clone() };
+        let rig = Rig {
+            c,
+            disks,
+            backings,
+            disk_full_exits: 0,
+            token,
+            avoid: Arc::default(),
+            versions: 1,
+            register: register.clone(),
+        };
         rig.client(leader).post("/v1/plugins/register?version=1", register).await.unwrap();
         rig.client(leader).post("/v1/plugins/counter?version=1", component("counter")).await.unwrap();
         rig
@@ -193,6 +222,22 @@ impl Rig {
                     self.disks.get_mut(&victim).unwrap().power_cycle();
                 }
                 tokio::time::sleep(rng.millis(100, 1200)).await;
+                self.c.restart(victim);
+                self.ready(victim).await;
+                self.avoid.write().unwrap().remove(&victim);
+            }
+            Nemesis::DiskFull => {
+                let filler = self.backings[&victim].join("filler");
+                fill(&filler);
+                // Under load the node's next fsync fails and it exits.
+                let exited = self.c.nodes.get_mut(&victim).unwrap().wait_exit(rng.millis(1000, 3000));
+                if exited.is_some() {
+                    self.disk_full_exits += 1;
+                }
+                self.avoid.write().unwrap().insert(victim);
+                self.c.kill(victim);
+                self.disks.get_mut(&victim).unwrap().power_cycle();
+                std::fs::remove_file(&filler).unwrap();
                 self.c.restart(victim);
                 self.ready(victim).await;
                 self.avoid.write().unwrap().remove(&victim);
@@ -262,7 +307,19 @@ impl Drop for Rig {
             self.c.kill(id);
         }
         self.disks.clear();
+        for backing in self.backings.values() {
+            let _ = std::process::Command::new("umount").arg("-l").arg(backing).status();
+        }
     }
+}
+
+/// Write `path` until the disk is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
 }
 
 /// A history under construction.
@@ -292,6 +349,8 @@ async fn send(client: &Client, path: &str, body: Value, headers: &[(&str, &str)]
     match tokio::time::timeout(CLIENT_TIMEOUT, call).await {
         Ok(Ok(v)) => Seen::Ok(v),
         Ok(Err(ClientError::Status { status, .. })) if (400..500).contains(&status) => Seen::Failed,
+        // No leader took it: refused before it reached a log.
+        Ok(Err(ClientError::Status { status: 503, body })) if body["kind"] == "no_leader" => Seen::Failed,
         Ok(Err(_)) | Err(_) => Seen::Unknown,
     }
 }
@@ -322,9 +381,16 @@ impl Workers {
     }
 }
 
-/// A register client: random put / get / cas on `keys` through every node
-/// it may use, until `stop`.
-async fn register_client(me: u64, w: Workers, keys: Arc<Vec<String>>, mut rng: Rng) {
+/// Keys a round's register clients use at a time.
+const KEYS: u64 = 4;
+/// Seconds a key is used before clients move to fresh ones: each key's
+/// history stays short (about a hundred operations, a few unknown), as
+/// Jepsen's independent keys keep the search small.
+const KEY_LIFETIME_S: u64 = 4;
+
+/// A register client: random put / get / cas on the current keys of
+/// `prefix` through every node it may use, until `stop`.
+async fn register_client(me: u64, w: Workers, prefix: String, mut rng: Rng) {
     let Workers { clients, history, start, stop, .. } = w.clone();
     let mut seq = 0i64;
     let mut last_seen: BTreeMap<String, i64> = BTreeMap::new();
@@ -334,7 +400,8 @@ async fn register_client(me: u64, w: Workers, keys: Arc<Vec<String>>, mut rng: R
             continue;
         };
         let client = &clients[&node];
-        let key = keys[rng.below(keys.len() as u64) as usize].clone();
+        let generation = start.elapsed().as_secs() / KEY_LIFETIME_S;
+        let key = format!("{prefix}-g{generation}-k{}", rng.below(KEYS));
         seq += 1;
         let unique = (me as i64) * 1_000_000_000 + seq;
         let roll = rng.below(10);
@@ -369,7 +436,11 @@ async fn register_client(me: u64, w: Workers, keys: Arc<Vec<String>>, mut rng: R
                 if let Some(v) = reply["result"]["value"].as_i64() {
                     last_seen.insert(key.clone(), v);
                 }
-                Some(Outcome::Swapped(reply["result"]["swapped"].as_bool() == Some(true)))
+                let seen = reply["result"]["value"].as_i64();
+                Some(match reply["result"]["swapped"].as_bool() {
+                    Some(true) => Outcome::Swapped(true),
+                    _ => Outcome::CasFailed(seen),
+                })
             }
         };
         let mut h = history.lock().unwrap();
@@ -420,7 +491,6 @@ async fn counter_client(me: u64, w: Workers, mut rng: Rng) {
 /// round's history stands alone.
 pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32)], rng: &mut Rng, tally: &mut Tally) {
     let start = Instant::now();
-    let keys: Arc<Vec<String>> = Arc::new((0..6).map(|k| format!("r{round}-k{k}")).collect());
     let history = Arc::new(Mutex::new(History::default()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let clients =
@@ -429,7 +499,7 @@ pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32
     let shared = Workers { clients: clients(rig), avoid: rig.avoid.clone(), history: history.clone(), start, stop };
     let mut workers = Vec::new();
     for me in 1..=5 {
-        let task = register_client(me, shared.clone(), keys.clone(), Rng::new(rng.next()));
+        let task = register_client(me, shared.clone(), format!("r{round}"), Rng::new(rng.next()));
         workers.push(tokio::spawn(task));
     }
     for me in 1..=2 {
@@ -470,6 +540,7 @@ pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32
 
     // Final reads: part of the history, after everything else.
     let leader = rig.c.leader().await;
+    let keys: BTreeSet<String> = history.lock().unwrap().ops.iter().map(|o| o.key.clone()).collect();
     for key in keys.iter() {
         let call = start.elapsed().as_nanos() as u64;
         let reply = rig
@@ -520,6 +591,7 @@ pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32
         h.counter_invoked
     );
     tally.rounds += 1;
+    tally.disk_full_exits = rig.disk_full_exits;
     tally.operations += h.ops.len() as u64;
     tally.acknowledged_writes +=
         h.ops.iter().filter(|o| matches!(o.outcome, Outcome::Written | Outcome::Swapped(true))).count() as u64

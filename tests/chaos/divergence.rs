@@ -7,12 +7,18 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::harness::{Cluster, serial};
+use crate::nats::NatsServer;
 use crate::plugins::component;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_perturbed_write_is_found_at_its_index() {
     let _serial = serial().await;
-    let c = Cluster::start(3, |_| {});
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
+    let bus = async_nats::connect(nats.url()).await.unwrap();
+    let mut alarms = bus.subscribe("synod.sys.divergence").await.unwrap();
+    bus.flush().await.unwrap();
     let leader = c.leader().await;
     c.push(leader, "counter", "1", component("counter")).await.unwrap();
     for i in 0..60 {
@@ -33,6 +39,13 @@ async fn a_perturbed_write_is_found_at_its_index() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("alarm raised {:?} after the last write", raised.elapsed());
+    // And on the bus, naming the index where the digests were compared.
+    let notice = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut alarms))
+        .await
+        .expect("no synod.sys.divergence notice")
+        .unwrap();
+    let notice: Value = serde_json::from_slice(&notice.payload).unwrap();
+    assert!(notice["index"].as_u64().unwrap() >= index, "{notice}");
 
     // From a healthy node: node 2 agrees, node 3 parted at `index`.
     let report = c.client(1).get("/v1/divergence").await.unwrap();

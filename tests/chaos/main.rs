@@ -14,11 +14,15 @@
 mod battery;
 mod clock;
 mod divergence;
+mod forwarding;
 // The shared test kit; not every helper is used here.
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod harness;
 mod lossy;
+#[allow(dead_code)]
+#[path = "../common/nats.rs"]
+mod nats;
 #[allow(dead_code)]
 #[path = "../common/plugins.rs"]
 mod plugins;
@@ -30,9 +34,10 @@ use battery::{Nemesis, Rig, Rng, Tally};
 use harness::serial;
 
 /// Every nemesis, equally likely.
-const EVERY: [(Nemesis, u32); 7] = [
+const EVERY: [(Nemesis, u32); 8] = [
     (Nemesis::Kill, 1),
     (Nemesis::PowerLoss, 1),
+    (Nemesis::DiskFull, 1),
     (Nemesis::Pause, 1),
     (Nemesis::IsolateLeader, 1),
     (Nemesis::Bridge, 1),
@@ -75,6 +80,7 @@ async fn soak() {
     let mix = [
         (Nemesis::Kill, 12),
         (Nemesis::PowerLoss, 3),
+        (Nemesis::DiskFull, 1),
         (Nemesis::Pause, 1),
         (Nemesis::IsolateLeader, 1),
         (Nemesis::Bridge, 1),
@@ -86,9 +92,10 @@ async fn soak() {
     let mut tally = Tally::default();
     let started = Instant::now();
     let goals = |t: &Tally| {
-        let crashes = t.cycles_of(Nemesis::Kill) + t.cycles_of(Nemesis::PowerLoss);
+        let power = t.cycles_of(Nemesis::PowerLoss) + t.cycles_of(Nemesis::DiskFull);
+        let crashes = t.cycles_of(Nemesis::Kill) + power;
         let partitions = t.cycles_of(Nemesis::IsolateLeader) + t.cycles_of(Nemesis::Bridge);
-        crashes >= 1000 && t.cycles_of(Nemesis::PowerLoss) >= 100 && partitions >= 40
+        crashes >= 1000 && power >= 100 && partitions >= 40
     };
     let mut round = 0;
     while !goals(&tally) && started.elapsed() < Duration::from_secs(minutes * 60) {

@@ -110,10 +110,32 @@ impl NodeInner {
     /// Forward `rpc` to the leader; any transport failure reads as "no
     /// leader" so the caller retries through an election.
     pub(super) async fn forward(&self, leader: NodeId, rpc: &RaftRpc) -> Result<RaftReply, WriteError> {
-        match self.ask(leader, rpc).await {
+        let mut answer = self.ask(leader, rpc).await;
+        if answer.is_ok()
+            && matches!(rpc, RaftRpc::WriteBatch(_))
+            && crate::faults::take_lost_answer()
+            && let Some(peer) = self.peer_of(leader)
+        {
+            let reason = "the answer was dropped by an injected fault".to_owned();
+            answer = Err(AskError::Transport(P2pError::Lost { peer, reason }));
+        }
+        match answer {
             Ok(reply) => Ok(reply),
-            Err(AskError::Decode(e)) => Err(WriteError::Failed(format!("bad reply from leader: {e}"))),
-            Err(_) => Err(self.not_leader()),
+            // Never reached the leader: safe to retry (elsewhere).
+            Err(
+                AskError::UnknownPeer(_)
+                | AskError::Transport(
+                    P2pError::Dial { .. }
+                    | P2pError::NotAllowed { .. }
+                    | P2pError::Refused { .. }
+                    | P2pError::Request { .. },
+                ),
+            ) => Err(self.not_leader()),
+            // Sent, and no answer: the leader may have proposed it. Retrying
+            // would apply it twice (the fault battery caught a compare-and-set
+            // applied twice after a network cut); the client decides, and a
+            // request id makes its retry safe.
+            Err(e) => Err(WriteError::Failed(format!("the leader may or may not have taken this request: {e}"))),
         }
     }
 

@@ -93,6 +93,15 @@ pub enum P2pError {
         /// What went wrong.
         reason: String,
     },
+    /// The request was sent on an open stream, and the stream closed before
+    /// the answer came: the peer may or may not have acted on it.
+    #[error("request to peer {peer} got no answer: {reason}; it may or may not have acted on the request")]
+    Lost {
+        /// The peer asked.
+        peer: PeerId,
+        /// What went wrong.
+        reason: String,
+    },
     /// The request is bigger than the protocol allows; it was not sent.
     #[error("a {protocol} message of {size} bytes is over the limit of {limit} bytes")]
     TooLarge {

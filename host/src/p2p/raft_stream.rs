@@ -161,12 +161,13 @@ impl RaftStreams {
         let (tx, rx) = oneshot::channel();
         lock(&link.waiters).insert(id, tx);
         if link.frames.send((id, OK, request)).is_err() {
+            // Never written: the link's writer had already stopped.
             lock(&link.waiters).remove(&id);
-            return Err(closed(peer));
+            return Err(P2pError::Request { peer, reason: CLOSED.to_owned() });
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(closed(peer)),
+            Ok(Err(_)) => Err(P2pError::Lost { peer, reason: CLOSED.to_owned() }),
             Err(_) => {
                 // A late answer finds no waiter and is dropped.
                 lock(&link.waiters).remove(&id);
@@ -204,14 +205,9 @@ impl RaftStreams {
     }
 }
 
-fn closed(peer: PeerId) -> P2pError {
-    P2pError::Request {
-        peer,
-        reason: "the stream to the peer closed before the answer came (the peer may have restarted, \
-                 shut down, or dropped this node from its allowlist)"
-            .to_owned(),
-    }
-}
+/// Why a stream's request got no answer.
+const CLOSED: &str = "the stream to the peer closed before the answer came (the peer may have restarted, \
+                      shut down, or dropped this node from its allowlist)";
 
 /// Runs one outbound stream: writes queued requests, hands answers to
 /// their waiters. When the stream breaks, every request still on it fails
