@@ -689,7 +689,7 @@ mod tests {
         let c = start(config(kc, vec![(a.id(), Some(a.addr.clone()))])).await;
 
         let err = request(&c, a.id(), Protocol::Raft, b"let me in").await.unwrap_err();
-        assert!(matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }), "{err:?}");
+        assert!(matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. } | P2pError::Lost { .. }), "{err:?}");
         let err = request(&c, a.id(), Protocol::Blob, b"let me in").await.unwrap_err();
         assert!(matches!(&err, P2pError::Request { .. } | P2pError::Dial { .. }), "{err:?}");
 
