@@ -412,7 +412,8 @@ async fn register_client(me: u64, w: Workers, prefix: String, mut rng: Rng) {
         } else if roll < 7 {
             (RegOp::Get, send(client, "/v1/queries/register/get", json!({ "key": key }), &[]).await)
         } else {
-            let from = last_seen.get(&key).copied().unwrap_or(unique - 1);
+            // Nothing seen yet: expect a value no one writes (all are positive).
+            let from = last_seen.get(&key).copied().unwrap_or(-unique);
             let body = json!({ "key": key, "from": from, "to": unique });
             (RegOp::Cas { from, to: unique }, send(client, "/v1/commands/register/cas", body, &[]).await)
         };
@@ -443,14 +444,22 @@ async fn register_client(me: u64, w: Workers, prefix: String, mut rng: Rng) {
                 })
             }
         };
-        let mut h = history.lock().unwrap();
-        if let Seen::Ok(reply) = &seen
-            && let (Some(index), Some(at)) = (reply["result"]["index"].as_u64(), reply["result"]["at"].as_u64())
+        let unknown = matches!(seen, Seen::Unknown);
         {
-            h.stamps.push((index, at));
+            let mut h = history.lock().unwrap();
+            if let Seen::Ok(reply) = &seen
+                && let (Some(index), Some(at)) = (reply["result"]["index"].as_u64(), reply["result"]["at"].as_u64())
+            {
+                h.stamps.push((index, at));
+            }
+            if let Some(outcome) = outcome {
+                h.ops.push(Operation { key, call, ret, op, outcome });
+            }
         }
-        if let Some(outcome) = outcome {
-            h.ops.push(Operation { key, call, ret, op, outcome });
+        if unknown {
+            // Like a Jepsen process that crashed: pause before the next, so
+            // a node failing fast does not flood the key with unknowns.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
@@ -486,10 +495,19 @@ async fn counter_client(me: u64, w: Workers, mut rng: Rng) {
     }
 }
 
+/// A round's length, its nemeses (weighted) and the load between two
+/// cycles (a random time in `gap_ms`).
+pub struct Schedule<'a> {
+    pub seconds: u64,
+    pub mix: &'a [(Nemesis, u32)],
+    pub gap_ms: (u64, u64),
+}
+
 /// One round: `seconds` of load under the nemeses drawn from `mix`
 /// (weighted), then heal and check. The keys are fresh per round, so each
 /// round's history stands alone.
-pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32)], rng: &mut Rng, tally: &mut Tally) {
+pub async fn round(rig: &mut Rig, round: u64, schedule: &Schedule<'_>, rng: &mut Rng, tally: &mut Tally) {
+    let Schedule { seconds, mix, gap_ms } = *schedule;
     let start = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -509,7 +527,7 @@ pub async fn round(rig: &mut Rig, round: u64, seconds: u64, mix: &[(Nemesis, u32
     let deadline = start + Duration::from_secs(seconds);
     let mut cycle = 0;
     while Instant::now() < deadline {
-        tokio::time::sleep(rng.millis(200, 1000)).await;
+        tokio::time::sleep(rng.millis(gap_ms.0, gap_ms.1)).await;
         // Each kind once, in order, then drawn by weight.
         let nemesis = if cycle < mix.len() {
             Some(mix[cycle].0)

@@ -60,7 +60,8 @@ async fn short_battery() {
     let mut rng = Rng::new(seed);
     let mut rig = Rig::start().await;
     let mut tally = Tally::default();
-    battery::round(&mut rig, 0, 60, &EVERY, &mut rng, &mut tally).await;
+    let schedule = battery::Schedule { seconds: 60, mix: &EVERY, gap_ms: (200, 1000) };
+    battery::round(&mut rig, 0, &schedule, &mut rng, &mut tally).await;
     eprintln!("short battery: {}", tally.summary());
     for (nemesis, _) in EVERY {
         assert!(tally.cycles_of(nemesis) >= 1, "{nemesis:?} never ran");
@@ -87,6 +88,8 @@ async fn soak() {
         (Nemesis::ClockJump, 1),
         (Nemesis::Upgrade, 1),
     ];
+    // Shorter gaps than CI's: more cycles per minute.
+    let schedule = battery::Schedule { seconds: 120, mix: &mix, gap_ms: (100, 400) };
     let mut rng = Rng::new(seed);
     let mut rig = Rig::start().await;
     let mut tally = Tally::default();
@@ -99,7 +102,7 @@ async fn soak() {
     };
     let mut round = 0;
     while !goals(&tally) && started.elapsed() < Duration::from_secs(minutes * 60) {
-        battery::round(&mut rig, round, 120, &mix, &mut rng, &mut tally).await;
+        battery::round(&mut rig, round, &schedule, &mut rng, &mut tally).await;
         round += 1;
         eprintln!("soak after {:?}: {}", started.elapsed(), tally.summary());
     }

@@ -113,7 +113,8 @@ pub fn check(history: &[Operation]) -> Result<(), Violation> {
         by_key.entry(&op.key).or_default().push(op);
     }
     for (key, ops) in by_key {
-        let ops = without_unobserved_unknown_writes(ops);
+        let settled = settle_unknown_writes(ops);
+        let ops: Vec<&Operation> = settled.iter().collect();
         let mut search = Search::new(&ops);
         match search.run() {
             Some(true) => {}
@@ -124,36 +125,71 @@ pub fn check(history: &[Operation]) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Leave out unanswered writes whose value no operation ever saw.
+/// Settle unanswered writes the history itself decides.
 ///
-/// Such a write may as well never have happened: in any order that
-/// includes it, nothing between it and the next write reads its value (no
-/// read returned it, no compare-and-set expected it or saw it), so the same
-/// order without it still explains every answer — unanswered operations may
-/// be left out. Exact only when every failed compare-and-set says what it
-/// saw ([`Outcome::CasFailed`]): a bare `Swapped(false)` could need such a
-/// write to explain why it failed, so with one the key is kept whole.
-/// Without this, each unanswered write doubles the orders to try.
-fn without_unobserved_unknown_writes(ops: Vec<&Operation>) -> Vec<&Operation> {
+/// - A write whose value no operation ever saw may as well never have
+///   happened: in any order that includes it, nothing between it and the
+///   next write reads its value (no read returned it, no compare-and-set
+///   expected it or saw it), so the same order without it still explains
+///   every answer — and unanswered operations may be left out. It is left
+///   out.
+/// - When every written value is distinct (the battery writes unique
+///   values), a write whose value an answered operation saw is the only
+///   source of that value: it took effect (a compare-and-set swapped), no
+///   later than the earliest such operation completed. It becomes an
+///   answered operation that completed then.
+///
+/// Both are exact only when every failed compare-and-set says what it saw
+/// ([`Outcome::CasFailed`]): a bare `Swapped(false)` could need an unseen
+/// write to explain why it failed, so with one the key is kept as it is.
+/// Without this each unanswered write stays pending to the end of the
+/// history and doubles the orders to try.
+fn settle_unknown_writes(ops: Vec<&Operation>) -> Vec<Operation> {
+    let written = |o: &Operation| match o.op {
+        RegOp::Put(v) | RegOp::Cas { to: v, .. } => Some(v),
+        RegOp::Get => None,
+    };
     if ops.iter().any(|o| o.outcome == Outcome::Swapped(false)) {
-        return ops;
+        return ops.into_iter().cloned().collect();
     }
+    // Every value some operation expected or saw, and the earliest time an
+    // answered operation is known to have seen it.
     let mut observed = HashSet::new();
+    let mut seen_by: BTreeMap<i64, u64> = BTreeMap::new();
     for o in &ops {
-        match (o.op, o.outcome) {
-            (_, Outcome::Read(Some(v)) | Outcome::CasFailed(Some(v))) => {
-                observed.insert(v);
-            }
+        let saw = match (o.op, o.outcome) {
+            (_, Outcome::Read(Some(v)) | Outcome::CasFailed(Some(v))) => Some(v),
+            (RegOp::Cas { from, .. }, Outcome::Swapped(true)) => Some(from),
             (RegOp::Cas { from, .. }, _) => {
                 observed.insert(from);
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(v) = saw {
+            observed.insert(v);
+            let earliest = seen_by.entry(v).or_insert(o.ret);
+            *earliest = (*earliest).min(o.ret);
         }
     }
+    let mut writers: BTreeMap<i64, usize> = BTreeMap::new();
+    for v in ops.iter().filter_map(|o| written(o)) {
+        *writers.entry(v).or_default() += 1;
+    }
+    let distinct = writers.values().all(|n| *n == 1);
     ops.into_iter()
-        .filter(|o| match (o.op, o.outcome) {
-            (RegOp::Put(v) | RegOp::Cas { to: v, .. }, Outcome::Unknown) => observed.contains(&v),
-            _ => true,
+        .filter_map(|o| {
+            let Some(v) = written(o).filter(|_| o.outcome == Outcome::Unknown) else { return Some(o.clone()) };
+            if !observed.contains(&v) {
+                return None;
+            }
+            match seen_by.get(&v) {
+                Some(&ret) if distinct => {
+                    let outcome = if matches!(o.op, RegOp::Put(_)) { Outcome::Written } else { Outcome::Swapped(true) };
+                    Some(Operation { ret, outcome, ..o.clone() })
+                }
+                _ => Some(o.clone()),
+            }
         })
         .collect()
 }
@@ -313,6 +349,30 @@ mod tests {
             op("k", 0, 1, RegOp::Put(0), Outcome::Written),
             op("k", 2, 0, RegOp::Put(7), Outcome::Unknown),
             op("k", 5, 6, RegOp::Cas { from: 0, to: 1 }, Outcome::Swapped(false)),
+        ];
+        check(&h).unwrap();
+    }
+
+    /// Unanswered writes someone saw are settled: many of them, concurrent,
+    /// stay fast; one seen before it was even invoked is still caught.
+    #[test]
+    fn unknown_writes_that_were_seen_are_settled() {
+        let mut h = vec![op("k", 0, 1, RegOp::Put(0), Outcome::Written)];
+        for i in 0..200u64 {
+            // Invoked together, each seen by a read much later, in order.
+            h.push(op("k", 2 + i, 0, RegOp::Put(100 + i as i64), Outcome::Unknown));
+            h.push(op("k", 1000 + 10 * i, 1005 + 10 * i, RegOp::Get, Outcome::Read(Some(100 + i as i64))));
+        }
+        h.push(op("k", 5000, 0, RegOp::Cas { from: 299, to: 7 }, Outcome::Unknown));
+        h.push(op("k", 5001, 5002, RegOp::Get, Outcome::Read(Some(7))));
+        check(&h).unwrap();
+        let h = vec![op("k", 0, 1, RegOp::Get, Outcome::Read(Some(5))), op("k", 2, 0, RegOp::Put(5), Outcome::Unknown)];
+        assert!(check(&h).is_err());
+        // A value written twice: the seen unknown write stays unknown.
+        let h = vec![
+            op("k", 0, 1, RegOp::Put(5), Outcome::Written),
+            op("k", 2, 0, RegOp::Put(5), Outcome::Unknown),
+            op("k", 3, 4, RegOp::Get, Outcome::Read(Some(5))),
         ];
         check(&h).unwrap();
     }
