@@ -125,6 +125,9 @@ pub struct Rig {
     pub token: String,
     /// Nodes clients should not pick just now (down or paused).
     avoid: Arc<RwLock<BTreeSet<u64>>>,
+    /// What each cycle did, when (seconds since the rig started).
+    pub timeline: Vec<String>,
+    started: Instant,
     /// Version labels of the register plugin used so far.
     versions: u64,
     register: Vec<u8>,
@@ -179,6 +182,8 @@ impl Rig {
             disk_full_exits: 0,
             token,
             avoid: Arc::default(),
+            timeline: Vec::new(),
+            started: Instant::now(),
             versions: 1,
             register: register.clone(),
         };
@@ -214,6 +219,8 @@ impl Rig {
     pub async fn cycle(&mut self, nemesis: Nemesis, rng: &mut Rng) {
         let leader = self.c.leader().await;
         let victim = if rng.below(2) == 0 { leader } else { self.others(leader)[rng.below(2) as usize] };
+        let at = self.started.elapsed().as_secs_f64();
+        self.timeline.push(format!("{at:.3} {nemesis:?} victim {victim} leader {leader}"));
         match nemesis {
             Nemesis::Kill | Nemesis::PowerLoss => {
                 self.avoid.write().unwrap().insert(victim);
@@ -326,6 +333,8 @@ fn fill(path: &std::path::Path) {
 #[derive(Default)]
 struct History {
     ops: Vec<Operation>,
+    /// The node each operation went to, by position in `ops`.
+    nodes: Vec<u64>,
     /// (operation index, timestamp) of acknowledged register commands.
     stamps: Vec<(u64, u64)>,
     counter_invoked: u64,
@@ -454,6 +463,7 @@ async fn register_client(me: u64, w: Workers, prefix: String, mut rng: Rng) {
             }
             if let Some(outcome) = outcome {
                 h.ops.push(Operation { key, call, ret, op, outcome });
+                h.nodes.push(node);
             }
         }
         if unknown {
@@ -509,6 +519,11 @@ pub struct Schedule<'a> {
 pub async fn round(rig: &mut Rig, round: u64, schedule: &Schedule<'_>, rng: &mut Rng, tally: &mut Tally) {
     let Schedule { seconds, mix, gap_ms } = *schedule;
     let start = Instant::now();
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    rig.timeline.push(format!(
+        "{:.3} round {round} starts (history time 0 = unix {wall} ms)",
+        rig.started.elapsed().as_secs_f64()
+    ));
     let history = Arc::new(Mutex::new(History::default()));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let clients =
@@ -568,13 +583,9 @@ pub async fn round(rig: &mut Rig, round: u64, schedule: &Schedule<'_>, rng: &mut
             .unwrap();
         let ret = start.elapsed().as_nanos() as u64;
         let value = reply["result"]["value"].as_i64();
-        history.lock().unwrap().ops.push(Operation {
-            key: key.clone(),
-            call,
-            ret,
-            op: RegOp::Get,
-            outcome: Outcome::Read(value),
-        });
+        let mut h = history.lock().unwrap();
+        h.ops.push(Operation { key: key.clone(), call, ret, op: RegOp::Get, outcome: Outcome::Read(value) });
+        h.nodes.push(leader);
     }
     let counter_after = counter_value(rig).await;
     rig.c.same_digest().await;
@@ -582,10 +593,17 @@ pub async fn round(rig: &mut Rig, round: u64, schedule: &Schedule<'_>, rng: &mut
     let h = std::mem::take(&mut *history.lock().unwrap());
     let verdict = check(&h.ops);
     if let Err(violation) = &verdict {
-        let dump = std::env::temp_dir().join(format!("synod-chaos-history-r{round}.txt"));
-        let lines: Vec<String> = h.ops.iter().map(|o| format!("{o:?}")).collect();
-        std::fs::write(&dump, lines.join("\n")).unwrap();
-        panic!("round {round}: {violation} (history in {})", dump.display());
+        // Everything needed to find the cause: the history (with the node
+        // each operation went to), the nemesis timeline, every node's log.
+        let dump = std::env::temp_dir().join(format!("synod-chaos-failure-r{round}-{}", std::process::id()));
+        std::fs::create_dir_all(&dump).unwrap();
+        let lines: Vec<String> = h.ops.iter().zip(&h.nodes).map(|(o, n)| format!("node {n} {o:?}")).collect();
+        std::fs::write(dump.join("history.txt"), lines.join("\n")).unwrap();
+        std::fs::write(dump.join("nemeses.txt"), rig.timeline.join("\n")).unwrap();
+        for (id, m) in &rig.c.nodes {
+            let _ = std::fs::copy(crate::harness::log_path(&m.config_path), dump.join(format!("node{id}.log")));
+        }
+        panic!("round {round}: {violation} (history, nemeses and node logs in {})", dump.display());
     }
     let mut stamps = h.stamps.clone();
     stamps.sort_unstable();
