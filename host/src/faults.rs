@@ -60,9 +60,8 @@ pub fn current() -> FaultSettings {
     }
 }
 
-/// Apply `settings`; returns the members whose cut changed (to close or
-/// reopen connections with).
-pub fn set(settings: &FaultSettings) -> BTreeSet<NodeId> {
+/// Put `settings` in force (absent fields unchanged).
+pub fn set(settings: &FaultSettings) {
     if let Some(offset) = settings.clock_offset_ms {
         CLOCK_OFFSET_MS.store(offset, Ordering::Relaxed);
     }
@@ -72,11 +71,9 @@ pub fn set(settings: &FaultSettings) -> BTreeSet<NodeId> {
     if let Some(lose) = settings.lose_next_answer {
         LOSE_NEXT_ANSWER.store(lose, Ordering::Relaxed);
     }
-    let Some(wanted) = &settings.cut else { return BTreeSet::new() };
-    let mut cut = CUT.lock().unwrap_or_else(|e| e.into_inner());
-    let changed = cut.symmetric_difference(wanted).copied().collect();
-    *cut = wanted.clone();
-    changed
+    if let Some(wanted) = &settings.cut {
+        *CUT.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
+    }
 }
 
 /// The clock shift in force (0 unless a fault set one).
@@ -99,9 +96,4 @@ pub fn take_lost_answer() -> bool {
 /// The members this node is cut off from.
 pub fn cut() -> BTreeSet<NodeId> {
     CUT.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// Whether this node is cut off from `member`.
-pub fn is_cut(member: NodeId) -> bool {
-    CUT.lock().unwrap_or_else(|e| e.into_inner()).contains(&member)
 }

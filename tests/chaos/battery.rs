@@ -23,33 +23,7 @@ use synod::client::{Client, ClientError};
 use crate::harness::Cluster;
 use crate::lossy::LossyDisk;
 use crate::plugins::component;
-
-/// A small deterministic generator (SplitMix64): a failing run prints its
-/// seed.
-#[derive(Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
+use crate::rng::Rng;
 
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -223,15 +197,9 @@ impl Rig {
         self.timeline.push(format!("{at:.3} {nemesis:?} victim {victim} leader {leader}"));
         match nemesis {
             Nemesis::Kill | Nemesis::PowerLoss => {
-                self.avoid.write().unwrap().insert(victim);
-                self.c.kill(victim);
-                if nemesis == Nemesis::PowerLoss {
-                    self.disks.get_mut(&victim).unwrap().power_cycle();
-                }
+                self.take_down(victim, nemesis == Nemesis::PowerLoss);
                 tokio::time::sleep(rng.millis(100, 1200)).await;
-                self.c.restart(victim);
-                self.ready(victim).await;
-                self.avoid.write().unwrap().remove(&victim);
+                self.bring_up(victim).await;
             }
             Nemesis::DiskFull => {
                 let filler = self.backings[&victim].join("filler");
@@ -241,13 +209,9 @@ impl Rig {
                 if exited.is_some() {
                     self.disk_full_exits += 1;
                 }
-                self.avoid.write().unwrap().insert(victim);
-                self.c.kill(victim);
-                self.disks.get_mut(&victim).unwrap().power_cycle();
+                self.take_down(victim, true);
                 std::fs::remove_file(&filler).unwrap();
-                self.c.restart(victim);
-                self.ready(victim).await;
-                self.avoid.write().unwrap().remove(&victim);
+                self.bring_up(victim).await;
             }
             Nemesis::Pause => {
                 self.avoid.write().unwrap().insert(victim);
@@ -288,6 +252,23 @@ impl Rig {
             }
         }
         self.c.leader().await;
+    }
+
+    /// Clients stop picking `victim`; it is killed with -9, and with
+    /// `power_loss` its unsynced writes are dropped too.
+    fn take_down(&mut self, victim: u64, power_loss: bool) {
+        self.avoid.write().unwrap().insert(victim);
+        self.c.kill(victim);
+        if power_loss {
+            self.disks.get_mut(&victim).unwrap().power_cycle();
+        }
+    }
+
+    /// Restart `victim`; clients use it again once it answers.
+    async fn bring_up(&mut self, victim: u64) {
+        self.c.restart(victim);
+        self.ready(victim).await;
+        self.avoid.write().unwrap().remove(&victim);
     }
 
     async fn heal_cuts(&self) {
@@ -532,11 +513,11 @@ pub async fn round(rig: &mut Rig, round: u64, schedule: &Schedule<'_>, rng: &mut
     let shared = Workers { clients: clients(rig), avoid: rig.avoid.clone(), history: history.clone(), start, stop };
     let mut workers = Vec::new();
     for me in 1..=5 {
-        let task = register_client(me, shared.clone(), format!("r{round}"), Rng::new(rng.next()));
+        let task = register_client(me, shared.clone(), format!("r{round}"), Rng(rng.next()));
         workers.push(tokio::spawn(task));
     }
     for me in 1..=2 {
-        workers.push(tokio::spawn(counter_client(me + round * 10, shared.clone(), Rng::new(rng.next()))));
+        workers.push(tokio::spawn(counter_client(me + round * 10, shared.clone(), Rng(rng.next()))));
     }
     let total: u32 = mix.iter().map(|(_, w)| w).sum();
     let deadline = start + Duration::from_secs(seconds);

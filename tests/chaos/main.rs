@@ -27,11 +27,15 @@ mod nats;
 #[path = "../common/plugins.rs"]
 mod plugins;
 mod replay;
+#[allow(dead_code)]
+#[path = "../common/rng.rs"]
+mod rng;
 
 use std::time::{Duration, Instant};
 
-use battery::{Nemesis, Rig, Rng, Tally};
+use battery::{Nemesis, Rig, Tally};
 use harness::serial;
+use rng::{Rng, test_seed};
 
 /// Every nemesis, equally likely.
 const EVERY: [(Nemesis, u32); 8] = [
@@ -45,19 +49,12 @@ const EVERY: [(Nemesis, u32); 8] = [
     (Nemesis::Upgrade, 1),
 ];
 
-fn seed() -> u64 {
-    std::env::var("SYNOD_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-    })
-}
-
 /// The short battery CI runs: one round of every nemesis, about a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_battery() {
     let _serial = serial().await;
-    let seed = seed();
-    eprintln!("chaos seed {seed} (SYNOD_CHAOS_SEED={seed} repeats the schedule)");
-    let mut rng = Rng::new(seed);
+    let seed = test_seed("chaos");
+    let mut rng = Rng(seed);
     let mut rig = Rig::start().await;
     let mut tally = Tally::default();
     let schedule = battery::Schedule { seconds: 60, mix: &EVERY, gap_ms: (200, 1000) };
@@ -75,8 +72,7 @@ async fn short_battery() {
 #[ignore = "long: ./tests/run --soak"]
 async fn soak() {
     let _serial = serial().await;
-    let seed = seed();
-    eprintln!("chaos seed {seed}");
+    let seed = test_seed("chaos soak");
     let minutes: u64 = std::env::var("SYNOD_SOAK_MINUTES").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
     let mix = [
         (Nemesis::Kill, 12),
@@ -90,7 +86,7 @@ async fn soak() {
     ];
     // Shorter gaps than CI's: more cycles per minute.
     let schedule = battery::Schedule { seconds: 120, mix: &mix, gap_ms: (100, 400) };
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng(seed);
     let mut rig = Rig::start().await;
     let mut tally = Tally::default();
     let started = Instant::now();

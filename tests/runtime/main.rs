@@ -10,6 +10,10 @@ mod isolation;
 mod languages;
 mod load_errors;
 mod misbehave;
+// Seeded randomness, shared with the fault battery.
 #[path = "../common/plugins.rs"]
 mod plugins;
+#[allow(dead_code)]
+#[path = "../common/rng.rs"]
+mod rng;
 mod snapshots;

@@ -56,7 +56,7 @@ impl NodeInner {
         let mut report = Vec::new();
         let mut first: Option<u64> = None;
         let mut before: Option<u64> = None;
-        for peer in peers {
+        for &peer in &peers {
             let comparison = self.compare_with(peer).await;
             let entry = match &comparison {
                 Comparison::Agree { upto } => json!({ "node": peer, "status": "agree", "compared_upto": upto }),
@@ -91,7 +91,7 @@ impl NodeInner {
                 });
             }
             effects.insert(self.id.to_string(), ours.iter().map(|e| e.to_json()).collect());
-            for peer in self.members().into_keys().filter(|id| *id != self.id) {
+            for &peer in &peers {
                 let theirs = match self.ask(peer, &RaftRpc::Effects(index)).await {
                     Ok(RaftReply::Effects(e)) => e.iter().map(|e| e.to_json()).collect(),
                     Ok(_) | Err(_) => Value::Null,
@@ -136,11 +136,10 @@ impl NodeInner {
         // Invariant: same at indices[l], different at indices[r].
         let (mut l, mut r) = (0, indices.len() - 1);
         while r - l > 1 {
+            // Strictly increasing: the step is at least one.
             let step = ((r - l) as f64 / (PROBES + 1) as f64).max(1.0);
             let probes: Vec<usize> =
                 (1..=PROBES).map(|k| l + (k as f64 * step) as usize).filter(|p| *p > l && *p < r).collect();
-            let mut probes = probes;
-            probes.dedup();
             let asked: Vec<u64> = probes.iter().map(|p| indices[*p]).collect();
             let differs = match self.differs(peer, &asked).await {
                 Ok(d) => d,

@@ -107,8 +107,10 @@ impl NodeInner {
         self.members().get(&id).and_then(|n| PeerId::from_str(&n.peer_id).ok())
     }
 
-    /// Forward `rpc` to the leader; any transport failure reads as "no
-    /// leader" so the caller retries through an election.
+    /// Forward `rpc` to the leader. A failure that proves the request never
+    /// reached it reads as "no leader", so the caller retries through an
+    /// election; one after it was sent (a lost answer, a timeout) is a
+    /// failure the client must see, since the leader may have acted.
     pub(super) async fn forward(&self, leader: NodeId, rpc: &RaftRpc) -> Result<RaftReply, WriteError> {
         let mut answer = self.ask(leader, rpc).await;
         if answer.is_ok()

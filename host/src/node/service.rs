@@ -812,8 +812,6 @@ impl NodeInner {
         (ready, body)
     }
 
-    /// Run `f` with read access to the replicated state (briefly: apply
-    /// waits while it runs).
     /// Put `settings` in force on this node (the fault battery's control;
     /// see [`crate::faults`]): a cut names member ids, which become the
     /// peers whose connections the transport closes and refuses.
@@ -834,6 +832,8 @@ impl NodeInner {
         now
     }
 
+    /// Run `f` with read access to the replicated state (briefly: apply
+    /// waits while it runs).
     pub fn with_replica<T>(&self, f: impl FnOnce(&crate::replica::Replica) -> T) -> Option<T> {
         self.shared.replica.read().ok().map(|r| f(&r))
     }

@@ -444,14 +444,9 @@ impl SwarmTask {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Request { peer, request, reply } => self.send_request(peer, request, reply),
-            Command::Allow { peer } => {
-                // Membership changes re-allow every member; a refused one
-                // stays out until it leaves the membership.
-                if self.admission.refusal(&peer).is_none() && !self.cut.contains(&peer) {
-                    self.swarm.behaviour_mut().allowed.allow_peer(peer);
-                    self.dial(peer);
-                }
-            }
+            // Membership changes re-allow every member; a refused one stays
+            // out until it leaves the membership.
+            Command::Allow { peer } => self.admit(peer),
             Command::Disallow { peer } => {
                 // Also closes the peer's open connections.
                 self.swarm.behaviour_mut().allowed.disallow_peer(peer);
@@ -464,15 +459,21 @@ impl SwarmTask {
                 }
                 self.cut = peers;
                 let members = self.peers.ids();
-                for peer in healed {
-                    if members.contains(&peer) && self.admission.refusal(&peer).is_none() {
-                        self.swarm.behaviour_mut().allowed.allow_peer(peer);
-                        self.dial(peer);
-                    }
+                for peer in healed.into_iter().filter(|p| members.contains(p)) {
+                    self.admit(peer);
                 }
             }
             // Handled by `run`, which must leave its loop.
             Command::Shutdown { .. } => {}
+        }
+    }
+
+    /// Put `peer` on the allowlist and dial it, unless it is refused or cut
+    /// off by a fault.
+    fn admit(&mut self, peer: PeerId) {
+        if self.admission.refusal(&peer).is_none() && !self.cut.contains(&peer) {
+            self.swarm.behaviour_mut().allowed.allow_peer(peer);
+            self.dial(peer);
         }
     }
 

@@ -230,8 +230,7 @@ pub struct Replica {
     /// The timestamp of the operation being applied, or of the last one:
     /// never lower than an earlier operation's (see [`Image::clock_ms`]).
     clock_ms: u64,
-    /// Who sent the operation being applied, and what kind it is (for the
-    /// trail).
+    /// Who sent the operation being applied (for the trail).
     op_caller: String,
     /// Recent effect summaries and commands (not replicated).
     trail: trail::Trail,
@@ -498,7 +497,7 @@ impl Replica {
     fn chain(&mut self, index: u64, plugin: &str, command: &str, payload: &[u8], effects: &Effects) {
         self.digest = self.digest.chain(index, plugin, effects);
         let ctx = Context { index, term: 0, timestamp_ms: self.clock_ms, caller: self.op_caller.clone() };
-        self.trail.effect(trail::EffectSummary::new(&ctx, plugin, command, payload, effects, self.digest));
+        self.trail.effect(trail::EffectSummary::new(ctx, plugin, command, payload, effects, self.digest));
     }
 
     /// The summaries of what operation `index` did here, if still kept
@@ -560,12 +559,8 @@ impl Replica {
             return Err(ApplyError::Host { index: ctx.index, reason: reason.clone() });
         }
         if known.is_some() {
-            let recorded = trail::RecordedCommand {
-                ctx: ctx.clone(),
-                command: command.to_owned(),
-                payload: payload.to_vec(),
-                result: trail::result_of(&outcome.result),
-            };
+            let recorded =
+                trail::RecordedCommand { ctx: ctx.clone(), command: command.to_owned(), payload: payload.to_vec() };
             self.trail.command(plugin, recorded);
         }
         if crate::faults::take_perturbation() {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{CommandError, Context};
+use crate::runtime::Context;
 use crate::state::{Digest, Effects};
 
 /// How many operations' effect summaries a node keeps.
@@ -79,7 +79,7 @@ pub struct EffectSummary {
 
 impl EffectSummary {
     /// Summarise `effects` of an operation.
-    pub fn new(ctx: &Context, plugin: &str, command: &str, payload: &[u8], effects: &Effects, digest: Digest) -> Self {
+    pub fn new(ctx: Context, plugin: &str, command: &str, payload: &[u8], effects: &Effects, digest: Digest) -> Self {
         let (ok, output): (bool, &[u8]) = match &effects.result {
             Ok(out) => (true, out),
             Err(e) => (false, e.as_bytes()),
@@ -89,7 +89,7 @@ impl EffectSummary {
             index: ctx.index,
             plugin: plugin.to_owned(),
             command: command.to_owned(),
-            caller: ctx.caller.clone(),
+            caller: ctx.caller,
             timestamp_ms: ctx.timestamp_ms,
             payload_blake3: *blake3::hash(payload).as_bytes(),
             payload_bytes: payload.len() as u64,
@@ -150,8 +150,6 @@ pub struct RecordedCommand {
     pub command: String,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Its result on the version that applied it (output or error message).
-    pub result: Result<Vec<u8>, String>,
 }
 
 /// The recent operations of one node.
@@ -204,11 +202,6 @@ impl Trail {
     }
 }
 
-/// An error message as the trail keeps it.
-pub fn result_of(result: &Result<Vec<u8>, CommandError>) -> Result<Vec<u8>, String> {
-    result.clone().map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +218,7 @@ mod tests {
         writes.set("k".into(), b"v".to_vec());
         let effects = Effects { result: Ok(b"out".to_vec()), writes, events: Vec::new(), fuel_used: 7 };
         for i in 1..=(EFFECTS_KEEP as u64 + 10) {
-            trail.effect(EffectSummary::new(&ctx(i * 3), "p", "c", b"x", &effects, Digest::ZERO));
+            trail.effect(EffectSummary::new(ctx(i * 3), "p", "c", b"x", &effects, Digest::ZERO));
         }
         assert!(trail.effects_at(3).is_empty(), "the oldest are gone");
         let kept = trail.effects_at(3 * (EFFECTS_KEEP as u64 + 10));
@@ -237,20 +230,14 @@ mod tests {
     fn recent_commands_are_bounded_by_count_and_bytes() {
         let mut trail = Trail::default();
         for i in 0..(COMMANDS_KEEP as u64 + 5) {
-            let recorded =
-                RecordedCommand { ctx: ctx(i), command: "c".into(), payload: vec![0; 10], result: Ok(Vec::new()) };
+            let recorded = RecordedCommand { ctx: ctx(i), command: "c".into(), payload: vec![0; 10] };
             trail.command("p", recorded);
         }
         let recent = trail.recent_commands("p", usize::MAX);
         assert_eq!(recent.len(), COMMANDS_KEEP);
         assert_eq!(recent.last().unwrap().ctx.index, COMMANDS_KEEP as u64 + 4);
         assert_eq!(trail.recent_commands("p", 3).len(), 3);
-        let big = RecordedCommand {
-            ctx: ctx(1),
-            command: "c".into(),
-            payload: vec![0; COMMAND_BYTES_KEEP],
-            result: Ok(Vec::new()),
-        };
+        let big = RecordedCommand { ctx: ctx(1), command: "c".into(), payload: vec![0; COMMAND_BYTES_KEEP] };
         trail.command("q", big.clone());
         trail.command("q", big);
         assert_eq!(trail.recent_commands("q", 10).len(), 1, "the byte bound drops the oldest");
