@@ -1,6 +1,8 @@
 //! Faults the fault battery injects into a running node: a network cut to
 //! named members, a jump of the node's clock, one perturbed write (a
-//! divergence on purpose), and one lost answer from the leader.
+//! divergence on purpose), one lost answer from the leader, and held
+//! appends (a follower that takes heartbeats but no entries, like a slow
+//! disk).
 //!
 //! The state lives here in every build, so the code paths that consult it
 //! are the ones production runs; only the way to set it — `POST
@@ -26,6 +28,13 @@ static PERTURB_NEXT_WRITE: AtomicBool = AtomicBool::new(false);
 /// a connection lost after the leader took it would.
 static LOSE_NEXT_ANSWER: AtomicBool = AtomicBool::new(false);
 
+/// Hold every incoming append that carries entries until this is cleared
+/// (heartbeats pass).
+static HOLD_APPENDS: AtomicBool = AtomicBool::new(false);
+
+/// The longest one append is held, so a forgotten hold cannot wedge a test.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Members this node neither connects to nor accepts connections from.
 static CUT: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
 
@@ -48,6 +57,11 @@ pub struct FaultSettings {
     /// leader has acted on it), as a connection cut at that moment would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lose_next_answer: Option<bool>,
+    /// Hold the appends this node receives that carry entries (heartbeats
+    /// pass) until set back to false, or 30 s: a follower whose log falls
+    /// behind while it still answers its leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_appends: Option<bool>,
 }
 
 /// The faults in force.
@@ -57,6 +71,7 @@ pub fn current() -> FaultSettings {
         clock_offset_ms: Some(clock_offset_ms()),
         perturb_next_write: Some(PERTURB_NEXT_WRITE.load(Ordering::Relaxed)),
         lose_next_answer: Some(LOSE_NEXT_ANSWER.load(Ordering::Relaxed)),
+        hold_appends: Some(HOLD_APPENDS.load(Ordering::Relaxed)),
     }
 }
 
@@ -70,6 +85,9 @@ pub fn set(settings: &FaultSettings) {
     }
     if let Some(lose) = settings.lose_next_answer {
         LOSE_NEXT_ANSWER.store(lose, Ordering::Relaxed);
+    }
+    if let Some(hold) = settings.hold_appends {
+        HOLD_APPENDS.store(hold, Ordering::Relaxed);
     }
     if let Some(wanted) = &settings.cut {
         *CUT.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
@@ -91,6 +109,14 @@ pub fn take_perturbation() -> bool {
 /// setting.
 pub fn take_lost_answer() -> bool {
     LOSE_NEXT_ANSWER.load(Ordering::Relaxed) && LOSE_NEXT_ANSWER.swap(false, Ordering::Relaxed)
+}
+
+/// Wait while appends are held (returns at once when they are not).
+pub async fn hold_append() {
+    let deadline = tokio::time::Instant::now() + MAX_HOLD;
+    while HOLD_APPENDS.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// The members this node is cut off from.

@@ -27,6 +27,7 @@ mod nats;
 #[path = "../common/plugins.rs"]
 mod plugins;
 mod replay;
+mod restart;
 #[allow(dead_code)]
 #[path = "../common/rng.rs"]
 mod rng;

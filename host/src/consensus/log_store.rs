@@ -588,6 +588,13 @@ impl LogStore {
         self.inner.lock().map_err(|_| io::Error::other("raft log lock poisoned"))
     }
 
+    /// The term of the saved vote and the index of the last entry: where
+    /// this node stands as it starts, before openraft takes the log.
+    pub fn resume_point(&self) -> io::Result<(u64, u64)> {
+        let inner = self.lock()?;
+        Ok((inner.vote.map_or(0, |v| v.leader_id().term), inner.last_log_id().map_or(0, |l| l.index)))
+    }
+
     /// Write entries and sync them: one `fdatasync` for the whole batch
     /// openraft hands over. The lock is not held during the sync, so
     /// readers (replication) are not held up by it.
@@ -637,7 +644,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// The committed id is a hint openraft can re-derive after a restart
     /// (from a quorum), so it is not fsynced: one sync per write saved on
-    /// every node.
+    /// every node. After a power loss it may be older than what was
+    /// committed; a leader that resumes its term must then not read from it
+    /// (see `NodeInner::read_index_local`).
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
         self.lock().and_then(|mut inner| inner.save_committed(committed)).map_err(write_err)
     }

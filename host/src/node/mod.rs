@@ -101,6 +101,10 @@ pub struct NodeInner {
     pub config: NodeConfig,
     /// The Raft instance.
     pub raft: Raft<TypeConfig>,
+    /// The term of this node's saved vote and its last log index when it
+    /// started: the floor of its read index while it leads in that term
+    /// (see [`NodeInner::read_index_local`]).
+    resumed: (u64, u64),
     /// Replicated state, for reads.
     pub shared: Arc<Shared>,
     /// Transport.
@@ -215,6 +219,7 @@ impl RunningNode {
         );
 
         let log = LogStore::open(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        let resumed = log.resume_point().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         let sm = StateMachineStore::open(dir, artifacts.clone(), Arc::new(peer::PeerBlobs(cell.clone())))
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let shared = sm.shared();
@@ -245,6 +250,7 @@ impl RunningNode {
             id: config.id,
             config,
             raft,
+            resumed,
             shared,
             p2p,
             artifacts,

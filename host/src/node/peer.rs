@@ -160,7 +160,12 @@ impl NodeInner {
             return RaftReply::Refused(format!("peer {from} is not node {id}"));
         }
         match rpc {
-            RaftRpc::Append(r) => RaftReply::Append(self.raft.append_entries(r).await),
+            RaftRpc::Append(r) => {
+                if !r.entries.is_empty() {
+                    crate::faults::hold_append().await;
+                }
+                RaftReply::Append(self.raft.append_entries(r).await)
+            }
             RaftRpc::Vote(r) => RaftReply::Vote(self.raft.vote(r).await),
             RaftRpc::Snapshot(r) => RaftReply::Snapshot(self.raft.install_snapshot(r).await),
             RaftRpc::WriteBatch(writes) => {

@@ -259,9 +259,28 @@ impl super::NodeInner {
         }
     }
 
+    /// The index a linearizable read must wait for, as this node (the
+    /// leader) sees it after confirming its leadership with a quorum.
+    ///
+    /// openraft's read index is the later of this term's first entry and
+    /// the commit index. A leader restarted before anyone else stood for
+    /// election resumes its term, and its commit index starts from the
+    /// hint on disk, which is not fsynced: after a power loss it can be
+    /// older than entries the leader had acknowledged, and until the
+    /// leader hears from a follower that holds them it would serve reads
+    /// from before them (the fault battery's soak saw two keys read as
+    /// absent that way). So while a node leads in the term it started
+    /// with, it reads from no earlier than the last entry it started with:
+    /// every entry it acknowledged before the restart is in its log, and
+    /// all of that log commits in this term.
     pub(super) async fn read_index_local(&self) -> Result<u64, WriteError> {
         match self.raft.ensure_linearizable().await {
-            Ok(id) => Ok(id.map(|i| i.index).unwrap_or(0)),
+            Ok(id) => {
+                let index = id.map(|i| i.index).unwrap_or(0);
+                let (term, last) = self.resumed;
+                let current = self.raft.metrics().borrow().current_term;
+                Ok(if current == term { index.max(last) } else { index })
+            }
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => Err(self.not_leader()),
             Err(e) => Err(WriteError::Failed(e.to_string())),
         }
