@@ -247,6 +247,7 @@ impl Artifacts {
         check_hash(sha256)?;
         let key = (sha256.to_owned(), format!("{limits:?}"));
         if let Some(p) = self.loaded.lock().map_err(|_| poisoned())?.get(&key) {
+            loaded_from("memory");
             return Ok(p.clone());
         }
         let plugin = Arc::new(self.load_uncached(sha256, limits)?);
@@ -261,16 +262,25 @@ impl Artifacts {
             // SAFETY: this directory is private to the node and keyed by the
             // engine fingerprint; only `precompile` below writes it.
             match unsafe { self.runtime.load_precompiled(&artifact, digest, limits) } {
-                Ok(p) => return Ok(p),
+                Ok(p) => {
+                    loaded_from("disk");
+                    return Ok(p);
+                }
                 Err(e) => tracing::warn!(sha256, error = %e, "compile cache entry unusable; recompiling"),
             }
         }
         let bytes = self.get(sha256)?.ok_or_else(|| ArtifactError::Missing(sha256.to_owned()))?;
         let artifact = self.runtime.precompile(&bytes, &limits)?;
         write_durably(&self.compiled, sha256, &artifact)?;
+        loaded_from("compiled");
         // SAFETY: just produced by this engine.
         Ok(unsafe { self.runtime.load_precompiled(&artifact, digest, limits) }?)
     }
+}
+
+/// Count a plugin load by where its compiled code came from.
+fn loaded_from(source: &str) {
+    crate::metrics::get().plugin_loads.get_or_create(&crate::metrics::LoadLabels { source: source.into() }).inc();
 }
 
 fn poisoned() -> ArtifactError {

@@ -41,6 +41,7 @@ pub mod dev;
 pub mod devices;
 pub mod driver;
 pub mod faults;
+pub mod metrics;
 pub mod node;
 pub mod p2p;
 pub mod replica;

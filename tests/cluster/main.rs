@@ -14,6 +14,7 @@ mod harness;
 mod hot_reload;
 mod load;
 mod membership;
+mod metrics;
 #[path = "../common/plugins.rs"]
 mod plugins;
 mod safety;

@@ -85,12 +85,14 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{target}", delete(revoke_token))
         .route("/v1/audit", get(audit))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(health))
         .route("/readyz", get(ready));
     // The fault battery's control: only in builds with the `faults` feature.
     #[cfg(feature = "faults")]
     let routes = routes.route("/v1/faults", get(get_faults).post(set_faults));
     routes
+        .route_layer(axum::middleware::from_fn(measure))
         .fallback(|| async { ApiError(ServiceError::new(404, "not_found", "no such endpoint")) })
         .layer(axum::middleware::from_fn_with_state(node.clone(), authenticate))
         .with_state(node)
@@ -98,6 +100,37 @@ pub fn router(node: Arc<NodeInner>) -> Router {
 
 /// Routes anyone may call: a load balancer's and a joining node's checks.
 const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// Count and time each routed request by its route's pattern (so the
+/// label set stays as small as the router).
+async fn measure(request: Request, next: axum::middleware::Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let m = crate::metrics::get();
+    m.http_seconds
+        .get_or_create(&crate::metrics::RouteLabels { route: route.clone(), method: method.clone() })
+        .observe(started.elapsed().as_secs_f64());
+    m.http_requests
+        .get_or_create(&crate::metrics::HttpLabels { route, method, status: response.status().as_u16() })
+        .inc();
+    response
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text; a reader's token.
+async fn metrics(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    who.require(Access::Read)?;
+    let mut response = node.metrics_text().into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(response)
+}
 
 /// Who is asking: the request's [`Principal`] from its bearer token (401
 /// when there is none or it is not valid), put in the request's extensions
@@ -117,6 +150,7 @@ async fn authenticate(
             next.run(request).await
         }
         Err(e) => {
+            crate::metrics::get().http_unauthenticated.inc();
             // The body was not read: hyper closes the connection after this
             // answer, so say so, or a client may send its next request on a
             // connection that is closing and see it fail.

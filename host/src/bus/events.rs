@@ -106,6 +106,9 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
                     Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
+                if acked.is_ok() {
+                    crate::metrics::get().events_published.inc();
+                }
                 if let Err(e) = acked {
                     tracing::warn!(error = %e, index, "event not acknowledged; will retry");
                     ok = false;

@@ -543,6 +543,7 @@ impl Inner {
     fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> io::Result<()> {
         self.committed_file.write_all_at(&framed(&committed)?, 0)?;
         self.committed = committed;
+        crate::metrics::set(&crate::metrics::get().raft_commit_index, committed.map_or(0, |c| c.index));
         Ok(())
     }
 
@@ -599,8 +600,14 @@ impl LogStore {
     /// openraft hands over. The lock is not held during the sync, so
     /// readers (replication) are not held up by it.
     fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<()> {
+        let m = crate::metrics::get();
+        let started = std::time::Instant::now();
         let file = self.lock().and_then(|mut inner| inner.write(entries)).map_err(write_err)?;
-        file.sync_data().map_err(write_err)
+        let syncing = std::time::Instant::now();
+        file.sync_data().map_err(write_err)?;
+        m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
+        m.log_append_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 }
 

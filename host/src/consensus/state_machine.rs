@@ -368,6 +368,7 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        let started = std::time::Instant::now();
         // One read of the lock: the state between two entries, whole.
         let captured = self.shared.replica.read().map_err(sm_err)?.capture();
         let log_id = captured.log_id();
@@ -396,6 +397,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let data = postcard::to_allocvec(&SnapshotData { image, blobs }).map_err(snap_err)?;
             let file = SnapshotFile { meta, data };
             StateMachineStore::write_snapshot_file(&path, &file)?;
+            let m = crate::metrics::get();
+            m.snapshots.inc();
+            crate::metrics::set(&m.snapshot_bytes, file.data.len() as u64);
+            m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
             Ok(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) })
         })
         .await
@@ -441,6 +446,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
             this.restore(&meta, &data)?;
+            crate::metrics::set(&crate::metrics::get().snapshot_bytes, data.len() as u64);
             StateMachineStore::write_snapshot_file(&this.snapshot_path, &SnapshotFile { meta, data })
         })
         .await

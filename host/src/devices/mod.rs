@@ -191,5 +191,6 @@ pub async fn manager(node: Arc<NodeInner>, fence: Arc<Fence>) {
                 }
             }
         }
+        crate::metrics::set(&crate::metrics::get().devices_owned, workers.len() as u64);
     }
 }

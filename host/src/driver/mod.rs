@@ -296,18 +296,26 @@ impl DriverInstance {
         self.store.set_epoch_deadline(ticks(deadline));
         let started = Instant::now();
         let DriverInstance { store, guest } = self;
-        match tokio::time::timeout(deadline, f(guest, store)).await {
+        let result = match tokio::time::timeout(deadline, f(guest, store)).await {
             Err(_) => Err(CallError::Deadline { call, deadline }),
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(CallError::Driver(e)),
             Ok(Err(trap)) => {
                 if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
                     tracing::debug!(elapsed = ?started.elapsed(), "driver interrupted");
-                    return Err(CallError::Deadline { call, deadline });
+                    Err(CallError::Deadline { call, deadline })
+                } else {
+                    Err(CallError::Trap { call, message: format!("{trap:#}") })
                 }
-                Err(CallError::Trap { call, message: format!("{trap:#}") })
             }
+        };
+        let m = crate::metrics::get();
+        let op = crate::metrics::DriverLabels { op: call.into() };
+        m.driver_seconds.get_or_create(&op).observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            m.driver_errors.get_or_create(&op).inc();
         }
+        result
     }
 
     /// `init(device)`: the poll interval the driver asks for.

@@ -795,6 +795,42 @@ impl NodeInner {
         })
     }
 
+    /// The Prometheus exposition: the gauges of state read now, with the
+    /// counters and histograms recorded as things happened.
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::{ActiveLabels, PluginLabels, set};
+        let m = crate::metrics::get();
+        let raft = self.raft.metrics().borrow().clone();
+        set(&m.raft_term, raft.current_term);
+        set(&m.raft_leader, raft.current_leader.unwrap_or(0));
+        set(&m.raft_is_leader, u64::from(raft.current_leader == Some(self.id)));
+        set(&m.raft_applied_index, raft.last_applied.map_or(0, |l| l.index));
+        let last = raft.last_log_index.unwrap_or(0);
+        set(&m.raft_last_log_index, last);
+        set(&m.raft_log_entries, last.saturating_sub(raft.purged.map_or(0, |p| p.index)));
+        set(&m.raft_snapshot_index, raft.snapshot.map_or(0, |s| s.index));
+        set(&m.bus_connected, u64::from(crate::bus::state(self.bus.get()) == "connected"));
+        set(&m.divergence, u64::from(self.shared.divergence.load(std::sync::atomic::Ordering::Relaxed)));
+        // Rebuilt whole, so a removed plugin's series go.
+        m.plugin_versions.clear();
+        m.plugin_active.clear();
+        self.with_replica(|r| {
+            set(&m.events_outbox, r.outbox_state().1 as u64);
+            for (name, record) in r.registry() {
+                set(
+                    &m.plugin_versions.get_or_create(&PluginLabels { plugin: name.clone() }),
+                    record.versions.len() as u64,
+                );
+                if let Some(version) = &record.active {
+                    m.plugin_active
+                        .get_or_create(&ActiveLabels { plugin: name.clone(), version: version.clone() })
+                        .set(1);
+                }
+            }
+        });
+        m.encode()
+    }
+
     /// Whether this node can serve: it knows a leader and its storage has
     /// not failed. With the JSON `/readyz` shows.
     pub fn ready(&self) -> (bool, Value) {

@@ -114,6 +114,7 @@ pub(super) async fn enqueue(
 pub(super) async fn batcher(raft: Raft<TypeConfig>, mut queue: Queue, max_entry_bytes: usize) {
     while let Some(first) = queue.next().await {
         let (forwarded, replies) = queue.take_batch(first, max_entry_bytes);
+        crate::metrics::get().proposal_batch.observe(forwarded.len() as f64);
         let mut requests: Vec<Request> = forwarded.into_iter().map(|f| f.request).collect();
         let now = super::now_ms();
         for r in &mut requests {

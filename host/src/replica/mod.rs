@@ -400,6 +400,7 @@ impl Replica {
             match self.dedup.lookup(key, hash) {
                 Lookup::New => {}
                 Lookup::Retry(first) => {
+                    crate::metrics::get().dedup_hits.inc();
                     return Ok(Response {
                         result: Some(first.result.clone()),
                         first_index: Some(first.index),
@@ -415,7 +416,9 @@ impl Replica {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let outcome = self.apply_command(ctx, plugin, command, payload)?;
+        crate::metrics::get().command(plugin, command, &outcome.result, outcome.fuel_used, started.elapsed());
         for line in &outcome.logs {
             tracing::debug!(target: "synod::plugin", plugin, index = ctx.index, level = line.level, "{}", line.message);
         }

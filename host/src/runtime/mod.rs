@@ -347,10 +347,12 @@ impl Plugin {
         let state = HostState::new(self.limits, read_only, view, devices, (ctx.index, ctx.term));
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
-        let returned = store
-            .set_fuel(self.limits.fuel)
-            .and_then(|()| self.pre.instantiate(&mut store))
-            .and_then(|guest| call(&guest, &mut store));
+        let started = std::time::Instant::now();
+        let returned =
+            store.set_fuel(self.limits.fuel).and_then(|()| self.pre.instantiate(&mut store)).and_then(|guest| {
+                crate::metrics::get().instantiate_seconds.observe(started.elapsed().as_secs_f64());
+                call(&guest, &mut store)
+            });
         let wasm_fuel = self.limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         let data = store.into_data();
         // One budget for both: what the wasm ran and what host calls moved.
