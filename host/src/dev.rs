@@ -3,8 +3,11 @@
 //! In: a directory (default `.synod-dev`). Out: three `synod node` child
 //! processes with generated keys (one private network key shared by all,
 //! one node key each) and configs, initialized as one cluster,
-//! their addresses printed; stopped together on Ctrl-C. Running it again in
-//! the same directory restarts the same cluster with its data.
+//! their addresses printed, then a live status line (leader, term, applied
+//! index, commands per second). A node that exits is reported and restarted
+//! a few seconds later, while the others carry on, so failover can be tried
+//! with `kill -9`. All stop together on Ctrl-C. Running it again in the same
+//! directory restarts the same cluster with its data.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -239,24 +242,7 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
         }
     }
     for (path, config) in &configs {
-        let log_path = config.data_dir.join("node.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?;
-        let err = log.try_clone().map_err(io("opening the node log"))?;
-        let child = tokio::process::Command::new(exe)
-            .args(["node", "--config"])
-            .arg(path)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .env("TOKIO_WORKER_THREADS", DEV_WORKER_THREADS)
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io(format!("starting {}", exe.display())))?;
-        children.push(child);
+        children.push(spawn_node(exe, path, config)?);
     }
 
     let wait = Duration::from_secs(30);
@@ -307,7 +293,9 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
          synod plugin push plugins/target/components/counter.wasm --name counter --version 1\n  \
          synod cmd counter increment '{{\"by\": 2}}'\n  \
          synod status\n\
+         kill -9 a node to watch another take over; it restarts {restart} s later.\n\
          Ctrl-C stops all three nodes (run again to restart the same cluster).",
+        restart = RESTART_AFTER.as_secs(),
         dir = dir.display()
     );
 
@@ -315,25 +303,240 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
     // rather than leaving them running without their parent.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("installing a SIGTERM handler"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => println!("\nstopping…"),
-        _ = term.recv() => println!("\nstopping…"),
-        _ = async {
-            loop {
-                for c in children.iter_mut() {
-                    if let Ok(Some(status)) = c.try_wait() {
-                        return status;
+    let mut nodes: Vec<Supervised> = configs
+        .iter()
+        .zip(children)
+        .map(|((path, config), child)| Supervised {
+            id: config.id,
+            path: path.clone(),
+            config: config.clone(),
+            child: Some(child),
+            restart_at: None,
+            started: tokio::time::Instant::now(),
+            quick_exits: 0,
+        })
+        .collect();
+    let mut status = StatusLine::new(&configs, scheme, tls.as_ref().map(|_| tls_cert_path(dir)), token);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                for node in &mut nodes {
+                    if let Some(message) = node.supervise(exe) {
+                        status.event(&message);
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let live: Vec<u64> = nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect();
+                status.refresh(&live).await;
             }
-        } => eprintln!("a node exited; stopping the others (see its node.log)"),
+        }
     }
+    status.event("stopping…");
+    let mut children: Vec<tokio::process::Child> = nodes.into_iter().filter_map(|n| n.child).collect();
     stop(&mut children).await;
     if let Some((mut child, _)) = nats {
         let _ = child.kill().await;
     }
     Ok(())
+}
+
+/// Start one dev node, its output appended to `node.log` in its data dir.
+fn spawn_node(exe: &Path, path: &Path, config: &NodeConfig) -> Result<tokio::process::Child, DevError> {
+    let log_path = config.data_dir.join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let err = log.try_clone().map_err(io("opening the node log"))?;
+    tokio::process::Command::new(exe)
+        .args(["node", "--config"])
+        .arg(path)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("TOKIO_WORKER_THREADS", DEV_WORKER_THREADS)
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io(format!("starting {}", exe.display())))
+}
+
+/// How long a dev node that exited stays down before it is restarted: long
+/// enough to watch the others elect a new leader without it.
+pub const RESTART_AFTER: Duration = Duration::from_secs(5);
+
+/// A node that exits this soon after it started counts as a quick exit;
+/// after [`MAX_QUICK_EXITS`] in a row it is left down.
+const QUICK_EXIT: Duration = Duration::from_secs(10);
+const MAX_QUICK_EXITS: u32 = 3;
+
+/// One dev node under `synod dev`'s watch.
+struct Supervised {
+    id: u64,
+    path: PathBuf,
+    config: NodeConfig,
+    child: Option<tokio::process::Child>,
+    /// When to start it again, while it is down.
+    restart_at: Option<tokio::time::Instant>,
+    started: tokio::time::Instant,
+    quick_exits: u32,
+}
+
+impl Supervised {
+    /// Notice an exit, or restart a node whose time has come; what happened,
+    /// for the user.
+    fn supervise(&mut self, exe: &Path) -> Option<String> {
+        let now = tokio::time::Instant::now();
+        if let Some(child) = &mut self.child {
+            let status = match child.try_wait() {
+                Ok(Some(status)) => status,
+                _ => return None,
+            };
+            self.child = None;
+            let log = self.config.data_dir.join("node.log");
+            self.quick_exits = if now - self.started < QUICK_EXIT { self.quick_exits + 1 } else { 0 };
+            if self.quick_exits >= MAX_QUICK_EXITS {
+                return Some(format!(
+                    "node {} exited ({status}) {MAX_QUICK_EXITS} times within {QUICK_EXIT:?} of starting; \
+                     leaving it down: see {}",
+                    self.id,
+                    log.display()
+                ));
+            }
+            self.restart_at = Some(now + RESTART_AFTER);
+            return Some(format!(
+                "node {} exited ({status}); the others carry on, and it restarts in {} s (log: {})",
+                self.id,
+                RESTART_AFTER.as_secs(),
+                log.display()
+            ));
+        }
+        let at = self.restart_at?;
+        if now < at {
+            return None;
+        }
+        self.restart_at = None;
+        match spawn_node(exe, &self.path, &self.config) {
+            Ok(child) => {
+                self.child = Some(child);
+                self.started = now;
+                Some(format!("node {} restarted", self.id))
+            }
+            Err(e) => Some(format!("node {} could not be restarted: {e}", self.id)),
+        }
+    }
+}
+
+/// The live status line: leader, term, applied index, commands per second.
+/// On a terminal it is redrawn in place each second; otherwise (a log) a
+/// line is written when the leader changes and every 30 s.
+struct StatusLine {
+    clients: BTreeMap<u64, Client>,
+    tty: bool,
+    last: Option<(tokio::time::Instant, f64)>,
+    last_leader: Option<Option<u64>>,
+    last_line: Option<tokio::time::Instant>,
+    drawn: bool,
+}
+
+impl StatusLine {
+    fn new(configs: &[(PathBuf, NodeConfig)], scheme: &str, ca: Option<PathBuf>, token: String) -> StatusLine {
+        use std::io::IsTerminal;
+        let clients = configs
+            .iter()
+            .map(|(_, c)| {
+                let mut client = Client::new(&format!("{scheme}://{}", c.http));
+                if let Some(ca) = &ca
+                    && let Ok(trusting) = Client::new(&format!("{scheme}://{}", c.http)).with_ca(ca)
+                {
+                    client = trusting;
+                }
+                (c.id, client.with_token(Some(token.clone()).filter(|t| !t.is_empty())))
+            })
+            .collect();
+        StatusLine {
+            clients,
+            tty: std::io::stdout().is_terminal(),
+            last: None,
+            last_leader: None,
+            last_line: None,
+            drawn: false,
+        }
+    }
+
+    /// Print `message` on a line of its own (above the status line).
+    fn event(&mut self, message: &str) {
+        if self.drawn {
+            print!("\r\x1b[2K");
+        }
+        self.drawn = false;
+        println!("synod dev: {message}");
+    }
+
+    async fn refresh(&mut self, live: &[u64]) {
+        let now = tokio::time::Instant::now();
+        if self.last_line.is_some_and(|t| now - t < Duration::from_secs(1)) {
+            return;
+        }
+        let mut line = None;
+        for id in live {
+            let Some(client) = self.clients.get(id) else { continue };
+            let Ok(cluster) = client.get("/v1/cluster").await else { continue };
+            let commands = match client.get("/metrics").await {
+                Ok(serde_json::Value::String(text)) => commands_applied(&text),
+                _ => None,
+            };
+            let rate = match (commands, self.last) {
+                (Some(c), Some((at, before))) if c >= before => {
+                    Some((c - before) / (now - at).as_secs_f64().max(0.001))
+                }
+                _ => None,
+            };
+            if let Some(c) = commands {
+                self.last = Some((now, c));
+            }
+            let leader = cluster["leader"].as_u64();
+            line = Some((
+                leader,
+                format!(
+                    "leader {}  term {}  applied {}  {} commands/s  nodes up {}/{}",
+                    leader.map_or_else(|| "none".to_owned(), |l| format!("node {l}")),
+                    cluster["term"],
+                    cluster["applied_index"],
+                    rate.map_or_else(|| "–".to_owned(), |r| format!("{r:.0}")),
+                    live.len(),
+                    self.clients.len()
+                ),
+            ));
+            break;
+        }
+        let (leader, text) =
+            line.unwrap_or((None, format!("no node answers  nodes up {}/{}", live.len(), self.clients.len())));
+        if self.tty {
+            use std::io::Write;
+            print!("\r\x1b[2K{text}");
+            let _ = std::io::stdout().flush();
+            self.drawn = true;
+            self.last_line = Some(now);
+        } else if self.last_leader != Some(leader) || self.last_line.is_none_or(|t| now - t >= Duration::from_secs(30))
+        {
+            println!("synod dev: {text}");
+            self.last_line = Some(now);
+        }
+        self.last_leader = Some(leader);
+    }
+}
+
+/// The sum of `synod_commands_total` in an exposition.
+fn commands_applied(text: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("synod_commands_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    Some(values.iter().sum())
 }
 
 /// SIGTERM each node (they shut down cleanly), then kill what lingers.

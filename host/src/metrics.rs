@@ -370,3 +370,41 @@ pub fn get() -> &'static Metrics {
 pub fn set(gauge: &Gauge<i64, AtomicI64>, value: u64) {
     gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family is in the exposition under the name the README lists,
+    /// with its type, even before anything was recorded.
+    #[test]
+    fn every_documented_family_is_exported() {
+        // Families appear once they hold a series: give each one.
+        let m = get();
+        m.command("p", "c", &Err(CommandError::StackOverflow), 1, Duration::ZERO);
+        let route = RouteLabels { route: "/r".into(), method: "GET".into() };
+        m.http_seconds.get_or_create(&route).observe(0.0);
+        m.http_requests.get_or_create(&HttpLabels { route: "/r".into(), method: "GET".into(), status: 200 }).inc();
+        m.nats_requests.get_or_create(&NatsLabels { family: "cmd".into(), status: 200 }).inc();
+        m.nats_seconds.get_or_create(&FamilyLabels { family: "cmd".into() }).observe(0.0);
+        m.plugin_versions.get_or_create(&PluginLabels { plugin: "p".into() }).set(1);
+        m.plugin_active.get_or_create(&ActiveLabels { plugin: "p".into(), version: "1".into() }).set(1);
+        m.plugin_loads.get_or_create(&LoadLabels { source: "disk".into() }).inc();
+        m.driver_seconds.get_or_create(&DriverLabels { op: "poll".into() }).observe(0.0);
+        m.driver_errors.get_or_create(&DriverLabels { op: "poll".into() }).inc();
+        let text = m.encode();
+        let readme = include_str!("../../README.md");
+        let types: Vec<(&str, &str)> =
+            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_once(' ')).collect();
+        assert!(types.len() >= 30, "{text}");
+        let missing: Vec<String> = types
+            .iter()
+            .map(|(name, kind)| {
+                let shown = if *kind == "counter" { format!("{name}_total") } else { (*name).to_owned() };
+                format!("| `{shown}` | {kind} |")
+            })
+            .filter(|row| !readme.contains(row.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "README's Monitoring table lacks rows:\n{}", missing.join("\n"));
+    }
+}

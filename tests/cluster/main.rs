@@ -5,6 +5,7 @@
 mod admission;
 mod auth;
 mod basics;
+mod dev;
 mod failover;
 mod gossip;
 // The shared test kit; not every helper is used here.
