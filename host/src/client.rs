@@ -143,6 +143,26 @@ impl Client {
         self.send(self.http.get(&url), &url).await
     }
 
+    /// GET `path` as a stream (Server-Sent Events): the response once its
+    /// status is a success, to read chunk by chunk.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let req = match &self.token {
+            Some(t) => self.http.get(&url).bearer_auth(t),
+            None => self.http.get(&url),
+        };
+        let resp =
+            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Err(ClientError::Status { status: status.as_u16(), body })
+    }
+
     /// POST `body` to `path`.
     pub async fn post(&self, path: &str, body: Vec<u8>) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);

@@ -139,6 +139,25 @@ enum Action {
         #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
         node: String,
     },
+    /// Follow the cluster live: each operation as it is applied (plugin,
+    /// command, caller, result, fuel) and each change of leader or term.
+    Watch {
+        /// Start with this many of the latest operations.
+        #[arg(long, default_value_t = 10)]
+        tail: usize,
+        /// One JSON object per line (`{"op": …}` or `{"cluster": …}`).
+        #[arg(long)]
+        json: bool,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Print a shell completion script: `synod completions bash >
+    /// /etc/bash_completion.d/synod` (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Show the cluster: leader, members, applied index and digest per node.
     Status {
         /// A node's HTTP address.
@@ -454,6 +473,66 @@ fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
     }
 }
 
+/// `synod watch`: read `/v1/watch` and print what comes, until the node
+/// closes the stream (or Ctrl-C).
+async fn watch(client: &synod::client::Client, tail: usize, json: bool) -> anyhow::Result<()> {
+    let mut response = client.stream(&format!("/v1/watch?tail={tail}")).await?;
+    let mut buffer = String::new();
+    let mut shown: Option<(Option<u64>, u64)> = None;
+    while let Some(chunk) = response.chunk().await? {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut kind = "message";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(k) = line.strip_prefix("event:") {
+                    kind = k.trim();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim());
+                }
+            }
+            let Ok(body) = serde_json::from_str::<serde_json::Value>(&data) else { continue };
+            match kind {
+                "op" if json => out(serde_json::json!({ "op": body }))?,
+                "op" => {
+                    let result = if body["ok"] == true { body["output"].as_str().unwrap_or("") } else { "" };
+                    let error = if body["ok"] == true { "" } else { body["output"].as_str().unwrap_or("") };
+                    out(format!(
+                        "{:>10}  {}.{}  by {}  {}{}  fuel {}",
+                        body["index"],
+                        body["plugin"].as_str().unwrap_or(""),
+                        body["command"].as_str().unwrap_or(""),
+                        body["caller"].as_str().unwrap_or(""),
+                        result,
+                        if error.is_empty() { String::new() } else { format!("error: {error}") },
+                        body["fuel"],
+                    ))?
+                }
+                "cluster" => {
+                    let now = (body["leader"].as_u64(), body["term"].as_u64().unwrap_or(0));
+                    if shown != Some(now) {
+                        shown = Some(now);
+                        if json {
+                            out(serde_json::json!({ "cluster": body }))?;
+                        } else {
+                            out(format!(
+                                "-- leader {}, term {}, divergence {}",
+                                now.0.map_or_else(|| "none".to_owned(), |l| format!("node {l}")),
+                                now.1,
+                                body["divergence"]
+                            ))?;
+                        }
+                    }
+                }
+                "gap" => out(format!("-- fell behind: operations after {} are no longer kept here", body["after"]))?,
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn node(
     config: PathBuf,
     id: Option<u64>,
@@ -585,6 +664,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             print(&reach.client(&node)?.post(&format!("/v1/queries/{plugin}/{query}"), payload(p)).await?)?
         }
         Action::Status { node } => print(&reach.client(&node)?.get("/v1/cluster").await?)?,
+        Action::Watch { tail, json, node } => watch(&reach.client(&node)?, tail, json).await?,
+        Action::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "synod", &mut std::io::stdout());
+        }
         Action::Plugin { command: PluginCmd::Push { file, name, version, node } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?

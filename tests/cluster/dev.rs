@@ -14,7 +14,12 @@ use crate::harness::{serial, synod_bin};
 
 /// Read lines until one contains `needle` (within `secs`); every line read
 /// is kept in `seen`.
-async fn until(lines: &mut Lines<BufReader<ChildStdout>>, needle: &str, secs: u64, seen: &mut Vec<String>) -> String {
+pub(crate) async fn until(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    needle: &str,
+    secs: u64,
+    seen: &mut Vec<String>,
+) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let line = tokio::time::timeout_at(deadline, lines.next_line())
@@ -36,7 +41,7 @@ fn node_pids(dir: &Path, id: u64) -> Vec<u32> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-async fn ready(client: &synod::client::Client, secs: u64) -> serde_json::Value {
+pub(crate) async fn ready(client: &synod::client::Client, secs: u64) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         match client.get("/readyz").await {
@@ -49,38 +54,56 @@ async fn ready(client: &synod::client::Client, secs: u64) -> serde_json::Value {
     }
 }
 
+/// A running `synod dev`: its process, its output so far, the nodes'
+/// addresses and the admin token.
+pub(crate) struct DevCluster {
+    pub dev: tokio::process::Child,
+    pub lines: Lines<BufReader<ChildStdout>>,
+    pub seen: Vec<String>,
+    pub urls: Vec<String>,
+    pub token: String,
+}
+
+impl DevCluster {
+    /// `synod dev --dir dir`, once every node is ready.
+    pub async fn start(dir: &Path) -> DevCluster {
+        let mut dev = tokio::process::Command::new(synod_bin())
+            .arg("dev")
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        until(&mut lines, "a three-node cluster is running", 90, &mut seen).await;
+        until(&mut lines, "Ctrl-C stops", 10, &mut seen).await;
+        let urls: Vec<String> = seen
+            .iter()
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                (words.first() == Some(&"node") && words.get(2).is_some_and(|u| u.starts_with("http")))
+                    .then(|| words[2].to_owned())
+            })
+            .collect();
+        assert_eq!(urls.len(), 3, "three node addresses in:\n{}", seen.join("\n"));
+        let token = synod::node::auth::read_token_file(&dir.join("n1").join("admin.token")).unwrap();
+        for url in &urls {
+            ready(&synod::client::Client::new(url), 30).await;
+        }
+        DevCluster { dev, lines, seen, urls, token }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
     let _serial = serial().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let mut dev = tokio::process::Command::new(synod_bin())
-        .arg("dev")
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    until(&mut lines, "a three-node cluster is running", 90, &mut seen).await;
-    until(&mut lines, "Ctrl-C stops", 10, &mut seen).await;
-    let urls: Vec<String> = seen
-        .iter()
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            (words.first() == Some(&"node") && words.get(2).is_some_and(|u| u.starts_with("http")))
-                .then(|| words[2].to_owned())
-        })
-        .collect();
-    assert_eq!(urls.len(), 3, "three node addresses in:\n{}", seen.join("\n"));
-    let token = synod::node::auth::read_token_file(&dir.join("n1").join("admin.token")).unwrap();
+    let DevCluster { mut dev, mut lines, mut seen, urls, token } = DevCluster::start(&dir).await;
     let client = |i: usize| synod::client::Client::new(&urls[i]).with_token(Some(token.clone()));
-    for i in 0..3 {
-        ready(&client(i), 30).await;
-    }
 
     // kill -9 node 2.
     let pids = node_pids(&dir, 2);

@@ -5,6 +5,7 @@
 mod admission;
 mod auth;
 mod basics;
+mod dashboard;
 mod dev;
 mod failover;
 mod gossip;

@@ -13,6 +13,7 @@
 //! [`Principal`]; the service checks what that principal may do.
 
 pub mod tls;
+mod watch;
 
 use std::sync::Arc;
 
@@ -86,6 +87,8 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .route("/v1/tokens/{target}", delete(revoke_token))
         .route("/v1/audit", get(audit))
         .route("/metrics", get(metrics))
+        .route("/v1/watch", get(watch::watch))
+        .route("/", get(dashboard))
         .route("/healthz", get(health))
         .route("/readyz", get(ready));
     // The fault battery's control: only in builds with the `faults` feature.
@@ -99,7 +102,27 @@ pub fn router(node: Arc<NodeInner>) -> Router {
 }
 
 /// Routes anyone may call: a load balancer's and a joining node's checks.
-const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+/// The dashboard's page is open too: it holds no data, and asks for a token
+/// before it fetches any.
+const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/"];
+
+/// The dashboard: one page, embedded in the binary, that reads the same API
+/// (`/v1/watch`, `/v1/plugins`, `/v1/devices`) with the token it is given.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    let mut response = axum::response::Html(DASHBOARD).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ),
+    );
+    headers.insert(axum::http::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
 
 /// Count and time each routed request by its route's pattern (so the
 /// label set stays as small as the router).

@@ -509,6 +509,12 @@ impl Replica {
         self.trail.effects_at(index)
     }
 
+    /// Up to `limit` of the newest operations applied here after `after`,
+    /// oldest first (the live log's tail).
+    pub fn effects_after(&self, after: Option<u64>, limit: usize) -> (Vec<trail::EffectSummary>, Option<u64>) {
+        self.trail.effects_after(after, limit)
+    }
+
     /// The last `n` commands `plugin` applied here, oldest first.
     pub fn recent_commands(&self, plugin: &str, n: usize) -> Vec<Arc<trail::RecordedCommand>> {
         self.trail.recent_commands(plugin, n)

@@ -177,6 +177,18 @@ impl Trail {
         self.effects.range(start..).take_while(|e| e.index == index).cloned().collect()
     }
 
+    /// Up to `limit` operations after index `after`, oldest first; with
+    /// `after = None`, the newest `limit`. Also the oldest index still kept,
+    /// so a reader can tell it fell behind.
+    pub fn effects_after(&self, after: Option<u64>, limit: usize) -> (Vec<EffectSummary>, Option<u64>) {
+        let start = match after {
+            Some(after) => self.effects.partition_point(|e| e.index <= after),
+            None => self.effects.len().saturating_sub(limit),
+        };
+        let ops = self.effects.range(start..).take(limit).cloned().collect();
+        (ops, self.effects.front().map(|e| e.index))
+    }
+
     /// Remember a command `plugin` applied.
     pub fn command(&mut self, plugin: &str, recorded: RecordedCommand) {
         let (queue, bytes) = self.commands.entry(plugin.to_owned()).or_default();
@@ -224,6 +236,23 @@ mod tests {
         let kept = trail.effects_at(3 * (EFFECTS_KEEP as u64 + 10));
         assert_eq!((kept[0].fuel, kept[0].writes_total, kept[0].writes[0].key.as_str()), (7, 1, "k"));
         assert!(trail.effects_at(4).is_empty());
+    }
+
+    /// The live tail: the newest few first, then everything after a
+    /// point in order, and where the kept history now starts.
+    #[test]
+    fn effects_after_tails_in_order() {
+        let mut trail = Trail::default();
+        let effects = Effects { result: Ok(Vec::new()), writes: WriteSet::default(), events: Vec::new(), fuel_used: 0 };
+        for i in 1..=10 {
+            trail.effect(EffectSummary::new(ctx(i * 1000), "p", "c", b"", &effects, Digest::ZERO));
+        }
+        let index = |ops: &[EffectSummary]| ops.iter().map(|e| e.index / 1000).collect::<Vec<_>>();
+        let (newest, oldest) = trail.effects_after(None, 3);
+        assert_eq!((index(&newest), oldest), (vec![8, 9, 10], Some(1000)));
+        assert_eq!(index(&trail.effects_after(Some(4000), 3).0), vec![5, 6, 7]);
+        assert_eq!(index(&trail.effects_after(Some(4500), 100).0), vec![5, 6, 7, 8, 9, 10]);
+        assert!(trail.effects_after(Some(10_000), 5).0.is_empty());
     }
 
     #[test]
