@@ -454,8 +454,49 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = e.downcast_ref::<synod::client::ClientError>().and_then(next_step) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to do about an error from a node, when there is something to say.
+fn next_step(e: &synod::client::ClientError) -> Option<String> {
+    use synod::client::ClientError;
+    match e {
+        ClientError::Unreachable { url, .. } => {
+            // The node's address, without the path asked for.
+            let node = url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+            Some(format!(
+                "is a node listening at {node}? `synod dev` runs a local cluster; --node or SYNOD_NODE names another node"
+            ))
+        }
+        ClientError::Status { status: 401, .. } => Some(
+            "this needs a bearer token: --token or SYNOD_TOKEN (or SYNOD_TOKEN_FILE). `synod dev` prints the \
+             cluster's first admin token and keeps it in .synod-dev/n1/admin.token, which the CLI reads when \
+             run from that directory; an admin makes more with `synod token create <name> --role <role>`"
+                .to_owned(),
+        ),
+        ClientError::Status { status: 403, body } => Some(format!(
+            "the token lacks a role this needs ({}); an admin can grant one with `synod token create`",
+            body["needs"]
+        )),
+        ClientError::Status { status: 503, body } if body["kind"] == "no_leader" => {
+            Some(match body["leader"].as_str() {
+                Some(leader) => format!("the leader is at {leader}: retry there (--node {leader})"),
+                None => "the cluster has no leader right now (an election, or too few members up): retry in a few \
+                     seconds, or ask another node with --node"
+                    .to_owned(),
+            })
+        }
+        ClientError::Status { status: 503, body } if body["kind"] == "unavailable" => Some(
+            "the write may or may not have been applied: retry it with the same request id to get its first result"
+                .to_owned(),
+        ),
+        ClientError::Status { status: 429, .. } => Some("the node is overloaded: retry after a moment".to_owned()),
+        _ => None,
     }
 }
 
@@ -667,7 +708,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Action::Watch { tail, json, node } => watch(&reach.client(&node)?, tail, json).await?,
         Action::Completions { shell } => {
             use clap::CommandFactory as _;
-            clap_complete::generate(shell, &mut Cli::command(), "synod", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "synod", &mut script);
+            out(String::from_utf8_lossy(&script).trim_end())?;
         }
         Action::Plugin { command: PluginCmd::Push { file, name, version, node } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
