@@ -21,7 +21,20 @@ struct Cli {
     /// cluster's own certificate when `synod dev --tls` made one here).
     #[arg(long, global = true, env = "SYNOD_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// How read commands print: `json` (pretty JSON, the default) or
+    /// `table` (the main list as aligned columns).
+    #[arg(long, short = 'o', global = true, env = "SYNOD_OUTPUT", default_value = "json")]
+    output: Output,
 }
+
+/// How [`print`] shows a node's answer.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Json,
+    Table,
+}
+
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
 
 /// How the CLI reaches nodes: its token and the CA it trusts.
 struct Reach {
@@ -501,7 +514,80 @@ fn next_step(e: &synod::client::ClientError) -> Option<String> {
 }
 
 fn print(value: &serde_json::Value) -> anyhow::Result<()> {
-    out(serde_json::to_string_pretty(value)?)
+    match OUTPUT.get() {
+        Some(Output::Table) => out(table(value)),
+        _ => out(serde_json::to_string_pretty(value)?),
+    }
+}
+
+/// A node's answer as a table: its main list (the first array of objects,
+/// or object of objects, at the top or one level down) as aligned columns
+/// of the scalar fields, nested values as compact JSON; anything else as
+/// `key  value` lines.
+fn table(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    /// A row: its key (for an object of objects) and its fields.
+    type Row<'a> = (Option<String>, &'a serde_json::Map<String, Value>);
+    fn rows(v: &Value) -> Option<Vec<Row<'_>>> {
+        match v {
+            Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+                Some(items.iter().filter_map(|i| i.as_object().map(|o| (None, o))).collect())
+            }
+            Value::Object(map) if !map.is_empty() && map.values().all(Value::is_object) => {
+                Some(map.iter().filter_map(|(k, i)| i.as_object().map(|o| (Some(k.clone()), o))).collect())
+            }
+            _ => None,
+        }
+    }
+    let cell = |v: &Value| -> String {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".to_owned(),
+            other => other.to_string(),
+        };
+        if text.chars().count() > 48 { format!("{}…", text.chars().take(47).collect::<String>()) } else { text }
+    };
+    let found = rows(value).or_else(|| value.as_object().and_then(|m| m.values().find_map(rows)));
+    let Some(rows) = found else {
+        return match value.as_object() {
+            Some(map) => map.iter().map(|(k, v)| format!("{k}  {}", cell(v))).collect::<Vec<_>>().join("\n"),
+            None => cell(value),
+        };
+    };
+    let keyed = rows.iter().any(|(k, _)| k.is_some());
+    let mut columns: Vec<String> = if keyed { vec!["name".to_owned()] } else { Vec::new() };
+    for (_, row) in &rows {
+        for k in row.keys() {
+            if !columns.contains(k) && columns.len() < 9 {
+                columns.push(k.clone());
+            }
+        }
+    }
+    let grid: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(key, row)| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if keyed && i == 0 {
+                        key.clone().unwrap_or_default()
+                    } else {
+                        row.get(c).map_or_else(String::new, cell)
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| grid.iter().map(|r| r[i].chars().count()).chain([columns[i].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: &[String]| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_owned()
+    };
+    let mut lines = vec![line(&columns.iter().map(|c| c.to_uppercase()).collect::<Vec<_>>())];
+    lines.extend(grid.iter().map(|r| line(r)));
+    lines.join("\n")
 }
 
 /// Print a line on stdout. A reader that went away (`synod status | head`)
@@ -660,6 +746,7 @@ fn payload(text: String) -> Vec<u8> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = OUTPUT.set(cli.output);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run_async(cli))
 }

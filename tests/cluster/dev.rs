@@ -137,6 +137,18 @@ async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
         seen.join("\n")
     );
 
+    // `--output table` shows the members as columns.
+    let status = std::process::Command::new(synod_bin())
+        .args(["status", "--output", "table", "--node", &urls[0]])
+        .env("SYNOD_TOKEN", &token)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("VOTER"), "{text}");
+    assert_eq!(lines.len(), 4, "a header and three members:\n{text}");
+
     // SIGTERM stops everything.
     std::process::Command::new("kill").args(["-TERM", &dev.id().unwrap().to_string()]).status().unwrap();
     let status = tokio::time::timeout(Duration::from_secs(20), dev.wait()).await.unwrap().unwrap();
