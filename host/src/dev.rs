@@ -303,6 +303,10 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
     // rather than leaving them running without their parent.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("installing a SIGTERM handler"))?;
+    // A closed terminal (SIGHUP) too: its default would end this process
+    // and leave the nodes running.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(io("installing a SIGHUP handler"))?;
     let mut nodes: Vec<Supervised> = configs
         .iter()
         .zip(children)
@@ -322,6 +326,7 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = hangup.recv() => break,
             _ = tick.tick() => {
                 for node in &mut nodes {
                     if let Some(message) = node.supervise(exe) {

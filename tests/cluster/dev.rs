@@ -64,6 +64,23 @@ pub(crate) struct DevCluster {
     pub token: String,
 }
 
+/// However the test ends, stop `synod dev` the way a user does (SIGTERM),
+/// so it stops its nodes and nats-server: a SIGKILL would leave them
+/// running.
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let Some(pid) = self.dev.id() else { return };
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.dev.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl DevCluster {
     /// `synod dev --dir dir`, once every node is ready.
     pub async fn start(dir: &Path) -> DevCluster {
@@ -102,16 +119,17 @@ async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
     let _serial = serial().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let DevCluster { mut dev, mut lines, mut seen, urls, token } = DevCluster::start(&dir).await;
+    let mut cluster = DevCluster::start(&dir).await;
+    let (urls, token) = (cluster.urls.clone(), cluster.token.clone());
     let client = |i: usize| synod::client::Client::new(&urls[i]).with_token(Some(token.clone()));
 
     // kill -9 node 2.
     let pids = node_pids(&dir, 2);
     assert_eq!(pids.len(), 1, "one process for node 2: {pids:?}");
     std::process::Command::new("kill").args(["-9", &pids[0].to_string()]).status().unwrap();
-    let exited = until(&mut lines, "node 2 exited", 10, &mut seen).await;
+    let exited = until(&mut cluster.lines, "node 2 exited", 10, &mut cluster.seen).await;
     assert!(exited.contains("restarts in"), "{exited}");
-    assert!(dev.try_wait().unwrap().is_none(), "synod dev stopped when one node died");
+    assert!(cluster.dev.try_wait().unwrap().is_none(), "synod dev stopped when one node died");
 
     // The other two elect (or keep) a leader among themselves and serve.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -126,15 +144,15 @@ async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
     ready(&client(2), 15).await;
 
     // Node 2 comes back by itself and catches up.
-    until(&mut lines, "node 2 restarted", 20, &mut seen).await;
+    until(&mut cluster.lines, "node 2 restarted", 20, &mut cluster.seen).await;
     ready(&client(1), 30).await;
     let new_pids = node_pids(&dir, 2);
     assert_eq!(new_pids.len(), 1);
     assert_ne!(new_pids, pids);
     assert!(
-        seen.iter().any(|l| l.contains("leader node") && l.contains("commands/s")),
+        cluster.seen.iter().any(|l| l.contains("leader node") && l.contains("commands/s")),
         "a status line in:\n{}",
-        seen.join("\n")
+        cluster.seen.join("\n")
     );
 
     // `--output table` shows the members as columns.
@@ -150,8 +168,8 @@ async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
     assert_eq!(lines.len(), 4, "a header and three members:\n{text}");
 
     // SIGTERM stops everything.
-    std::process::Command::new("kill").args(["-TERM", &dev.id().unwrap().to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), dev.wait()).await.unwrap().unwrap();
+    std::process::Command::new("kill").args(["-TERM", &cluster.dev.id().unwrap().to_string()]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), cluster.dev.wait()).await.unwrap().unwrap();
     assert!(status.success(), "synod dev exited with {status}");
     for id in 1..=3 {
         assert!(node_pids(&dir, id).is_empty(), "node {id} still running after synod dev stopped");
