@@ -212,7 +212,9 @@ impl Synod {
         let (path, _) = &self.configs[&id];
         let proc = spawn(
             &format!("synod-{id}"),
-            Command::new(env!("CARGO_BIN_EXE_synod"))
+            // SYNOD_BIN runs another build (to compare two commits in one
+            // run, alternating); by default this build's binary.
+            Command::new(std::env::var_os("SYNOD_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_synod").into()))
                 .args(["node", "--config"])
                 .arg(path)
                 .env("RUST_LOG", std::env::var("SYNOD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))

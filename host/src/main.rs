@@ -21,10 +21,11 @@ struct Cli {
     /// cluster's own certificate when `synod dev --tls` made one here).
     #[arg(long, global = true, env = "SYNOD_CA_FILE")]
     ca_file: Option<PathBuf>,
-    /// How read commands print: `json` (pretty JSON, the default) or
-    /// `table` (the main list as aligned columns).
-    #[arg(long, short = 'o', global = true, env = "SYNOD_OUTPUT", default_value = "json")]
-    output: Output,
+    /// How read commands print: `json` (pretty JSON, the default for a
+    /// node's answer) or `table` (the main list as aligned columns).
+    /// `synod logs` prints plain lines unless one is asked for.
+    #[arg(long, short = 'o', global = true, env = "SYNOD_OUTPUT")]
+    output: Option<Output>,
 }
 
 /// How [`print`] shows a node's answer.
@@ -161,6 +162,21 @@ enum Action {
         /// One JSON object per line (`{"op": …}` or `{"cluster": …}`).
         #[arg(long)]
         json: bool,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// What a plugin logged while its commands were applied on a node (the
+    /// last 2,000 lines each node keeps).
+    Logs {
+        /// The plugin.
+        plugin: String,
+        /// How many of the latest lines to show first.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        limit: usize,
+        /// Keep printing new lines as they come (Ctrl-C stops).
+        #[arg(long, short = 'f')]
+        follow: bool,
         /// A node's HTTP address.
         #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
         node: String,
@@ -746,7 +762,9 @@ fn payload(text: String) -> Vec<u8> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let _ = OUTPUT.set(cli.output);
+    if let Some(output) = cli.output {
+        let _ = OUTPUT.set(output);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run_async(cli))
 }
@@ -793,6 +811,35 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Status { node } => print(&reach.client(&node)?.get("/v1/cluster").await?)?,
         Action::Watch { tail, json, node } => watch(&reach.client(&node)?, tail, json).await?,
+        Action::Logs { plugin, limit, follow, node } => {
+            let client = reach.client(&node)?;
+            let mut after = 0;
+            loop {
+                let body = client.get(&format!("/v1/plugins/{plugin}/logs?after={after}&limit={limit}")).await?;
+                let lines = body["lines"].as_array().cloned().unwrap_or_default();
+                let newest = lines.iter().filter_map(|l| l["index"].as_u64()).max();
+                if OUTPUT.get().is_some() {
+                    if !follow || !lines.is_empty() {
+                        print(&body)?;
+                    }
+                } else {
+                    for line in &lines {
+                        out(format!(
+                            "{:>10}  {:<5}  {}  {}",
+                            line["index"],
+                            line["level"].as_str().unwrap_or(""),
+                            line["command"].as_str().unwrap_or(""),
+                            line["message"].as_str().unwrap_or("")
+                        ))?;
+                    }
+                }
+                after = after.max(newest.unwrap_or(0));
+                if !follow {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         Action::Completions { shell } => {
             use clap::CommandFactory as _;
             let mut script = Vec::new();

@@ -15,6 +15,7 @@ mod gossip;
 mod harness;
 mod hot_reload;
 mod load;
+mod logs;
 mod membership;
 mod metrics;
 #[path = "../common/plugins.rs"]

@@ -73,6 +73,7 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         )
         .route("/v1/plugins/{name}/activate", post(activate_plugin))
         .route("/v1/plugins/{name}/replay", post(replay_plugin))
+        .route("/v1/plugins/{name}/logs", get(plugin_logs))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", get(get_device).put(put_device).delete(delete_device))
         .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
@@ -249,6 +250,28 @@ async fn run_query(
     let consistency = Consistency::parse(params.consistency.as_deref())?;
     let out = node.query(&who, &plugin, &query, body.to_vec(), consistency).await?;
     ok(json!({ "result": output_json(&out) }))
+}
+
+#[derive(Deserialize)]
+struct LogParams {
+    /// Only lines from operations after this index.
+    after: Option<u64>,
+    /// At most this many (the latest), default 100.
+    limit: Option<usize>,
+}
+
+/// What a plugin logged while its commands were applied on this node (the
+/// last 2,000 lines), oldest first.
+async fn plugin_logs(
+    State(node): State<Arc<NodeInner>>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(params): Query<LogParams>,
+) -> ApiResult {
+    who.require(Access::Read)?;
+    let limit = params.limit.unwrap_or(100).min(crate::replica::trail::LOG_LINES_KEEP);
+    let lines = node.with_replica(|r| r.plugin_logs(&name, params.after.unwrap_or(0), limit)).unwrap_or_default();
+    ok(json!({ "plugin": name, "node": node.id, "lines": lines }))
 }
 
 async fn list_plugins(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {

@@ -422,6 +422,7 @@ impl Replica {
         for line in &outcome.logs {
             tracing::debug!(target: "synod::plugin", plugin, index = ctx.index, level = line.level, "{}", line.message);
         }
+        self.trail.log(plugin, ctx, command, &outcome.logs, u64::from(outcome.logs_dropped));
         if let Some((key, payload_hash)) = identified {
             let remembered =
                 Remembered { index: ctx.index, result: outcome.result.clone(), payload_hash, at_ms: ctx.timestamp_ms };
@@ -513,6 +514,12 @@ impl Replica {
     /// oldest first (the live log's tail).
     pub fn effects_after(&self, after: Option<u64>, limit: usize) -> (Vec<trail::EffectSummary>, Option<u64>) {
         self.trail.effects_after(after, limit)
+    }
+
+    /// Up to `limit` of `plugin`'s latest log lines (kept on this node,
+    /// from commands it applied) after operation `after`, oldest first.
+    pub fn plugin_logs(&self, plugin: &str, after: u64, limit: usize) -> Vec<trail::PluginLogLine> {
+        self.trail.logs(plugin, after, limit)
     }
 
     /// The last `n` commands `plugin` applied here, oldest first.

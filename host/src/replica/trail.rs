@@ -23,6 +23,9 @@ pub const COMMAND_BYTES_KEEP: usize = 16 << 20;
 /// Writes and events listed one by one in a summary; past this, only
 /// counted (the digest covers them all).
 const LISTED: usize = 16;
+
+/// Log lines kept per plugin (what `synod logs` shows).
+pub const LOG_LINES_KEEP: usize = 2_000;
 /// Output bytes kept in a summary.
 const OUTPUT_KEPT: usize = 256;
 
@@ -159,6 +162,23 @@ pub struct Trail {
     effects: VecDeque<EffectSummary>,
     /// Recent commands per plugin, oldest first, and their payload bytes.
     commands: BTreeMap<String, (VecDeque<Arc<RecordedCommand>>, usize)>,
+    /// Recent log lines per plugin, oldest first.
+    logs: BTreeMap<String, VecDeque<PluginLogLine>>,
+}
+
+/// A line a plugin logged while one of its commands was applied here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginLogLine {
+    /// The operation index.
+    pub index: u64,
+    /// The operation's timestamp (ms).
+    pub at_ms: u64,
+    /// The command.
+    pub command: String,
+    /// `trace` … `error`.
+    pub level: &'static str,
+    /// The text.
+    pub message: String,
 }
 
 impl Trail {
@@ -208,9 +228,40 @@ impl Trail {
         queue.iter().skip(queue.len().saturating_sub(n)).cloned().collect()
     }
 
-    /// Forget `plugin`'s commands (it was removed).
+    /// Forget `plugin`'s commands (it was removed); its log lines stay.
     pub fn forget(&mut self, plugin: &str) {
         self.commands.remove(plugin);
+    }
+
+    /// Remember what `plugin` logged for one command.
+    pub fn log(&mut self, plugin: &str, ctx: &Context, command: &str, lines: &[crate::runtime::LogLine], dropped: u64) {
+        if lines.is_empty() && dropped == 0 {
+            return;
+        }
+        let kept = self.logs.entry(plugin.to_owned()).or_default();
+        let line = |level: &'static str, message: String| PluginLogLine {
+            index: ctx.index,
+            at_ms: ctx.timestamp_ms,
+            command: command.to_owned(),
+            level,
+            message,
+        };
+        kept.extend(lines.iter().map(|l| line(l.level, l.message.clone())));
+        if dropped > 0 {
+            kept.push_back(line("warn", format!("({dropped} more lines past the plugin's limit were dropped)")));
+        }
+        while kept.len() > LOG_LINES_KEEP {
+            kept.pop_front();
+        }
+    }
+
+    /// Up to `limit` of `plugin`'s latest log lines from operations after
+    /// `after`, oldest first.
+    pub fn logs(&self, plugin: &str, after: u64, limit: usize) -> Vec<PluginLogLine> {
+        let Some(kept) = self.logs.get(plugin) else { return Vec::new() };
+        let start = kept.partition_point(|l| l.index <= after);
+        let skip = (kept.len() - start).saturating_sub(limit);
+        kept.range(start + skip..).cloned().collect()
     }
 }
 

@@ -4,7 +4,8 @@
 //! - command `put` `{"key": k, "value": v}` → `{"index": i, "at": ms}`
 //! - command `cas` `{"key": k, "from": a, "to": b}` → `{"swapped": bool,
 //!   "value": current, "index": i, "at": ms}`; swaps only when the key
-//!   holds `a` (a key never written holds nothing and never matches)
+//!   holds `a` (a key never written holds nothing and never matches), and
+//!   logs a line when it does not
 //! - query `get` `{"key": k}` → `{"value": v | null}`
 //!
 //! Every command reply carries the entry's index and the leader's timestamp
@@ -16,7 +17,7 @@
 //! also carry `"version": 2`: a compatible v2 whose outputs differ.
 
 use serde::{Deserialize, Serialize};
-use synod_sdk::{Command, Context, Error, Plugin, export_plugin, reply, state};
+use synod_sdk::{Command, Context, Error, Plugin, export_plugin, log, reply, state};
 
 struct Register;
 
@@ -96,6 +97,8 @@ impl Plugin for Register {
                 let swapped = current == Some(from);
                 if swapped {
                     state::set(&slot, &to)?;
+                } else {
+                    log::info(&format!("cas on {key} not swapped: expected {from}, holds {current:?}"));
                 }
                 let value = if swapped { Some(to) } else { current };
                 reply(&Swapped { swapped, value, index: ctx.index, at: ctx.timestamp_ms, version: VERSION })
