@@ -122,18 +122,28 @@ impl Client {
         &self.base
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Value, ClientError> {
+    /// Send `req` with this client's token; the response whatever its
+    /// status.
+    async fn respond(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp =
-            req.send().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
-        let status = resp.status();
+        req.send().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })
+    }
+
+    /// The response's body: JSON, else its text as a JSON string.
+    async fn body(resp: reqwest::Response, url: &str) -> Result<Value, ClientError> {
         let bytes =
             resp.bytes().await.map_err(|e| ClientError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
-        let body: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok(serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<Value, ClientError> {
+        let resp = self.respond(req, url).await?;
+        let status = resp.status();
+        let body = Self::body(resp, url).await?;
         if status.is_success() { Ok(body) } else { Err(ClientError::Status { status: status.as_u16(), body }) }
     }
 
@@ -147,20 +157,12 @@ impl Client {
     /// status is a success, to read chunk by chunk.
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
-        let req = match &self.token {
-            Some(t) => self.http.get(&url).bearer_auth(t),
-            None => self.http.get(&url),
-        };
-        let resp =
-            req.send().await.map_err(|e| ClientError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let resp = self.respond(self.http.get(&url), &url).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        let bytes = resp.bytes().await.unwrap_or_default();
-        let body: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Err(ClientError::Status { status: status.as_u16(), body })
+        Err(ClientError::Status { status: status.as_u16(), body: Self::body(resp, &url).await? })
     }
 
     /// POST `body` to `path`.

@@ -248,6 +248,7 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
     let wait = Duration::from_secs(30);
     let deadline = tokio::time::Instant::now() + wait;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut clients = BTreeMap::new();
     for (_, config) in &configs {
         let mut client = Client::new(&format!("{scheme}://{}", config.http));
         if tls.is_some() {
@@ -263,6 +264,7 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        clients.insert(config.id, client);
     }
 
     let first = configs.first().map(|(_, c)| c.http.to_string()).unwrap_or_default();
@@ -320,7 +322,9 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
             quick_exits: 0,
         })
         .collect();
-    let mut status = StatusLine::new(&configs, scheme, tls.as_ref().map(|_| tls_cert_path(dir)), token);
+    let token = Some(token).filter(|t| !t.is_empty());
+    let clients = clients.into_iter().map(|(id, c)| (id, c.with_token(token.clone()))).collect();
+    let mut status = StatusLine::new(clients);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -438,8 +442,12 @@ impl Supervised {
 /// On a terminal it is redrawn in place each second; otherwise (a log) a
 /// line is written when the leader changes and every 30 s.
 struct StatusLine {
+    /// Each node's client, with the admin token.
     clients: BTreeMap<u64, Client>,
     tty: bool,
+    /// When the nodes were last asked.
+    asked: Option<tokio::time::Instant>,
+    /// When a node last said how many commands it had applied, and that count.
     last: Option<(tokio::time::Instant, f64)>,
     last_leader: Option<Option<u64>>,
     last_line: Option<tokio::time::Instant>,
@@ -447,23 +455,12 @@ struct StatusLine {
 }
 
 impl StatusLine {
-    fn new(configs: &[(PathBuf, NodeConfig)], scheme: &str, ca: Option<PathBuf>, token: String) -> StatusLine {
+    fn new(clients: BTreeMap<u64, Client>) -> StatusLine {
         use std::io::IsTerminal;
-        let clients = configs
-            .iter()
-            .map(|(_, c)| {
-                let mut client = Client::new(&format!("{scheme}://{}", c.http));
-                if let Some(ca) = &ca
-                    && let Ok(trusting) = Client::new(&format!("{scheme}://{}", c.http)).with_ca(ca)
-                {
-                    client = trusting;
-                }
-                (c.id, client.with_token(Some(token.clone()).filter(|t| !t.is_empty())))
-            })
-            .collect();
         StatusLine {
             clients,
             tty: std::io::stdout().is_terminal(),
+            asked: None,
             last: None,
             last_leader: None,
             last_line: None,
@@ -482,15 +479,17 @@ impl StatusLine {
 
     async fn refresh(&mut self, live: &[u64]) {
         let now = tokio::time::Instant::now();
-        if self.last_line.is_some_and(|t| now - t < Duration::from_secs(1)) {
+        // Ask the nodes at most once a second (`/v1/cluster` asks every peer).
+        if self.asked.is_some_and(|t| now - t < Duration::from_secs(1)) {
             return;
         }
+        self.asked = Some(now);
         let mut line = None;
         for id in live {
             let Some(client) = self.clients.get(id) else { continue };
             let Ok(cluster) = client.get("/v1/cluster").await else { continue };
             let commands = match client.get("/metrics").await {
-                Ok(serde_json::Value::String(text)) => commands_applied(&text),
+                Ok(serde_json::Value::String(text)) => Some(commands_applied(&text)),
                 _ => None,
             };
             let rate = match (commands, self.last) {
@@ -535,13 +534,11 @@ impl StatusLine {
 }
 
 /// The sum of `synod_commands_total` in an exposition.
-fn commands_applied(text: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
+fn commands_applied(text: &str) -> f64 {
+    text.lines()
         .filter(|l| l.starts_with("synod_commands_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    Some(values.iter().sum())
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// SIGTERM each node (they shut down cleanly), then kill what lingers.
