@@ -39,7 +39,7 @@ const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 static CUT: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
 
 /// What `POST /v1/faults` sets; absent fields are left as they are.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FaultSettings {
     /// Members to cut this node off from (both ways: their connections are

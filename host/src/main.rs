@@ -187,6 +187,9 @@ enum Action {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the HTTP API's OpenAPI 3.1 document (what every node serves
+    /// at `/openapi.json`), to generate a client from.
+    Openapi,
     /// Show the cluster: leader, members, applied index and digest per node.
     Status {
         /// A node's HTTP address.
@@ -840,6 +843,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
+        Action::Openapi => out(synod::api::openapi_document())?,
         Action::Completions { shell } => {
             use clap::CommandFactory as _;
             let mut script = Vec::new();

@@ -18,6 +18,7 @@ mod load;
 mod logs;
 mod membership;
 mod metrics;
+mod openapi;
 #[path = "../common/plugins.rs"]
 mod plugins;
 mod safety;

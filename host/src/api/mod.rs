@@ -12,6 +12,7 @@
 //! which turns the `Authorization: Bearer` header into the request's
 //! [`Principal`]; the service checks what that principal may do.
 
+pub mod schema;
 pub mod tls;
 mod watch;
 
@@ -22,16 +23,19 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::consensus::NodeInfo;
 use crate::node::replay::ReplayRequest;
 use crate::node::service::{REQUEST_ID_HEADER, check_request_id, output_json};
 use crate::node::{Consistency, LimitRequest, NodeInner, Principal, ServiceError};
 use crate::replica::auth::Access;
+use schema::{ApiDoc, ErrorBody, ReadParams};
 
 /// An API error: a [`ServiceError`] as an HTTP response.
 pub struct ApiError(pub ServiceError);
@@ -62,39 +66,7 @@ type ApiResult = Result<Response, ApiError>;
 pub fn router(node: Arc<NodeInner>) -> Router {
     let plugin_limit = node.config.limits.max_plugin_bytes;
     let payload_limit = node.config.limits.max_payload_bytes;
-    let routes = Router::new()
-        .route("/v1/commands/{plugin}/{command}", post(run_command).layer(DefaultBodyLimit::max(payload_limit + 1)))
-        .route("/v1/queries/{plugin}/{query}", post(run_query).layer(DefaultBodyLimit::max(payload_limit + 1)))
-        .route("/v1/state/{plugin}", get(read_state))
-        .route("/v1/plugins", get(list_plugins))
-        .route(
-            "/v1/plugins/{name}",
-            post(upload_plugin).delete(remove_plugin).layer(DefaultBodyLimit::max(plugin_limit + 1)),
-        )
-        .route("/v1/plugins/{name}/activate", post(activate_plugin))
-        .route("/v1/plugins/{name}/replay", post(replay_plugin))
-        .route("/v1/plugins/{name}/logs", get(plugin_logs))
-        .route("/v1/devices", get(list_devices))
-        .route("/v1/devices/{id}", get(get_device).put(put_device).delete(delete_device))
-        .route("/v1/devices/{id}/desired", axum::routing::patch(patch_desired))
-        .route("/v1/devices/{id}/delta", get(get_delta))
-        .route("/v1/devices/{id}/telemetry", get(get_telemetry))
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/digest", get(digest_at))
-        .route("/v1/divergence", get(divergence))
-        .route("/v1/cluster/nodes", post(add_node))
-        .route("/v1/cluster/nodes/{id}", delete(remove_node))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{target}", delete(revoke_token))
-        .route("/v1/audit", get(audit))
-        .route("/metrics", get(metrics))
-        .route("/v1/watch", get(watch::watch))
-        .route("/", get(dashboard))
-        .route("/healthz", get(health))
-        .route("/readyz", get(ready));
-    // The fault battery's control: only in builds with the `faults` feature.
-    #[cfg(feature = "faults")]
-    let routes = routes.route("/v1/faults", get(get_faults).post(set_faults));
+    let (routes, _) = api(plugin_limit, payload_limit).split_for_parts();
     routes
         .route_layer(axum::middleware::from_fn(measure))
         .fallback(|| async { ApiError(ServiceError::new(404, "not_found", "no such endpoint")) })
@@ -102,15 +74,74 @@ pub fn router(node: Arc<NodeInner>) -> Router {
         .with_state(node)
 }
 
+/// Every route, declared once: the router serves what these declare and
+/// `GET /openapi.json` describes the same declarations.
+fn api(plugin_limit: usize, payload_limit: usize) -> OpenApiRouter<Arc<NodeInner>> {
+    // A route whose body may be larger than axum's default 2 MiB limit.
+    let limited = |(schemas, paths, method): utoipa_axum::router::UtoipaMethodRouter<Arc<NodeInner>>, limit: usize| {
+        (schemas, paths, method.layer(DefaultBodyLimit::max(limit + 1)))
+    };
+    let routes = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(limited(routes!(run_command), payload_limit))
+        .routes(limited(routes!(run_query), payload_limit))
+        .routes(routes!(read_state))
+        .routes(routes!(list_plugins))
+        .routes(limited(routes!(upload_plugin, remove_plugin), plugin_limit))
+        .routes(routes!(activate_plugin))
+        .routes(routes!(replay_plugin))
+        .routes(routes!(plugin_logs))
+        .routes(routes!(list_devices))
+        .routes(routes!(get_device, put_device, delete_device))
+        .routes(routes!(patch_desired))
+        .routes(routes!(get_delta))
+        .routes(routes!(get_telemetry))
+        .routes(routes!(cluster))
+        .routes(routes!(digest_at))
+        .routes(routes!(divergence))
+        .routes(routes!(add_node))
+        .routes(routes!(remove_node))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(audit))
+        .routes(routes!(metrics))
+        .routes(routes!(watch::watch))
+        .routes(routes!(dashboard))
+        .routes(routes!(openapi))
+        .routes(routes!(health))
+        .routes(routes!(ready));
+    // The fault battery's control: only in builds with the `faults` feature.
+    #[cfg(feature = "faults")]
+    let routes = routes.routes(routes!(get_faults, set_faults));
+    routes
+}
+
+/// The OpenAPI 3.1 document of this build's API, as JSON.
+pub fn openapi_document() -> &'static str {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| api(0, 0).into_openapi().to_pretty_json().unwrap_or_default())
+}
+
+/// This API's OpenAPI 3.1 document (generated from the handlers' types).
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+async fn openapi() -> Response {
+    let mut response = openapi_document().into_response();
+    response.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 /// Routes anyone may call: a load balancer's and a joining node's checks.
 /// The dashboard's page is open too: it holds no data, and asks for a token
 /// before it fetches any.
-const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/"];
+const OPEN_ROUTES: [&str; 4] = ["/healthz", "/readyz", "/", "/openapi.json"];
 
 /// The dashboard: one page, embedded in the binary, that reads the same API
 /// (`/v1/watch`, `/v1/plugins`, `/v1/devices`) with the token it is given.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// The dashboard (HTML).
+#[utoipa::path(get, path = "/", tag = "operations", security(()),
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
 async fn dashboard() -> Response {
     let mut response = axum::response::Html(DASHBOARD).into_response();
     let headers = response.headers_mut();
@@ -146,6 +177,9 @@ async fn measure(request: Request, next: axum::middleware::Next) -> Response {
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text; a reader's token.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus metrics (OpenMetrics text); see the README's Monitoring table",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String), schema::Denied))]
 async fn metrics(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Read)?;
     let mut response = node.metrics_text().into_response();
@@ -200,6 +234,19 @@ fn ok(value: serde_json::Value) -> ApiResult {
     Ok(Json(value).into_response())
 }
 
+fn typed(value: impl serde::Serialize) -> ApiResult {
+    Ok(Json(value).into_response())
+}
+
+/// Run a command: it is replicated, applied on every node at one log
+/// index, and answered with its result once applied here.
+#[utoipa::path(post, path = "/v1/commands/{plugin}/{command}", tag = "commands",
+    params(("plugin" = String, Path, description = "The plugin's name"), ("command" = String, Path, description = "The command"),
+        ("synod-request-id" = Option<String>, Header,
+            description = "1–128 visible ASCII characters: a retry with the same id and payload is applied at most once")),
+    request_body(description = "The command's payload: any bytes, JSON by convention",
+        content((serde_json::Value = "application/json"), (String = "application/octet-stream"))),
+    responses((status = 200, description = "Applied", body = schema::Applied), schema::CommandFailures))]
 async fn run_command(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -213,20 +260,12 @@ async fn run_command(
         Some(v) => Some(check_request_id(v.to_str().unwrap_or(""))?),
     };
     let (index, out) = node.submit(&who, &plugin, &command, body.to_vec(), request_id).await?;
-    ok(json!({ "result": output_json(&out), "index": index }))
+    typed(schema::Applied { result: output_json(&out), index })
 }
 
-#[derive(Deserialize)]
-struct ReadParams {
-    /// Only keys with this prefix.
-    #[serde(default)]
-    prefix: String,
-    /// `linearizable` (default) or `local`.
-    consistency: Option<String>,
-    /// At most this many keys (default 1000).
-    limit: Option<usize>,
-}
-
+/// A plugin's keys and values.
+#[utoipa::path(get, path = "/v1/state/{plugin}", tag = "commands", params(("plugin" = String, Path, description = "The plugin's name"), ReadParams),
+    responses((status = 200, description = "The keys", body = schema::StateEntries), schema::ReadFailures))]
 async fn read_state(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -236,9 +275,14 @@ async fn read_state(
     let consistency = Consistency::parse(params.consistency.as_deref())?;
     let limit = params.limit.unwrap_or(1000);
     let (entries, index) = node.read_state(&who, &plugin, &params.prefix, limit, consistency).await?;
-    ok(json!({ "plugin": plugin, "entries": entries, "applied_index": index }))
+    typed(schema::StateEntries { plugin, entries, applied_index: index })
 }
 
+/// Ask a plugin a question: runs on one node, writes nothing.
+#[utoipa::path(post, path = "/v1/queries/{plugin}/{query}", tag = "commands",
+    params(("plugin" = String, Path, description = "The plugin's name"), ("query" = String, Path, description = "The query"), ReadParams),
+    request_body(description = "The query's payload", content((serde_json::Value = "application/json"), (String = "application/octet-stream"))),
+    responses((status = 200, description = "The answer", body = schema::QueryAnswer), schema::ReadFailures))]
 async fn run_query(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -249,10 +293,11 @@ async fn run_query(
     let body = body_or(body, "payload", node.config.limits.max_payload_bytes)?;
     let consistency = Consistency::parse(params.consistency.as_deref())?;
     let out = node.query(&who, &plugin, &query, body.to_vec(), consistency).await?;
-    ok(json!({ "result": output_json(&out) }))
+    typed(schema::QueryAnswer { result: output_json(&out) })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogParams {
     /// Only lines from operations after this index.
     after: Option<u64>,
@@ -262,6 +307,8 @@ struct LogParams {
 
 /// What a plugin logged while its commands were applied on this node (the
 /// last 2,000 lines), oldest first.
+#[utoipa::path(get, path = "/v1/plugins/{name}/logs", tag = "plugins", params(("name" = String, Path, description = "The plugin's name"), LogParams),
+    responses((status = 200, description = "The lines", body = schema::PluginLogs), schema::Denied))]
 async fn plugin_logs(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -271,15 +318,19 @@ async fn plugin_logs(
     who.require(Access::Read)?;
     let limit = params.limit.unwrap_or(100).min(crate::replica::trail::LOG_LINES_KEEP);
     let lines = node.with_replica(|r| r.plugin_logs(&name, params.after.unwrap_or(0), limit)).unwrap_or_default();
-    ok(json!({ "plugin": name, "node": node.id, "lines": lines }))
+    typed(schema::PluginLogs { plugin: name, node: node.id, lines })
 }
 
+/// Installed plugins, their versions, the active one and its commands.
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
+    responses((status = 200, description = "The plugins", body = schema::PluginList), schema::Denied))]
 async fn list_plugins(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Read)?;
     ok(node.plugins())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct UploadParams {
     /// Version label (required): `1.0.0`, `v2`, a git hash.
     version: Option<String>,
@@ -290,6 +341,11 @@ struct UploadParams {
     memory_bytes: Option<usize>,
 }
 
+/// Upload a version of a plugin: validated, stored on a quorum, compiled,
+/// then installed at one log index on every node (not activated).
+#[utoipa::path(post, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "The plugin's name"), UploadParams),
+    request_body(description = "The component", content((schema::WasmComponent = "application/wasm"))),
+    responses((status = 201, description = "Installed", body = schema::Applied), schema::ChangeFailures))]
 async fn upload_plugin(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -301,11 +357,12 @@ async fn upload_plugin(
     let version = params.version.unwrap_or_default();
     let limits = LimitRequest { fuel: params.fuel, memory_bytes: params.memory_bytes };
     let (index, out) = node.upload(&who, &name, &version, body.to_vec(), limits).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "result": output_json(&out), "index": index }))).into_response())
+    Ok((StatusCode::CREATED, Json(schema::Applied { result: output_json(&out), index })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({ "version": "2.0.0", "replay": 10000, "require_replay": true }))]
 struct Activate {
     version: String,
     /// Replay this many recent commands on the version first, and report.
@@ -319,6 +376,11 @@ struct Activate {
     identical: bool,
 }
 
+/// Make a version the one commands run on, from one log index on every
+/// node; optionally after replaying recent commands on it.
+#[utoipa::path(post, path = "/v1/plugins/{name}/activate", tag = "plugins", params(("name" = String, Path, description = "The plugin's name")),
+    request_body(content = Activate, content_type = "application/json"),
+    responses((status = 200, description = "Activated", body = schema::Activated), schema::ChangeFailures))]
 async fn activate_plugin(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -352,15 +414,14 @@ async fn activate_plugin(
         None => None,
     };
     let (index, out) = node.activate(&who, &name, &version).await?;
-    let mut body = json!({ "result": output_json(&out), "index": index });
-    if let Some(report) = report {
-        body["replay"] = json!(report);
-    }
-    ok(body)
+    typed(schema::Activated { result: output_json(&out), index, replay: report })
 }
 
 /// Run a candidate version on the plugin's recent commands, without
 /// activating it: the replay gate's report.
+#[utoipa::path(post, path = "/v1/plugins/{name}/replay", tag = "plugins", params(("name" = String, Path, description = "The plugin's name")),
+    request_body(content = ReplayRequest, content_type = "application/json"),
+    responses((status = 200, description = "The report", body = crate::node::replay::ReplayReport), schema::ChangeFailures))]
 async fn replay_plugin(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -372,24 +433,30 @@ async fn replay_plugin(
             "expected {{\"version\": \"...\", \"commands\": n, \"identical\": bool}}: {e}"
         ))
     })?;
-    ok(json!(node.replay(&who, &name, &request).await?))
+    typed(node.replay(&who, &name, &request).await?)
 }
 
 /// Where this node's state parted from each member's, if it did.
+#[utoipa::path(get, path = "/v1/divergence", tag = "cluster",
+    responses((status = 200, description = "The report", body = schema::DivergenceReport), schema::Denied))]
 async fn divergence(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     ok(node.divergence(&who).await?)
 }
 
+/// Remove a plugin, its versions and its state, at one log index.
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "The plugin's name")),
+    responses((status = 200, description = "Removed", body = schema::Applied), schema::ChangeFailures))]
 async fn remove_plugin(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult {
     let (index, out) = node.remove(&who, &name).await?;
-    ok(json!({ "result": output_json(&out), "index": index }))
+    typed(schema::Applied { result: output_json(&out), index })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DigestParams {
     /// An operation index (default: the last applied).
     index: Option<u64>,
@@ -397,6 +464,9 @@ struct DigestParams {
 
 /// This node's state digest after operation `index`, while it is among the
 /// recent ones remembered: nodes at different positions compare here.
+#[utoipa::path(get, path = "/v1/digest", tag = "cluster", params(DigestParams),
+    responses((status = 200, description = "The digest", body = schema::DigestAt),
+        (status = 404, description = "`not_found`: no digest remembered at that index", body = ErrorBody), schema::Denied))]
 async fn digest_at(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -410,7 +480,7 @@ async fn digest_at(
         })
         .unwrap_or((0, None));
     match digest {
-        Some((index, digest)) => ok(json!({ "index": index, "digest": digest, "last_applied": last })),
+        Some((index, digest)) => typed(schema::DigestAt { index, digest, last_applied: last }),
         None => Err(ApiError(ServiceError::new(
             404,
             "not_found",
@@ -419,6 +489,10 @@ async fn digest_at(
     }
 }
 
+/// The cluster as this node sees it: leader, term, members, each node's
+/// applied index and digest, bus and event state, engine.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "The cluster", body = schema::ClusterView), schema::Denied))]
 async fn cluster(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Read)?;
     ok(node.cluster().await)
@@ -426,6 +500,8 @@ async fn cluster(State(node): State<Arc<NodeInner>>, Extension(who): Extension<P
 
 /// The faults in force on this node (`faults` builds only).
 #[cfg(feature = "faults")]
+#[utoipa::path(get, path = "/v1/faults", tag = "operations",
+    responses((status = 200, description = "The faults in force", body = crate::faults::FaultSettings), schema::Denied))]
 async fn get_faults(Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Admin)?;
     ok(serde_json::json!(crate::faults::current()))
@@ -433,6 +509,10 @@ async fn get_faults(Extension(who): Extension<Principal>) -> ApiResult {
 
 /// Inject (or heal) faults on this node (`faults` builds only).
 #[cfg(feature = "faults")]
+#[utoipa::path(post, path = "/v1/faults", tag = "operations",
+    request_body(content = crate::faults::FaultSettings, content_type = "application/json"),
+    responses((status = 200, description = "The faults now in force", body = crate::faults::FaultSettings),
+        (status = 400, description = "`malformed`", body = ErrorBody), schema::Denied))]
 async fn set_faults(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -447,22 +527,14 @@ async fn set_faults(
     ok(serde_json::json!(node.inject_faults(&settings)))
 }
 
-#[derive(Deserialize)]
-struct AddNode {
-    id: u64,
-    peer_id: String,
-    p2p: String,
-    http: String,
-    /// The joining node's engine fingerprint hash (its `/healthz` shows
-    /// it): a node whose engine differs would apply plugins differently.
-    engine: String,
-    /// Its peer protocol version (also in its `/healthz`).
-    protocol: String,
-}
-
+/// Add a node (first as a learner that catches up, then as a voter); it
+/// must run the same engine and peer protocol.
+#[utoipa::path(post, path = "/v1/cluster/nodes", tag = "cluster",
+    request_body(content = schema::AddNode, content_type = "application/json"),
+    responses((status = 200, description = "Added", body = schema::NodeAdded), schema::ChangeFailures))]
 async fn add_node(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>, body: Bytes) -> ApiResult {
     who.require(Access::Admin)?;
-    let req: AddNode = serde_json::from_slice(&body).map_err(|e| {
+    let req: schema::AddNode = serde_json::from_slice(&body).map_err(|e| {
         ServiceError::bad_request(format!(
             "expected {{id, peer_id, p2p, http, engine, protocol}} (the new node's /healthz shows them): {e}"
         ))
@@ -470,19 +542,24 @@ async fn add_node(State(node): State<Arc<NodeInner>>, Extension(who): Extension<
     node.check_admission(&req.engine, &req.protocol)?;
     let info = NodeInfo { peer_id: req.peer_id, p2p_addr: req.p2p, http_addr: req.http };
     let index = node.add_node(&who, req.id, info).await?;
-    ok(json!({ "added": req.id, "index": index }))
+    typed(schema::NodeAdded { added: req.id, index })
 }
 
+/// Remove a node from the cluster.
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "The node id")),
+    responses((status = 200, description = "Removed", body = schema::NodeRemoved), schema::ChangeFailures))]
 async fn remove_node(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
     Path(id): Path<u64>,
 ) -> ApiResult {
     let index = node.remove_node(&who, id).await?;
-    ok(json!({ "removed": id, "index": index }))
+    typed(schema::NodeRemoved { removed: id, index })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct DeviceParams {
     /// `linearizable` (default) or `local`.
     consistency: Option<String>,
@@ -517,6 +594,9 @@ fn versioned(index: u64, doc: serde_json::Value) -> ApiResult {
     Ok(response)
 }
 
+/// A device's shadow: desired, reported, delta, owner, version.
+#[utoipa::path(get, path = "/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "The device id"), DeviceParams),
+    responses((status = 200, description = "The shadow (`ETag`: its version)", body = schema::DeviceAnswer), schema::ReadFailures))]
 async fn get_device(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -528,6 +608,9 @@ async fn get_device(
     versioned(0, doc)
 }
 
+/// Desired fields the device does not report yet.
+#[utoipa::path(get, path = "/v1/devices/{id}/delta", tag = "devices", params(("id" = String, Path, description = "The device id"), DeviceParams),
+    responses((status = 200, description = "The delta", body = schema::DeviceDelta), schema::ReadFailures))]
 async fn get_delta(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -536,9 +619,18 @@ async fn get_delta(
 ) -> ApiResult {
     let consistency = Consistency::parse(params.consistency.as_deref())?;
     let doc = node.device_get(&who, &id, consistency).await?;
-    ok(json!({ "id": id, "delta": doc["delta"], "version": doc["version"], "desired_version": doc["desired_version"] }))
+    typed(schema::DeviceDelta {
+        id,
+        delta: doc["delta"].clone(),
+        version: doc["version"].as_u64().unwrap_or(0),
+        desired_version: doc["desired_version"].as_u64().unwrap_or(0),
+    })
 }
 
+/// Define a device, or change its definition.
+#[utoipa::path(put, path = "/v1/devices/{id}", tag = "devices", params(("id" = String, Path, description = "The device id")),
+    request_body(content = schema::DeviceDefinition, content_type = "application/json"),
+    responses((status = 200, description = "The shadow (`ETag`: its version)", body = schema::DeviceAnswer), schema::ChangeFailures))]
 async fn put_device(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -549,6 +641,10 @@ async fn put_device(
     versioned(index, doc)
 }
 
+/// Remove a device.
+#[utoipa::path(delete, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "The device id"), DeviceParams, ("if-match" = Option<String>, Header, description = "The version the caller read, quoted")),
+    responses((status = 200, description = "Removed", body = schema::Applied), schema::ChangeFailures))]
 async fn delete_device(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -557,10 +653,17 @@ async fn delete_device(
     headers: axum::http::HeaderMap,
 ) -> ApiResult {
     let expected = expected_version(&params, &headers)?;
-    let (index, out) = node.device_delete(&who, &id, expected).await?;
-    ok(json!({ "result": out, "index": index }))
+    let (index, result) = node.device_delete(&who, &id, expected).await?;
+    typed(schema::Applied { result, index })
 }
 
+/// Change what operators want of a device (a JSON merge patch on
+/// `desired`); its driver acts on the delta.
+#[utoipa::path(patch, path = "/v1/devices/{id}/desired", tag = "devices",
+    params(("id" = String, Path, description = "The device id"), DeviceParams, ("if-match" = Option<String>, Header, description = "The version the caller read, quoted")),
+    request_body(description = "Fields to set (null removes one)", content((Object = "application/json")),
+        example = json!({ "setpoint": 22.5 })),
+    responses((status = 200, description = "The shadow (`ETag`: its version)", body = schema::DeviceAnswer), schema::ChangeFailures))]
 async fn patch_desired(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -574,14 +677,21 @@ async fn patch_desired(
     versioned(index, doc)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListDevices {
+    /// Only ids with this prefix.
     #[serde(default)]
     prefix: String,
+    /// At most this many (default 1000).
     limit: Option<usize>,
+    /// `linearizable` (default) or `local`.
     consistency: Option<String>,
 }
 
+/// Device shadows by id.
+#[utoipa::path(get, path = "/v1/devices", tag = "devices", params(ListDevices),
+    responses((status = 200, description = "The shadows", body = schema::DeviceList), schema::ReadFailures))]
 async fn list_devices(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -592,6 +702,10 @@ async fn list_devices(
     ok(json!({ "devices": devices, "applied_index": index }))
 }
 
+/// Whether this node can serve (503 until it knows a leader).
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses((status = 200, description = "Ready", body = schema::Readiness),
+        (status = 503, description = "Not ready (no leader, failed storage, or no first token yet)", body = schema::Readiness)))]
 async fn ready(State(node): State<Arc<NodeInner>>) -> Response {
     let (ready, body) = node.ready();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -602,6 +716,8 @@ async fn ready(State(node): State<Arc<NodeInner>>) -> Response {
 /// from its own drivers or a member's gossip: `{"device", "metrics":
 /// {"<metric>": {"v", "ts_ms", "node", "epoch"}}}`. 404 for a device with
 /// no readings that this node's state does not know either.
+#[utoipa::path(get, path = "/v1/devices/{id}/telemetry", tag = "devices", params(("id" = String, Path, description = "The device id")),
+    responses((status = 200, description = "The readings", body = schema::DeviceTelemetry), schema::ReadFailures))]
 async fn get_telemetry(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -612,39 +728,36 @@ async fn get_telemetry(
     if metrics.is_empty() {
         node.device_get(&who, &id, Consistency::Local).await?;
     }
-    ok(json!({ "device": id, "metrics": metrics }))
+    typed(schema::DeviceTelemetry { device: id, metrics })
 }
 
 /// Liveness, and who this node is: what `POST /v1/cluster/nodes` needs to
 /// add it (its id, key, addresses, engine fingerprint and protocol).
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Alive", body = schema::Health)))]
 async fn health(State(node): State<Arc<NodeInner>>) -> ApiResult {
-    ok(json!({
-        "status": "ok",
-        "id": node.id,
-        "peer_id": node.p2p.local_peer_id().to_string(),
-        "p2p": node.p2p_addr.to_string(),
-        "http": node.http_addr.to_string(),
-        "engine": node.artifacts.runtime().fingerprint().hash,
-        "protocol": crate::node::PROTOCOL_VERSION,
-    }))
+    typed(schema::Health {
+        status: "ok".into(),
+        id: node.id,
+        peer_id: node.p2p.local_peer_id().to_string(),
+        p2p: node.p2p_addr.to_string(),
+        http: node.http_addr.to_string(),
+        engine: node.artifacts.runtime().fingerprint().hash.clone(),
+        protocol: crate::node::PROTOCOL_VERSION.to_string(),
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    /// Who will hold it.
-    principal: String,
-    /// `admin`, `operator`, `reader`, `operator:<plugin>`, `reader:<plugin>`.
-    roles: Vec<String>,
-}
-
+/// Create a token; its secret is in this answer only.
+#[utoipa::path(post, path = "/v1/tokens", tag = "security",
+    request_body(content = schema::NewToken, content_type = "application/json"),
+    responses((status = 201, description = "Created", body = schema::CreatedToken), schema::ChangeFailures))]
 async fn create_token(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
     body: Bytes,
 ) -> ApiResult {
     who.require(Access::Admin)?;
-    let req: NewToken = serde_json::from_slice(&body).map_err(|e| {
+    let req: schema::NewToken = serde_json::from_slice(&body).map_err(|e| {
         ServiceError::bad_request(format!("expected {{\"principal\": \"...\", \"roles\": [...]}}: {e}"))
     })?;
     let (index, mut record) = node.token_create(&who, &req.principal, &req.roles).await?;
@@ -652,10 +765,17 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(record)).into_response())
 }
 
+/// Every token's public record (never a hash or a secret).
+#[utoipa::path(get, path = "/v1/tokens", tag = "security",
+    responses((status = 200, description = "The tokens", body = schema::TokenList), schema::Denied))]
 async fn list_tokens(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     ok(node.token_list(&who)?)
 }
 
+/// Revoke a token by id, or every token of a principal.
+#[utoipa::path(delete, path = "/v1/tokens/{target}", tag = "security",
+    params(("target" = String, Path, description = "A token id or a principal")),
+    responses((status = 200, description = "Revoked", body = schema::Revoked), schema::ChangeFailures))]
 async fn revoke_token(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
@@ -666,7 +786,8 @@ async fn revoke_token(
     ok(out)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
     /// Only records after this operation index.
     #[serde(default)]
@@ -675,10 +796,80 @@ struct AuditParams {
     limit: Option<usize>,
 }
 
+/// The audit trail: who changed what, when.
+#[utoipa::path(get, path = "/v1/audit", tag = "security", params(AuditParams),
+    responses((status = 200, description = "The records", body = schema::AuditTrail), schema::ReadFailures))]
 async fn audit(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,
     Query(params): Query<AuditParams>,
 ) -> ApiResult {
     ok(node.audit(&who, params.after, params.limit.unwrap_or(1000)).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// What the router serves, from its own account of itself (axum's
+    /// `Debug` output: each route id's path and allowed methods), without
+    /// `HEAD` (axum answers it for every `GET`).
+    fn served(router: &axum::Router<std::sync::Arc<crate::node::NodeInner>>) -> BTreeSet<(String, String)> {
+        let text = format!("{router:?}");
+        // The routes, not the fallback router after them.
+        let text = text.split(", fallback_router:").next().unwrap_or("");
+        let mut methods = BTreeMap::new();
+        for part in text.split("RouteId(").skip(1) {
+            let Some((id, rest)) = part.split_once(')') else { continue };
+            if let Some(rest) = rest.strip_prefix(": MethodRouter(")
+                && let Some(allow) = rest.split("allow_header: Bytes(b\"").nth(1)
+                && let Some((allow, _)) = allow.split_once('"')
+            {
+                methods.insert(id.to_owned(), allow.to_owned());
+            }
+        }
+        let mut routes = BTreeSet::new();
+        for part in text.split("RouteId(").skip(1) {
+            let Some((id, rest)) = part.split_once(')') else { continue };
+            if let Some(path) = rest.strip_prefix(": \"").and_then(|r| r.split_once('"')).map(|(p, _)| p) {
+                for method in methods.get(id).map(String::as_str).unwrap_or("").split(',') {
+                    if !method.is_empty() && method != "HEAD" {
+                        routes.insert((method.to_owned(), path.to_owned()));
+                    }
+                }
+            }
+        }
+        routes
+    }
+
+    /// Every route the router serves is in `/openapi.json`, with the same
+    /// methods, and the document names no route the router lacks.
+    #[test]
+    fn the_document_describes_exactly_the_routes_served() {
+        let (router, _) = super::api(1, 1).split_for_parts();
+        let served = served(&router);
+        let document: serde_json::Value = serde_json::from_str(super::openapi_document()).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "put", "post", "delete", "patch", "options", "head", "trace"].contains(&method.as_str()) {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        assert!(served.len() >= 30, "could not read the router's routes: {served:?}");
+        let missing: Vec<_> = served.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&served).collect();
+        assert!(missing.is_empty(), "served but not documented: {missing:?}");
+        assert!(extra.is_empty(), "documented but not served: {extra:?}");
+    }
+
+    /// A route added to the router outside the documented declarations is
+    /// caught by the comparison above.
+    #[test]
+    fn an_undocumented_route_is_noticed() {
+        let (router, _) = super::api(1, 1).split_for_parts();
+        let router = router.route("/v1/secret", axum::routing::get(|| async { "" }));
+        assert!(served(&router).contains(&("GET".to_owned(), "/v1/secret".to_owned())));
+    }
 }

@@ -28,7 +28,8 @@ use super::ApiError;
 /// Operations sent per look at the trail.
 const BATCH: usize = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct WatchParams {
     /// How many of the latest operations to send first.
     tail: Option<usize>,
@@ -81,6 +82,12 @@ impl Feed {
 }
 
 /// The feed, to a reader.
+/// A live feed (Server-Sent Events): `cluster` (the `/v1/cluster`
+/// document, each second), `op` (each operation as this node applies it)
+/// and `gap` (operations too old to send).
+#[utoipa::path(get, path = "/v1/watch", tag = "operations", params(WatchParams),
+    responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        super::schema::Denied))]
 pub(super) async fn watch(
     State(node): State<Arc<NodeInner>>,
     Extension(who): Extension<Principal>,

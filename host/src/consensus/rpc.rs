@@ -130,7 +130,7 @@ pub struct DigestSample {
 }
 
 /// A node's position, for digest comparison and `GET /v1/cluster`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     /// Node id.
     pub id: NodeId,

@@ -123,7 +123,7 @@ pub enum Op {
 }
 
 /// Settings every node applies alike, from the log (see [`Op::Settings`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterSettings {
     /// How long a client request id is remembered, in ms of log time.
     pub dedup_ttl_ms: u64,

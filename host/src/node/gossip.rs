@@ -30,7 +30,7 @@ use crate::p2p::{Gossip, GossipTopic, P2p};
 pub const MAX_TELEMETRY_ENTRIES: usize = 100_000;
 
 /// The latest value of one metric of one device.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reading {
     /// The value.
     pub v: f64,

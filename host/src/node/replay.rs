@@ -34,8 +34,9 @@ const DIFFERENCES_SHOWN: usize = 5;
 const SHOWN_BYTES: usize = 200;
 
 /// What to replay.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({ "version": "2.0.0", "commands": 1000, "identical": false }))]
 pub struct ReplayRequest {
     /// The candidate version (installed, not necessarily active).
     pub version: String,
@@ -53,7 +54,7 @@ fn default_commands() -> usize {
 }
 
 /// How a candidate fared.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ReplayReport {
     /// The plugin.
     pub plugin: String,
@@ -81,6 +82,7 @@ pub struct ReplayReport {
     /// Fuel the candidate used.
     pub fuel_candidate: u64,
     /// The first differences: index, command, payload, both results.
+    #[schema(value_type = Vec<Object>)]
     pub differences: Vec<Value>,
     /// No trap, no regression (and, when asked, no difference).
     pub passed: bool,

@@ -245,7 +245,7 @@ impl AuthOp {
 }
 
 /// One admin action, as the audit trail keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     /// Operation index it was applied at.
     pub index: u64,

@@ -81,7 +81,7 @@ pub enum ApplyError {
 }
 
 /// One installed version of a plugin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionRecord {
     /// sha256 of the component bytes, hex: where to find them.
     pub sha256: String,

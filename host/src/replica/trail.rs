@@ -167,7 +167,7 @@ pub struct Trail {
 }
 
 /// A line a plugin logged while one of its commands was applied here.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct PluginLogLine {
     /// The operation index.
     pub index: u64,

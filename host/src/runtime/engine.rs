@@ -49,7 +49,7 @@ pub const TABLES_PER_COMPONENT: u32 = 8;
 
 /// Default per-command resource limits. A plugin may be installed with its
 /// own [`PluginLimits`]; these numbers are documented in `wit/README.md`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginLimits {
     /// Fuel per command (≈ one unit per wasm instruction).
     pub fuel: u64,
@@ -95,7 +95,7 @@ impl Default for PluginLimits {
 
 /// What a cluster compares between nodes: equal fingerprints mean equal
 /// results, fuel and traps for the same component and inputs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EngineFingerprint {
     /// wasmtime release.
     pub wasmtime: String,
