@@ -93,7 +93,7 @@ impl Client {
         Client { base, http: Self::builder().build().unwrap_or_default(), token: None }
     }
 
-    fn builder() -> reqwest::ClientBuilder {
+    pub(crate) fn builder() -> reqwest::ClientBuilder {
         // reqwest takes its TLS backend from rustls' process default.
         let _ = rustls::crypto::ring::default_provider().install_default();
         reqwest::Client::builder()

@@ -88,6 +88,9 @@ pub struct NodeConfig {
     /// Serve the HTTP API over TLS only (plain HTTP is refused).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Export command traces over OTLP (off unless an endpoint is set).
+    #[serde(default, skip_serializing_if = "crate::telemetry::TelemetryConfig::is_default")]
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// `[tls]`: the API's certificate and key.

@@ -158,6 +158,7 @@ pub fn prepare_with_ports(
             devices: Default::default(),
             auth: Default::default(),
             tls: None,
+            telemetry: Default::default(),
         };
         configs.push((path, config));
     }

@@ -47,4 +47,5 @@ pub mod p2p;
 pub mod replica;
 pub mod runtime;
 pub mod state;
+pub mod telemetry;
 pub mod toolchain;

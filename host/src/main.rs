@@ -477,12 +477,12 @@ enum PluginCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // A node sets up its own (it may export traces: see `[telemetry]`).
+    if !matches!(cli.command, Action::Node { .. }) {
+        synod::telemetry::init_logs();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -691,6 +691,7 @@ async fn node(
     config.data_dir = data_dir.unwrap_or(config.data_dir);
     config.http = http.unwrap_or(config.http);
     config.p2p = p2p.unwrap_or(config.p2p);
+    let telemetry = synod::telemetry::init_node(&config.telemetry, config.id)?;
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("binding the HTTP address {}", config.http))?;
@@ -710,6 +711,7 @@ async fn node(
     }
     tracing::info!("shutting down");
     node.shutdown().await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     Ok(())
 }
 

@@ -24,4 +24,5 @@ mod plugins;
 mod safety;
 mod snapshot;
 mod storage;
+mod telemetry;
 mod uploads;

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument as _;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -259,8 +260,15 @@ async fn run_command(
         None => None,
         Some(v) => Some(check_request_id(v.to_str().unwrap_or(""))?),
     };
-    let (index, out) = node.submit(&who, &plugin, &command, body.to_vec(), request_id).await?;
-    typed(schema::Applied { result: output_json(&out), index })
+    async move {
+        let result = node.submit(&who, &plugin, &command, body.to_vec(), request_id).await;
+        crate::telemetry::answered(&tracing::Span::current(), &result);
+        let _reply = tracing::info_span!(target: "synod::trace", "reply").entered();
+        let (index, out) = result?;
+        typed(schema::Applied { result: output_json(&out), index })
+    }
+    .instrument(crate::telemetry::command_span("http"))
+    .await
 }
 
 /// A plugin's keys and values.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use futures::StreamExt;
 use serde_json::json;
+use tracing::Instrument as _;
 
 use crate::config::NatsConfig;
 use crate::node::service::{REQUEST_ID_HEADER, check_request_id, output_json};
@@ -126,15 +127,20 @@ async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String, sub
 /// Run one bus request and reply — never dropping it, whatever is wrong.
 async fn answer(node: &NodeInner, client: &Client, msg: async_nats::Message) {
     let started = std::time::Instant::now();
-    let result = run(node, &msg).await;
-    let family = msg.subject.split('.').nth(1).filter(|f| matches!(*f, "cmd" | "dev")).unwrap_or("other");
-    let status = result.as_ref().map_or_else(|e| e.status, |_| 200);
-    let m = crate::metrics::get();
-    m.nats_requests.get_or_create(&crate::metrics::NatsLabels { family: family.into(), status }).inc();
-    m.nats_seconds
-        .get_or_create(&crate::metrics::FamilyLabels { family: family.into() })
-        .observe(started.elapsed().as_secs_f64());
-    reply(client, &msg, result).await;
+    async {
+        let result = run(node, &msg).await;
+        crate::telemetry::answered(&tracing::Span::current(), &result);
+        let family = msg.subject.split('.').nth(1).filter(|f| matches!(*f, "cmd" | "dev")).unwrap_or("other");
+        let status = result.as_ref().map_or_else(|e| e.status, |_| 200);
+        let m = crate::metrics::get();
+        m.nats_requests.get_or_create(&crate::metrics::NatsLabels { family: family.into(), status }).inc();
+        m.nats_seconds
+            .get_or_create(&crate::metrics::FamilyLabels { family: family.into() })
+            .observe(started.elapsed().as_secs_f64());
+        reply(client, &msg, result).instrument(tracing::info_span!(target: "synod::trace", "reply")).await;
+    }
+    .instrument(crate::telemetry::command_span("nats"))
+    .await
 }
 
 /// Answer `msg` with the HTTP API's JSON, the status in `Synod-Status`

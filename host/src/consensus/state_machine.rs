@@ -422,10 +422,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // Committed entries arrive here: when, and when they were applied,
+        // for command traces (only while traces are exported).
+        let timed = crate::telemetry::exporting()
+            .then(|| (std::time::SystemTime::now(), entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>()));
         self.prefetch(&entries).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.apply.send((entries, reply)).map_err(|_| sm_err("the apply thread has stopped"))?;
-        answer.await.map_err(|_| sm_err("the apply thread has stopped"))?.map_err(sm_err)
+        let applied = answer.await.map_err(|_| sm_err("the apply thread has stopped"))?.map_err(sm_err);
+        if let Some((committed, indices)) = timed {
+            crate::telemetry::record_applied(indices, committed, std::time::SystemTime::now());
+        }
+        applied
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -211,6 +211,10 @@ impl NodeInner {
     ) -> Result<(u64, Vec<u8>), ServiceError> {
         check_name("plugin", plugin)?;
         check_name("command", command)?;
+        let span = tracing::Span::current();
+        span.record("plugin", plugin);
+        span.record("command", command);
+        span.record("caller", who.name.as_str());
         who.require(Access::Command(plugin))?;
         self.check_payload(&payload)?;
         // Refuse what cannot succeed before it reaches the log. This node may

@@ -121,8 +121,10 @@ pub(super) async fn batcher(raft: Raft<TypeConfig>, mut queue: Queue, max_entry_
             r.timestamp_ms = now;
         }
         let entry = Request { timestamp_ms: now, caller: "synod".into(), request_id: None, op: Op::Batch(requests) };
+        let proposed = std::time::SystemTime::now();
         match raft.client_write(entry).await {
             Ok(r) => {
+                crate::telemetry::record_proposed(r.log_id.index, proposed);
                 let mut items = r.data.items.into_iter();
                 for reply in replies {
                     let answer = match items.next() {
@@ -207,9 +209,33 @@ impl super::NodeInner {
         request_id: Option<String>,
     ) -> Result<(u64, Response), WriteError> {
         let request = Request { timestamp_ms: 0, caller: caller.to_owned(), request_id, op };
-        let (index, response) = self
-            .on_leader(|| self.write_local(request.clone()), |_| enqueue(&self.forward, request.clone(), credential))
-            .await?;
+        // A client's command is traced (see `crate::telemetry`); the node's
+        // own writes are not.
+        let traced = tracing::Span::current().metadata().is_some_and(|m| m.name() == "command");
+        let span = if traced {
+            tracing::info_span!(target: "synod::trace", "propose", leader = tracing::field::Empty, log_index = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let (index, response) = tracing::Instrument::instrument(
+            self.on_leader(
+                || {
+                    tracing::Span::current().record("leader", self.id);
+                    self.write_local(request.clone())
+                },
+                |l| {
+                    tracing::Span::current().record("leader", l);
+                    enqueue(&self.forward, request.clone(), credential)
+                },
+            ),
+            span.clone(),
+        )
+        .await?;
+        if traced {
+            let log_index = index / OPS_PER_ENTRY;
+            span.record("log_index", log_index);
+            crate::telemetry::add_stages(&span, log_index);
+        }
         Ok((response.first_index.unwrap_or(index), response))
     }
 
