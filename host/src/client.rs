@@ -171,6 +171,31 @@ impl Client {
         self.send(self.http.post(&url).body(body), &url).await
     }
 
+    /// POST `body` to `path` in chunks, calling `sent` with the bytes sent
+    /// so far as they go (for a progress bar).
+    pub async fn post_with_progress(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
+        const CHUNK: usize = 64 * 1024;
+        let url = format!("{}{path}", self.base);
+        let len = body.len();
+        let body = bytes::Bytes::from(body);
+        let chunks = (0..len.div_ceil(CHUNK)).map(move |i| {
+            let end = ((i + 1) * CHUNK).min(len);
+            sent(end as u64);
+            Ok::<_, std::io::Error>(body.slice(i * CHUNK..end))
+        });
+        let req = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)));
+        self.send(req, &url).await
+    }
+
     /// POST `body` to `path` with extra headers (e.g. `Synod-Request-Id`).
     pub async fn post_with_headers(
         &self,

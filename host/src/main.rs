@@ -476,6 +476,42 @@ enum PluginCmd {
     },
 }
 
+/// Progress on stderr while the CLI waits (drawn only on a terminal, so
+/// scripts and pipes see nothing of it).
+mod progress {
+    use std::time::Duration;
+
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    /// Bytes sent of an upload of `len` bytes.
+    pub fn upload(len: u64, what: &str) -> ProgressBar {
+        let bar = ProgressBar::new(len);
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(format!("uploading {what}"));
+        bar
+    }
+
+    /// Turn `bar` into a spinner saying what is being waited for.
+    pub fn wait(bar: &ProgressBar, message: &str) {
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            bar.set_style(style);
+        }
+        bar.set_message(message.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(120));
+    }
+
+    /// A spinner for a long operation.
+    pub fn spinner(message: &str) -> ProgressBar {
+        let bar = ProgressBar::new_spinner();
+        wait(&bar, message);
+        bar
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A node sets up its own (it may export traces: see `[telemetry]`).
@@ -854,7 +890,20 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Plugin { command: PluginCmd::Push { file, name, version, node } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}?version={version}"), bytes).await?)?
+            let client = reach.client(&node)?;
+            let bar = progress::upload(bytes.len() as u64, &format!("{name} {version}"));
+            let sent = {
+                let (bar, total) = (bar.clone(), bytes.len() as u64);
+                move |n: u64| {
+                    bar.set_position(n);
+                    if n == total {
+                        progress::wait(&bar, "installing: checking, storing on a quorum, compiling on every node");
+                    }
+                }
+            };
+            let answer = client.post_with_progress(&format!("/v1/plugins/{name}?version={version}"), bytes, sent).await;
+            bar.finish_and_clear();
+            print(&answer?)?
         }
         Action::Plugin { command: PluginCmd::List { node } } => print(&reach.client(&node)?.get("/v1/plugins").await?)?,
         Action::Plugin { command: PluginCmd::Activate { name, version, replay, require_replay, identical, node } } => {
@@ -865,12 +914,22 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 body["identical"] = identical.into();
             }
             let body = serde_json::to_vec(&body)?;
-            print(&reach.client(&node)?.post(&format!("/v1/plugins/{name}/activate"), body).await?)?
+            let client = reach.client(&node)?;
+            let bar = progress::spinner(&match replay {
+                Some(n) => format!("replaying up to {n} commands on {name} {version}, then activating"),
+                None => format!("activating {name} {version}"),
+            });
+            let answer = client.post(&format!("/v1/plugins/{name}/activate"), body).await;
+            bar.finish_and_clear();
+            print(&answer?)?
         }
         Action::Plugin { command: PluginCmd::Replay { name, version, commands, identical, node } } => {
             let body = serde_json::json!({ "version": version, "commands": commands, "identical": identical });
-            let report =
-                reach.client(&node)?.post(&format!("/v1/plugins/{name}/replay"), serde_json::to_vec(&body)?).await?;
+            let client = reach.client(&node)?;
+            let bar = progress::spinner(&format!("replaying up to {commands} commands on {name} {version}"));
+            let report = client.post(&format!("/v1/plugins/{name}/replay"), serde_json::to_vec(&body)?).await;
+            bar.finish_and_clear();
+            let report = report?;
             let passed = report["passed"].as_bool() == Some(true);
             print(&report)?;
             if !passed {

@@ -87,3 +87,49 @@ async fn a_stranger_key_cannot_join() {
     assert_eq!(view["term"].as_u64().unwrap(), term);
     assert_eq!(view["members"].as_object().unwrap().len(), 3);
 }
+
+/// `synod plugin push` streams the component with a progress bar on a
+/// terminal (and nothing but the answer when its output is not one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_upload_progress_on_a_terminal_only() {
+    let _serial = serial().await;
+    let c = Cluster::start(3, |_| {});
+    let leader = c.leader().await;
+    let node = c.client(leader).base().to_owned();
+    let file = crate::plugins::built()["counter"].component.clone();
+    let token = c.admin_token().unwrap();
+    let bin = crate::harness::synod_bin();
+    let push = |version: &str| {
+        format!("{} plugin push {} --name counter --version {version} --node {node}", bin.display(), file.display())
+    };
+    // On a pseudo-terminal (util-linux `script`).
+    let out = std::process::Command::new("script")
+        .args(["-qec", &push("1"), "/dev/null"])
+        .env("SYNOD_TOKEN", &token)
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("uploading counter 1"), "no progress bar: {shown}");
+    assert!(shown.contains("\"index\""), "no answer: {shown}");
+    // Piped: the answer alone, as JSON.
+    let out = std::process::Command::new(&bin)
+        .args(["plugin", "push"])
+        .arg(&file)
+        .args(["--name", "counter", "--version", "2", "--node", &node])
+        .env("SYNOD_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["index"].as_u64().is_some(), "{answer}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("uploading"));
+    let plugins = c.client(leader).get("/v1/plugins").await.unwrap();
+    let versions = plugins["plugins"]["counter"]["versions"].as_object().unwrap();
+    assert_eq!(versions.len(), 2, "{plugins}");
+    // What was streamed is what was stored.
+    let sha = versions["1"]["sha256"].as_str().unwrap();
+    let expected = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&file).unwrap()));
+    assert_eq!(sha, expected);
+}
