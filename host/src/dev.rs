@@ -193,7 +193,7 @@ fn start_nats(dir: &Path) -> Result<Option<(tokio::process::Child, String)>, Dev
     std::fs::create_dir_all(&store).map_err(io("creating the NATS store"))?;
     let log = std::fs::File::create(dir.join("nats.log")).map_err(io("creating nats.log"))?;
     let err = log.try_clone().map_err(io("opening nats.log"))?;
-    let child = tokio::process::Command::new("nats-server")
+    let child = die_with_us(&mut tokio::process::Command::new("nats-server"))
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
         .stdout(Stdio::from(log))
@@ -352,6 +352,27 @@ pub async fn run(dir: &Path, exe: &Path, tls: bool) -> Result<(), DevError> {
     Ok(())
 }
 
+/// Have the kernel send `cmd`'s process SIGTERM when `synod dev` dies, even
+/// by SIGKILL (when it stops normally it stops its children itself): a dev
+/// cluster never outlives the command that runs it, holding its ports.
+fn die_with_us(cmd: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (prctl, getppid), with no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("synod dev exited"));
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Start one dev node, its output appended to `node.log` in its data dir.
 fn spawn_node(exe: &Path, path: &Path, config: &NodeConfig) -> Result<tokio::process::Child, DevError> {
     let log_path = config.data_dir.join("node.log");
@@ -361,7 +382,7 @@ fn spawn_node(exe: &Path, path: &Path, config: &NodeConfig) -> Result<tokio::pro
         .open(&log_path)
         .map_err(io(format!("opening {}", log_path.display())))?;
     let err = log.try_clone().map_err(io("opening the node log"))?;
-    tokio::process::Command::new(exe)
+    die_with_us(&mut tokio::process::Command::new(exe))
         .args(["node", "--config"])
         .arg(path)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))

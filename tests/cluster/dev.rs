@@ -175,3 +175,38 @@ async fn a_killed_dev_node_is_restarted_while_the_others_serve() {
         assert!(node_pids(&dir, id).is_empty(), "node {id} still running after synod dev stopped");
     }
 }
+
+/// `synod dev` killed with SIGKILL (it cannot stop anything itself) still
+/// takes its nodes and its nats-server with it: nothing is left holding
+/// the ports for the next `synod dev`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_synod_dev_leaves_nothing_running() {
+    let _serial = serial().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut cluster = DevCluster::start(&dir).await;
+    let nats = |dir: &Path| {
+        let out = std::process::Command::new("pgrep").arg("-f").arg(dir.join("nats")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    for id in 1..=3 {
+        assert_eq!(node_pids(&dir, id).len(), 1, "node {id} is running");
+    }
+    let with_nats = nats(&dir) > 0;
+    cluster.dev.start_kill().unwrap();
+    cluster.dev.wait().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<u64> = (1..=3).filter(|id| !node_pids(&dir, *id).is_empty()).collect();
+        if left.is_empty() && nats(&dir) == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still running 20 s after synod dev was killed: nodes {left:?}, nats-server: {}",
+            nats(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("nodes gone{}", if with_nats { ", nats-server gone" } else { " (no nats-server here)" });
+}
