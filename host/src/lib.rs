@@ -44,6 +44,7 @@ pub mod faults;
 pub mod metrics;
 pub mod node;
 pub mod p2p;
+pub mod recover;
 pub mod replica;
 pub mod runtime;
 pub mod state;

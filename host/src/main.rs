@@ -122,6 +122,23 @@ enum Action {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Disaster recovery, offline, on a stopped node's data dir: when a
+    /// majority of the voters is lost for good, make this node the only
+    /// voter of a new cluster that keeps everything in its log; start it,
+    /// then add new nodes. Writes that reached only the lost nodes are
+    /// gone (it prints the bound).
+    Recover {
+        /// Required: this rewrites the cluster's membership.
+        #[arg(long)]
+        force_new_cluster: bool,
+        /// The surviving node's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The surviving node's id (default: the `id` in the data dir's
+        /// `synod.toml`).
+        #[arg(long)]
+        id: Option<u64>,
+    },
     /// Print the PeerId of the key in a data dir (creating the key).
     NodeId {
         /// The node's data dir.
@@ -839,6 +856,26 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Cluster { command: ClusterCmd::Remove { id, node } } => {
             print(&reach.client(&node)?.delete(&format!("/v1/cluster/nodes/{id}")).await?)?
+        }
+        Action::Recover { force_new_cluster, data_dir, id } => {
+            if !force_new_cluster {
+                anyhow::bail!(
+                    "recover rewrites the cluster's membership to this node alone: say so with --force-new-cluster"
+                );
+            }
+            let id = match id {
+                Some(id) => id,
+                None => synod::config::NodeConfig::load(&data_dir.join("synod.toml"))
+                    .map(|c| c.id)
+                    .with_context(|| format!("no --id, and no synod.toml in {} to read it from", data_dir.display()))?,
+            };
+            let recovered = synod::recover::force_new_cluster(&data_dir, id).await?;
+            print(&serde_json::to_value(&recovered)?)?;
+            eprintln!(
+                "node {id} is now the only voter (removed: {:?}). Start it, then add new nodes with `synod cluster add`. \
+                 Writes acknowledged with an index above {} reached only the removed nodes and are lost.",
+                recovered.removed, recovered.lost_above_operation_index
+            );
         }
         Action::NodeId { data_dir } => {
             let key = synod::p2p::identity::load_or_create(&data_dir)?;

@@ -21,6 +21,7 @@ mod metrics;
 mod openapi;
 #[path = "../common/plugins.rs"]
 mod plugins;
+mod recover;
 mod safety;
 mod snapshot;
 mod storage;

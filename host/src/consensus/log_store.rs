@@ -596,6 +596,12 @@ impl LogStore {
         Ok((inner.vote.map_or(0, |v| v.leader_id().term), inner.last_log_id().map_or(0, |l| l.index)))
     }
 
+    /// Append `entries` and sync them, outside openraft (offline recovery:
+    /// [`crate::recover`]).
+    pub fn append_offline(&self, entries: Vec<Entry<TypeConfig>>) -> Result<()> {
+        self.write_entries(entries)
+    }
+
     /// Write entries and sync them: one `fdatasync` for the whole batch
     /// openraft hands over. The lock is not held during the sync, so
     /// readers (replication) are not held up by it.

@@ -116,6 +116,28 @@ struct SnapshotData {
     blobs: Vec<(String, Vec<u8>)>,
 }
 
+/// The membership in the snapshot file of the data dir `dir`, if there is
+/// one (offline recovery: [`crate::recover`]).
+pub fn snapshot_membership(
+    dir: &std::path::Path,
+) -> std::result::Result<Option<openraft::Membership<NodeId, NodeInfo>>, String> {
+    let path = dir.join("snapshot.bin");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let header = MAGIC.len() + 8 + 32;
+    if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(format!("{} is not a Synod snapshot", path.display()));
+    }
+    if blake3::hash(&bytes[header..]).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
+        return Err(format!("{} is damaged: its checksum does not match", path.display()));
+    }
+    let file: SnapshotFile = postcard::from_bytes(&bytes[header..]).map_err(|e| e.to_string())?;
+    Ok(Some(file.meta.last_membership.membership().clone()))
+}
+
 /// Leads every snapshot file.
 const MAGIC: &[u8; 10] = b"SYNODSNAP2";
 

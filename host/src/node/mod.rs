@@ -149,6 +149,8 @@ pub struct RunningNode {
     tasks: JoinSet<()>,
     /// Signals the HTTP server to stop.
     stop: tokio::sync::watch::Sender<bool>,
+    /// The data dir's lock, held while the node runs.
+    _lock: crate::recover::DataDirLock,
 }
 
 /// The wall clock in Unix milliseconds, as this node stamps entries with it
@@ -164,6 +166,14 @@ impl RunningNode {
         config.validate()?;
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        // One node per data dir, and no offline tool (recovery) under it.
+        let lock = crate::recover::DataDirLock::take(dir).map_err(|e| NodeError::DataDir {
+            path: dir.clone(),
+            source: std::io::Error::other(match e {
+                crate::recover::RecoverError::Running(_) => "another node is running on this data dir".to_owned(),
+                other => other.to_string(),
+            }),
+        })?;
         let keypair = crate::p2p::identity::load_or_create(dir)?;
         let runtime = Arc::new(Runtime::new()?.with_max_component_bytes(config.limits.max_plugin_bytes));
         let artifacts = Arc::new(Artifacts::open(&dir.join("plugins"), runtime)?);
@@ -330,7 +340,7 @@ impl RunningNode {
                 })
             }
         };
-        Ok(RunningNode { inner, http, tasks, stop })
+        Ok(RunningNode { inner, http, tasks, stop, _lock: lock })
     }
 
     /// Resolves when Raft has stopped on a fatal error (a storage fault:
