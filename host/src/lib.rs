@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod backup;
 pub mod bus;
 pub mod chaos;
 pub mod client;

@@ -122,6 +122,25 @@ enum Action {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Save a backup of the cluster's state (admin): every write acknowledged
+    /// before it, every plugin, device and token, checked before it is kept.
+    Backup {
+        /// The file to write.
+        file: PathBuf,
+        /// A node's HTTP address.
+        #[arg(long, env = "SYNOD_NODE", default_value = "127.0.0.1:7001")]
+        node: String,
+    },
+    /// Start a new cluster from a backup: offline, into the empty data dir
+    /// of the node `--config` describes; then start that node and add
+    /// others as usual.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The new node's config (its data dir must be new).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Disaster recovery, offline, on a stopped node's data dir: when a
     /// majority of the voters is lost for good, make this node the only
     /// voter of a new cluster that keeps everything in its log; start it,
@@ -856,6 +875,38 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Cluster { command: ClusterCmd::Remove { id, node } } => {
             print(&reach.client(&node)?.delete(&format!("/v1/cluster/nodes/{id}")).await?)?
+        }
+        Action::Backup { file, node } => {
+            use futures::StreamExt as _;
+            let client = reach.client(&node)?;
+            let response = client.stream("/v1/backup").await?;
+            let bar = progress::spinner("taking the backup");
+            let mut bytes = Vec::new();
+            let mut body = response.bytes_stream();
+            while let Some(piece) = body.next().await {
+                bytes.extend_from_slice(&piece.context("receiving the backup")?);
+                bar.set_message(format!("receiving the backup: {} MiB", bytes.len() >> 20));
+            }
+            bar.finish_and_clear();
+            let (header, _) = synod::backup::parse(&bytes).context("the backup received does not check out")?;
+            synod::backup::write_durably(&file, &bytes)?;
+            print(&serde_json::to_value(&header)?)?;
+            eprintln!(
+                "saved {} ({} bytes): the state at operation {}, digest {}",
+                file.display(),
+                bytes.len(),
+                header.operation_index,
+                header.digest
+            );
+        }
+        Action::Restore { file, config } => {
+            let config = synod::config::NodeConfig::load(&config)?;
+            let restored = synod::backup::restore(&file, &config).await?;
+            print(&serde_json::to_value(&restored)?)?;
+            eprintln!(
+                "node {} holds the state at operation {} (digest {}): start it with `synod node --config …`, then add nodes",
+                restored.node, restored.operation_index, restored.digest
+            );
         }
         Action::Recover { force_new_cluster, data_dir, id } => {
             if !force_new_cluster {

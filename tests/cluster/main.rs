@@ -4,6 +4,7 @@
 
 mod admission;
 mod auth;
+mod backup;
 mod basics;
 mod dashboard;
 mod dev;

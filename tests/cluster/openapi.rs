@@ -172,6 +172,8 @@ async fn every_route_is_documented_and_answers_as_documented() {
     call.send("GET", "/v1/divergence", "/v1/divergence", None).await;
     call.send("POST", "/v1/cluster/nodes", "/v1/cluster/nodes", Some(json!({ "id": 9 }))).await;
     call.send("DELETE", "/v1/cluster/nodes/{id}", "/v1/cluster/nodes/99", None).await;
+    let (status, _) = call.send("GET", "/v1/backup", "/v1/backup", None).await;
+    assert_eq!(status, 200);
     call.send("GET", "/healthz", "/healthz", None).await;
     call.send("GET", "/readyz", "/readyz", None).await;
     call.send("GET", "/metrics", "/metrics", None).await;

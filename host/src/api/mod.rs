@@ -104,6 +104,7 @@ fn api(plugin_limit: usize, payload_limit: usize) -> OpenApiRouter<Arc<NodeInner
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(audit))
+        .routes(routes!(backup))
         .routes(routes!(metrics))
         .routes(routes!(watch::watch))
         .routes(routes!(dashboard))
@@ -802,6 +803,77 @@ struct AuditParams {
     after: u64,
     /// At most this many (default 1000).
     limit: Option<usize>,
+}
+
+/// A backup: the replicated state at one log index (every write
+/// acknowledged before this request is in it), with every plugin's bytes,
+/// the device shadows and the tokens, in the format `synod restore` reads
+/// (see the README's "Backup and restore"). Writes go on while it is taken.
+#[utoipa::path(get, path = "/v1/backup", tag = "cluster",
+    responses((status = 200, description = "The backup file (`Synod-Backup-Index`, `Synod-Backup-Digest`: its operation index and digest)",
+        content_type = "application/octet-stream", body = String), schema::ReadFailures))]
+async fn backup(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
+    who.require(Access::Admin)?;
+    node.read_barrier().await.map_err(ServiceError::from)?;
+    let image = crate::consensus::state_machine::backup_image(&node.shared, &node.artifacts)
+        .await
+        .map_err(|e| ServiceError::new(500, "internal", format!("taking the backup: {e}")))?;
+    let header = crate::backup::BackupHeader {
+        format: 1,
+        cluster: crate::backup::cluster_id(node.config.network_key.as_deref()),
+        node: node.id,
+        log_index: image.log_id.map_or(0, |l| l.index),
+        operation_index: image.operation_index,
+        digest: hex::encode(image.digest),
+        engine: node.artifacts.runtime().fingerprint().hash.clone(),
+        created_at_ms: crate::node::now_ms(),
+        plugins: image.plugins,
+        devices: image.devices,
+        state_bytes: image.data.len() as u64,
+    };
+    let (index, digest) = (header.operation_index, header.digest.clone());
+    // Streamed in pieces as the hash goes, never one more copy of the state.
+    let preamble = crate::backup::preamble(&header);
+    let data = Bytes::from(image.data);
+    let stream = backup_stream(preamble, data);
+    let mut response = axum::body::Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"synod-{index}.backup\"")) {
+        headers.insert(axum::http::header::CONTENT_DISPOSITION, v);
+    }
+    headers.insert("synod-backup-index", HeaderValue::from(index));
+    if let Ok(v) = HeaderValue::from_str(&digest) {
+        headers.insert("synod-backup-digest", v);
+    }
+    node.audit_note(&who, "backup", &index.to_string()).await;
+    Ok(response)
+}
+
+/// A backup's bytes as a stream of 1 MiB pieces: preamble, state, then the
+/// checksum line over both, hashed as the pieces go.
+fn backup_stream(
+    preamble: Vec<u8>,
+    data: Bytes,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    const PIECE: usize = 1 << 20;
+    let mut pieces = std::collections::VecDeque::from([Bytes::from(preamble)]);
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + PIECE).min(data.len());
+        pieces.push_back(data.slice(at..end));
+        at = end;
+    }
+    futures::stream::unfold((pieces, Some(blake3::Hasher::new())), |(mut pieces, hasher)| async move {
+        let mut hasher = hasher?;
+        match pieces.pop_front() {
+            Some(piece) => {
+                hasher.update(&piece);
+                Some((Ok(piece), (pieces, Some(hasher))))
+            }
+            None => Some((Ok(Bytes::from(crate::backup::trailer(&hasher.finalize()))), (pieces, None))),
+        }
+    })
 }
 
 /// The audit trail: who changed what, when.

@@ -21,6 +21,7 @@
 //! snapshot whose checksum fails, or whose label (`meta.last_log_id`)
 //! differs from the position of the state inside it, is refused.
 
+use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,6 +137,103 @@ pub fn snapshot_membership(
     }
     let file: SnapshotFile = postcard::from_bytes(&bytes[header..]).map_err(|e| e.to_string())?;
     Ok(Some(file.meta.last_membership.membership().clone()))
+}
+
+/// A backup's contents: the state (as a snapshot holds it) at one log id,
+/// with the bytes of every installed plugin version.
+pub struct BackupImage {
+    /// The last log entry the state includes.
+    pub log_id: Option<LogId<NodeId>>,
+    /// The last applied operation index.
+    pub operation_index: u64,
+    /// The state digest after it.
+    pub digest: [u8; 32],
+    /// Plugins installed (names).
+    pub plugins: Vec<String>,
+    /// Devices defined.
+    pub devices: usize,
+    /// postcard-encoded [`SnapshotData`].
+    pub data: Vec<u8>,
+}
+
+/// The state now, for a backup: captured between two entries in
+/// O(number of namespaces) (apply waits only for that), then encoded with
+/// its plugin bytes on a blocking thread.
+pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result::Result<BackupImage, String> {
+    let captured = shared.replica.read().map_err(|e| e.to_string())?.capture();
+    let mut blobs = Vec::new();
+    for record in captured.registry().values() {
+        for v in record.versions.values() {
+            let bytes = artifacts
+                .get(&v.sha256)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("plugin bytes {} are missing on this node", v.sha256))?;
+            blobs.push((v.sha256.clone(), bytes));
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        let log_id = captured.log_id();
+        let plugins = captured.registry().keys().cloned().collect();
+        let image = captured.image();
+        let (operation_index, digest, devices) = (image.last_applied, image.digest, image.devices.devices.len());
+        let data = postcard::to_allocvec(&SnapshotData { image, blobs }).map_err(|e| e.to_string())?;
+        Ok(BackupImage { log_id, operation_index, digest, plugins, devices, data })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Check a backup's state (`data`: postcard [`SnapshotData`]) against what
+/// its header says, and install it in the empty data dir `dir` as the
+/// snapshot of a new cluster whose only member is `id` (`info`): the
+/// state, its plugins' bytes (into `artifacts`), and a vote in the
+/// image's term so the node's first election comes after it.
+pub async fn install_backup(
+    dir: &std::path::Path,
+    artifacts: &Artifacts,
+    data: &[u8],
+    expect: (u64, [u8; 32]),
+    id: NodeId,
+    info: NodeInfo,
+) -> std::result::Result<(), String> {
+    let mut data: SnapshotData = postcard::from_bytes(data).map_err(|e| format!("the state does not decode: {e}"))?;
+    let image = &mut data.image;
+    if (image.last_applied, image.digest) != expect {
+        return Err(format!(
+            "the state inside is at operation {} with digest {}, not what the header says ({} {})",
+            image.last_applied,
+            hex::encode(image.digest),
+            expect.0,
+            hex::encode(expect.1)
+        ));
+    }
+    let Some(log_id) = image.log_id else { return Err("the backup holds an empty state".into()) };
+    for (sha256, bytes) in &data.blobs {
+        let stored = artifacts.put(bytes).map_err(|e| e.to_string())?;
+        if &stored != sha256 {
+            return Err(format!("plugin bytes labelled {sha256} hash to {stored}"));
+        }
+    }
+    // A new cluster of one: this node, from the image's position.
+    let membership =
+        openraft::Membership::new(vec![std::collections::BTreeSet::from([id])], BTreeMap::from([(id, info)]));
+    image.membership = StoredMembership::new(Some(log_id), membership);
+    // The image must load on this engine (every active plugin compiles).
+    let image_copy = postcard::to_allocvec(&data.image).map_err(|e| e.to_string())?;
+    let check: crate::replica::Image = postcard::from_bytes(&image_copy).map_err(|e| e.to_string())?;
+    Replica::restore(check, artifacts).map_err(|e| format!("the state does not load here: {e}"))?;
+    let meta = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: data.image.membership.clone(),
+        snapshot_id: format!("restored-{}-{}", log_id.leader_id, log_id.index),
+    };
+    let file = SnapshotFile { meta, data: postcard::to_allocvec(&data).map_err(|e| e.to_string())? };
+    StateMachineStore::write_snapshot_file(&dir.join("snapshot.bin"), &file).map_err(|e| e.to_string())?;
+    let mut log = crate::consensus::LogStore::open(dir).map_err(|e| e.to_string())?;
+    openraft::storage::RaftLogStorage::save_vote(&mut log, &openraft::Vote::new(log_id.leader_id.term, id))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Leads every snapshot file.

@@ -706,7 +706,7 @@ impl NodeInner {
 
     /// Record an admin action that is openraft's own entry (a membership
     /// change) in the audit trail, as `who`.
-    async fn audit_note(&self, who: &Principal, action: &str, target: &str) {
+    pub(crate) async fn audit_note(&self, who: &Principal, action: &str, target: &str) {
         use crate::replica::auth::AuthOp;
         let op = Op::Auth(AuthOp::Note { action: action.to_owned(), target: target.to_owned() });
         if let Err(e) = self.write_as(op, who, None).await {

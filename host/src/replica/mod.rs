@@ -981,7 +981,9 @@ impl Replica {
             kv: KvState::from_parts(image.kv),
             digest: Digest(image.digest),
             last_applied: image.last_applied,
-            history: VecDeque::new(),
+            // The digest at the point restored from is known: a node that
+            // starts from a snapshot (or a backup) can be compared there.
+            history: VecDeque::from([(image.last_applied, Digest(image.digest))]),
             dedup: Dedup::from_image(image.dedup),
             outbox: image.outbox.into_iter().collect(),
             published_upto: image.published_upto,
