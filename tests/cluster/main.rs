@@ -14,6 +14,7 @@ mod gossip;
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod harness;
+mod hosts;
 mod hot_reload;
 mod load;
 mod logs;
