@@ -138,6 +138,10 @@ pub struct Restored {
     pub plugins: Vec<String>,
     /// Devices restored.
     pub devices: usize,
+    /// The engine the new cluster runs.
+    pub engine: String,
+    /// The engine the backup was taken on.
+    pub from_engine: String,
 }
 
 /// Restore the backup at `file` into the (empty) data dir of the node
@@ -158,14 +162,10 @@ pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<
     let _lock = crate::recover::DataDirLock::take(dir).map_err(|e| BackupError::Refused(e.to_string()))?;
     let key = crate::p2p::identity::load_or_create(dir).map_err(|e| BackupError::Refused(e.to_string()))?;
     let runtime = crate::runtime::Runtime::new().map_err(|e| BackupError::Refused(e.to_string()))?;
+    // Another engine is fine: the state is data, and every node of the new
+    // cluster runs this one (admission refuses any other). This is how a
+    // cluster moves to a new engine (README, "Upgrading").
     let engine = runtime.fingerprint().hash.clone();
-    if engine != header.engine {
-        return Err(BackupError::Refused(format!(
-            "the backup was taken on engine {} and this node runs {engine}: plugins could run differently; \
-             restore with the synod release that took it, then upgrade as the README's \"Upgrading\" says",
-            header.engine
-        )));
-    }
     let runtime = std::sync::Arc::new(runtime.with_max_component_bytes(config.limits.max_plugin_bytes));
     let artifacts = crate::artifacts::Artifacts::open(&dir.join("plugins"), runtime)
         .map_err(|e| BackupError::Refused(e.to_string()))?;
@@ -196,6 +196,8 @@ pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<
         digest: header.digest,
         plugins: header.plugins,
         devices: header.devices,
+        engine,
+        from_engine: header.engine,
     })
 }
 

@@ -28,4 +28,5 @@ mod safety;
 mod snapshot;
 mod storage;
 mod telemetry;
+mod upgrade;
 mod uploads;

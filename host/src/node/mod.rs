@@ -91,6 +91,43 @@ pub enum NodeError {
     /// The API's TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] crate::api::tls::TlsError),
+    /// The data dir was last run by a binary with another engine.
+    #[error(
+        "data dir {path} was last run with engine {was}, and this synod runs engine {now}: nodes of one cluster \
+         must apply plugins with one engine, and this node's log and state were made with the other. To move a \
+         cluster to a new engine: take a backup (`synod backup`) with the old binary, `synod restore` it with the \
+         new binary into a new data dir, start that node and add new nodes running the new binary (README, \
+         \"Upgrading\"); or run the binary this data dir was made with"
+    )]
+    EngineChanged {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// The engine it was last run with.
+        was: String,
+        /// This binary's.
+        now: String,
+    },
+}
+
+/// The engine fingerprint hash a data dir was last run with (`engine` in
+/// it); recorded on first start, checked on every start after.
+fn check_engine(dir: &std::path::Path, now: &str) -> Result<(), NodeError> {
+    let path = dir.join("engine");
+    let io = |source| NodeError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(was) if was.trim() == now => Ok(()),
+        Ok(was) => {
+            Err(NodeError::EngineChanged { path: dir.to_owned(), was: was.trim().to_owned(), now: now.to_owned() })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = dir.join("engine.tmp");
+            std::fs::write(&tmp, format!("{now}\n")).map_err(io)?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// Everything a node's tasks and handlers share.
@@ -176,6 +213,7 @@ impl RunningNode {
         })?;
         let keypair = crate::p2p::identity::load_or_create(dir)?;
         let runtime = Arc::new(Runtime::new()?.with_max_component_bytes(config.limits.max_plugin_bytes));
+        check_engine(dir, &runtime.fingerprint().hash)?;
         let artifacts = Arc::new(Artifacts::open(&dir.join("plugins"), runtime)?);
         let cell: Arc<OnceLock<Arc<NodeInner>>> = Arc::new(OnceLock::new());
 
