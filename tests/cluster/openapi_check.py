@@ -5,7 +5,8 @@ Usage: openapi_check.py DOCUMENT.json OBSERVED.json
 
 1. The document must be valid OpenAPI 3.1 (openapi-spec-validator, the
    Python reference validator).
-2. OBSERVED is a list of {"method", "path" (the documented template),
+2. Every schema example validates against its schema (strictly).
+3. OBSERVED is a list of {"method", "path" (the documented template),
    "status", "content_type", "body"}: each answer must be one the document
    names for that operation and status, with that content type, and a JSON
    body must validate against the documented schema. Objects are checked
@@ -67,6 +68,20 @@ def main():
         for e in errors[:5]:
             path = "/".join(str(p) for p in e.absolute_path)
             failures.append(f"{where}: at /{path}: {e.message[:300]}")
+    # Every example in the document fits the schema it illustrates.
+    examples = 0
+    for name, schema in document.get("components", {}).get("schemas", {}).items():
+        found = list(schema.get("examples", []))
+        if "example" in schema:
+            found.append(schema["example"])
+        for example in found:
+            examples += 1
+            check = dict(strict(schema), components=components)
+            for e in list(Draft202012Validator(check).iter_errors(example))[:3]:
+                path = "/".join(str(p) for p in e.absolute_path)
+                failures.append(f"the example of {name}: at /{path}: {e.message[:300]}")
+    if examples < 20:
+        failures.append(f"only {examples} schema examples in the document")
     for f in failures:
         print(f)
     print(f"{len(observed)} answers checked, {len(failures)} failures", file=sys.stderr)

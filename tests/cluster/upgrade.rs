@@ -84,3 +84,106 @@ async fn another_engine_refuses_the_old_data_dir_and_backup_restore_moves_the_cl
     let r = client.post("/v1/commands/counter/increment", b"{}".to_vec()).await.unwrap();
     assert_eq!(r["result"]["value"], json!(7), "nothing acknowledged was lost: {r}");
 }
+
+/// The previous release's binary (`tests/upgrade/prev-binary.sh`, which
+/// `./tests/run` runs and passes in `SYNOD_PREV_BIN`).
+fn previous_release() -> Option<std::path::PathBuf> {
+    std::env::var_os("SYNOD_PREV_BIN").map(std::path::PathBuf::from)
+}
+
+/// Whether node `id` runs this build (it serves `/openapi.json`, which the
+/// previous release did not).
+async fn runs_this_build(c: &Cluster, id: u64) -> bool {
+    c.client(id).get("/openapi.json").await.is_ok()
+}
+
+/// A cluster of the previous release, upgraded to this build one node at a
+/// time (followers first, the leader last) under steady writes: every
+/// command succeeds (a client that loses its node retries the same request
+/// id on another), none is applied twice, and the nodes agree throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_from_the_previous_release_fails_no_command() {
+    let Some(prev) = previous_release() else {
+        eprintln!("SKIPPED: SYNOD_PREV_BIN is not set (./tests/run builds the previous release and sets it)");
+        return;
+    };
+    let _serial = serial().await;
+    let mut c = Cluster::configure(3, &[], |_| {});
+    for id in 1..=3 {
+        c.nodes.get_mut(&id).unwrap().bin = Some(prev.clone());
+        c.restart(id);
+    }
+    let leader = c.leader().await;
+    for id in 1..=3 {
+        assert!(!runs_this_build(&c, id).await, "node {id} should run the previous release");
+    }
+    c.push(leader, "counter", "1", component("counter")).await.unwrap();
+
+    // Two clients write without pause, each command with its own request id,
+    // retried (same id) on the next node when its node does not answer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..2)
+        .map(|k| {
+            let nodes: Vec<synod::client::Client> = (1..=3).map(|id| c.client(id)).collect();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut done, mut retries) = (0u64, 0u64);
+                for n in 0..100_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = format!("upgrade-{k}-{n}");
+                    let mut attempt = 0usize;
+                    loop {
+                        let node = &nodes[(n as usize + attempt + k) % nodes.len()];
+                        let sent = node.post_with_headers(
+                            "/v1/commands/counter/increment",
+                            b"{}".to_vec(),
+                            &[("synod-request-id", &id)],
+                        );
+                        match tokio::time::timeout(Duration::from_secs(5), sent).await {
+                            Ok(Ok(_)) => break,
+                            other => {
+                                attempt += 1;
+                                retries += 1;
+                                assert!(attempt < 60, "command {id} failed 60 times: {other:?}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    done += 1;
+                }
+                (done, retries)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for id in followers.into_iter().chain([leader]) {
+        c.stop(id);
+        c.nodes.get_mut(&id).unwrap().bin = None;
+        c.restart(id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !runs_this_build(&c, id).await {
+            assert!(tokio::time::Instant::now() < deadline, "node {id} did not come back on this build");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        c.converged().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (done, retries) = client.await.unwrap();
+        eprintln!("a client: {done} commands, {retries} retries");
+        assert!(done > 0);
+        total += done;
+    }
+    c.converged().await;
+    c.same_digest().await;
+    for id in 1..=3 {
+        assert!(runs_this_build(&c, id).await);
+        assert_eq!(c.local_state(id, "counter").await, json!({ "value": total }), "node {id}: each command once");
+    }
+}

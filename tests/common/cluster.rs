@@ -23,13 +23,16 @@ pub struct Member {
     pub config_path: PathBuf,
     /// Extra environment for the process (e.g. `TOKIO_WORKER_THREADS`).
     pub env: Vec<(String, String)>,
+    /// The binary it runs, when not this build's (an upgrade test's
+    /// previous release).
+    pub bin: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Member {
     /// A member that is not running yet (`Cluster::restart` starts it).
     pub fn new(config: NodeConfig, config_path: PathBuf) -> Member {
-        Member { config, config_path, env: Vec::new(), child: None }
+        Member { config, config_path, env: Vec::new(), bin: None, child: None }
     }
 
     /// The process id, while it runs.
@@ -70,9 +73,9 @@ pub fn log_path(config_path: &std::path::Path) -> PathBuf {
     config_path.with_file_name("node.log")
 }
 
-fn spawn(config_path: &PathBuf, _config: &NodeConfig, env: &[(String, String)]) -> Child {
+fn spawn(config_path: &PathBuf, bin: Option<&PathBuf>, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(config_path)).unwrap();
-    Command::new(synod_bin())
+    Command::new(bin.cloned().unwrap_or_else(synod_bin))
         .args(["node", "--config"])
         .arg(config_path)
         .env("RUST_LOG", "info,openraft=warn")
@@ -107,7 +110,7 @@ impl Cluster {
         for (config_path, mut config) in synod::dev::prepare(dir.path(), n).unwrap() {
             tune(&mut config);
             std::fs::write(&config_path, config.to_toml().unwrap()).unwrap();
-            nodes.insert(config.id, Member { config, config_path, env: env.clone(), child: None });
+            nodes.insert(config.id, Member { config, config_path, env: env.clone(), bin: None, child: None });
         }
         Cluster { dir, nodes }
     }
@@ -160,10 +163,27 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, as an operator stops a node, and wait for it to exit.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("node {id} did not stop within 30 s of SIGTERM");
+        }
+    }
+
     pub fn restart(&mut self, id: u64) {
         let m = self.nodes.get_mut(&id).unwrap();
         assert!(m.child.is_none(), "node {id} is running");
-        m.child = Some(spawn(&m.config_path, &m.config, &m.env));
+        m.child = Some(spawn(&m.config_path, m.bin.as_ref(), &m.env));
     }
 
     /// The leader every live node agrees on (and which is itself alive).

@@ -60,6 +60,7 @@ pub struct Applied {
 
 /// An activation, with the replay that preceded it when one was asked for.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "result": { "active": "2" }, "index": 51000 }))]
 pub struct Activated {
     /// The lifecycle output.
     pub result: Value,
@@ -92,6 +93,7 @@ pub struct StateEntries {
 
 /// What a plugin logged while its commands were applied on this node.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "plugin": "register", "node": 1, "lines": [{ "index": 42001, "at_ms": 1795700000000_u64, "command": "cas", "level": "info", "message": "cas on a not swapped" }] }))]
 pub struct PluginLogs {
     /// The plugin.
     pub plugin: String,
@@ -103,6 +105,7 @@ pub struct PluginLogs {
 
 /// Installed plugins by name.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "plugins": { "counter": { "kind": "handler", "active": "1", "activated_at": 3000, "versions": { "1": { "sha256": "5be1…", "size": 61234, "installed_at": 3, "limits": { "fuel": 100000000_u64, "memory_bytes": 67108864, "output_bytes": 1048576, "max_writes": 10000, "max_key_bytes": 1024, "max_value_bytes": 1048576, "max_write_bytes": 16777216, "max_events": 1000, "max_event_bytes": 65536, "max_log_lines": 100, "max_log_line_bytes": 1024 } } }, "commands": ["increment", "reset"], "queries": ["get"] } } }))]
 pub struct PluginList {
     /// Name → what is installed.
     pub plugins: BTreeMap<String, PluginSummary>,
@@ -174,6 +177,7 @@ pub struct ClusterView {
 
 /// One member of the cluster.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "voter": true, "peer_id": "12D3KooW…", "p2p": "/ip4/10.0.0.1/tcp/7101", "http": "10.0.0.1:7001" }))]
 pub struct Member {
     /// Whether it votes (else a learner).
     pub voter: bool,
@@ -187,6 +191,7 @@ pub struct Member {
 
 /// Where event publishing stands.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "published_upto": 42001, "pending_commands": 0, "dropped": 0 }))]
 pub struct EventsState {
     /// Events are published up to this operation index.
     pub published_upto: u64,
@@ -225,6 +230,7 @@ pub struct DivergenceReport {
 
 /// A span of operation indices.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "from": 1000, "to": 42001 }))]
 pub struct IndexSpan {
     /// First.
     pub from: u64,
@@ -234,6 +240,7 @@ pub struct IndexSpan {
 
 /// How one member's digests compare with this node's.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "node": 3, "status": "diverged", "compared_upto": null, "first_divergent_index": 41007, "at_or_before": null, "error": null }))]
 pub struct PeerComparison {
     /// The member.
     pub node: u64,
@@ -252,6 +259,7 @@ pub struct PeerComparison {
 
 /// The first divergent operation.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "index": 41007, "plugin": "counter", "command": "increment", "caller": "line-3-hmi", "timestamp_ms": 1795700000000_u64, "payload_blake3": "af13…", "payload_bytes": 2 }))]
 pub struct DivergentOperation {
     /// Its index.
     pub index: u64,
@@ -314,6 +322,7 @@ pub struct AddNode {
 
 /// Liveness, and who this node is.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "status": "ok", "id": 1, "peer_id": "12D3KooW…", "p2p": "/ip4/10.0.0.1/tcp/7101", "http": "10.0.0.1:7001", "engine": "1d29afb0e93fac85", "protocol": "synod/3" }))]
 pub struct Health {
     /// Always `ok`.
     pub status: String,
@@ -333,6 +342,7 @@ pub struct Health {
 
 /// Whether this node can serve.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "ready": true, "leader": 1, "auth": "ready", "applied_index": 42, "bus": "connected", "fatal": null }))]
 pub struct Readiness {
     /// It knows a leader, its storage has not failed, and (with
     /// authentication) the cluster has its first token.
@@ -400,6 +410,7 @@ pub struct DeviceDocument {
 
 /// `{"plugin": "thermostat", "command": "device_reported"}`.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "plugin": "thermostat", "command": "device_reported" }))]
 pub struct Controller {
     /// The plugin.
     pub plugin: String,
@@ -453,6 +464,7 @@ pub struct DeviceList {
 
 /// Desired fields the device does not report yet.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "id": "room-1", "delta": { "setpoint": 22.5 }, "version": 14, "desired_version": 14 }))]
 pub struct DeviceDelta {
     /// The device.
     pub id: String,
@@ -467,6 +479,7 @@ pub struct DeviceDelta {
 
 /// The latest reading of each of a device's metrics.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "device": "room-1", "metrics": { "temperature": { "v": 21.4, "ts_ms": 1795700000000_u64, "node": 2, "epoch": 3 } } }))]
 pub struct DeviceTelemetry {
     /// The device.
     pub device: String,
@@ -487,6 +500,7 @@ pub struct NewToken {
 
 /// A token's public record.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "id": "t-5f3a…", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000 }))]
 pub struct TokenRecord {
     /// Its id (what to revoke).
     pub id: String,
@@ -504,6 +518,7 @@ pub struct TokenRecord {
 
 /// A new token: the secret is shown only here.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "id": "t-5f3a…", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000, "token": "synod_…", "index": 9000 }))]
 pub struct CreatedToken {
     /// Its id.
     pub id: String,
@@ -532,6 +547,7 @@ pub struct TokenList {
 
 /// Tokens revoked.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "revoked": ["t-5f3a…"], "index": 9100 }))]
 pub struct Revoked {
     /// Ids of the tokens revoked.
     pub revoked: Vec<String>,
@@ -541,6 +557,7 @@ pub struct Revoked {
 
 /// The audit trail.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "records": [{ "index": 9000, "at_ms": 1795700000000_u64, "principal": "admin", "action": "token.create", "target": "line-3-hmi", "ok": true, "detail": "t-5f3a…" }] }))]
 pub struct AuditTrail {
     /// Oldest first.
     pub records: Vec<crate::replica::auth::AuditRecord>,
