@@ -136,11 +136,8 @@ async fn a_rolling_upgrade_from_the_previous_release_fails_no_command() {
                     let mut attempt = 0usize;
                     loop {
                         let node = &nodes[(n as usize + attempt + k) % nodes.len()];
-                        let sent = node.post_with_headers(
-                            "/v1/commands/counter/increment",
-                            b"{}".to_vec(),
-                            &[("synod-request-id", &id)],
-                        );
+                        let headers = [("synod-request-id", id.as_str())];
+                        let sent = node.post_with_headers("/v1/commands/counter/increment", b"{}".to_vec(), &headers);
                         match tokio::time::timeout(Duration::from_secs(5), sent).await {
                             Ok(Ok(_)) => break,
                             other => {
