@@ -122,21 +122,69 @@ struct SnapshotData {
 pub fn snapshot_membership(
     dir: &std::path::Path,
 ) -> std::result::Result<Option<openraft::Membership<NodeId, NodeInfo>>, String> {
-    let path = dir.join("snapshot.bin");
-    let bytes = match std::fs::read(&path) {
+    let file = read_snapshot_at(&dir.join("snapshot.bin")).map_err(|e| e.to_string())?;
+    Ok(file.map(|f| f.meta.last_membership.membership().clone()))
+}
+
+/// The plugin bytes of every installed version in `registry`, for a
+/// snapshot or a backup to carry.
+fn plugin_blobs(
+    registry: &BTreeMap<String, crate::replica::PluginRecord>,
+    artifacts: &Artifacts,
+) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
+    let mut blobs = Vec::new();
+    for record in registry.values() {
+        for v in record.versions.values() {
+            let bytes = artifacts
+                .get(&v.sha256)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("plugin bytes {} are missing on this node", v.sha256))?;
+            blobs.push((v.sha256.clone(), bytes));
+        }
+    }
+    Ok(blobs)
+}
+
+/// Store the plugin bytes a snapshot or backup carries, checking each
+/// against the hash it is labelled with.
+fn store_blobs(artifacts: &Artifacts, blobs: &[(String, Vec<u8>)]) -> std::result::Result<(), String> {
+    for (sha256, bytes) in blobs {
+        let stored = artifacts.put(bytes).map_err(|e| e.to_string())?;
+        if &stored != sha256 {
+            return Err(format!("plugin bytes labelled {sha256} hash to {stored}"));
+        }
+    }
+    Ok(())
+}
+
+/// Read and check the snapshot file at `path` (None when there is none).
+fn read_snapshot_at(path: &std::path::Path) -> Result<Option<SnapshotFile>> {
+    let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(snap_err(e)),
     };
+    let path = path.display();
     let header = MAGIC.len() + 8 + 32;
+    if bytes.starts_with(b"SYNODSNAP1") {
+        return Err(snap_err(format!(
+            "{path} is a snapshot of an earlier Synod (format 1, before device shadows): this version reads \
+             format 2 only; start the node with a fresh data dir and let it catch up from its peers"
+        )));
+    }
     if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(format!("{} is not a Synod snapshot", path.display()));
+        return Err(snap_err(format!("{path} is not a Synod snapshot")));
     }
-    if blake3::hash(&bytes[header..]).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
-        return Err(format!("{} is damaged: its checksum does not match", path.display()));
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[MAGIC.len()..MAGIC.len() + 8]);
+    let body = &bytes[header..];
+    if u64::from_le_bytes(len) != body.len() as u64 {
+        return Err(snap_err(format!("{path} is truncated ({} of {} bytes)", body.len(), u64::from_le_bytes(len))));
     }
-    let file: SnapshotFile = postcard::from_bytes(&bytes[header..]).map_err(|e| e.to_string())?;
-    Ok(Some(file.meta.last_membership.membership().clone()))
+    if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
+        return Err(snap_err(format!("{path} is damaged: its checksum does not match")));
+    }
+    postcard::from_bytes(body).map(Some).map_err(|e| snap_err(format!("{path}: {e}")))
 }
 
 /// A backup's contents: the state (as a snapshot holds it) at one log id,
@@ -161,16 +209,7 @@ pub struct BackupImage {
 /// its plugin bytes on a blocking thread.
 pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result::Result<BackupImage, String> {
     let captured = shared.replica.read().map_err(|e| e.to_string())?.capture();
-    let mut blobs = Vec::new();
-    for record in captured.registry().values() {
-        for v in record.versions.values() {
-            let bytes = artifacts
-                .get(&v.sha256)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("plugin bytes {} are missing on this node", v.sha256))?;
-            blobs.push((v.sha256.clone(), bytes));
-        }
-    }
+    let blobs = plugin_blobs(captured.registry(), artifacts)?;
     tokio::task::spawn_blocking(move || {
         let log_id = captured.log_id();
         let plugins = captured.registry().keys().cloned().collect();
@@ -208,12 +247,7 @@ pub async fn install_backup(
         ));
     }
     let Some(log_id) = image.log_id else { return Err("the backup holds an empty state".into()) };
-    for (sha256, bytes) in &data.blobs {
-        let stored = artifacts.put(bytes).map_err(|e| e.to_string())?;
-        if &stored != sha256 {
-            return Err(format!("plugin bytes labelled {sha256} hash to {stored}"));
-        }
-    }
+    store_blobs(artifacts, &data.blobs)?;
     // A new cluster of one: this node, from the image's position.
     let membership =
         openraft::Membership::new(vec![std::collections::BTreeSet::from([id])], BTreeMap::from([(id, info)]));
@@ -348,32 +382,7 @@ impl StateMachineStore {
     }
 
     fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>> {
-        let bytes = match std::fs::read(&self.snapshot_path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snap_err(e)),
-        };
-        let path = self.snapshot_path.display();
-        let header = MAGIC.len() + 8 + 32;
-        if bytes.starts_with(b"SYNODSNAP1") {
-            return Err(snap_err(format!(
-                "{path} is a snapshot of an earlier Synod (format 1, before device shadows): this version reads \
-                 format 2 only; start the node with a fresh data dir and let it catch up from its peers"
-            )));
-        }
-        if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(snap_err(format!("{path} is not a Synod snapshot")));
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[MAGIC.len()..MAGIC.len() + 8]);
-        let body = &bytes[header..];
-        if u64::from_le_bytes(len) != body.len() as u64 {
-            return Err(snap_err(format!("{path} is truncated ({} of {} bytes)", body.len(), u64::from_le_bytes(len))));
-        }
-        if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
-            return Err(snap_err(format!("{path} is damaged: its checksum does not match")));
-        }
-        postcard::from_bytes(body).map(Some).map_err(|e| snap_err(format!("{path}: {e}")))
+        read_snapshot_at(&self.snapshot_path)
     }
 
     /// Write `snapshot.bin` so that after a crash it is the old file or the
@@ -412,12 +421,7 @@ impl StateMachineStore {
                 meta.snapshot_id, meta.last_log_id, data.image.log_id
             )));
         }
-        for (sha256, bytes) in &data.blobs {
-            let stored = self.artifacts.put(bytes).map_err(snap_err)?;
-            if &stored != sha256 {
-                return Err(snap_err(format!("snapshot blob {sha256} hashes to {stored}")));
-            }
-        }
+        store_blobs(&self.artifacts, &data.blobs).map_err(snap_err)?;
         let replica = Replica::restore(data.image, self.artifacts.as_ref()).map_err(snap_err)?;
         let membership = replica.membership().clone();
         let ids: Vec<String> = replica.devices().view().keys().cloned().collect();
@@ -492,17 +496,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // One read of the lock: the state between two entries, whole.
         let captured = self.shared.replica.read().map_err(sm_err)?.capture();
         let log_id = captured.log_id();
-        let mut blobs = Vec::new();
-        for record in captured.registry().values() {
-            for v in record.versions.values() {
-                let bytes = self
-                    .artifacts
-                    .get(&v.sha256)
-                    .map_err(snap_err)?
-                    .ok_or_else(|| snap_err(format!("plugin bytes {} missing while snapshotting", v.sha256)))?;
-                blobs.push((v.sha256.clone(), bytes));
-            }
-        }
+        let blobs = plugin_blobs(captured.registry(), &self.artifacts).map_err(snap_err)?;
         let path = self.snapshot_path.clone();
         // Serialising a large state is CPU work: off the async workers.
         tokio::task::spawn_blocking(move || {
