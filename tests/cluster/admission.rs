@@ -31,15 +31,6 @@ async fn log_line(c: &Cluster, id: u64, within: Duration, pred: impl Fn(&str) ->
     }
 }
 
-/// A config for a new node `id` under the cluster's dir, with its own node
-/// key (and its own random network key, as `synod dev` makes one).
-fn new_node(c: &Cluster, id: u64) -> (PathBuf, NodeConfig) {
-    let (path, mut config) = synod::dev::prepare(&c.dir.path().join(format!("new{id}")), 1).unwrap().remove(0);
-    config.id = id;
-    config.bootstrap = false;
-    (path, config)
-}
-
 fn peer_id(config: &NodeConfig) -> String {
     synod::p2p::identity::load_or_create(&config.data_dir).unwrap().public().to_peer_id().to_string()
 }
@@ -97,7 +88,7 @@ async fn a_node_without_the_network_key_cannot_connect() {
     // Node 4 has another key, node 5 none. Both trust the three members
     // and try to form a cluster with them, so both dial every member.
     for (id, network_key) in [(4, Some(synod::dev::generate_network_key().unwrap())), (5, None)] {
-        let (path, mut config) = new_node(&c, id);
+        let (path, mut config) = c.new_node(id);
         config.network_key = network_key;
         config.bootstrap = true;
         config.peers = c.peer_configs(None);
@@ -162,7 +153,7 @@ async fn a_node_with_another_engine_fingerprint_is_refused() {
     assert_eq!(salted["settings"].as_array().unwrap().last().unwrap(), &json!("salt=x"));
 
     // Node 4 has everything right (key, members) but the engine.
-    let (path, mut config) = new_node(&c, 4);
+    let (path, mut config) = c.new_node(4);
     config.network_key = c.nodes[&1].config.network_key.clone();
     config.peers = c.peer_configs(None);
     let four = peer_id(&config);
@@ -231,7 +222,7 @@ async fn a_node_that_knows_one_member_joins() {
 
     // Node 4 knows one follower and the cluster's key; not the leader.
     let seed = (1..=3).find(|id| *id != leader).unwrap();
-    let (path, mut config) = new_node(&c, 4);
+    let (path, mut config) = c.new_node(4);
     config.network_key = c.nodes[&1].config.network_key.clone();
     config.peers = c.peer_configs(None).into_iter().filter(|p| p.id == seed).collect();
     start(&mut c, path, config, &[]);

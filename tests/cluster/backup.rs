@@ -88,8 +88,7 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster() {
     bytes[middle] ^= 1;
     let damaged = c.dir.path().join("damaged.backup");
     std::fs::write(&damaged, &bytes).unwrap();
-    let (path, mut config) = synod::dev::prepare(&c.dir.path().join("restored"), 1).unwrap().remove(0);
-    config.id = 7;
+    let (path, config) = c.new_node(7);
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     let config_arg = path.to_str().unwrap().to_owned();
     let (ok, _, err) = synod(&["restore", damaged.to_str().unwrap(), "--config", &config_arg], &token);
@@ -112,15 +111,8 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster() {
         c.kill(3);
         c.nodes.insert(7, Member::new(config, path));
         c.restart(7);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            match c.client_with(7, Some(&token)).get("/readyz").await {
-                Ok(v) if v["ready"] == true => break,
-                other => assert!(tokio::time::Instant::now() < deadline, "restored node not ready: {other:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
         let client = c.client_with(7, Some(&token));
+        crate::dev::ready(&client, 20).await;
         // Its digest at the restored index is the cluster's.
         let there = client.get(&format!("/v1/digest?index={index}")).await.unwrap();
         assert_eq!(there["digest"], header["digest"]);

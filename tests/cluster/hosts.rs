@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::dev::ready;
 use crate::harness::{serial, synod_bin};
 use crate::plugins::component;
 
@@ -107,17 +108,6 @@ impl Drop for Hosts {
             let _ = ip(&["netns", "del", &self.ns(i)]);
         }
         let _ = ip(&["link", "del", &format!("{}br", self.tag)]);
-    }
-}
-
-async fn ready(client: &synod::client::Client, secs: u64) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        match client.get("/readyz").await {
-            Ok(v) if v["ready"] == true => return v,
-            other => assert!(tokio::time::Instant::now() < deadline, "{} not ready: {other:?}", client.base()),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -20,9 +20,7 @@ async fn add_a_fourth_node_then_remove_it() {
 
     // Node 4 trusts the three members and has the cluster's network key;
     // they learn its node key from the request.
-    let (path, mut config) = synod::dev::prepare(&c.dir.path().join("new"), 1).unwrap().remove(0);
-    config.id = 4;
-    config.bootstrap = false;
+    let (path, mut config) = c.new_node(4);
     config.peers = c.peer_configs(None);
     config.network_key = c.nodes[&1].config.network_key.clone();
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();

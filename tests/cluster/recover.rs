@@ -18,9 +18,7 @@ fn recover(args: &[&str]) -> (bool, String, String) {
 
 /// A fresh node `id` that knows only `via`, added to the cluster through it.
 async fn add_fresh(c: &mut Cluster, id: u64, via: u64) {
-    let (path, mut config) = synod::dev::prepare(&c.dir.path().join(format!("fresh{id}")), 1).unwrap().remove(0);
-    config.id = id;
-    config.bootstrap = false;
+    let (path, mut config) = c.new_node(id);
     config.peers = c.peer_configs(None).into_iter().filter(|p| p.id == via).collect();
     config.network_key = c.nodes[&via].config.network_key.clone();
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();

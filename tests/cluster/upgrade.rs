@@ -51,8 +51,7 @@ async fn another_engine_refuses_the_old_data_dir_and_backup_restore_moves_the_cl
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let header: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (path, mut config) = synod::dev::prepare(&c.dir.path().join("new-engine"), 1).unwrap().remove(0);
-    config.id = 9;
+    let (path, config) = c.new_node(9);
     std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     let out = Command::new(synod_bin())
         .args(["restore", file.to_str().unwrap(), "--config", path.to_str().unwrap()])
@@ -71,14 +70,7 @@ async fn another_engine_refuses_the_old_data_dir_and_backup_restore_moves_the_cl
     c.nodes.insert(9, member);
     c.restart(9);
     let client = c.client_with(9, Some(&token));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match client.get("/readyz").await {
-            Ok(v) if v["ready"] == true => break,
-            other => assert!(tokio::time::Instant::now() < deadline, "not ready: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::dev::ready(&client, 30).await;
     let view = client.get("/v1/cluster").await.unwrap();
     assert_eq!(view["engine"]["hash"], restored["engine"], "{view}");
     let r = client.post("/v1/commands/counter/increment", b"{}".to_vec()).await.unwrap();

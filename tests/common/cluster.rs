@@ -163,6 +163,16 @@ impl Cluster {
         }
     }
 
+    /// A config for a new node `id` under the cluster's dir (not written, not
+    /// a member), with its own node key and its own random network key, as
+    /// `synod dev` makes one.
+    pub fn new_node(&self, id: u64) -> (PathBuf, NodeConfig) {
+        let (path, mut config) = synod::dev::prepare(&self.dir.path().join(format!("new{id}")), 1).unwrap().remove(0);
+        config.id = id;
+        config.bootstrap = false;
+        (path, config)
+    }
+
     /// SIGTERM, as an operator stops a node, and wait for it to exit.
     pub fn stop(&mut self, id: u64) {
         if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {
