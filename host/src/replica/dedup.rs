@@ -6,7 +6,9 @@
 //! plugin, command, id) — one client's id never answers another's request —
 //! and carry a hash of the payload. They are kept for `dedup_ttl_ms` of log
 //! time (the leader's timestamps, never this node's clock, so every node
-//! evicts the same entries at the same index) and at most `dedup_max_bytes`
+//! evicts the same entries at the same index) *and* for the next
+//! [`MIN_KEPT_OPS`] operations (so a leader's skewed clock cannot make them
+//! forgotten at once), and at most `dedup_max_bytes`
 //! in total, oldest first — both [`ClusterSettings`], replicated through the
 //! log so that every node uses the same values (default 10 minutes and
 //! 64 MiB; `limits.dedup_ttl_secs` and `limits.dedup_max_bytes` in the
@@ -18,6 +20,12 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::consensus::types::ClusterSettings;
 use crate::runtime::CommandError;
+
+/// Whatever the clocks say, an identified request is remembered until at
+/// least this many operations follow it (unless the byte cap forces it
+/// out): about ten seconds at the highest write rate measured here, and
+/// far longer at a plant's usual rates.
+pub const MIN_KEPT_OPS: u64 = 100_000;
 
 /// Bookkeeping counted per entry on top of its key and result.
 const ENTRY_OVERHEAD: usize = 96;
@@ -88,10 +96,21 @@ impl Dedup {
         }
     }
 
-    /// Forget what is older than `ttl_ms` at log time `now_ms`.
-    pub fn expire(&mut self, now_ms: u64, ttl_ms: u64) {
+    /// Forget what is older than `ttl_ms` at log time `now_ms` *and* more
+    /// than [`MIN_KEPT_OPS`] operations before `now_index`.
+    ///
+    /// Log time is the leaders' wall clocks: one leader whose clock runs
+    /// 40 minutes ahead moves it 40 minutes at once, and by time alone
+    /// every remembered id would be forgotten on the spot — a client
+    /// retrying an unanswered request a moment later would have it applied
+    /// twice (the fault battery found this with a skewed clock). The count
+    /// does not depend on any clock, so a retry among the last
+    /// [`MIN_KEPT_OPS`] operations is always recognised.
+    pub fn expire(&mut self, now_ms: u64, now_index: u64, ttl_ms: u64) {
         while let Some(oldest) = self.order.front() {
-            let expired = self.entries.get(oldest).is_none_or(|r| r.at_ms.saturating_add(ttl_ms) < now_ms);
+            let expired = self.entries.get(oldest).is_none_or(|r| {
+                r.at_ms.saturating_add(ttl_ms) < now_ms && r.index.saturating_add(MIN_KEPT_OPS) < now_index
+            });
             if !expired {
                 break;
             }
@@ -176,16 +195,31 @@ mod tests {
         for i in 0..150_000u64 {
             d.remember(key("c", "p", "x", &i.to_string()), r(i / 1000, b"x"), MAX);
         }
-        d.expire(150, TTL);
+        d.expire(150, 150_000, TTL);
         assert_eq!(d.len(), 150_000);
         assert!(matches!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::Retry(_)));
-        // Past the TTL of the oldest, they go, oldest first.
-        d.expire(TTL + 50, TTL);
+        // Past the TTL of the oldest and the count, they go, oldest first.
+        d.expire(TTL + 50, 150_000 + MIN_KEPT_OPS, TTL);
         assert_eq!(d.lookup(&key("c", "p", "x", "0"), &payload_hash(b"x")), Lookup::New);
         assert!(matches!(d.lookup(&key("c", "p", "x", "149999"), &payload_hash(b"x")), Lookup::Retry(_)));
         let rebuilt = Dedup::from_image(d.image());
         assert_eq!(rebuilt.image(), d.image());
         assert_eq!(rebuilt.bytes, d.bytes);
+    }
+
+    /// A leader whose clock is 46 minutes ahead stamps the next entry 46
+    /// minutes later. Before, that forgot every id at once and the retry of
+    /// an unanswered increment was applied a second time.
+    #[test]
+    fn a_clock_jump_does_not_forget_recent_requests() {
+        let mut d = Dedup::default();
+        let k = key("c", "counter", "increment", "chaos-1-7");
+        d.remember(k.clone(), Remembered { index: 5_000, ..r(1_000, b"{}") }, MAX);
+        d.expire(1_000 + 46 * 60 * 1000, 5_003, TTL);
+        assert!(matches!(d.lookup(&k, &payload_hash(b"{}")), Lookup::Retry(_)));
+        // Once both the TTL and the count have passed, it goes.
+        d.expire(1_000 + 46 * 60 * 1000, 5_001 + MIN_KEPT_OPS, TTL);
+        assert_eq!(d.lookup(&k, &payload_hash(b"{}")), Lookup::New);
     }
 
     #[test]

@@ -393,7 +393,7 @@ impl Replica {
         command: &str,
         payload: &[u8],
     ) -> Result<Response, ApplyError> {
-        self.dedup.expire(ctx.timestamp_ms, self.settings.dedup_ttl_ms);
+        self.dedup.expire(ctx.timestamp_ms, ctx.index, self.settings.dedup_ttl_ms);
         let identified =
             request_id.map(|id| (dedup::key(&ctx.caller, plugin, command, id), dedup::payload_hash(payload)));
         if let Some((key, hash)) = &identified {
@@ -1109,7 +1109,11 @@ mod tests {
             .apply_entry(LogId::new(CommittedLeaderId::new(1, 1), 3), EntryPayload::Normal(request), &Refusing)
             .unwrap();
         assert_eq!(replica.settings(), settings);
+        // Past the new TTL but within the last MIN_KEPT_OPS operations: kept.
         let (id, p) = identified(4, 500_002, "a");
+        assert_eq!(replica.apply_entry(id, p, &Refusing).unwrap().first_index, Some(OPS_PER_ENTRY));
+        let far = 2 + dedup::MIN_KEPT_OPS / OPS_PER_ENTRY;
+        let (id, p) = identified(far, 500_003, "a");
         assert_eq!(replica.apply_entry(id, p, &Refusing).unwrap().first_index, None, "forgotten after the new TTL");
         let restored = Replica::restore(replica.capture().image(), &Refusing).unwrap();
         assert_eq!(restored.settings(), settings);
