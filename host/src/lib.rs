@@ -51,3 +51,7 @@ pub mod runtime;
 pub mod state;
 pub mod telemetry;
 pub mod toolchain;
+
+/// Unit tests count what they allocate (see [`test_alloc`]).
+#[cfg(test)]
+pub(crate) mod test_alloc;
