@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
 use crate::replica::{Image, Replica, VersionRecord};
+use crate::state::KvState;
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
@@ -109,12 +110,20 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
-/// The state inside a snapshot's data.
+/// The state inside a snapshot's data. Read with the namespaces decoded
+/// straight into the state's trees (`K` = [`KvState`]).
 #[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    image: Image,
+struct SnapshotData<K = KvState> {
+    image: Image<K>,
     /// (sha256, bytes) of every installed plugin version.
     blobs: Vec<(String, Vec<u8>)>,
+}
+
+/// [`SnapshotData`] as written: borrowed from a capture, the same bytes.
+#[derive(Serialize)]
+struct SnapshotDataRef<'a> {
+    image: &'a Image<KvState>,
+    blobs: &'a [(String, Vec<u8>)],
 }
 
 /// The membership in the snapshot file of the data dir `dir`, if there is
@@ -213,9 +222,9 @@ pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result
     tokio::task::spawn_blocking(move || {
         let log_id = captured.log_id();
         let plugins = captured.registry().keys().cloned().collect();
-        let image = captured.image();
+        let image = captured.state();
         let (operation_index, digest, devices) = (image.last_applied, image.digest, image.devices.devices.len());
-        let data = postcard::to_allocvec(&SnapshotData { image, blobs }).map_err(|e| e.to_string())?;
+        let data = postcard::to_allocvec(&SnapshotDataRef { image, blobs: &blobs }).map_err(|e| e.to_string())?;
         Ok(BackupImage { log_id, operation_index, digest, plugins, devices, data })
     })
     .await
@@ -252,10 +261,9 @@ pub async fn install_backup(
     let membership =
         openraft::Membership::new(vec![std::collections::BTreeSet::from([id])], BTreeMap::from([(id, info)]));
     image.membership = StoredMembership::new(Some(log_id), membership);
-    // The image must load on this engine (every active plugin compiles).
-    let image_copy = postcard::to_allocvec(&data.image).map_err(|e| e.to_string())?;
-    let check: crate::replica::Image = postcard::from_bytes(&image_copy).map_err(|e| e.to_string())?;
-    Replica::restore(check, artifacts).map_err(|e| format!("the state does not load here: {e}"))?;
+    // The image must load on this engine (every active plugin compiles);
+    // the clone shares the namespaces.
+    Replica::restore(data.image.clone(), artifacts).map_err(|e| format!("the state does not load here: {e}"))?;
     let meta = SnapshotMeta {
         last_log_id: Some(log_id),
         last_membership: data.image.membership.clone(),
@@ -268,6 +276,26 @@ pub async fn install_backup(
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// A writer that hashes and counts what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: blake3::Hasher,
+    n: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hash.update(&buf[..written]);
+        self.n += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Leads every snapshot file.
@@ -411,6 +439,55 @@ impl StateMachineStore {
         written.map_err(snap_err)
     }
 
+    /// Write `snapshot.bin` as [`Self::write_snapshot_file`] does, with the
+    /// data encoded straight into the file (through a buffer) instead of
+    /// into memory first: the size is counted in a first pass, the checksum
+    /// while writing, and written into the header last. Returns the size
+    /// of the data.
+    fn stream_snapshot_file(
+        path: &std::path::Path,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        data: &impl Serialize,
+    ) -> Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let data_len = postcard::experimental::serialized_size(data).map_err(snap_err)?;
+        // The body is `postcard(SnapshotFile)`: the meta, then the data as a
+        // byte string (its length as a varint, then the bytes).
+        let mut head = postcard::to_allocvec(meta).map_err(snap_err)?;
+        head.extend(postcard::to_allocvec(&data_len).map_err(snap_err)?);
+        let body_len = (head.len() + data_len) as u64;
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(MAGIC)?;
+            f.write_all(&body_len.to_le_bytes())?;
+            f.write_all(&[0u8; 32])?;
+            let mut out =
+                Hashing { inner: std::io::BufWriter::with_capacity(1 << 20, f), hash: blake3::Hasher::new(), n: 0 };
+            out.write_all(&head)?;
+            postcard::to_io(data, &mut out).map_err(std::io::Error::other)?;
+            if out.n != body_len {
+                return Err(std::io::Error::other(format!("encoded {} bytes, counted {body_len}", out.n)));
+            }
+            let hash = out.hash.finalize();
+            let mut f = out.inner.into_inner().map_err(|e| e.into_error())?;
+            f.seek(SeekFrom::Start((MAGIC.len() + 8) as u64))?;
+            f.write_all(hash.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(snap_err)?;
+        Ok(data_len as u64)
+    }
+
     /// Replace the whole state with a snapshot's, after checking that the
     /// snapshot's label and the state inside it agree.
     fn restore(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> Result<()> {
@@ -500,7 +577,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let path = self.snapshot_path.clone();
         // Serialising a large state is CPU work: off the async workers.
         tokio::task::spawn_blocking(move || {
-            let image = captured.image();
+            let image = captured.state();
             // The membership inside the image: the one at `log_id`.
             let last_membership = image.membership.clone();
             let snapshot_id = match log_id {
@@ -508,14 +585,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 None => "empty".to_owned(),
             };
             let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
-            let data = postcard::to_allocvec(&SnapshotData { image, blobs }).map_err(snap_err)?;
-            let file = SnapshotFile { meta, data };
-            StateMachineStore::write_snapshot_file(&path, &file)?;
+            // Encoded from the shared trees straight into the file: no
+            // plain copy of the state and no encoded copy in memory.
+            let size =
+                StateMachineStore::stream_snapshot_file(&path, &meta, &SnapshotDataRef { image, blobs: &blobs })?;
+            drop(captured);
             let m = crate::metrics::get();
             m.snapshots.inc();
-            crate::metrics::set(&m.snapshot_bytes, file.data.len() as u64);
+            crate::metrics::set(&m.snapshot_bytes, size);
             m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
-            Ok(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) })
+            // openraft 0.9 keeps only the meta of a snapshot it asked for
+            // (`sm::worker::build_snapshot`); the data is read from the file
+            // when a follower needs it (`get_current_snapshot`), so it is not
+            // held in memory here.
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
         })
         .await
         .map_err(snap_err)?
@@ -577,5 +660,57 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
         Ok(self.read_snapshot_file()?.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifacts::{ArtifactError, Loaded};
+    use crate::replica::PluginLoader;
+
+    struct NoPlugins;
+    impl PluginLoader for NoPlugins {
+        fn load(&self, _: &VersionRecord) -> std::result::Result<Loaded, ArtifactError> {
+            Err(ArtifactError::Missing("no plugins here".into()))
+        }
+    }
+
+    /// A snapshot streamed from the shared trees is byte for byte the file
+    /// the in-memory writer made from plain vectors (the format is
+    /// unchanged), and reads back into the same state.
+    #[test]
+    fn a_streamed_snapshot_is_the_same_file() {
+        let mut image = Replica::default().capture().image();
+        image.kv = (0..3)
+            .map(|p| (format!("plugin{p}"), (0..5_000u32).map(|i| (format!("k/{i:06}"), vec![p as u8; 40])).collect()))
+            .collect();
+        image.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 7));
+        image.last_applied = 7 * crate::consensus::types::OPS_PER_ENTRY;
+        let blobs = vec![("abc".to_owned(), vec![1, 2, 3])];
+        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
+        let meta = SnapshotMeta {
+            last_log_id: image.log_id,
+            last_membership: image.membership.clone(),
+            snapshot_id: "3-7".into(),
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let (streamed, plain) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
+        let size = StateMachineStore::stream_snapshot_file(
+            &streamed,
+            &meta,
+            &SnapshotDataRef { image: captured.state(), blobs: &blobs },
+        )
+        .unwrap();
+        let data = postcard::to_allocvec(&SnapshotData { image: image.clone(), blobs: blobs.clone() }).unwrap();
+        assert_eq!(size, data.len() as u64);
+        StateMachineStore::write_snapshot_file(&plain, &SnapshotFile { meta, data }).unwrap();
+        assert_eq!(std::fs::read(&streamed).unwrap(), std::fs::read(&plain).unwrap());
+
+        let file = read_snapshot_at(&streamed).unwrap().unwrap();
+        let back: SnapshotData = postcard::from_bytes(&file.data).unwrap();
+        assert_eq!(back.image.kv, captured.state().kv);
+        assert_eq!(back.blobs, blobs);
     }
 }

@@ -123,14 +123,19 @@ pub type NamespaceImage = (String, Vec<(String, Vec<u8>)>);
 
 /// The replicated state as plain data: what a snapshot carries (besides the
 /// plugin bytes, which the consensus layer adds).
+///
+/// `K` is how the namespaces are held: plain vectors by default, or the
+/// state's own trees ([`KvState`]), which encode to the same bytes — a
+/// snapshot is written from the trees and read back into them without a
+/// plain copy in between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Image {
+pub struct Image<K = Vec<NamespaceImage>> {
     /// The last log entry this state includes.
     pub log_id: Option<LogId<NodeId>>,
     /// The last membership applied.
     pub membership: StoredMembership<NodeId, NodeInfo>,
     /// Plugin namespaces: (plugin, [(key, value)]) in order.
-    pub kv: Vec<NamespaceImage>,
+    pub kv: K,
     /// Running digest.
     pub digest: [u8; 32],
     /// Last applied operation index.
@@ -157,32 +162,59 @@ pub struct Image {
 }
 
 /// The replicated state, captured at one log id in O(number of namespaces):
-/// namespaces are shared, copy-on-write, so capturing does not copy keys.
-/// [`Captured::image`] turns it into plain data off the apply path.
+/// namespaces are persistent trees shared with the live state, so capturing
+/// copies no keys, and the writes that follow copy only the nodes they
+/// touch. [`Captured::state`] is serialised straight from the trees, off the
+/// apply path.
 pub struct Captured {
-    kv: KvState,
-    rest: Image,
+    image: Image<KvState>,
 }
 
 impl Captured {
     /// The last log entry the capture includes.
     pub fn log_id(&self) -> Option<LogId<NodeId>> {
-        self.rest.log_id
+        self.image.log_id
     }
 
     /// The plugin registry at that entry.
     pub fn registry(&self) -> &BTreeMap<String, PluginRecord> {
-        &self.rest.registry
+        &self.image.registry
     }
 
-    /// The whole state as plain data.
+    /// The whole state, encodable as an [`Image`] (the same bytes).
+    pub fn state(&self) -> &Image<KvState> {
+        &self.image
+    }
+
+    /// The whole state as plain data (a copy of every key).
     pub fn image(self) -> Image {
-        let kv = self
-            .kv
-            .namespaces()
-            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-            .collect();
-        Image { kv, ..self.rest }
+        self.image.map_kv(|kv| {
+            kv.namespaces()
+                .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+                .collect()
+        })
+    }
+}
+
+impl<K> Image<K> {
+    /// The same image with its namespaces held another way.
+    pub fn map_kv<L>(self, f: impl FnOnce(K) -> L) -> Image<L> {
+        Image {
+            log_id: self.log_id,
+            membership: self.membership,
+            kv: f(self.kv),
+            digest: self.digest,
+            last_applied: self.last_applied,
+            registry: self.registry,
+            dedup: self.dedup,
+            outbox: self.outbox,
+            published_upto: self.published_upto,
+            outbox_dropped: self.outbox_dropped,
+            settings: self.settings,
+            devices: self.devices,
+            auth: self.auth,
+            clock_ms: self.clock_ms,
+        }
     }
 }
 
@@ -924,11 +956,10 @@ impl Replica {
     /// [`Captured`].
     pub fn capture(&self) -> Captured {
         Captured {
-            kv: self.kv.clone(),
-            rest: Image {
+            image: Image {
                 log_id: self.log_id,
                 membership: self.membership.clone(),
-                kv: Vec::new(),
+                kv: self.kv.clone(),
                 digest: self.digest.0,
                 last_applied: self.last_applied,
                 registry: self.registry.clone(),
@@ -946,7 +977,7 @@ impl Replica {
 
     /// Rebuild from a snapshot's image, checking that its position and its
     /// state belong together; `loader` compiles each active version.
-    pub fn restore(image: Image, loader: &dyn PluginLoader) -> Result<Replica, ApplyError> {
+    pub fn restore<K: Into<KvState>>(image: Image<K>, loader: &dyn PluginLoader) -> Result<Replica, ApplyError> {
         let position = image.log_id.map(|l| l.index).unwrap_or(0);
         // The state may include operations of the entry at `position` and
         // before, never of a later one (the torn snapshot this check exists
@@ -978,7 +1009,7 @@ impl Replica {
             membership: image.membership,
             registry: image.registry,
             plugins,
-            kv: KvState::from_parts(image.kv),
+            kv: image.kv.into(),
             digest: Digest(image.digest),
             last_applied: image.last_applied,
             // The digest at the point restored from is known: a node that

@@ -245,6 +245,67 @@ impl StateView for Namespace {
     }
 }
 
+/// A namespace is encoded as a sequence of `(key, value bytes)` in key
+/// order: exactly the encoding of the `Vec<(String, Vec<u8>)>` that
+/// snapshots held before (postcard writes a byte vector and a byte string
+/// alike), so a snapshot is written straight from the shared tree and read
+/// straight into one, and the format does not change.
+impl serde::Serialize for Namespace {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        for e in self.entries.iter() {
+            seq.serialize_element(&(e.key(), serde_bytes::Bytes::new(e.value())))?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Namespace {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Namespace;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of (key, value) pairs")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Namespace, A::Error> {
+                let mut ns = Namespace::default();
+                while let Some((k, v)) = seq.next_element::<(&'de str, &'de serde_bytes::Bytes)>()? {
+                    let e = Entry::new(k, v);
+                    ns.bytes += e.data_len();
+                    if let Some(old) = ns.entries.insert(e) {
+                        ns.bytes -= old.data_len();
+                    }
+                }
+                Ok(ns)
+            }
+        }
+        deserializer.deserialize_seq(Visit)
+    }
+}
+
+/// Encoded as a sequence of `(plugin, namespace)` in name order: the
+/// encoding of `Vec<NamespaceImage>`.
+impl serde::Serialize for KvState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.namespaces.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KvState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let parts = Vec::<(String, Namespace)>::deserialize(deserializer)?;
+        Ok(KvState { namespaces: parts.into_iter().collect() })
+    }
+}
+
+impl From<Vec<crate::replica::NamespaceImage>> for KvState {
+    fn from(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
+        KvState::from_parts(parts)
+    }
+}
+
 /// In-memory plugin state: one [`Namespace`] per plugin name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KvState {
@@ -328,6 +389,30 @@ mod tests {
         assert_eq!(snapshot.view("p").get("k/00050000").unwrap(), Some(vec![7u8; 100]));
         assert_eq!(state.view("p").get("k/00050000").unwrap(), Some(vec![1u8; 100]));
         assert_eq!(state.size(), (100_000, 100_000 * (10 + 100)));
+    }
+
+    /// The trees encode exactly as the plain vectors snapshots held
+    /// before, and decode back into the same state.
+    #[test]
+    fn the_encoding_is_the_plain_vectors() {
+        let mut state = KvState::default();
+        for (plugin, n) in [("a", 3u8), ("b", 200)] {
+            let mut w = WriteSet::default();
+            for i in 0..n {
+                w.set(format!("key/{i:03}"), vec![i; usize::from(i)]);
+            }
+            state.apply(plugin, &w);
+        }
+        let plain: Vec<crate::replica::NamespaceImage> = state
+            .namespaces()
+            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+            .collect();
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        let back: KvState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.size(), state.size());
+        assert_eq!(KvState::from(plain), state);
     }
 
     #[test]
