@@ -83,3 +83,78 @@ async fn commands_over_nats_match_http_and_retries_apply_once() {
     let ready = c.client(leader).get("/readyz").await.unwrap();
     assert_eq!(ready["bus"], json!("connected"));
 }
+
+/// Requests answered over NATS by `node`, from its `/metrics`.
+async fn answered(c: &Cluster, node: u64) -> u64 {
+    let text = c.client(node).get("/metrics").await.unwrap();
+    text.as_str()
+        .expect("metrics are text")
+        .lines()
+        .filter(|l| l.starts_with("synod_nats_requests_total{") && l.contains("family=\"cmd\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Only the leader serves the intake, so no request takes a hop through a
+/// follower (before, followers took two thirds of them and forwarded
+/// each). When the leader dies the new one takes over, and a client that
+/// retries with its request id has every increment applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_serves_the_intake_and_the_next_leader_takes_over() {
+    let _serial = serial().await;
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let mut c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
+    let leader = c.leader().await;
+    c.push(leader, "counter", "1", component("counter")).await.unwrap();
+    let nats_client = async_nats::connect(&url).await.unwrap();
+    let token = c.admin_token().unwrap();
+
+    // Retries (same id) through "no responders" and errors, bounded.
+    let increment = |id: String| {
+        let (nats_client, token) = (nats_client.clone(), token.clone());
+        async move {
+            for _ in 0..100 {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Authorization", format!("Bearer {token}").as_str());
+                headers.insert("Synod-Request-Id", id.as_str());
+                let sent = nats_client.request_with_headers(
+                    "synod.cmd.counter.increment",
+                    headers,
+                    br#"{"by": 1}"#.to_vec().into(),
+                );
+                if let Ok(Ok(msg)) = tokio::time::timeout(std::time::Duration::from_secs(5), sent).await
+                    && msg.headers.as_ref().and_then(|h| h.get("Synod-Status")).map(|s| s.as_str()) == Some("200")
+                {
+                    return serde_json::from_slice::<Value>(&msg.payload).unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("increment {id} was never answered");
+        }
+    };
+    for i in 0..30 {
+        increment(format!("a-{i}")).await;
+    }
+    assert_eq!(answered(&c, leader).await, 30, "the leader answered every request");
+    for id in c.live().into_iter().filter(|id| *id != leader) {
+        assert_eq!(answered(&c, id).await, 0, "follower {id} took requests off the bus");
+    }
+
+    // The leader dies; requests sent meanwhile are retried until the new
+    // leader (which subscribes when it takes over) answers them.
+    c.kill(leader);
+    let mut last = 0;
+    for i in 0..30 {
+        let reply = increment(format!("b-{i}")).await;
+        last = reply["result"]["value"].as_i64().unwrap();
+    }
+    assert_eq!(last, 60, "every increment applied exactly once");
+    let next = c.leader().await;
+    assert_ne!(next, leader);
+    assert!(answered(&c, next).await >= 30);
+    c.converged().await;
+    for id in c.live() {
+        assert_eq!(c.local_state(id, "counter").await, json!({"value": 60}), "node {id}");
+    }
+}

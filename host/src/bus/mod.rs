@@ -1,7 +1,8 @@
 //! NATS bus: requests in from clients and devices, events and notices out.
 //!
-//! In: `synod.cmd.<plugin>.<command>` requests (queue group: one node takes
-//! each), with an optional `Synod-Request-Id` header. Out: the same
+//! In: `synod.cmd.<plugin>.<command>` and `synod.dev.…` requests, served by
+//! the leader alone (it subscribes to the queue group while it leads, see
+//! [`serve_commands`]), with an optional `Synod-Request-Id` header. Out: the same
 //! `{result, index}` or error JSON as the HTTP API (status in the
 //! `Synod-Status` header); committed events on the JetStream stream
 //! (`synod.evt.<plugin>.<topic>`, see [`events`]); notices on `synod.sys.>`.
@@ -93,11 +94,45 @@ pub fn state(client: Option<&Client>) -> &'static str {
     }
 }
 
+/// Serve `subjects` in the queue group while this node leads, so a request
+/// reaches the node that proposes it without a hop through a follower.
+///
+/// On leading, the node subscribes; on losing the lead it drains its
+/// subscription: NATS stops sending it requests, and those already
+/// delivered are still answered (forwarded to the new leader like any
+/// follower's), so none is lost or answered twice. While no node leads (an
+/// election, about half a second) nobody is subscribed and a request gets
+/// NATS's immediate "no responders" — a refusal that nothing was taken,
+/// safe to retry with the same `Synod-Request-Id`.
 async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String, subjects: &'static str) {
     // Requests this node works on at once; past this a request is answered
     // 429 at once rather than queued without bound.
     let slots = Arc::new(tokio::sync::Semaphore::new(node.config.limits.max_queued_writes));
+    let mut metrics = node.raft.metrics();
+    let leading = |m: &openraft::RaftMetrics<crate::consensus::types::NodeId, crate::consensus::types::NodeInfo>| {
+        m.current_leader == Some(node.id) && m.state.is_leader()
+    };
+    let take = |msg: async_nats::Message| {
+        let (node, client) = (node.clone(), client.clone());
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                tokio::spawn(async move {
+                    answer(&node, &client, msg).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                let busy = ServiceError::from(crate::consensus::rpc::WriteError::Overloaded);
+                tokio::spawn(async move { reply(&client, &msg, Err(busy)).await });
+            }
+        }
+    };
     loop {
+        while !leading(&metrics.borrow_and_update()) {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
         let mut sub = match client.queue_subscribe(subjects, group.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -106,18 +141,26 @@ async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String, sub
                 continue;
             }
         };
-        while let Some(msg) = sub.next().await {
-            let (node, client) = (node.clone(), client.clone());
-            match slots.clone().try_acquire_owned() {
-                Ok(slot) => {
-                    tokio::spawn(async move {
-                        answer(&node, &client, msg).await;
-                        drop(slot);
-                    });
-                }
-                Err(_) => {
-                    let busy = ServiceError::from(crate::consensus::rpc::WriteError::Overloaded);
-                    tokio::spawn(async move { reply(&client, &msg, Err(busy)).await });
+        tracing::debug!(subjects, "leading: serving the bus intake");
+        loop {
+            tokio::select! {
+                msg = sub.next() => match msg {
+                    Some(msg) => take(msg),
+                    None => break,
+                },
+                changed = metrics.changed() => {
+                    if changed.is_ok() && leading(&metrics.borrow_and_update()) {
+                        continue;
+                    }
+                    tracing::debug!(subjects, "no longer leading: draining the bus intake");
+                    if let Err(e) = sub.drain().await {
+                        tracing::warn!(error = %e, "cannot drain the bus subscription; unsubscribing");
+                        let _ = sub.unsubscribe().await;
+                    }
+                    while let Some(msg) = sub.next().await {
+                        take(msg);
+                    }
+                    break;
                 }
             }
         }
