@@ -193,7 +193,31 @@ fn read_snapshot_at(path: &std::path::Path) -> Result<Option<SnapshotFile>> {
     if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..header] {
         return Err(snap_err(format!("{path} is damaged: its checksum does not match")));
     }
-    postcard::from_bytes(body).map(Some).map_err(|e| snap_err(format!("{path}: {e}")))
+    // The data is the body's last field: decode the meta, then keep the
+    // file's own buffer as the data (no second copy of a large state).
+    let (meta, data_len) = postcard::from_bytes::<SnapshotFileRef>(body)
+        .map(|f| (f.meta, f.data.len()))
+        .map_err(|e| snap_err(format!("{path}: {e}")))?;
+    let start = header
+        + postcard::experimental::serialized_size(&meta).map_err(snap_err)?
+        + postcard::experimental::serialized_size(&data_len).map_err(snap_err)?;
+    if start + data_len != bytes.len() {
+        return Err(snap_err(format!(
+            "{path}: {} bytes follow its data",
+            bytes.len().saturating_sub(start + data_len)
+        )));
+    }
+    let mut data = bytes;
+    data.drain(..start);
+    Ok(Some(SnapshotFile { meta, data }))
+}
+
+/// [`SnapshotFile`] decoded without copying its data.
+#[derive(Deserialize)]
+struct SnapshotFileRef<'a> {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    #[serde(borrow)]
+    data: &'a [u8],
 }
 
 /// A backup's contents: the state (as a snapshot holds it) at one log id,
