@@ -311,6 +311,13 @@ pub struct LimitsConfig {
     /// it new ones are refused, so slow or bogus handshakes cannot tie up
     /// the node.
     pub max_pending_connections: u32,
+    /// Most key and value bytes the plugins' state may hold. Past it the
+    /// cluster is read-only for commands — the leader refuses them with
+    /// 507 `quota_exceeded`, except from an admin, who can run the
+    /// commands that delete data — instead of growing until a node is
+    /// killed for memory (etcd's `--quota-backend-bytes`). Give every node
+    /// the same value: the leader's applies. 0 turns it off.
+    pub state_quota_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -327,6 +334,7 @@ impl Default for LimitsConfig {
             max_connections: 256,
             max_connections_per_peer: 8,
             max_pending_connections: 64,
+            state_quota_bytes: 4 << 30,
         }
     }
 }

@@ -157,6 +157,12 @@ pub struct Metrics {
     pub raft_log_entries: Gauge,
     /// The last snapshot's index.
     pub raft_snapshot_index: Gauge,
+    /// Keys in the plugins' state.
+    pub state_keys: Gauge,
+    /// Key and value bytes in the plugins' state.
+    pub state_bytes: Gauge,
+    /// This node's `limits.state_quota_bytes` (0: off).
+    pub state_quota_bytes: Gauge,
     /// Writing a batch of entries to the log, including its fsync.
     pub log_append_seconds: Histogram,
     /// The fsync alone.
@@ -217,6 +223,9 @@ impl Metrics {
             raft_leader: Gauge::default(),
             raft_is_leader: Gauge::default(),
             raft_commit_index: Gauge::default(),
+            state_keys: Gauge::default(),
+            state_bytes: Gauge::default(),
+            state_quota_bytes: Gauge::default(),
             raft_applied_index: Gauge::default(),
             raft_last_log_index: Gauge::default(),
             raft_log_entries: Gauge::default(),
@@ -258,6 +267,14 @@ impl Metrics {
         r.register("raft_leader", "The leader's node id (0: none known)", m.raft_leader.clone());
         r.register("raft_is_leader", "1 on the leader", m.raft_is_leader.clone());
         r.register("raft_commit_index", "Commit index as this node knows it", m.raft_commit_index.clone());
+        r.register("state_keys", "Keys in the plugins' state", m.state_keys.clone());
+        r.register_with_unit("state", "Key and value bytes in the plugins' state", Unit::Bytes, m.state_bytes.clone());
+        r.register_with_unit(
+            "state_quota",
+            "limits.state_quota_bytes: past it commands are refused (0: off)",
+            Unit::Bytes,
+            m.state_quota_bytes.clone(),
+        );
         r.register("raft_applied_index", "Last log index applied here", m.raft_applied_index.clone());
         r.register("raft_last_log_index", "Last log index in this node's log", m.raft_last_log_index.clone());
         r.register("raft_log_entries", "Entries in the log after the last purge", m.raft_log_entries.clone());

@@ -9,7 +9,7 @@ use synod::client::{Client, ClientError};
 use crate::harness::{Cluster, serial};
 use crate::plugins::component;
 
-fn status_of(r: &Result<Value, ClientError>) -> u16 {
+pub(crate) fn status_of(r: &Result<Value, ClientError>) -> u16 {
     match r {
         Ok(_) => 200,
         Err(ClientError::Status { status, .. }) => *status,
@@ -17,7 +17,7 @@ fn status_of(r: &Result<Value, ClientError>) -> u16 {
     }
 }
 
-fn body_of(r: &Result<Value, ClientError>) -> Value {
+pub(crate) fn body_of(r: &Result<Value, ClientError>) -> Value {
     match r {
         Ok(v) => v.clone(),
         Err(ClientError::Status { body, .. }) => body.clone(),
@@ -26,7 +26,7 @@ fn body_of(r: &Result<Value, ClientError>) -> Value {
 }
 
 /// A token made through node `via` by the admin.
-async fn token(c: &Cluster, via: u64, principal: &str, roles: &[&str]) -> String {
+pub(crate) async fn token(c: &Cluster, via: u64, principal: &str, roles: &[&str]) -> String {
     let body = serde_json::to_vec(&json!({ "principal": principal, "roles": roles })).unwrap();
     let created = c.client(via).post("/v1/tokens", body).await.unwrap();
     assert_eq!(created["principal"], json!(principal));

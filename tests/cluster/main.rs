@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 #[path = "../common/plugins.rs"]
 mod plugins;
+mod quota;
 mod recover;
 mod safety;
 mod snapshot;

@@ -618,6 +618,7 @@ failures!(
     (422, "`rejected` by the handler, or it failed: `out_of_fuel`, `out_of_memory`, `trap`, `stack_overflow`, …"),
     (429, "`overloaded`: too many writes queued; retry after `Retry-After` seconds"),
     NO_LEADER,
+    (507, "`quota_exceeded`: the plugins' state is over `limits.state_quota_bytes`; commands are refused, except an admin's"),
 );
 failures!(
     /// How a read may fail.

@@ -118,6 +118,18 @@ pub enum WriteError {
     /// The caller's token lacks a role on the leader (403).
     #[error("{0}")]
     Forbidden(String),
+    /// The plugins' state is over `limits.state_quota_bytes`: read-only
+    /// for commands until data is deleted (507).
+    #[error(
+        "read-only: quota exceeded — the plugins' state holds {bytes} bytes, over its quota of {quota} \
+         (limits.state_quota_bytes); an admin can run the commands that delete data, or raise the quota"
+    )]
+    QuotaExceeded {
+        /// Key and value bytes held.
+        bytes: u64,
+        /// The leader's quota.
+        quota: u64,
+    },
 }
 
 /// A node's digests at some operation indices.

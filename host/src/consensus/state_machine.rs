@@ -381,6 +381,12 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
             }
         }
         shared.note_device_changes(changed_devices);
+        if let Ok(replica) = shared.replica.read() {
+            let (keys, bytes) = replica.kv().size();
+            let m = crate::metrics::get();
+            crate::metrics::set(&m.state_keys, keys);
+            crate::metrics::set(&m.state_bytes, bytes);
+        }
         if membership_changed && let Ok(replica) = shared.replica.read() {
             shared.membership.send_replace(replica.membership().clone());
         }

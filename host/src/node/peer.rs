@@ -176,6 +176,7 @@ impl NodeInner {
                     if let Some(access) = forwarded_access(&w.request, sender)? {
                         self.check_credential(&w.request.caller, w.credential, access)?;
                     }
+                    self.admit(&w.request, w.credential)?;
                     self.write_local(w.request).await
                 });
                 RaftReply::WriteBatch(futures::future::join_all(answers).await)

@@ -121,6 +121,7 @@ impl From<WriteError> for ServiceError {
             WriteError::Unauthenticated(m) => ServiceError::new(401, "unauthenticated", m),
             WriteError::Forbidden(m) => ServiceError::new(403, "forbidden", m),
             WriteError::Failed(m) => ServiceError::new(503, "unavailable", m),
+            WriteError::QuotaExceeded { .. } => ServiceError::new(507, "quota_exceeded", &e),
         }
     }
 }
@@ -813,6 +814,7 @@ impl NodeInner {
         set(&m.raft_last_log_index, last);
         set(&m.raft_log_entries, last.saturating_sub(raft.purged.map_or(0, |p| p.index)));
         set(&m.raft_snapshot_index, raft.snapshot.map_or(0, |s| s.index));
+        set(&m.state_quota_bytes, self.config.limits.state_quota_bytes);
         set(&m.bus_connected, u64::from(crate::bus::state(self.bus.get()) == "connected"));
         set(&m.divergence, u64::from(self.shared.divergence.load(std::sync::atomic::Ordering::Relaxed)));
         // Rebuilt whole, so a removed plugin's series go.

@@ -182,6 +182,28 @@ impl super::NodeInner {
         }
     }
 
+    /// Whether the leader takes `request` given the state quota: while the
+    /// plugins' state holds more than `limits.state_quota_bytes`, a client
+    /// command is refused unless its caller is an admin (who can run the
+    /// commands that delete data). Everything else — reads, the node's own
+    /// writes, plugin and device changes — goes on.
+    pub(super) fn admit(&self, request: &Request, credential: Option<TokenHash>) -> Result<(), WriteError> {
+        let quota = self.config.limits.state_quota_bytes;
+        if quota == 0 || !matches!(request.op, Op::Command { .. }) {
+            return Ok(());
+        }
+        let bytes = self.with_replica(|r| r.kv().size().1).unwrap_or(0);
+        // Exempt only a real admin token: with authentication off everyone
+        // is admin, and the quota would hold nobody back.
+        if bytes <= quota
+            || (credential.is_some()
+                && self.check_credential(&request.caller, credential, crate::replica::auth::Access::Admin).is_ok())
+        {
+            return Ok(());
+        }
+        Err(WriteError::QuotaExceeded { bytes, quota })
+    }
+
     /// Replicate the node's own `op` (a heartbeat, a report, a setting)
     /// through the leader, wherever it is; waits out an election (up to a
     /// few seconds) rather than failing at once.
@@ -221,7 +243,12 @@ impl super::NodeInner {
             self.on_leader(
                 || {
                     tracing::Span::current().record("leader", self.id);
-                    self.write_local(request.clone())
+                    let admitted = self.admit(&request, credential);
+                    let request = request.clone();
+                    async move {
+                        admitted?;
+                        self.write_local(request).await
+                    }
                 },
                 |l| {
                     tracing::Span::current().record("leader", l);

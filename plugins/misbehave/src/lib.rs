@@ -64,14 +64,26 @@ impl Plugin for Misbehave {
                 "caller": ctx.caller,
             })),
             "fill" => {
+                // Also the state-scale benchmark's loader (`value_bytes`:
+                // each value a JSON string of about that many bytes).
                 #[derive(serde::Deserialize)]
                 struct Fill {
                     from: u64,
                     count: u64,
+                    #[serde(default)]
+                    value_bytes: Option<usize>,
                 }
-                let Fill { from, count } = command.json()?;
+                let Fill { from, count, value_bytes } = command.json()?;
                 for i in from..from + count {
-                    state::set(&format!("k/{i:08}"), &i)?;
+                    let key = format!("k/{i:08}");
+                    match value_bytes {
+                        Some(n) => {
+                            let mut v = format!("{i:08}-{}-", ctx.index);
+                            v.extend(std::iter::repeat_n('x', n.saturating_sub(v.len() + 2)));
+                            state::set(&key, &v)?;
+                        }
+                        None => state::set(&key, &i)?,
+                    }
                 }
                 reply(&count)
             }
