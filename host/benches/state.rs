@@ -291,7 +291,7 @@ async fn main() -> anyhow::Result<()> {
             }
             r.load_seconds = started.elapsed().as_secs_f64();
             let metrics = |id: u64| {
-                let (h, u) = (http.clone(), format!("{}/metrics", synod.http(id)));
+                let (h, u) = (api.clone(), format!("{}/metrics", synod.http(id)));
                 async move { h.get(u).send().await.ok()?.text().await.ok() }
             };
             let before = metrics(leader).await.unwrap_or_default();

@@ -79,6 +79,9 @@ pub struct Shared {
     pub tokens: RwLock<crate::replica::auth::TokenTable>,
     /// Whether the cluster has had a token (the bootstrap is done).
     pub auth_bootstrapped: std::sync::atomic::AtomicBool,
+    /// Key and value bytes of the plugins' state after the last applied
+    /// batch: the leader's quota check reads it without the replica's lock.
+    pub state_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -243,7 +246,7 @@ pub struct BackupImage {
 pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result::Result<BackupImage, String> {
     let captured = shared.replica.read().map_err(|e| e.to_string())?.capture();
     let blobs = plugin_blobs(captured.registry(), artifacts)?;
-    tokio::task::spawn_blocking(move || {
+    in_background(move || {
         let log_id = captured.log_id();
         let plugins = captured.registry().keys().cloned().collect();
         let image = captured.state();
@@ -251,8 +254,7 @@ pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result
         let data = postcard::to_allocvec(&SnapshotDataRef { image, blobs: &blobs }).map_err(|e| e.to_string())?;
         Ok(BackupImage { log_id, operation_index, digest, plugins, devices, data })
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
 }
 
 /// Check a backup's state (`data`: postcard [`SnapshotData`]) against what
@@ -302,18 +304,67 @@ pub async fn install_backup(
     Ok(())
 }
 
-/// A writer that hashes and counts what passes through it.
-struct Hashing<W> {
-    inner: W,
+/// Snapshot bytes allowed to wait for writeback at once.
+const WRITEBACK_STEP: u64 = 4 << 20;
+
+/// A snapshot file being written: hashes and counts what passes through,
+/// and paces the file's writeback.
+///
+/// A snapshot of a large state is hundreds of megabytes. Left to the
+/// kernel, all of it waits in the page cache until the final `fsync`, and
+/// then floods the disk queue: the Raft log's `fdatasync` on every write
+/// waits behind it, for seconds per gigabyte. So every [`WRITEBACK_STEP`]
+/// bytes the writer hands the range written to the disk and waits for it
+/// (`sync_file_range`, as RocksDB's `bytes_per_sync` does): at most one
+/// step is ever queued ahead of a log sync.
+struct Hashing {
+    inner: std::io::BufWriter<std::fs::File>,
     hash: blake3::Hasher,
+    /// Bytes written so far (past the header, which is written first).
     n: u64,
+    /// File offset up to which writeback was started and waited for.
+    synced: u64,
+    /// File offset of the first byte counted in `n`.
+    base: u64,
 }
 
-impl<W: Write> Write for Hashing<W> {
+impl Hashing {
+    fn new(file: std::fs::File, base: u64) -> Hashing {
+        Hashing {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hash: blake3::Hasher::new(),
+            n: 0,
+            synced: 0,
+            base,
+        }
+    }
+
+    fn pace(&mut self) -> std::io::Result<()> {
+        let end = self.base + self.n;
+        if end - self.synced < WRITEBACK_STEP {
+            return Ok(());
+        }
+        self.inner.flush()?;
+        use std::os::fd::AsRawFd as _;
+        let fd = self.inner.get_ref().as_raw_fd();
+        let (from, len) = (self.synced as libc::off64_t, (end - self.synced) as libc::off64_t);
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: `fd` is the open file this writer owns; the call reads
+        // no memory of ours.
+        if unsafe { libc::sync_file_range(fd, from, len, flags) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.synced = end;
+        Ok(())
+    }
+}
+
+impl Write for Hashing {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let written = self.inner.write(buf)?;
         self.hash.update(&buf[..written]);
         self.n += written as u64;
+        self.pace()?;
         Ok(written)
     }
 
@@ -383,6 +434,7 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
         shared.note_device_changes(changed_devices);
         if let Ok(replica) = shared.replica.read() {
             let (keys, bytes) = replica.kv().size();
+            shared.state_bytes.store(bytes, Ordering::Relaxed);
             let m = crate::metrics::get();
             crate::metrics::set(&m.state_keys, keys);
             crate::metrics::set(&m.state_bytes, bytes);
@@ -416,6 +468,7 @@ impl StateMachineStore {
             devices_changed: tokio::sync::watch::Sender::new(0),
             tokens: Default::default(),
             auth_bootstrapped: Default::default(),
+            state_bytes: Default::default(),
         });
         let store = StateMachineStore {
             shared: shared.clone(),
@@ -455,7 +508,10 @@ impl StateMachineStore {
             f.write_all(MAGIC)?;
             f.write_all(&(body.len() as u64).to_le_bytes())?;
             f.write_all(blake3::hash(&body).as_bytes())?;
-            f.write_all(&body)?;
+            // Paced, like a built snapshot (see `Hashing`).
+            let mut out = Hashing::new(f, (MAGIC.len() + 8 + 32) as u64);
+            out.write_all(&body)?;
+            let f = out.inner.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;
             std::fs::rename(&tmp, path)?;
             if let Some(dir) = path.parent() {
@@ -493,8 +549,7 @@ impl StateMachineStore {
             f.write_all(MAGIC)?;
             f.write_all(&body_len.to_le_bytes())?;
             f.write_all(&[0u8; 32])?;
-            let mut out =
-                Hashing { inner: std::io::BufWriter::with_capacity(1 << 20, f), hash: blake3::Hasher::new(), n: 0 };
+            let mut out = Hashing::new(f, (MAGIC.len() + 8 + 32) as u64);
             out.write_all(&head)?;
             postcard::to_io(data, &mut out).map_err(std::io::Error::other)?;
             if out.n != body_len {
@@ -535,6 +590,7 @@ impl StateMachineStore {
         let before: Vec<String> =
             self.shared.replica.read().map(|r| r.devices().view().keys().cloned().collect()).unwrap_or_default();
         self.shared.publish_auth(&replica);
+        self.shared.state_bytes.store(replica.kv().size().1, Ordering::Relaxed);
         *self.shared.replica.write().map_err(sm_err)? = replica;
         // Every device may have changed, including those the snapshot drops.
         self.shared.note_device_changes(ids.into_iter().chain(before).collect());
@@ -605,8 +661,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let log_id = captured.log_id();
         let blobs = plugin_blobs(captured.registry(), &self.artifacts).map_err(snap_err)?;
         let path = self.snapshot_path.clone();
-        // Serialising a large state is CPU work: off the async workers.
-        tokio::task::spawn_blocking(move || {
+        // Serialising a large state is CPU work: off the async workers, on
+        // a thread of its own that yields to them and to the apply thread.
+        in_background(move || {
             let image = captured.state();
             // The membership inside the image: the one at `log_id`.
             let last_membership = image.membership.clone();
@@ -633,6 +690,26 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await
         .map_err(snap_err)?
     }
+}
+
+/// Run `work` (a snapshot or a backup: seconds of encoding and writing for
+/// a large state) on a thread of its own at a lower CPU priority (nice 10),
+/// so that while it runs the apply thread, Raft and the API keep the CPU
+/// they need and writes do not wait for it.
+async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::result::Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("synod-snapshot".into())
+        .spawn(move || {
+            // SAFETY: plain system calls on this thread's own id.
+            let lowered = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+            if lowered != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the snapshot thread's priority");
+            }
+            let _ = tx.send(work());
+        })
+        .map_err(|e| e.to_string())?;
+    rx.await.map_err(|_| "the snapshot thread stopped".to_owned())
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
