@@ -316,8 +316,18 @@ pub struct LimitsConfig {
     /// 507 `quota_exceeded`, except from an admin, who can run the
     /// commands that delete data — instead of growing until a node is
     /// killed for memory (etcd's `--quota-backend-bytes`). Give every node
-    /// the same value: the leader's applies. 0 turns it off.
+    /// the same value: the leader's applies. 0 turns it off. Left out of a
+    /// written config while at its default, so a config written by this
+    /// version still starts the previous one (a rolling upgrade's nodes).
+    #[serde(skip_serializing_if = "is_default_quota")]
     pub state_quota_bytes: u64,
+}
+
+/// The default `limits.state_quota_bytes`: 4 GiB of keys and values.
+const DEFAULT_STATE_QUOTA: u64 = 4 << 30;
+
+fn is_default_quota(q: &u64) -> bool {
+    *q == DEFAULT_STATE_QUOTA
 }
 
 impl Default for LimitsConfig {
@@ -334,7 +344,7 @@ impl Default for LimitsConfig {
             max_connections: 256,
             max_connections_per_peer: 8,
             max_pending_connections: 64,
-            state_quota_bytes: 4 << 30,
+            state_quota_bytes: DEFAULT_STATE_QUOTA,
         }
     }
 }

@@ -497,32 +497,18 @@ impl StateMachineStore {
     }
 
     /// Write `snapshot.bin` so that after a crash it is the old file or the
-    /// new one, whole: a temp file of this call's own, fsync, rename, fsync
-    /// the directory.
+    /// new one, whole (see [`replace_whole`]).
     fn write_snapshot_file(path: &std::path::Path, file: &SnapshotFile) -> Result<()> {
         let body = postcard::to_allocvec(file).map_err(snap_err)?;
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+        replace_whole(path, |mut f| {
             f.write_all(MAGIC)?;
             f.write_all(&(body.len() as u64).to_le_bytes())?;
             f.write_all(blake3::hash(&body).as_bytes())?;
             // Paced, like a built snapshot (see `Hashing`).
             let mut out = Hashing::new(f, (MAGIC.len() + 8 + 32) as u64);
             out.write_all(&body)?;
-            let f = out.inner.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok::<(), std::io::Error>(())
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.map_err(snap_err)
+            out.inner.into_inner().map_err(|e| e.into_error())
+        })
     }
 
     /// Write `snapshot.bin` as [`Self::write_snapshot_file`] does, with the
@@ -542,10 +528,7 @@ impl StateMachineStore {
         let mut head = postcard::to_allocvec(meta).map_err(snap_err)?;
         head.extend(postcard::to_allocvec(&data_len).map_err(snap_err)?);
         let body_len = (head.len() + data_len) as u64;
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+        replace_whole(path, |mut f| {
             f.write_all(MAGIC)?;
             f.write_all(&body_len.to_le_bytes())?;
             f.write_all(&[0u8; 32])?;
@@ -559,17 +542,8 @@ impl StateMachineStore {
             let mut f = out.inner.into_inner().map_err(|e| e.into_error())?;
             f.seek(SeekFrom::Start((MAGIC.len() + 8) as u64))?;
             f.write_all(hash.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok::<(), std::io::Error>(())
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.map_err(snap_err)?;
+            Ok(f)
+        })?;
         Ok(data_len as u64)
     }
 
@@ -690,6 +664,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await
         .map_err(snap_err)?
     }
+}
+
+/// Write `path` whole or not at all: `fill` writes a temp file of this
+/// call's own (built and installed snapshots may be written at once), which
+/// is synced and renamed over `path`, then the directory is synced; on an
+/// error the temp file goes.
+fn replace_whole(
+    path: &std::path::Path,
+    fill: impl FnOnce(std::fs::File) -> std::io::Result<std::fs::File>,
+) -> Result<()> {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+    let written = (|| {
+        fill(std::fs::File::create(&tmp)?)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok::<(), std::io::Error>(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(snap_err)
 }
 
 /// Run `work` (a snapshot or a backup: seconds of encoding and writing for
