@@ -647,19 +647,25 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
             // Encoded from the shared trees straight into the file: no
-            // plain copy of the state and no encoded copy in memory.
+            // plain copy of the state and no encoded copy in memory while
+            // encoding.
             let size =
                 StateMachineStore::stream_snapshot_file(&path, &meta, &SnapshotDataRef { image, blobs: &blobs })?;
-            drop(captured);
             let m = crate::metrics::get();
             m.snapshots.inc();
             crate::metrics::set(&m.snapshot_bytes, size);
             m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
-            // openraft 0.9 keeps only the meta of a snapshot it asked for
-            // (`sm::worker::build_snapshot`); the data is read from the file
-            // when a follower needs it (`get_current_snapshot`), so it is not
-            // held in memory here.
-            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
+            // The builder hands back the data too, read from the file just
+            // written (from the page cache, after the encoding, for as long
+            // as openraft holds it: 0.9 keeps only the meta). Should an
+            // installed snapshot have replaced the file meanwhile, it is
+            // encoded again.
+            let data = match read_snapshot_at(&path)? {
+                Some(file) if file.meta == meta => file.data,
+                _ => postcard::to_allocvec(&SnapshotDataRef { image: captured.state(), blobs: &blobs })
+                    .map_err(snap_err)?,
+            };
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         })
         .await
         .map_err(snap_err)?
