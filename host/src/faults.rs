@@ -2,7 +2,7 @@
 //! named members, a jump of the node's clock, one perturbed write (a
 //! divergence on purpose), one lost answer from the leader, and held
 //! appends (a follower that takes heartbeats but no entries, like a slow
-//! disk).
+//! disk), and held log syncs (a disk whose flushes do not return).
 //!
 //! The state lives here in every build, so the code paths that consult it
 //! are the ones production runs; only the way to set it — `POST
@@ -31,6 +31,10 @@ static LOSE_NEXT_ANSWER: AtomicBool = AtomicBool::new(false);
 /// Hold every incoming append that carries entries until this is cleared
 /// (heartbeats pass).
 static HOLD_APPENDS: AtomicBool = AtomicBool::new(false);
+
+/// Hold this node's Raft log syncs (its `fdatasync` after each append)
+/// until this is cleared: written entries are not durable yet.
+static HOLD_LOG_SYNC: AtomicBool = AtomicBool::new(false);
 
 /// The longest one append is held, so a forgotten hold cannot wedge a test.
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
@@ -62,6 +66,10 @@ pub struct FaultSettings {
     /// behind while it still answers its leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_appends: Option<bool>,
+    /// Hold this node's Raft log syncs (a disk whose flushes hang): its
+    /// appended entries are written but not flushed until cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_log_sync: Option<bool>,
 }
 
 /// The faults in force.
@@ -72,6 +80,7 @@ pub fn current() -> FaultSettings {
         perturb_next_write: Some(PERTURB_NEXT_WRITE.load(Ordering::Relaxed)),
         lose_next_answer: Some(LOSE_NEXT_ANSWER.load(Ordering::Relaxed)),
         hold_appends: Some(HOLD_APPENDS.load(Ordering::Relaxed)),
+        hold_log_sync: Some(HOLD_LOG_SYNC.load(Ordering::Relaxed)),
     }
 }
 
@@ -88,6 +97,9 @@ pub fn set(settings: &FaultSettings) {
     }
     if let Some(hold) = settings.hold_appends {
         HOLD_APPENDS.store(hold, Ordering::Relaxed);
+    }
+    if let Some(hold) = settings.hold_log_sync {
+        HOLD_LOG_SYNC.store(hold, Ordering::Relaxed);
     }
     if let Some(wanted) = &settings.cut {
         *CUT.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
@@ -116,6 +128,15 @@ pub async fn hold_append() {
     let deadline = tokio::time::Instant::now() + MAX_HOLD;
     while HOLD_APPENDS.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Block the calling thread (the log's sync thread) while log syncs are
+/// held, at most [`MAX_HOLD`].
+pub fn hold_log_sync() {
+    let deadline = std::time::Instant::now() + MAX_HOLD;
+    while HOLD_LOG_SYNC.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

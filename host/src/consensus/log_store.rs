@@ -4,7 +4,14 @@
 //! In: openraft's log I/O calls. Out: entries and metadata that survive a
 //! crash. The log is segment files written front to back, one `fdatasync`
 //! per append call; openraft is told an append happened only after that
-//! sync. Segments are zero-filled to their full size before use (the next
+//! sync. The sync runs on a thread of its own: `append` returns once the
+//! records are written (readable by replication), and the sync thread
+//! completes openraft's callback when they are durable. The leader's
+//! openraft (patched, see `vendor/openraft/SYNOD-PATCH.md`) replicates in
+//! the meantime and counts its own vote only after the callback; a follower
+//! answers its leader only after it. An append waits for the previous
+//! append's sync before it writes, so at most the last append is ever
+//! unsynced — the premise of the torn-tail rule below. Segments are zero-filled to their full size before use (the next
 //! one in the background), so an append overwrites allocated blocks and its
 //! sync flushes data only, not the file size through the filesystem journal:
 //! 97 µs against 135 µs per sync on this disk. The vote
@@ -63,7 +70,8 @@
 //! `fdatasync` on this disk, and at one request in flight the leader and a
 //! follower each pay it in series. openraft 0.9 awaits each append's flush
 //! in its core loop (`RaftCore::append_to_log`), so the cost of one sync is
-//! what a write waits for.
+//! what a write waits for; the patch makes that the larger of the leader's
+//! and a follower's sync instead of their sum.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
@@ -146,6 +154,50 @@ struct Inner {
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
+    /// Appends to sync, in order, for the sync thread ([`sync_loop`]).
+    syncs: std::sync::mpsc::Sender<Pending>,
+    /// How many appends have been handed to the sync thread.
+    written: Arc<std::sync::atomic::AtomicU64>,
+    /// How many of them are synced (`u64::MAX` once a sync failed: every
+    /// later append then fails too).
+    synced: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One append whose records are written and wait for their sync.
+struct Pending {
+    file: File,
+    callback: LogFlushed<TypeConfig>,
+    started: std::time::Instant,
+}
+
+/// The sync thread: sync each append's segment in order, then tell
+/// openraft. After a failed sync nothing is retried (the pages it failed to
+/// write may be gone from the cache, so a later sync could succeed and lie,
+/// as PostgreSQL's "fsyncgate" showed): every append after it fails too.
+fn sync_loop(appends: std::sync::mpsc::Receiver<Pending>, synced: tokio::sync::watch::Sender<u64>) {
+    let m = crate::metrics::get();
+    let mut failed: Option<(ErrorKind, String)> = None;
+    while let Ok(p) = appends.recv() {
+        crate::faults::hold_log_sync();
+        if failed.is_none() {
+            let syncing = std::time::Instant::now();
+            match p.file.sync_data() {
+                Ok(()) => m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64()),
+                Err(e) => failed = Some((e.kind(), format!("raft log sync failed: {e}"))),
+            }
+        }
+        match &failed {
+            None => {
+                m.log_append_seconds.observe(p.started.elapsed().as_secs_f64());
+                synced.send_modify(|n| *n += 1);
+                p.callback.log_io_completed(Ok(()));
+            }
+            Some((kind, msg)) => {
+                synced.send_replace(u64::MAX);
+                p.callback.log_io_completed(Err(io::Error::new(*kind, msg.clone())));
+            }
+        }
+    }
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -396,7 +448,25 @@ impl Inner {
         if inner.segments.is_empty() {
             inner.new_segment(0, 0)?;
         }
+        // The committed hint is written unsynced when the leader commits,
+        // which may be before the leader's own copy is synced (its
+        // followers' syncs make a quorum). After a power loss it can name
+        // an entry this log lost with that sync: drop it, since openraft
+        // would replay up to it, and re-derives it from a quorum anyway.
+        if let Some(hint) = inner.committed
+            && purged.is_none_or(|p| hint.index > p.index)
+            && !inner.holds(hint)
+        {
+            tracing::warn!(committed = %hint, last = ?inner.last_log_id(), "the raft log does not hold the entry its committed hint names (lost unsynced at a power cut); the hint is dropped");
+            inner.committed = None;
+        }
         Ok(inner)
+    }
+
+    /// Whether `log_id` is in the log.
+    fn holds(&self, log_id: LogId<NodeId>) -> bool {
+        let at = self.position(log_id.index);
+        self.slots.get(at).is_some_and(|s| s.log_id == log_id)
     }
 
     /// Start segment `seq`, big enough for `need` bytes: the spare when it
@@ -582,7 +652,15 @@ impl LogStore {
 
     fn open_sized(dir: &Path, segment_bytes: u64) -> io::Result<LogStore> {
         let inner = Inner::open(dir.join("raft-log"), segment_bytes)?;
-        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
+        let (syncs, appends) = std::sync::mpsc::channel();
+        let (synced_tx, synced) = tokio::sync::watch::channel(0);
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_loop(appends, synced_tx))?;
+        Ok(LogStore {
+            inner: Arc::new(Mutex::new(inner)),
+            syncs,
+            written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            synced,
+        })
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, Inner>> {
@@ -673,16 +751,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        match self.write_entries(entries) {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
+        use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
+        // At most one append unsynced: wait for the previous one's sync.
+        let before = self.written.load(Ordering::Acquire);
+        let mut synced = self.synced.clone();
+        let waited = synced.wait_for(|n| *n >= before).await.map(|n| *n);
+        let written = match waited {
+            Ok(u64::MAX) => Err(io::Error::other("an earlier raft log sync failed; the log takes no more appends")),
+            Ok(_) => self.lock().and_then(|mut inner| inner.write(entries)),
+            Err(_) => Err(io::Error::other("the raft log's sync thread is gone")),
+        };
+        let file = match written {
+            Ok(file) => file,
             Err(e) => {
-                callback.log_io_completed(Err(io::Error::other(e.to_string())));
-                Err(e)
+                callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                return Err(write_err(e));
             }
+        };
+        self.written.fetch_add(1, Ordering::AcqRel);
+        if let Err(std::sync::mpsc::SendError(p)) = self.syncs.send(Pending { file, callback, started }) {
+            let e = io::Error::other("the raft log's sync thread is gone");
+            p.callback.log_io_completed(Err(io::Error::other(e.to_string())));
+            return Err(write_err(e));
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
@@ -753,6 +846,41 @@ mod tests {
         assert_eq!(state.last_log_id, Some(entry(4).log_id));
         let got: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
         assert_eq!(got, [3, 4]);
+    }
+
+    /// A leader commits once its followers have synced an entry, maybe
+    /// before its own sync: after a power cut its committed hint can name
+    /// an entry its log lost. Opening must not hand openraft that hint (it
+    /// would replay up to it and fail to start).
+    #[tokio::test]
+    async fn a_committed_hint_past_the_log_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = LogStore::open(dir.path()).unwrap();
+            log.write_entries((1..=5).map(blank)).unwrap();
+            // Entries 6..=8 were written unsynced and lost; the hint naming
+            // 7 reached the disk.
+            log.save_committed(Some(blank(7).log_id)).await.unwrap();
+        }
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), None);
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(blank(5).log_id));
+
+        // A hint naming an entry the log holds, or one purged, stays.
+        log.save_committed(Some(blank(4).log_id)).await.unwrap();
+        log.purge(blank(2).log_id).await.unwrap();
+        drop(log);
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(blank(4).log_id));
+        log.save_committed(Some(blank(1).log_id)).await.unwrap();
+        drop(log);
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(blank(1).log_id));
+        // Same index, another leader's entry: not this log's.
+        log.save_committed(Some(LogId::new(CommittedLeaderId::new(9, 1), 5))).await.unwrap();
+        drop(log);
+        let mut log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), None);
     }
 
     fn blank(index: u64) -> Entry<TypeConfig> {
