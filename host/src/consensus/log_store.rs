@@ -4,14 +4,16 @@
 //! In: openraft's log I/O calls. Out: entries and metadata that survive a
 //! crash. The log is segment files written front to back, one `fdatasync`
 //! per append call; openraft is told an append happened only after that
-//! sync. The sync runs on a thread of its own: `append` returns once the
-//! records are written (readable by replication), and the sync thread
-//! completes openraft's callback when they are durable. The leader's
-//! openraft (patched, see `vendor/openraft/SYNOD-PATCH.md`) replicates in
-//! the meantime and counts its own vote only after the callback; a follower
-//! answers its leader only after it. An append waits for the previous
-//! append's sync before it writes, so at most the last append is ever
-//! unsynced — the premise of the torn-tail rule below. Segments are zero-filled to their full size before use (the next
+//! sync. A leader's own append is synced on a thread of its own: `append`
+//! returns once the records are written (readable by replication), and the
+//! sync thread completes openraft's callback when they are durable; the
+//! leader's openraft (patched, see `vendor/openraft/SYNOD-PATCH.md`)
+//! replicates in the meantime and counts its own vote only after the
+//! callback. A follower's append is synced within `append`, since openraft
+//! awaits it before anything else (it answers its leader only after). An
+//! append waits for the previous append's sync before it writes, so at most
+//! the last append is ever unsynced — the premise of the torn-tail rule
+//! below. Segments are zero-filled to their full size before use (the next
 //! one in the background), so an append overwrites allocated blocks and its
 //! sync flushes data only, not the file size through the filesystem journal:
 //! 97 µs against 135 µs per sync on this disk. The vote
@@ -160,7 +162,7 @@ pub struct LogStore {
     written: Arc<std::sync::atomic::AtomicU64>,
     /// How many of them are synced (`u64::MAX` once a sync failed: every
     /// later append then fails too).
-    synced: tokio::sync::watch::Receiver<u64>,
+    synced: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// One append whose records are written and wait for their sync.
@@ -174,7 +176,7 @@ struct Pending {
 /// openraft. After a failed sync nothing is retried (the pages it failed to
 /// write may be gone from the cache, so a later sync could succeed and lie,
 /// as PostgreSQL's "fsyncgate" showed): every append after it fails too.
-fn sync_loop(appends: std::sync::mpsc::Receiver<Pending>, synced: tokio::sync::watch::Sender<u64>) {
+fn sync_loop(appends: std::sync::mpsc::Receiver<Pending>, synced: Arc<tokio::sync::watch::Sender<u64>>) {
     let m = crate::metrics::get();
     let mut failed: Option<(ErrorKind, String)> = None;
     while let Ok(p) = appends.recv() {
@@ -189,7 +191,7 @@ fn sync_loop(appends: std::sync::mpsc::Receiver<Pending>, synced: tokio::sync::w
         match &failed {
             None => {
                 m.log_append_seconds.observe(p.started.elapsed().as_secs_f64());
-                synced.send_modify(|n| *n += 1);
+                synced.send_modify(|n| *n = n.saturating_add(1));
                 p.callback.log_io_completed(Ok(()));
             }
             Some((kind, msg)) => {
@@ -653,8 +655,9 @@ impl LogStore {
     fn open_sized(dir: &Path, segment_bytes: u64) -> io::Result<LogStore> {
         let inner = Inner::open(dir.join("raft-log"), segment_bytes)?;
         let (syncs, appends) = std::sync::mpsc::channel();
-        let (synced_tx, synced) = tokio::sync::watch::channel(0);
-        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_loop(appends, synced_tx))?;
+        let synced = Arc::new(tokio::sync::watch::Sender::new(0));
+        let to_thread = synced.clone();
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || sync_loop(appends, to_thread))?;
         Ok(LogStore {
             inner: Arc::new(Mutex::new(inner)),
             syncs,
@@ -755,7 +758,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let started = std::time::Instant::now();
         // At most one append unsynced: wait for the previous one's sync.
         let before = self.written.load(Ordering::Acquire);
-        let mut synced = self.synced.clone();
+        let mut synced = self.synced.subscribe();
         let waited = synced.wait_for(|n| *n >= before).await.map(|n| *n);
         let written = match waited {
             Ok(u64::MAX) => Err(io::Error::other("an earlier raft log sync failed; the log takes no more appends")),
@@ -769,6 +772,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(write_err(e));
             }
         };
+        if !callback.awaited_in_background() {
+            // A follower's append: openraft awaits it before anything else,
+            // so sync it here rather than hand it to the thread and back.
+            crate::faults::hold_log_sync();
+            let m = crate::metrics::get();
+            let syncing = std::time::Instant::now();
+            return match file.sync_data() {
+                Ok(()) => {
+                    m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
+                    m.log_append_seconds.observe(started.elapsed().as_secs_f64());
+                    callback.log_io_completed(Ok(()));
+                    Ok(())
+                }
+                Err(e) => {
+                    self.synced.send_replace(u64::MAX);
+                    callback.log_io_completed(Err(io::Error::new(e.kind(), format!("raft log sync failed: {e}"))));
+                    Err(write_err(e))
+                }
+            };
+        }
         self.written.fetch_add(1, Ordering::AcqRel);
         if let Err(std::sync::mpsc::SendError(p)) = self.syncs.send(Pending { file, callback, started }) {
             let e = io::Error::other("the raft log's sync thread is gone");

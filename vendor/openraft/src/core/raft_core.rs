@@ -763,7 +763,7 @@ where
     {
         let (tx, rx) = C::AsyncRuntime::oneshot();
         let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
-        let callback = LogFlushed::new(log_io_id, tx);
+        let callback = LogFlushed::new_background(log_io_id, tx);
 
         if self.tx_local_flush.is_none() {
             let (tx_flush, mut rx_flush) = mpsc::unbounded_channel::<LocalFlush<C>>();

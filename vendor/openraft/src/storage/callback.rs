@@ -17,6 +17,8 @@ where C: RaftTypeConfig
 {
     log_io_id: LogIOId<C::NodeId>,
     tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
+    /// Synod patch: see [`LogFlushed::awaited_in_background`].
+    background: bool,
 }
 
 impl<C> LogFlushed<C>
@@ -26,7 +28,34 @@ where C: RaftTypeConfig
         log_io_id: LogIOId<C::NodeId>,
         tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
     ) -> Self {
-        Self { log_io_id, tx }
+        Self {
+            log_io_id,
+            tx,
+            background: false,
+        }
+    }
+
+    /// Synod patch: a leader's own append, whose flush the core does not
+    /// await before it replicates the entries.
+    pub(crate) fn new_background(
+        log_io_id: LogIOId<C::NodeId>,
+        tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
+    ) -> Self {
+        Self {
+            log_io_id,
+            tx,
+            background: true,
+        }
+    }
+
+    /// Synod patch: whether the core goes on while this flush is pending
+    /// (a leader's own append: the store should return from `append` once
+    /// the entries are readable and flush them elsewhere). When false the
+    /// core awaits the flush before anything else (a follower's append,
+    /// answered only once flushed), so flushing within `append` costs no
+    /// hand-off to another thread.
+    pub fn awaited_in_background(&self) -> bool {
+        self.background
     }
 
     /// Report log io completion event.
