@@ -243,12 +243,10 @@ pub struct RaftConfig {
     /// Upper end of the election timeout range, ms (also the leader lease).
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log before it) after this many
-    /// entries since the last one, or after one entry per 64 KiB of state
-    /// when that is more (`node::snapshot_due_after`: a snapshot writes the
-    /// whole state). An entry is a batch of up to 1,000 commands, and a
-    /// restarting node replays what follows its snapshot, so this bounds
-    /// restart time: at 10,000 a node restarted after load took 7.1 s, at
-    /// 2,000 0.5 s.
+    /// entries since the last one. An entry is a batch of up to 1,000
+    /// commands, and a restarting node replays what follows its snapshot,
+    /// so this bounds restart time: at 10,000 a node restarted after load
+    /// took 7.1 s, at 2,000 0.5 s.
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot, for slightly lagging
     /// followers that need not a whole snapshot.

@@ -277,9 +277,7 @@ impl RunningNode {
             heartbeat_interval: r.heartbeat_ms,
             election_timeout_min: r.election_timeout_min_ms,
             election_timeout_max: r.election_timeout_max_ms,
-            // Snapshots are asked for by `snapshot_cadence`, which spaces
-            // them by the state's size as well as by entries.
-            snapshot_policy: SnapshotPolicy::Never,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             ..Default::default()
@@ -349,7 +347,6 @@ impl RunningNode {
             );
         }
         tasks.spawn(follow_membership(inner.clone()));
-        tasks.spawn(snapshot_cadence(inner.clone()));
         tasks.spawn(discovery::discover(inner.clone()));
         tasks.spawn(replicate_settings(inner.clone()));
         tasks.spawn(compare_digests(inner.clone()));
@@ -412,48 +409,6 @@ impl RunningNode {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.inner.p2p.shutdown().await;
-    }
-}
-
-/// State bytes per log entry between snapshots once the state is large.
-pub const SNAPSHOT_STATE_BYTES_PER_ENTRY: u64 = 64 << 10;
-
-/// How many entries after the last snapshot the next one is built: at least
-/// `raft.snapshot_after_entries`, and one entry per 64 KiB of state. A
-/// snapshot writes the whole state, so at a fixed count its cost per entry
-/// grows with the state: 2,000 entries of a 1.1 GB state (10M keys) is
-/// 550 KB of snapshot written per entry, and the cluster snapshots most of
-/// the time. With the state's size in the rule, a snapshot never writes
-/// more than 64 KiB per entry since the last one; a restart replays more
-/// entries when the state is large, as it decodes a larger snapshot too.
-pub fn snapshot_due_after(min_entries: u64, state_bytes: u64) -> u64 {
-    min_entries.max(state_bytes / SNAPSHOT_STATE_BYTES_PER_ENTRY)
-}
-
-/// Ask openraft for a snapshot when [`snapshot_due_after`] says, checked as
-/// the applied index moves. A request while a build runs is ignored by
-/// openraft, so one is made again only once the snapshot index moved (or a
-/// minute passed, should a build have failed).
-async fn snapshot_cadence(node: Arc<NodeInner>) {
-    let min = node.config.raft.snapshot_after_entries;
-    let mut metrics = node.raft.metrics();
-    let mut asked: Option<(u64, tokio::time::Instant)> = None;
-    loop {
-        let (applied, snapshot) = {
-            let m = metrics.borrow_and_update();
-            (m.last_applied.map_or(0, |l| l.index), m.snapshot.map_or(0, |l| l.index))
-        };
-        let due = snapshot_due_after(min, node.shared.state_bytes.load(std::sync::atomic::Ordering::Relaxed));
-        let waiting = asked.is_some_and(|(at, when)| at == snapshot && when.elapsed() < Duration::from_secs(60));
-        if applied.saturating_sub(snapshot) >= due && !waiting {
-            if node.raft.trigger().snapshot().await.is_err() {
-                return;
-            }
-            asked = Some((snapshot, tokio::time::Instant::now()));
-        }
-        if metrics.changed().await.is_err() {
-            return;
-        }
     }
 }
 
@@ -620,22 +575,5 @@ impl NodeInner {
             digest,
             engine: self.artifacts.runtime().fingerprint().hash.clone(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::snapshot_due_after;
-
-    #[test]
-    fn snapshots_are_spaced_by_the_states_size_once_it_is_large() {
-        // A small state: the configured count.
-        assert_eq!(snapshot_due_after(2_000, 0), 2_000);
-        assert_eq!(snapshot_due_after(2_000, 117_000_000), 2_000);
-        // 3M and 10M keys of 100 bytes: one entry per 64 KiB of state.
-        assert_eq!(snapshot_due_after(2_000, 336_000_000), 5_126);
-        assert_eq!(snapshot_due_after(2_000, 1_120_000_000), 17_089);
-        // Never fewer than configured.
-        assert_eq!(snapshot_due_after(50_000, 1_120_000_000), 50_000);
     }
 }
