@@ -7,36 +7,21 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::harness::{Cluster, serial};
-use crate::plugins::component;
-
-async fn fault(c: &Cluster, id: u64, settings: Value) {
-    c.client(id).post("/v1/faults", serde_json::to_vec(&settings).unwrap()).await.unwrap();
-}
+use crate::harness::serial;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_commits_on_the_followers_syncs_while_the_leaders_sync_hangs() {
     let _serial = serial().await;
-    // Node 1 leads: the others wait 20 s before they stand for election, so
-    // the held sync cannot hand the lead to another node during the test.
-    let c = Cluster::start(3, |config| {
-        if config.id != 1 {
-            config.raft.election_timeout_min_ms = 20_000;
-            config.raft.election_timeout_max_ms = 25_000;
-        }
-    });
-    assert_eq!(c.leader().await, 1);
-    c.push(1, "register", "1", component("register")).await.unwrap();
-    c.cmd(1, "register", "put", json!({ "key": "k", "value": 0 })).await.unwrap();
+    let c = crate::register_cluster_led_by_node_1().await;
 
-    fault(&c, 1, json!({ "hold_log_sync": true })).await;
+    crate::fault(&c, 1, json!({ "hold_log_sync": true })).await;
     let write = c.cmd(1, "register", "put", json!({ "key": "k", "value": 1 }));
     let reply = tokio::time::timeout(Duration::from_secs(10), write).await;
     // Release the hold before any assertion, so a failure leaves no node
     // stuck for the 30 s the hold lasts at most.
-    fault(&c, 1, json!({ "hold_log_sync": false })).await;
+    crate::fault(&c, 1, json!({ "hold_log_sync": false })).await;
     let reply = reply.expect("the write waited for the leader's own sync (held): replication did not overlap it");
     reply.unwrap();
 

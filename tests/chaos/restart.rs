@@ -7,29 +7,14 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::harness::{Cluster, serial};
-use crate::plugins::component;
-
-async fn fault(c: &Cluster, id: u64, settings: Value) {
-    c.client(id).post("/v1/faults", serde_json::to_vec(&settings).unwrap()).await.unwrap();
-}
+use crate::harness::serial;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_back_with_an_old_commit_hint_reads_what_it_acknowledged() {
     let _serial = serial().await;
-    // Nodes 2 and 3 wait 20 s before they stand for election, so node 1
-    // leads, and leads again when it comes back from a restart.
-    let mut c = Cluster::start(3, |config| {
-        if config.id != 1 {
-            config.raft.election_timeout_min_ms = 20_000;
-            config.raft.election_timeout_max_ms = 25_000;
-        }
-    });
-    assert_eq!(c.leader().await, 1);
-    c.push(1, "register", "1", component("register")).await.unwrap();
-    c.cmd(1, "register", "put", json!({ "key": "k", "value": 0 })).await.unwrap();
+    let mut c = crate::register_cluster_led_by_node_1().await;
     // The commit hint as it is now, before the writes below: what the disk
     // may hold after a power loss if the later overwrites were never
     // flushed.
@@ -38,7 +23,7 @@ async fn a_leader_back_with_an_old_commit_hint_reads_what_it_acknowledged() {
 
     // Node 3 takes heartbeats but no entries; node 2 and the leader
     // acknowledge the writes.
-    fault(&c, 3, json!({ "hold_appends": true })).await;
+    crate::fault(&c, 3, json!({ "hold_appends": true })).await;
     for value in 1..=20 {
         c.cmd(1, "register", "put", json!({ "key": "k", "value": value })).await.unwrap();
     }
@@ -75,7 +60,7 @@ async fn a_leader_back_with_an_old_commit_hint_reads_what_it_acknowledged() {
     // Node 3 first works through the appends it held, so the read-index
     // heartbeat (50 ms to answer) may miss it for a moment: a refusal then
     // is retried, and a stale value is still a failure.
-    fault(&c, 3, json!({ "hold_appends": false })).await;
+    crate::fault(&c, 3, json!({ "hold_appends": false })).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let reply = loop {
         match c.client(1).post("/v1/queries/register/get", serde_json::to_vec(&json!({ "key": "k" })).unwrap()).await {
