@@ -172,31 +172,40 @@ struct Pending {
     started: std::time::Instant,
 }
 
+/// Sync one append's segment and time it: every sync of the log is made
+/// here (the sync thread, a follower's append, an offline append).
+fn sync_append(file: &File, started: std::time::Instant) -> io::Result<()> {
+    crate::faults::hold_log_sync();
+    let m = crate::metrics::get();
+    let syncing = std::time::Instant::now();
+    file.sync_data().map_err(|e| io::Error::new(e.kind(), format!("raft log sync failed: {e}")))?;
+    m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
+    m.log_append_seconds.observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What every append after a failed sync is told.
+const EARLIER_SYNC_FAILED: &str = "an earlier raft log sync failed; the log takes no more appends";
+
 /// The sync thread: sync each append's segment in order, then tell
 /// openraft. After a failed sync nothing is retried (the pages it failed to
 /// write may be gone from the cache, so a later sync could succeed and lie,
-/// as PostgreSQL's "fsyncgate" showed): every append after it fails too.
+/// as PostgreSQL's "fsyncgate" showed): `synced` stays at `u64::MAX` and
+/// every append after it fails too.
 fn sync_loop(appends: std::sync::mpsc::Receiver<Pending>, synced: Arc<tokio::sync::watch::Sender<u64>>) {
-    let m = crate::metrics::get();
-    let mut failed: Option<(ErrorKind, String)> = None;
     while let Ok(p) = appends.recv() {
-        crate::faults::hold_log_sync();
-        if failed.is_none() {
-            let syncing = std::time::Instant::now();
-            match p.file.sync_data() {
-                Ok(()) => m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64()),
-                Err(e) => failed = Some((e.kind(), format!("raft log sync failed: {e}"))),
-            }
-        }
-        match &failed {
-            None => {
-                m.log_append_seconds.observe(p.started.elapsed().as_secs_f64());
+        let result = match *synced.borrow() {
+            u64::MAX => Err(io::Error::other(EARLIER_SYNC_FAILED)),
+            _ => sync_append(&p.file, p.started),
+        };
+        match result {
+            Ok(()) => {
                 synced.send_modify(|n| *n = n.saturating_add(1));
                 p.callback.log_io_completed(Ok(()));
             }
-            Some((kind, msg)) => {
+            Err(e) => {
                 synced.send_replace(u64::MAX);
-                p.callback.log_io_completed(Err(io::Error::new(*kind, msg.clone())));
+                p.callback.log_io_completed(Err(e));
             }
         }
     }
@@ -687,14 +696,9 @@ impl LogStore {
     /// openraft hands over. The lock is not held during the sync, so
     /// readers (replication) are not held up by it.
     fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<()> {
-        let m = crate::metrics::get();
         let started = std::time::Instant::now();
         let file = self.lock().and_then(|mut inner| inner.write(entries)).map_err(write_err)?;
-        let syncing = std::time::Instant::now();
-        file.sync_data().map_err(write_err)?;
-        m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
-        m.log_append_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(())
+        sync_append(&file, started).map_err(write_err)
     }
 }
 
@@ -761,7 +765,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut synced = self.synced.subscribe();
         let waited = synced.wait_for(|n| *n >= before).await.map(|n| *n);
         let written = match waited {
-            Ok(u64::MAX) => Err(io::Error::other("an earlier raft log sync failed; the log takes no more appends")),
+            Ok(u64::MAX) => Err(io::Error::other(EARLIER_SYNC_FAILED)),
             Ok(_) => self.lock().and_then(|mut inner| inner.write(entries)),
             Err(_) => Err(io::Error::other("the raft log's sync thread is gone")),
         };
@@ -775,19 +779,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if !callback.awaited_in_background() {
             // A follower's append: openraft awaits it before anything else,
             // so sync it here rather than hand it to the thread and back.
-            crate::faults::hold_log_sync();
-            let m = crate::metrics::get();
-            let syncing = std::time::Instant::now();
-            return match file.sync_data() {
+            return match sync_append(&file, started) {
                 Ok(()) => {
-                    m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
-                    m.log_append_seconds.observe(started.elapsed().as_secs_f64());
                     callback.log_io_completed(Ok(()));
                     Ok(())
                 }
                 Err(e) => {
                     self.synced.send_replace(u64::MAX);
-                    callback.log_io_completed(Err(io::Error::new(e.kind(), format!("raft log sync failed: {e}"))));
+                    callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
                     Err(write_err(e))
                 }
             };
