@@ -18,7 +18,9 @@
 //!
 //! Run: `cargo bench -p synod --bench state` (options: `-- --keys
 //! 1000000,3000000,10000000 --value-bytes 100 --seconds 20 --systems
-//! synod,etcd --json state-results.json`). Stops every process it started.
+//! synod,etcd --json state-results.json --metrics-dir DIR`; the last saves
+//! every Synod node's `/metrics` after each stage's writes). Stops every
+//! process it started.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,6 +41,8 @@ struct Options {
     inflight: Vec<usize>,
     systems: Vec<String>,
     json: PathBuf,
+    /// Where to save each node's `/metrics` after each stage's writes.
+    metrics_dir: Option<PathBuf>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -49,6 +53,7 @@ fn options() -> anyhow::Result<Options> {
         inflight: vec![1, 64],
         systems: vec!["synod".into(), "etcd".into()],
         json: PathBuf::from("state-results.json"),
+        metrics_dir: None,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -61,6 +66,7 @@ fn options() -> anyhow::Result<Options> {
             "--inflight" => o.inflight = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--systems" => o.systems = v()?.split(',').map(str::to_owned).collect(),
             "--json" => o.json = v()?.into(),
+            "--metrics-dir" => o.metrics_dir = Some(v()?.into()),
             other => bail!("unknown option {other}"),
         }
     }
@@ -191,6 +197,7 @@ struct StageResult {
     snapshot_build_seconds_mean: f64,
     snapshot_mb: f64,
     rss_mb: Vec<f64>,
+    peak_rss_mb: Vec<f64>,
     restart_seconds: f64,
 }
 
@@ -253,9 +260,9 @@ async fn main() -> anyhow::Result<()> {
     let mut results: BTreeMap<String, Vec<StageResult>> = BTreeMap::new();
     let mut loaded = 0u64;
     println!(
-        "\n| system | keys | live MB | in-flight | writes/s | p50 ms | p99 ms | max ms | snapshots | snapshot s | snapshot MB | RSS MB per node | restart s |"
+        "\n| system | keys | live MB | in-flight | writes/s | p50 ms | p99 ms | max ms | snapshots | snapshot s | snapshot MB | RSS MB per node | peak RSS MB | restart s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
     for &n in &o.keys {
         // Synod.
         if let Some(api) = &api {
@@ -306,6 +313,15 @@ async fn main() -> anyhow::Result<()> {
                 r.writes.insert(inflight, stats);
             }
             let after = metrics(leader).await.unwrap_or_default();
+            if let Some(dir) = &o.metrics_dir {
+                std::fs::create_dir_all(dir)?;
+                for &id in synod.procs.keys() {
+                    std::fs::write(
+                        dir.join(format!("synod-{n}-node{id}.prom")),
+                        metrics(id).await.unwrap_or_default(),
+                    )?;
+                }
+            }
             let count = metric(&after, "synod_snapshot_build_seconds_count")
                 - metric(&before, "synod_snapshot_build_seconds_count");
             let sum = metric(&after, "synod_snapshot_build_seconds_sum")
@@ -315,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
             let snap = synod.configs[&leader].1.data_dir.join("snapshot.bin");
             r.snapshot_mb = std::fs::metadata(&snap).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
             r.rss_mb = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+            r.peak_rss_mb = synod.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
             // Restart: every node at once, SIGKILL, then until a write succeeds.
             synod.procs.clear();
             let t = Instant::now();
@@ -356,6 +373,7 @@ async fn main() -> anyhow::Result<()> {
             }
             r.snapshot_mb = etcd.db_size(&http).await / 1e6;
             r.rss_mb = etcd.procs.values().map(|p| rss_mb(p.child.id())).collect();
+            r.peak_rss_mb = etcd.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
             etcd.procs.clear();
             let t = Instant::now();
             for i in 0..3 {
@@ -381,9 +399,10 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_rows(system: &str, r: &StageResult) {
     let rss: Vec<String> = r.rss_mb.iter().map(|m| format!("{m:.0}")).collect();
+    let peak: Vec<String> = r.peak_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
     for (inflight, s) in &r.writes {
         println!(
-            "| {system} | {} | {:.0} | {inflight} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {} | {:.2} |",
+            "| {system} | {} | {:.0} | {inflight} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {} | {} | {:.2} |",
             r.keys,
             r.live_mb,
             s.ops_per_sec,
@@ -394,6 +413,7 @@ fn print_rows(system: &str, r: &StageResult) {
             if system == "synod" { format!("{:.2}", r.snapshot_build_seconds_mean) } else { "–".into() },
             r.snapshot_mb,
             rss.join(" / "),
+            peak.join(" / "),
             r.restart_seconds
         );
     }

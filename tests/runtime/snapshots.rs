@@ -2,7 +2,6 @@
 //! another task applies thousands of batched entries, every one restores
 //! without error and, replayed forward, reaches the reference digest.
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,6 +10,7 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use synod::artifacts::Artifacts;
 use synod::consensus::{NoBlobSource, Op, Request, StateMachineStore, TypeConfig};
 use synod::runtime::{PluginLimits, Runtime};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::component;
 
@@ -78,8 +78,12 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
             let mut taken = Vec::new();
             while !done.load(Ordering::Relaxed) {
                 let mut builder = builder_store.get_snapshot_builder().await;
-                let snapshot = builder.build_snapshot().await.unwrap();
-                taken.push((snapshot.meta, snapshot.snapshot.into_inner()));
+                let mut snapshot = builder.build_snapshot().await.unwrap();
+                // The data is the file just written: read it as openraft
+                // sends it.
+                let mut data = Vec::new();
+                snapshot.snapshot.read_to_end(&mut data).await.unwrap();
+                taken.push((snapshot.meta, data));
                 tokio::task::yield_now().await;
             }
             taken
@@ -102,8 +106,9 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
         let restored_dir = tempfile::tempdir().unwrap();
         let mut restored =
             StateMachineStore::open(restored_dir.path(), artifacts.clone(), Arc::new(NoBlobSource)).unwrap();
+        let data = received(&mut restored, data).await;
         restored
-            .install_snapshot(meta, Box::new(Cursor::new(data.clone())))
+            .install_snapshot(meta, data)
             .await
             .unwrap_or_else(|e| panic!("snapshot {} does not restore: {e}", meta.snapshot_id));
         if n % step != 0 {
@@ -115,6 +120,15 @@ async fn snapshots_built_during_apply_restore_and_replay_to_the_same_digest() {
         }
         assert_eq!(digest(&restored), reference, "snapshot {} replayed to another state", meta.snapshot_id);
     }
+}
+
+/// `data` received by `store` as openraft receives a snapshot: written
+/// into the file the store gives for it.
+async fn received(store: &mut StateMachineStore, data: &[u8]) -> Box<synod::consensus::SnapshotBytes> {
+    let mut file = store.begin_receiving_snapshot().await.unwrap();
+    file.write_all(data).await.unwrap();
+    file.shutdown().await.unwrap();
+    file
 }
 
 /// A snapshot whose label does not match the state inside it is refused,

@@ -13,9 +13,11 @@
 pub mod log_store;
 pub mod network;
 pub mod rpc;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 
 pub use log_store::LogStore;
+pub use snapshot_file::SnapshotBytes;
 pub use state_machine::{BlobSource, NoBlobSource, Shared, StateMachineStore};
 pub use types::{NodeId, NodeInfo, Op, Request, Response, TypeConfig};

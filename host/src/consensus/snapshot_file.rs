@@ -1,0 +1,411 @@
+//! Snapshot files: `snapshot.bin` in the data dir, and the file-backed
+//! [`SnapshotBytes`] openraft sends and receives snapshots through.
+//!
+//! ```text
+//! snapshot.bin = "SYNODSNAP2" | len u64 LE | blake3(body) 32 bytes | body
+//! body         = postcard(meta) | data length (postcard varint) | data
+//! data         = postcard(SnapshotData)
+//! ```
+//!
+//! (The body is `postcard(SnapshotFile { meta, data })` of earlier versions,
+//! byte for byte.) A snapshot's data is never held in memory whole: it is
+//! encoded straight into the file while built, sent to a follower in chunks
+//! read from the file, received into a file, and decoded from a read-only
+//! mapping of that file (page cache, which the kernel may drop, not the
+//! process's own memory). The decoded state is the one copy in memory.
+//!
+//! Each write goes to a temp file of its own (built and installed snapshots
+//! may be written at once), is synced and renamed over `snapshot.bin`.
+
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use openraft::SnapshotMeta;
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+
+use super::types::{NodeId, NodeInfo};
+
+/// Leads every snapshot file.
+const MAGIC: &[u8; 10] = b"SYNODSNAP2";
+
+/// Bytes before the body: magic, body length, checksum.
+const HEADER: usize = MAGIC.len() + 8 + 32;
+
+/// Snapshot bytes allowed to wait for writeback at once.
+const WRITEBACK_STEP: u64 = 4 << 20;
+
+/// A snapshot's data as openraft handles it: a region of an open file, from
+/// `base` to its end. Built and stored snapshots are `snapshot.bin` (the
+/// data after its header and meta); a snapshot being received is an
+/// unnamed file of its own (unlinked as soon as it is created, so a crash
+/// leaves nothing behind).
+#[derive(Debug)]
+pub struct SnapshotBytes {
+    file: tokio::fs::File,
+    base: u64,
+}
+
+impl SnapshotBytes {
+    fn new(mut file: std::fs::File, base: u64) -> io::Result<SnapshotBytes> {
+        file.seek(SeekFrom::Start(base))?;
+        Ok(SnapshotBytes { file: tokio::fs::File::from_std(file), base })
+    }
+
+    /// An empty file in `dir` to receive a snapshot into.
+    pub(crate) fn receive_in(dir: &Path) -> io::Result<SnapshotBytes> {
+        let path = dir.join(format!("snapshot.recv.{}.{}.tmp", std::process::id(), next_temp()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        std::fs::remove_file(&path)?;
+        SnapshotBytes::new(file, 0)
+    }
+
+    /// The data, mapped read-only (after every write to it has finished).
+    pub(crate) async fn map(self) -> io::Result<MappedData> {
+        let file = self.file.into_std().await;
+        let len = file.metadata()?.len();
+        if len <= self.base {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot's data is empty"));
+        }
+        // SAFETY: the mapping is read-only, and nothing writes to the file
+        // while it lives: a received file has no name left, and
+        // `snapshot.bin` is only ever replaced by a rename, never written
+        // in place.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedData { map, base: self.base as usize })
+    }
+}
+
+impl AsyncRead for SnapshotBytes {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotBytes {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.file).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+/// Positions are the data's, not the file's: 0 is `base`.
+impl AsyncSeek for SnapshotBytes {
+    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        let position = match position {
+            SeekFrom::Start(n) => {
+                SeekFrom::Start(self.base.checked_add(n).ok_or_else(|| io::Error::other("seek overflow"))?)
+            }
+            other => other,
+        };
+        Pin::new(&mut self.file).start_seek(position)
+    }
+
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        let base = self.base;
+        // tokio's file counts its position from 0 when made from a std
+        // file, so before the first seek (when `seek` only waits here for
+        // earlier operations and ignores the value) it may be below `base`.
+        Pin::new(&mut self.file).poll_complete(cx).map(|r| r.map(|at| at.saturating_sub(base)))
+    }
+}
+
+/// A snapshot's data, mapped read-only.
+pub(crate) struct MappedData {
+    map: memmap2::Mmap,
+    base: usize,
+}
+
+impl MappedData {
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.map[self.base..]
+    }
+}
+
+/// `snapshot.bin`, checked and mapped.
+pub(crate) struct StoredSnapshot {
+    pub meta: SnapshotMeta<NodeId, NodeInfo>,
+    file: std::fs::File,
+    map: memmap2::Mmap,
+    start: usize,
+}
+
+impl StoredSnapshot {
+    /// Open and check the snapshot file at `path` (None when there is none):
+    /// its length and checksum, then its meta.
+    pub(crate) fn open(path: &Path) -> io::Result<Option<StoredSnapshot>> {
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let shown = path.display();
+        let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
+        if file.metadata()?.len() < HEADER as u64 {
+            return Err(bad(format!("{shown} is not a Synod snapshot")));
+        }
+        // SAFETY: read-only, and `snapshot.bin` is only ever replaced by a
+        // rename, never written in place.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        let bytes = &map[..];
+        if bytes.starts_with(b"SYNODSNAP1") {
+            return Err(bad(format!(
+                "{shown} is a snapshot of an earlier Synod (format 1, before device shadows): this version reads \
+                 format 2 only; start the node with a fresh data dir and let it catch up from its peers"
+            )));
+        }
+        if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad(format!("{shown} is not a Synod snapshot")));
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&bytes[MAGIC.len()..MAGIC.len() + 8]);
+        let body = &bytes[HEADER..];
+        if u64::from_le_bytes(len) != body.len() as u64 {
+            return Err(bad(format!("{shown} is truncated ({} of {} bytes)", body.len(), u64::from_le_bytes(len))));
+        }
+        if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..HEADER] {
+            return Err(bad(format!("{shown} is damaged: its checksum does not match")));
+        }
+        let (meta, rest) = postcard::take_from_bytes::<SnapshotMeta<NodeId, NodeInfo>>(body)
+            .map_err(|e| bad(format!("{shown}: {e}")))?;
+        let (data_len, data) = postcard::take_from_bytes::<u64>(rest).map_err(|e| bad(format!("{shown}: {e}")))?;
+        if data_len != data.len() as u64 {
+            return Err(bad(format!("{shown}: its data is {} bytes, labelled {data_len}", data.len())));
+        }
+        let start = bytes.len() - data.len();
+        Ok(Some(StoredSnapshot { meta, file, map, start }))
+    }
+
+    /// The snapshot's data.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.map[self.start..]
+    }
+
+    /// The data, as openraft sends it.
+    pub(crate) fn into_bytes(self) -> io::Result<SnapshotBytes> {
+        SnapshotBytes::new(self.file, self.start as u64)
+    }
+}
+
+/// Write the snapshot file `path` whole or not at all: `meta`, then
+/// `data_len` bytes of data that `fill` writes (through a buffer, hashed
+/// and paced as they pass; see [`Paced`]). Returns the new file, as
+/// openraft reads its data.
+pub(crate) fn write_snapshot(
+    path: &Path,
+    meta: &SnapshotMeta<NodeId, NodeInfo>,
+    data_len: u64,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<SnapshotBytes> {
+    let mut head = postcard::to_allocvec(meta).map_err(io::Error::other)?;
+    head.extend(postcard::to_allocvec(&data_len).map_err(io::Error::other)?);
+    let body_len = head.len() as u64 + data_len;
+    let file = replace_whole(path, |mut f| {
+        f.write_all(MAGIC)?;
+        f.write_all(&body_len.to_le_bytes())?;
+        // The checksum, once known, goes here.
+        f.write_all(&[0u8; 32])?;
+        let mut out = Paced::new(f, HEADER as u64);
+        out.write_all(&head)?;
+        fill(&mut out)?;
+        if out.n != body_len {
+            return Err(io::Error::other(format!("wrote {} bytes of snapshot, counted {body_len}", out.n)));
+        }
+        let hash = out.hash.finalize();
+        let mut f = out.inner.into_inner().map_err(|e| e.into_error())?;
+        f.seek(SeekFrom::Start((MAGIC.len() + 8) as u64))?;
+        f.write_all(hash.as_bytes())?;
+        Ok(f)
+    })?;
+    SnapshotBytes::new(file, HEADER as u64 + head.len() as u64)
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn next_temp() -> u64 {
+    TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Write `path` whole or not at all: `fill` writes a temp file of this
+/// call's own, which is synced and renamed over `path`, then the directory
+/// is synced; on an error the temp file goes. Returns the file, open for
+/// reading.
+fn replace_whole(
+    path: &Path,
+    fill: impl FnOnce(std::fs::File) -> io::Result<std::fs::File>,
+) -> io::Result<std::fs::File> {
+    let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), next_temp()));
+    let written = (|| {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+        let file = fill(file)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok::<_, io::Error>(file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// A snapshot file being written: hashes and counts what passes through,
+/// and paces the file's writeback.
+///
+/// A snapshot of a large state is hundreds of megabytes. Left to the
+/// kernel, all of it waits in the page cache until the final `fsync`, and
+/// then floods the disk queue: the Raft log's `fdatasync` on every write
+/// waits behind it, for seconds per gigabyte. So every [`WRITEBACK_STEP`]
+/// bytes the writer hands the range written to the disk and waits for it
+/// (`sync_file_range`, as RocksDB's `bytes_per_sync` does): at most one
+/// step is ever queued ahead of a log sync.
+struct Paced {
+    inner: io::BufWriter<std::fs::File>,
+    hash: blake3::Hasher,
+    /// Bytes written so far (past the header, which is written first).
+    n: u64,
+    /// File offset up to which writeback was started and waited for.
+    synced: u64,
+    /// File offset of the first byte counted in `n`.
+    base: u64,
+}
+
+impl Paced {
+    fn new(file: std::fs::File, base: u64) -> Paced {
+        Paced { inner: io::BufWriter::with_capacity(1 << 20, file), hash: blake3::Hasher::new(), n: 0, synced: 0, base }
+    }
+
+    fn pace(&mut self) -> io::Result<()> {
+        let end = self.base + self.n;
+        if end - self.synced < WRITEBACK_STEP {
+            return Ok(());
+        }
+        self.inner.flush()?;
+        use std::os::fd::AsRawFd as _;
+        let fd = self.inner.get_ref().as_raw_fd();
+        let (from, len) = (self.synced as libc::off64_t, (end - self.synced) as libc::off64_t);
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: `fd` is the open file this writer owns; the call reads
+        // no memory of ours.
+        if unsafe { libc::sync_file_range(fd, from, len, flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.synced = end;
+        Ok(())
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hash.update(&buf[..written]);
+        self.n += written as u64;
+        self.pace()?;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId, StoredMembership};
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+    fn meta() -> SnapshotMeta<NodeId, NodeInfo> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 7)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-7".into(),
+        }
+    }
+
+    /// The format of earlier versions, written from memory.
+    #[derive(serde::Serialize)]
+    struct SnapshotFile {
+        meta: SnapshotMeta<NodeId, NodeInfo>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    }
+
+    /// A file written through `write_snapshot` is the earlier format byte
+    /// for byte, reads back, and hands openraft exactly its data, with
+    /// positions counted from the data's start.
+    #[tokio::test]
+    async fn a_snapshot_file_is_the_earlier_format_and_serves_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut bytes = write_snapshot(&path, &meta(), data.len() as u64, |w| w.write_all(&data)).unwrap();
+
+        let body = postcard::to_allocvec(&SnapshotFile { meta: meta(), data: data.clone() }).unwrap();
+        let mut earlier = MAGIC.to_vec();
+        earlier.extend((body.len() as u64).to_le_bytes());
+        earlier.extend(blake3::hash(&body).as_bytes());
+        earlier.extend(&body);
+        assert_eq!(std::fs::read(&path).unwrap(), earlier);
+
+        let mut read = Vec::new();
+        bytes.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, data);
+        assert_eq!(bytes.seek(SeekFrom::End(0)).await.unwrap(), data.len() as u64);
+        assert_eq!(bytes.seek(SeekFrom::Start(10)).await.unwrap(), 10);
+        let mut ten = [0u8; 10];
+        bytes.read_exact(&mut ten).await.unwrap();
+        assert_eq!(ten[..], data[10..20]);
+
+        let stored = StoredSnapshot::open(&path).unwrap().unwrap();
+        assert_eq!(stored.meta, meta());
+        assert_eq!(stored.data(), &data[..]);
+        assert_eq!(stored.into_bytes().unwrap().map().await.unwrap().data(), &data[..]);
+    }
+
+    /// A snapshot received in chunks (as openraft writes them: seek, then
+    /// write) maps back whole, and leaves no file behind.
+    #[tokio::test]
+    async fn a_received_snapshot_is_an_unnamed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let mut bytes = SnapshotBytes::receive_in(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        for (n, chunk) in data.chunks(64 << 10).enumerate() {
+            bytes.seek(SeekFrom::Start((n * (64 << 10)) as u64)).await.unwrap();
+            bytes.write_all(chunk).await.unwrap();
+        }
+        bytes.shutdown().await.unwrap();
+        assert_eq!(bytes.map().await.unwrap().data(), &data[..]);
+        assert!(SnapshotBytes::receive_in(dir.path()).unwrap().map().await.is_err(), "empty data is refused");
+    }
+
+    /// Damage anywhere in the file is found when it is opened.
+    #[test]
+    fn a_damaged_or_truncated_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        write_snapshot(&path, &meta(), 5, |w| w.write_all(b"hello")).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let e = StoredSnapshot::open(&path).err().unwrap();
+        assert!(e.to_string().contains("checksum does not match"), "{e}");
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        let e = StoredSnapshot::open(&path).err().unwrap();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        assert!(StoredSnapshot::open(&dir.path().join("none.bin")).unwrap().is_none());
+    }
+}
