@@ -131,9 +131,15 @@ impl MappedData {
     }
 }
 
+/// Which file a snapshot is (device and inode): `snapshot.bin` is only
+/// ever replaced by a rename, so the same id is the same bytes.
+pub(crate) type FileId = (u64, u64);
+
 /// `snapshot.bin`, checked and mapped.
 pub(crate) struct StoredSnapshot {
     pub meta: SnapshotMeta<NodeId, NodeInfo>,
+    /// The file's id, for [`StoredSnapshot::open_trusting`].
+    pub id: FileId,
     file: std::fs::File,
     map: memmap2::Mmap,
     start: usize,
@@ -143,6 +149,13 @@ impl StoredSnapshot {
     /// Open and check the snapshot file at `path` (None when there is none):
     /// its length and checksum, then its meta.
     pub(crate) fn open(path: &Path) -> io::Result<Option<StoredSnapshot>> {
+        StoredSnapshot::open_trusting(path, None)
+    }
+
+    /// [`StoredSnapshot::open`], without hashing the whole file again when
+    /// it is `trusted`, a file checked a moment ago.
+    pub(crate) fn open_trusting(path: &Path, trusted: Option<FileId>) -> io::Result<Option<StoredSnapshot>> {
+        use std::os::unix::fs::MetadataExt as _;
         let file = match std::fs::File::open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -150,7 +163,9 @@ impl StoredSnapshot {
         };
         let shown = path.display();
         let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
-        if file.metadata()?.len() < HEADER as u64 {
+        let stat = file.metadata()?;
+        let id = (stat.dev(), stat.ino());
+        if stat.len() < HEADER as u64 {
             return Err(bad(format!("{shown} is not a Synod snapshot")));
         }
         // SAFETY: read-only, and `snapshot.bin` is only ever replaced by a
@@ -172,7 +187,7 @@ impl StoredSnapshot {
         if u64::from_le_bytes(len) != body.len() as u64 {
             return Err(bad(format!("{shown} is truncated ({} of {} bytes)", body.len(), u64::from_le_bytes(len))));
         }
-        if blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..HEADER] {
+        if trusted != Some(id) && blake3::hash(body).as_bytes()[..] != bytes[MAGIC.len() + 8..HEADER] {
             return Err(bad(format!("{shown} is damaged: its checksum does not match")));
         }
         let (meta, rest) = postcard::take_from_bytes::<SnapshotMeta<NodeId, NodeInfo>>(body)
@@ -182,7 +197,7 @@ impl StoredSnapshot {
             return Err(bad(format!("{shown}: its data is {} bytes, labelled {data_len}", data.len())));
         }
         let start = bytes.len() - data.len();
-        Ok(Some(StoredSnapshot { meta, file, map, start }))
+        Ok(Some(StoredSnapshot { meta, id, file, map, start }))
     }
 
     /// The snapshot's data.
@@ -407,5 +422,14 @@ mod tests {
         let e = StoredSnapshot::open(&path).err().unwrap();
         assert!(e.to_string().contains("truncated"), "{e}");
         assert!(StoredSnapshot::open(&dir.path().join("none.bin")).unwrap().is_none());
+        // A file trusted by its id is not hashed again; another file is.
+        std::fs::write(&path, &flipped).unwrap();
+        let id = {
+            use std::os::unix::fs::MetadataExt as _;
+            let m = std::fs::metadata(&path).unwrap();
+            (m.dev(), m.ino())
+        };
+        assert!(StoredSnapshot::open_trusting(&path, Some(id)).unwrap().is_some());
+        assert!(StoredSnapshot::open_trusting(&path, Some((id.0, id.1 + 1))).is_err());
     }
 }

@@ -27,7 +27,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::snapshot_file::{SnapshotBytes, StoredSnapshot, write_snapshot};
+use super::snapshot_file::{FileId, SnapshotBytes, StoredSnapshot, write_snapshot};
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
 use crate::replica::{Image, Replica, VersionRecord};
@@ -266,6 +266,9 @@ pub struct StateMachineStore {
     snapshot_path: PathBuf,
     /// The apply thread's queue.
     apply: std::sync::mpsc::Sender<ApplyJob>,
+    /// The snapshot file `open` checked and restored, until openraft's
+    /// first `get_current_snapshot`.
+    opened: Arc<std::sync::Mutex<Option<FileId>>>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -348,9 +351,11 @@ impl StateMachineStore {
             blobs,
             snapshot_path: data_dir.join("snapshot.bin"),
             apply: tx,
+            opened: Default::default(),
         };
         if let Some(file) = StoredSnapshot::open(&store.snapshot_path).map_err(snap_err)? {
             store.restore(&file.meta, file.data())?;
+            *store.opened.lock().map_err(sm_err)? = Some(file.id);
         }
         std::thread::Builder::new()
             .name("synod-apply".into())
@@ -562,7 +567,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     /// from.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
         let path = self.snapshot_path.clone();
-        let stored = tokio::task::spawn_blocking(move || StoredSnapshot::open(&path)).await.map_err(snap_err)?;
+        // openraft asks once as it starts, right after `open` checked the
+        // file: that time it is not hashed again (a second pass over a
+        // state of gigabytes before the node is ready). Every later ask,
+        // to send it, checks it again.
+        let trusted = self.opened.lock().map_err(snap_err)?.take();
+        let stored = tokio::task::spawn_blocking(move || StoredSnapshot::open_trusting(&path, trusted))
+            .await
+            .map_err(snap_err)?;
         match stored.map_err(snap_err)? {
             None => Ok(None),
             Some(s) => {
