@@ -69,12 +69,7 @@ impl SnapshotBytes {
         if len <= self.base {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot's data is empty"));
         }
-        // SAFETY: the mapping is read-only, and nothing writes to the file
-        // while it lives: a received file has no name left, and
-        // `snapshot.bin` is only ever replaced by a rename, never written
-        // in place.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(MappedData { map, base: self.base as usize })
+        MappedData::new(&file, self.base as usize)
     }
 }
 
@@ -126,6 +121,16 @@ pub(crate) struct MappedData {
 }
 
 impl MappedData {
+    /// Map `file` whole, its data from `base`.
+    fn new(file: &std::fs::File, base: usize) -> io::Result<MappedData> {
+        // SAFETY: the mapping is read-only, and nothing writes to the file
+        // while it lives: a received file has no name left, and
+        // `snapshot.bin` is only ever replaced by a rename, never written
+        // in place.
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        Ok(MappedData { map, base })
+    }
+
     pub(crate) fn data(&self) -> &[u8] {
         &self.map[self.base..]
     }
@@ -141,8 +146,8 @@ pub(crate) struct StoredSnapshot {
     /// The file's id, for [`StoredSnapshot::open_trusting`].
     pub id: FileId,
     file: std::fs::File,
-    map: memmap2::Mmap,
-    start: usize,
+    /// The whole file; its data from the byte after the data's length.
+    mapped: MappedData,
 }
 
 impl StoredSnapshot {
@@ -168,10 +173,8 @@ impl StoredSnapshot {
         if stat.len() < HEADER as u64 {
             return Err(bad(format!("{shown} is not a Synod snapshot")));
         }
-        // SAFETY: read-only, and `snapshot.bin` is only ever replaced by a
-        // rename, never written in place.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        let bytes = &map[..];
+        let mut mapped = MappedData::new(&file, 0)?;
+        let bytes = mapped.data();
         if bytes.starts_with(b"SYNODSNAP1") {
             return Err(bad(format!(
                 "{shown} is a snapshot of an earlier Synod (format 1, before device shadows): this version reads \
@@ -196,18 +199,18 @@ impl StoredSnapshot {
         if data_len != data.len() as u64 {
             return Err(bad(format!("{shown}: its data is {} bytes, labelled {data_len}", data.len())));
         }
-        let start = bytes.len() - data.len();
-        Ok(Some(StoredSnapshot { meta, id, file, map, start }))
+        mapped.base = bytes.len() - data.len();
+        Ok(Some(StoredSnapshot { meta, id, file, mapped }))
     }
 
     /// The snapshot's data.
     pub(crate) fn data(&self) -> &[u8] {
-        &self.map[self.start..]
+        self.mapped.data()
     }
 
     /// The data, as openraft sends it.
     pub(crate) fn into_bytes(self) -> io::Result<SnapshotBytes> {
-        SnapshotBytes::new(self.file, self.start as u64)
+        SnapshotBytes::new(self.file, self.mapped.base as u64)
     }
 }
 
