@@ -16,8 +16,7 @@ async fn time_never_runs_backwards_across_leaders() {
     c.push(leader, "register", "1", component("register")).await.unwrap();
     // Every other node's clock an hour behind the leader's.
     for id in c.live().into_iter().filter(|id| *id != leader) {
-        let body = serde_json::to_vec(&json!({ "clock_offset_ms": -3_600_000 })).unwrap();
-        c.client(id).post("/v1/faults", body).await.unwrap();
+        crate::fault(&c, id, json!({ "clock_offset_ms": -3_600_000 })).await;
     }
     let first = c.cmd(leader, "register", "put", json!({ "key": "t", "value": 1 })).await.unwrap();
     let (at1, index1) = (first["result"]["at"].as_u64().unwrap(), first["result"]["index"].as_u64().unwrap());

@@ -24,8 +24,7 @@ async fn a_perturbed_write_is_found_at_its_index() {
     for i in 0..60 {
         c.cmd(1 + i % 3, "counter", "increment", json!({ "by": 1 })).await.unwrap();
     }
-    let body = serde_json::to_vec(&json!({ "perturb_next_write": true })).unwrap();
-    c.client(3).post("/v1/faults", body).await.unwrap();
+    crate::fault(&c, 3, json!({ "perturb_next_write": true })).await;
     let perturbed = c.cmd(leader, "counter", "increment", json!({ "by": 1 })).await.unwrap();
     let index = perturbed["index"].as_u64().unwrap();
     for i in 0..40 {

@@ -19,8 +19,7 @@ async fn a_forwarded_write_whose_answer_is_lost_is_applied_once() {
     let value = |reply: serde_json::Value| reply["result"]["value"].as_i64().unwrap();
     let before = value(c.cmd(follower, "counter", "increment", json!({})).await.unwrap());
 
-    let body = serde_json::to_vec(&json!({ "lose_next_answer": true })).unwrap();
-    c.client(follower).post("/v1/faults", body).await.unwrap();
+    crate::fault(&c, follower, json!({ "lose_next_answer": true })).await;
     let lost = c.cmd(follower, "counter", "increment", json!({})).await;
     let after = value(c.client(leader).post("/v1/queries/counter/get", b"{}".to_vec()).await.unwrap());
     assert_eq!(after, before + 1, "one increment must be applied once; the follower answered {lost:?}");
@@ -33,8 +32,7 @@ async fn a_forwarded_write_whose_answer_is_lost_is_applied_once() {
     }
 
     // With a request id the client's own retry is safe: the first result.
-    let body = serde_json::to_vec(&json!({ "lose_next_answer": true })).unwrap();
-    c.client(follower).post("/v1/faults", body).await.unwrap();
+    crate::fault(&c, follower, json!({ "lose_next_answer": true })).await;
     let path = "/v1/commands/counter/increment";
     let headers = [("synod-request-id", "retry-me")];
     assert!(c.client(follower).post_with_headers(path, b"{}".to_vec(), &headers).await.is_err());
