@@ -91,32 +91,132 @@ pub fn trailer(hash: &blake3::Hash) -> Vec<u8> {
     format!("\nBLAKE3 {}\n", hash.to_hex()).into_bytes()
 }
 
-/// Check a whole backup: its header and its state bytes.
-pub fn parse(bytes: &[u8]) -> Result<(BackupHeader, &[u8]), BackupError> {
+/// The longest header line a backup may have.
+const MAX_HEADER: u64 = 16 << 20;
+
+/// Check a whole backup read from `from`: its header, the length of its
+/// state and its checksum. Returns the header and where the state starts.
+pub fn check(from: impl std::io::Read) -> Result<(BackupHeader, u64), BackupError> {
+    use std::io::{BufRead as _, Read as _};
     let invalid = |m: &str| BackupError::Invalid(m.to_owned());
-    let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| invalid("not a Synod backup (no SYNODBAK1 line)"))?;
-    let line = rest.iter().position(|b| *b == b'\n').ok_or_else(|| invalid("the header line is cut short"))?;
-    let header: BackupHeader = serde_json::from_slice(&rest[..line])
-        .map_err(|e| BackupError::Invalid(format!("the header does not parse: {e}")))?;
+    let io = |e| BackupError::Io("reading the backup".into(), e);
+    let mut from = std::io::BufReader::with_capacity(1 << 20, from);
+    let mut hasher = blake3::Hasher::new();
+    let mut magic = vec![0; MAGIC.len()];
+    if from.read_exact(&mut magic).is_err() || magic != MAGIC {
+        return Err(invalid("not a Synod backup (no SYNODBAK1 line)"));
+    }
+    let mut line = Vec::new();
+    (&mut from).take(MAX_HEADER).read_until(b'\n', &mut line).map_err(io)?;
+    if line.pop() != Some(b'\n') {
+        return Err(invalid("the header line is cut short"));
+    }
+    let header: BackupHeader =
+        serde_json::from_slice(&line).map_err(|e| BackupError::Invalid(format!("the header does not parse: {e}")))?;
     if header.format != 1 {
         return Err(BackupError::Invalid(format!("backup format {} (this version reads 1)", header.format)));
     }
-    let start = MAGIC.len() + line + 1;
-    let end = start
-        .checked_add(usize::try_from(header.state_bytes).map_err(|_| invalid("state size out of range"))?)
-        .filter(|end| *end <= bytes.len())
-        .ok_or_else(|| {
-            BackupError::Invalid(format!(
-                "truncated: the header announces {} bytes of state, the file has {}",
-                header.state_bytes,
-                bytes.len().saturating_sub(start)
-            ))
-        })?;
-    let expected = trailer(&blake3::hash(&bytes[..end]));
-    if bytes[end..] != expected[..] {
+    hasher.update(&magic);
+    hasher.update(&line);
+    hasher.update(b"\n");
+    let start = (MAGIC.len() + line.len() + 1) as u64;
+    let state = std::io::copy(&mut (&mut from).take(header.state_bytes), &mut hasher).map_err(io)?;
+    if state < header.state_bytes {
+        return Err(BackupError::Invalid(format!(
+            "truncated: the header announces {} bytes of state, the file has {state}",
+            header.state_bytes
+        )));
+    }
+    let expected = trailer(&hasher.finalize());
+    let mut rest = Vec::new();
+    from.take(expected.len() as u64 + 1).read_to_end(&mut rest).map_err(io)?;
+    if rest != expected {
         return Err(invalid("damaged: the BLAKE3 checksum does not match (or the file is cut short)"));
     }
-    Ok((header, &bytes[start..end]))
+    Ok((header, start))
+}
+
+/// Check a whole backup held in memory: its header and its state bytes.
+pub fn parse(bytes: &[u8]) -> Result<(BackupHeader, &[u8]), BackupError> {
+    let (header, start) = check(bytes)?;
+    // `check` read them: both fit.
+    let (start, len) = (start as usize, header.state_bytes as usize);
+    Ok((header, &bytes[start..start + len]))
+}
+
+/// A backup being saved at a path: its pieces go to `<path>.partial` as
+/// they arrive; [`Saving::finish`] checks the whole file, syncs it and
+/// renames it into place. Dropped before that, it removes the partial
+/// file.
+pub struct Saving {
+    path: std::path::PathBuf,
+    partial: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    len: u64,
+    saved: bool,
+}
+
+impl Saving {
+    /// Start saving a backup at `path`.
+    pub fn create(path: &Path) -> Result<Saving, BackupError> {
+        let partial = path.with_extension("partial");
+        let file = std::fs::File::create(&partial)
+            .map_err(|e| BackupError::Io(format!("creating {}", partial.display()), e))?;
+        Ok(Saving {
+            path: path.to_owned(),
+            partial,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            len: 0,
+            saved: false,
+        })
+    }
+
+    /// Append the next piece.
+    pub fn write(&mut self, piece: &[u8]) -> Result<(), BackupError> {
+        let file = self.file.as_mut().ok_or_else(|| BackupError::Invalid("the backup was already saved".into()))?;
+        file.write_all(piece).map_err(|e| BackupError::Io(format!("writing {}", self.partial.display()), e))?;
+        self.len += piece.len() as u64;
+        Ok(())
+    }
+
+    /// The bytes saved so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was saved yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sync the file, check it whole as it is on disk, and put it in place
+    /// (a rename, then a sync of the directory).
+    pub fn finish(mut self) -> Result<BackupHeader, BackupError> {
+        let io = |what: &str, path: &Path| {
+            let what = format!("{what} {}", path.display());
+            move |e| BackupError::Io(what, e)
+        };
+        let file = self.file.take().ok_or_else(|| BackupError::Invalid("the backup was already saved".into()))?;
+        let file = file.into_inner().map_err(|e| e.into_error()).map_err(io("writing", &self.partial))?;
+        file.sync_all().map_err(io("syncing", &self.partial))?;
+        let (header, _) = check(std::fs::File::open(&self.partial).map_err(io("reading", &self.partial))?)?;
+        std::fs::rename(&self.partial, &self.path).map_err(io("renaming into", &self.path))?;
+        self.saved = true;
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io("syncing the directory of", &self.path))?;
+        }
+        Ok(header)
+    }
+}
+
+impl Drop for Saving {
+    fn drop(&mut self) {
+        if !self.saved {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
 }
 
 /// What a restore did.
@@ -146,7 +246,14 @@ pub struct Restored {
 
 /// Restore the backup at `file` into the (empty) data dir of the node
 /// `config` describes, as a new one-node cluster.
-pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<Restored, BackupError> {
+/// With `same_network_key`, the new cluster may keep the backed-up
+/// cluster's network key (only right when every node of that cluster is
+/// gone for good); without it, a config with that key is refused.
+pub async fn restore(
+    file: &Path,
+    config: &crate::config::NodeConfig,
+    same_network_key: bool,
+) -> Result<Restored, BackupError> {
     let bytes = std::fs::read(file).map_err(|e| BackupError::Io(format!("reading {}", file.display()), e))?;
     let (header, state) = parse(&bytes)?;
     let dir = &config.data_dir;
@@ -157,6 +264,15 @@ pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<
                 dir.display()
             )));
         }
+    }
+    let cluster = cluster_id(config.network_key.as_deref());
+    if cluster == header.cluster && cluster != "none" && !same_network_key {
+        return Err(BackupError::Refused(format!(
+            "the config has the network key of the cluster this backup comes from ({cluster}): a restore starts a \
+             new cluster, and nodes of the old one could reach it with that key. Give the config a new \
+             network_key (`openssl rand -hex 32`), or pass --same-network-key if every node of the old cluster \
+             is gone for good"
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| BackupError::Io(format!("creating {}", dir.display()), e))?;
     let _lock = crate::recover::DataDirLock::take(dir).map_err(|e| BackupError::Refused(e.to_string()))?;
@@ -189,7 +305,7 @@ pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<
     .map_err(BackupError::Invalid)?;
     Ok(Restored {
         node: config.id,
-        cluster: cluster_id(config.network_key.as_deref()),
+        cluster,
         from_cluster: header.cluster,
         log_index: header.log_index,
         operation_index: header.operation_index,
@@ -201,20 +317,88 @@ pub async fn restore(file: &Path, config: &crate::config::NodeConfig) -> Result<
     })
 }
 
-/// Write `bytes` to `path` durably (a temporary file, fsync, rename, fsync
-/// of the directory).
-pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
-    let io = |what: &str| {
-        let what = format!("{what} {}", path.display());
-        move |e| BackupError::Io(what, e)
-    };
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(io("creating"))?;
-    f.write_all(bytes).map_err(io("writing"))?;
-    f.sync_all().map_err(io("syncing"))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into"))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io("syncing the directory of"))?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(state_bytes: u64) -> BackupHeader {
+        BackupHeader {
+            format: 1,
+            cluster: "c".into(),
+            node: 1,
+            log_index: 5,
+            operation_index: 5 << 16,
+            digest: "00".repeat(32),
+            engine: "e".into(),
+            created_at_ms: 1,
+            plugins: vec!["counter".into()],
+            devices: 0,
+            state_bytes,
+        }
     }
-    Ok(())
+
+    fn backup(state: &[u8]) -> Vec<u8> {
+        let mut bytes = preamble(&header(state.len() as u64));
+        bytes.extend_from_slice(state);
+        let hash = blake3::hash(&bytes);
+        bytes.extend_from_slice(&trailer(&hash));
+        bytes
+    }
+
+    fn refused(bytes: &[u8]) -> String {
+        parse(bytes).map(|_| ()).unwrap_err().to_string()
+    }
+
+    /// A whole backup reads back its header and state; a cut, a flipped
+    /// bit or anything after the checksum line is refused, saying which.
+    #[test]
+    fn a_backup_is_checked_whole() {
+        let state: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let bytes = backup(&state);
+        let (h, s) = parse(&bytes).unwrap();
+        assert_eq!((h, s), (header(state.len() as u64), &state[..]));
+        assert_eq!(
+            check(&bytes[..]).unwrap().1,
+            (bytes.len() - state.len() - trailer(&blake3::hash(b"")).len()) as u64
+        );
+
+        assert!(refused(b"PK\x03\x04").contains("not a Synod backup"));
+        assert!(refused(&bytes[..MAGIC.len() + 10]).contains("header line is cut short"));
+        let cut = bytes.len() - state.len() / 2;
+        assert!(refused(&bytes[..cut]).contains("truncated"), "{}", refused(&bytes[..cut]));
+        assert!(refused(&bytes[..bytes.len() - 1]).contains("damaged"));
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 1;
+        assert!(refused(&flipped).contains("checksum"));
+        let mut longer = bytes.clone();
+        longer.push(b'x');
+        assert!(refused(&longer).contains("damaged"));
+    }
+
+    /// A backup is saved whole or not at all: nothing at its path until
+    /// it checks out, and no partial file left either way.
+    #[test]
+    fn a_backup_is_saved_only_when_it_checks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.backup");
+        let bytes = backup(&[9; 5_000_000]);
+        let mut saving = Saving::create(&path).unwrap();
+        for piece in bytes.chunks(1 << 20) {
+            saving.write(piece).unwrap();
+        }
+        assert_eq!(saving.len(), bytes.len() as u64);
+        assert_eq!(saving.finish().unwrap(), header(5_000_000));
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let names = |d: &Path| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+        assert_eq!(names(dir.path()), vec![std::ffi::OsString::from("a.backup")]);
+
+        let other = dir.path().join("b.backup");
+        let mut saving = Saving::create(&other).unwrap();
+        saving.write(&bytes[..bytes.len() - 10]).unwrap();
+        assert!(saving.finish().unwrap_err().to_string().contains("damaged"));
+        let mut saving = Saving::create(&other).unwrap();
+        saving.write(&bytes[..100]).unwrap();
+        drop(saving);
+        assert_eq!(names(dir.path()), vec![std::ffi::OsString::from("a.backup")]);
+    }
 }

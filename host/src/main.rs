@@ -140,6 +140,14 @@ enum Action {
         /// The new node's config (its data dir must be new).
         #[arg(long)]
         config: PathBuf,
+        /// Restore into this data dir instead of the config's (it must be
+        /// new; start the node with a config that names it).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Keep the backed-up cluster's network key (refused otherwise):
+        /// only when every node of that cluster is gone for good.
+        #[arg(long)]
+        same_network_key: bool,
     },
     /// Disaster recovery, offline, on a stopped node's data dir: when a
     /// majority of the voters is lost for good, make this node the only
@@ -881,27 +889,29 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             let client = reach.client(&node)?;
             let response = client.stream("/v1/backup").await?;
             let bar = progress::spinner("taking the backup");
-            let mut bytes = Vec::new();
+            let mut saving = synod::backup::Saving::create(&file)?;
             let mut body = response.bytes_stream();
             while let Some(piece) = body.next().await {
-                bytes.extend_from_slice(&piece.context("receiving the backup")?);
-                bar.set_message(format!("receiving the backup: {} MiB", bytes.len() >> 20));
+                saving.write(&piece.context("receiving the backup (the node cut it short)")?)?;
+                bar.set_message(format!("receiving the backup: {} MiB", saving.len() >> 20));
             }
             bar.finish_and_clear();
-            let (header, _) = synod::backup::parse(&bytes).context("the backup received does not check out")?;
-            synod::backup::write_durably(&file, &bytes)?;
+            let size = saving.len();
+            let header = saving.finish().context("the backup received does not check out")?;
             print(&serde_json::to_value(&header)?)?;
             eprintln!(
-                "saved {} ({} bytes): the state at operation {}, digest {}",
+                "saved {} ({size} bytes): the state at operation {}, digest {}",
                 file.display(),
-                bytes.len(),
                 header.operation_index,
                 header.digest
             );
         }
-        Action::Restore { file, config } => {
-            let config = synod::config::NodeConfig::load(&config)?;
-            let restored = synod::backup::restore(&file, &config).await?;
+        Action::Restore { file, config, data_dir, same_network_key } => {
+            let mut config = synod::config::NodeConfig::load(&config)?;
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            let restored = synod::backup::restore(&file, &config, same_network_key).await?;
             print(&serde_json::to_value(&restored)?)?;
             eprintln!(
                 "node {} holds the state at operation {} (digest {}): start it with `synod node --config …`, then add nodes",

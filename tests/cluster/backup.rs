@@ -81,6 +81,11 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster() {
     assert_eq!(header["devices"], json!(1));
     let audit = c.client(leader).get("/v1/audit").await.unwrap();
     assert!(audit["records"].as_array().unwrap().iter().any(|r| r["action"] == "backup"), "{audit}");
+    // Only an admin may take one.
+    let denied = c.dir.path().join("denied.backup");
+    let (ok, _, err) = synod(&["backup", denied.to_str().unwrap(), "--node", &node], &reader_token);
+    assert!(!ok && err.contains("403") && err.contains("admin"), "{err}");
+    assert!(!denied.exists() && !denied.with_extension("partial").exists());
 
     // A damaged copy and a used data dir are refused.
     let mut bytes = std::fs::read(&file).unwrap();
@@ -96,6 +101,14 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster() {
     let used = c.nodes[&leader].config_path.to_str().unwrap().to_owned();
     let (ok, _, err) = synod(&["restore", &file_arg, "--config", &used], &token);
     assert!(!ok && err.contains("already holds a node's data"), "{err}");
+    // A restore is a new cluster: the old cluster's network key is refused
+    // unless asked for, and nothing is written.
+    let (same_path, mut same) = c.new_node(6);
+    same.network_key = c.nodes[&leader].config.network_key.clone();
+    std::fs::write(&same_path, same.to_toml().unwrap()).unwrap();
+    let (ok, _, err) = synod(&["restore", &file_arg, "--config", same_path.to_str().unwrap()], &token);
+    assert!(!ok && err.contains("--same-network-key"), "{err}");
+    assert!(!same.data_dir.join("snapshot.bin").exists());
 
     // Restored: a new cluster (its own network key) of one node.
     let (ok, out, err) = synod(&["restore", &file_arg, "--config", &config_arg], &token);
@@ -135,4 +148,12 @@ async fn a_backup_taken_under_load_restores_into_a_new_cluster() {
     let client = c.client_with(7, Some(&token));
     let r = client.post("/v1/commands/counter/increment", b"{}".to_vec()).await.unwrap();
     assert_eq!(r["result"]["value"], json!(value_then + 1));
+    // More nodes join as usual, take the restored state and agree on it.
+    c.add_fresh(8, 7).await;
+    let r = c.client(8).post("/v1/commands/counter/increment", b"{}".to_vec()).await.unwrap();
+    assert_eq!(r["result"]["value"], json!(value_then + 2));
+    c.converged().await;
+    c.same_digest().await;
+    assert_eq!(c.local_state(8, "counter").await, json!({ "value": value_then + 2 }));
+    assert_eq!(c.client(8).get("/v1/devices/room-1").await.unwrap()["device"]["desired"], json!({ "mode": "auto" }));
 }

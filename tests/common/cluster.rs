@@ -173,6 +173,23 @@ impl Cluster {
         (path, config)
     }
 
+    /// Start a fresh node `id` (see [`Cluster::new_node`]) that knows only
+    /// the member `via` and has the network key `via` has, and add it to
+    /// the cluster through `via`.
+    pub async fn add_fresh(&mut self, id: u64, via: u64) {
+        let (path, mut config) = self.new_node(id);
+        config.peers = self.peer_configs(None).into_iter().filter(|p| p.id == via).collect();
+        config.network_key = self.nodes[&via].config.network_key.clone();
+        std::fs::write(&path, config.to_toml().unwrap()).unwrap();
+        let peer_id = synod::p2p::identity::load_or_create(&config.data_dir).unwrap().public().to_peer_id().to_string();
+        let add = serde_json::json!({"id": id, "peer_id": peer_id, "p2p": config.p2p, "http": config.http.to_string(),
+            "engine": synod::runtime::Runtime::new().unwrap().fingerprint().hash, "protocol": synod::node::PROTOCOL_VERSION});
+        self.nodes.insert(id, Member::new(config, path));
+        self.restart(id);
+        let added = self.client(via).post("/v1/cluster/nodes", serde_json::to_vec(&add).unwrap()).await.unwrap();
+        assert_eq!(added["added"], serde_json::json!(id));
+    }
+
     /// SIGTERM, as an operator stops a node, and wait for it to exit.
     pub fn stop(&mut self, id: u64) {
         if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {

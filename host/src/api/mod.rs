@@ -829,13 +829,11 @@ async fn backup(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Pr
         created_at_ms: crate::node::now_ms(),
         plugins: image.plugins,
         devices: image.devices,
-        state_bytes: image.data.len() as u64,
+        state_bytes: image.size,
     };
     let (index, digest) = (header.operation_index, header.digest.clone());
-    // Streamed in pieces as the hash goes, never one more copy of the state.
-    let preamble = crate::backup::preamble(&header);
-    let data = Bytes::from(image.data);
-    let stream = backup_stream(preamble, data);
+    // Streamed as the state is encoded, never a whole copy of it.
+    let stream = backup_stream(crate::backup::preamble(&header), image.size, image.pieces);
     let mut response = axum::body::Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -850,30 +848,45 @@ async fn backup(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Pr
     Ok(response)
 }
 
-/// A backup's bytes as a stream of 1 MiB pieces: preamble, state, then the
-/// checksum line over both, hashed as the pieces go.
+/// A backup's bytes: the preamble, the state's pieces as they are encoded
+/// (`size` bytes in all), then the checksum line over both, hashed as the
+/// pieces go. An encoding error, or a state of another size, ends the
+/// body with an error (the client sees it cut short).
 fn backup_stream(
     preamble: Vec<u8>,
-    data: Bytes,
-) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
-    const PIECE: usize = 1 << 20;
-    let mut pieces = std::collections::VecDeque::from([Bytes::from(preamble)]);
-    let mut at = 0;
-    while at < data.len() {
-        let end = (at + PIECE).min(data.len());
-        pieces.push_back(data.slice(at..end));
-        at = end;
+    size: u64,
+    pieces: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use futures::StreamExt as _;
+    struct Sending {
+        pieces: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+        /// None once the body has ended.
+        hasher: Option<blake3::Hasher>,
+        left: u64,
     }
-    futures::stream::unfold((pieces, Some(blake3::Hasher::new())), |(mut pieces, hasher)| async move {
-        let mut hasher = hasher?;
-        match pieces.pop_front() {
-            Some(piece) => {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&preamble);
+    let state = Sending { pieces, hasher: Some(hasher), left: size };
+    let rest = futures::stream::unfold(state, move |mut s| async move {
+        let hasher = s.hasher.as_mut()?;
+        let item = match s.pieces.recv().await {
+            Some(Ok(piece)) if piece.len() as u64 <= s.left => {
+                s.left -= piece.len() as u64;
                 hasher.update(&piece);
-                Some((Ok(piece), (pieces, Some(hasher))))
+                return Some((Ok(piece), s));
             }
-            None => Some((Ok(Bytes::from(crate::backup::trailer(&hasher.finalize()))), (pieces, None))),
+            Some(Ok(_)) => Err(std::io::Error::other(format!("the state outgrew its announced {size} bytes"))),
+            Some(Err(e)) => Err(e),
+            None if s.left == 0 => Ok(Bytes::from(crate::backup::trailer(&hasher.finalize()))),
+            None => Err(std::io::Error::other(format!("the state ended {} bytes short", s.left))),
+        };
+        if let Err(e) = &item {
+            tracing::warn!(error = %e, "a backup was cut short");
         }
-    })
+        s.hasher = None;
+        Some((item, s))
+    });
+    futures::stream::once(std::future::ready(Ok(Bytes::from(preamble)))).chain(rest)
 }
 
 /// The audit trail: who changed what, when.

@@ -154,8 +154,9 @@ fn store_blobs(artifacts: &Artifacts, blobs: &[(String, Vec<u8>)]) -> std::resul
     Ok(())
 }
 
-/// A backup's contents: the state (as a snapshot holds it) at one log id,
-/// with the bytes of every installed plugin version.
+/// A backup being taken: what it holds, and the bytes of its state as
+/// they are encoded (the state as a snapshot holds it, with the bytes of
+/// every installed plugin version).
 pub struct BackupImage {
     /// The last log entry the state includes.
     pub log_id: Option<LogId<NodeId>>,
@@ -167,25 +168,96 @@ pub struct BackupImage {
     pub plugins: Vec<String>,
     /// Devices defined.
     pub devices: usize,
-    /// postcard-encoded [`SnapshotData`].
-    pub data: Vec<u8>,
+    /// The size of the encoded state (postcard [`SnapshotData`]).
+    pub size: u64,
+    /// The encoded state in pieces of about [`BACKUP_PIECE`] bytes, `size`
+    /// in all unless an error ends it. The encoder waits while the reader
+    /// holds two pieces, so a backup never holds a copy of the state; it
+    /// stops when the reader is dropped.
+    pub pieces: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
 }
+
+/// The size of a backup's pieces.
+pub const BACKUP_PIECE: usize = 1 << 20;
 
 /// The state now, for a backup: captured between two entries in
 /// O(number of namespaces) (apply waits only for that), then encoded with
-/// its plugin bytes on a blocking thread.
+/// its plugin bytes on a thread of its own as the reader takes the pieces.
 pub async fn backup_image(shared: &Shared, artifacts: &Artifacts) -> std::result::Result<BackupImage, String> {
     let captured = shared.replica.read().map_err(|e| e.to_string())?.capture();
     let blobs = plugin_blobs(captured.registry(), artifacts)?;
-    in_background(move || {
-        let log_id = captured.log_id();
-        let plugins = captured.registry().keys().cloned().collect();
+    backup_of(captured, blobs).await
+}
+
+/// A backup of `captured` carrying `blobs`, encoded on a thread of its own.
+async fn backup_of(
+    captured: crate::replica::Captured,
+    blobs: Vec<(String, Vec<u8>)>,
+) -> std::result::Result<BackupImage, String> {
+    let (tx, pieces) = tokio::sync::mpsc::channel(2);
+    let (described, description) = tokio::sync::oneshot::channel();
+    spawn_background(move || {
         let image = captured.state();
-        let (operation_index, digest, devices) = (image.last_applied, image.digest, image.devices.devices.len());
-        let data = postcard::to_allocvec(&SnapshotDataRef { image, blobs: &blobs }).map_err(|e| e.to_string())?;
-        Ok(BackupImage { log_id, operation_index, digest, plugins, devices, data })
-    })
-    .await?
+        let data = SnapshotDataRef { image, blobs: &blobs };
+        let size = match postcard::experimental::serialized_size(&data) {
+            Ok(size) => size as u64,
+            Err(e) => {
+                let _ = described.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let backup = BackupImage {
+            log_id: captured.log_id(),
+            operation_index: image.last_applied,
+            digest: image.digest,
+            plugins: captured.registry().keys().cloned().collect(),
+            devices: image.devices.devices.len(),
+            size,
+            pieces,
+        };
+        if described.send(Ok(backup)).is_err() {
+            return;
+        }
+        let mut out = Pieces { tx, buf: Vec::with_capacity(BACKUP_PIECE) };
+        let written = postcard::to_io(&data, &mut out).map_err(std::io::Error::other).and_then(|out| out.send());
+        if let Err(e) = written {
+            let _ = out.tx.blocking_send(Err(e));
+        }
+    })?;
+    description.await.map_err(|_| "the backup thread stopped".to_owned())?
+}
+
+/// A writer that hands its bytes on in pieces of [`BACKUP_PIECE`].
+struct Pieces {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Pieces {
+    /// Hand on what is buffered (waiting while the reader is behind).
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_PIECE));
+        self.tx
+            .blocking_send(Ok(piece.into()))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the backup's reader went away"))
+    }
+}
+
+impl std::io::Write for Pieces {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= BACKUP_PIECE {
+            self.send()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Check a backup's state (`data`: postcard [`SnapshotData`]) against what
@@ -226,8 +298,7 @@ pub async fn install_backup(
         last_membership: data.image.membership.clone(),
         snapshot_id: format!("restored-{}-{}", log_id.leader_id, log_id.index),
     };
-    let data = postcard::to_allocvec(&data).map_err(|e| e.to_string())?;
-    write_snapshot(&dir.join("snapshot.bin"), &meta, data.len() as u64, |w| w.write_all(&data))
+    write_state(&dir.join("snapshot.bin"), &meta, &SnapshotDataRef { image: &data.image, blobs: &data.blobs })
         .map_err(|e| e.to_string())?;
     let mut log = crate::consensus::LogStore::open(dir).map_err(|e| e.to_string())?;
     openraft::storage::RaftLogStorage::save_vote(&mut log, &openraft::Vote::new(log_id.leader_id.term, id))
@@ -490,6 +561,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 /// they need and writes do not wait for it.
 async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::result::Result<T, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    spawn_background(move || {
+        let _ = tx.send(work());
+    })?;
+    rx.await.map_err(|_| "the snapshot thread stopped".to_owned())
+}
+
+/// Start `work` on a thread of its own at nice 10 (see [`in_background`]).
+fn spawn_background(work: impl FnOnce() + Send + 'static) -> std::result::Result<(), String> {
     std::thread::Builder::new()
         .name("synod-snapshot".into())
         .spawn(move || {
@@ -498,10 +577,10 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
             if lowered != 0 {
                 tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the snapshot thread's priority");
             }
-            let _ = tx.send(work());
+            work();
         })
-        .map_err(|e| e.to_string())?;
-    rx.await.map_err(|_| "the snapshot thread stopped".to_owned())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -627,5 +706,40 @@ mod tests {
         let back: SnapshotData = postcard::from_bytes(stored.data()).unwrap();
         assert_eq!(back.image.kv, captured.state().kv);
         assert_eq!(back.blobs, blobs);
+    }
+    /// A backup's state comes in pieces of about a MiB as it is encoded,
+    /// as many bytes as announced, and they are the snapshot's data.
+    #[tokio::test]
+    async fn a_backup_is_encoded_in_pieces_as_it_is_read() {
+        let mut image = Replica::default().capture().image();
+        image.kv = (0..4)
+            .map(|p| (format!("plugin{p}"), (0..20_000u32).map(|i| (format!("k/{i:06}"), vec![p as u8; 40])).collect()))
+            .collect();
+        image.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 9));
+        image.last_applied = 9 * crate::consensus::types::OPS_PER_ENTRY;
+        let blobs = vec![("abc".to_owned(), vec![7; 3 << 20])];
+        let replica = Replica::restore(image.clone(), &NoPlugins).unwrap();
+        let plain = postcard::to_allocvec(&SnapshotData { image: image.clone(), blobs: blobs.clone() }).unwrap();
+
+        let mut backup = backup_of(replica.capture(), blobs.clone()).await.unwrap();
+        assert_eq!(
+            (backup.size, backup.operation_index, backup.log_id),
+            (plain.len() as u64, image.last_applied, image.log_id)
+        );
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        while let Some(piece) = backup.pieces.recv().await {
+            let piece = piece.unwrap();
+            // The plugin's bytes come in one write: one piece may hold them.
+            assert!(piece.len() < BACKUP_PIECE + (3 << 20), "{}", piece.len());
+            got.extend_from_slice(&piece);
+            pieces += 1;
+        }
+        assert!(pieces >= 4, "{pieces} pieces");
+        assert!(got == plain, "the pieces are not the snapshot's data");
+
+        // A reader that goes away stops the encoder (the channel closes).
+        let backup = backup_of(replica.capture(), blobs).await.unwrap();
+        drop(backup);
     }
 }
