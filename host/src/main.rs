@@ -23,7 +23,8 @@ struct Cli {
     ca_file: Option<PathBuf>,
     /// How read commands print: `json` (pretty JSON, the default for a
     /// node's answer) or `table` (the main list as aligned columns).
-    /// `synod logs` prints plain lines unless one is asked for.
+    /// `synod logs` prints plain lines unless one is asked for; `synod
+    /// watch` prints lines, or JSON lines with `-o json` (or `--json`).
     #[arg(long, short = 'o', global = true, env = "SYNOD_OUTPUT")]
     output: Option<Output>,
 }
@@ -203,7 +204,8 @@ enum Action {
         /// Start with this many of the latest operations.
         #[arg(long, default_value_t = 10)]
         tail: usize,
-        /// One JSON object per line (`{"op": …}` or `{"cluster": …}`).
+        /// One JSON object per line (`{"op": …}` or `{"cluster": …}`);
+        /// the same as `-o json`.
         #[arg(long)]
         json: bool,
         /// A node's HTTP address.
@@ -949,7 +951,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             print(&reach.client(&node)?.post(&format!("/v1/queries/{plugin}/{query}"), payload(p)).await?)?
         }
         Action::Status { node } => print(&reach.client(&node)?.get("/v1/cluster").await?)?,
-        Action::Watch { tail, json, node } => watch(&reach.client(&node)?, tail, json).await?,
+        Action::Watch { tail, json, node } => {
+            let json = json || OUTPUT.get() == Some(&Output::Json);
+            watch(&reach.client(&node)?, tail, json).await?
+        }
         Action::Logs { plugin, limit, follow, node } => {
             let client = reach.client(&node)?;
             let mut after = 0;

@@ -199,6 +199,9 @@ pub struct Metrics {
     pub events_outbox: Gauge,
     /// Events published to JetStream by this node.
     pub events_published: Counter,
+    /// Events JetStream acknowledged as duplicates (published again after
+    /// a retry or a leader change; its `Nats-Msg-Id` dropped them).
+    pub events_duplicate: Counter,
     /// 1 while this node's digest disagrees with another's.
     pub divergence: Gauge,
     /// Devices whose driver runs on this node.
@@ -248,6 +251,7 @@ impl Metrics {
             bus_connected: Gauge::default(),
             events_outbox: Gauge::default(),
             events_published: Counter::default(),
+            events_duplicate: Counter::default(),
             divergence: Gauge::default(),
             devices_owned: Gauge::default(),
             driver_seconds: Family::new_with_constructor(latency),
@@ -315,6 +319,11 @@ impl Metrics {
             m.events_outbox.clone(),
         );
         r.register("events_published", "Events this node published to JetStream", m.events_published.clone());
+        r.register(
+            "events_duplicate",
+            "Events JetStream dropped as duplicates of ones it already held (by Nats-Msg-Id)",
+            m.events_duplicate.clone(),
+        );
         r.register("divergence", "1 while this node's digest disagrees with another node's", m.divergence.clone());
         r.register("devices_owned", "Devices whose driver runs on this node", m.devices_owned.clone());
         r.register_with_unit("driver_call", "Device driver call latency", s, m.driver_seconds.clone());

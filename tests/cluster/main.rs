@@ -6,6 +6,7 @@ mod admission;
 mod auth;
 mod backup;
 mod basics;
+mod cli;
 mod dashboard;
 mod dev;
 mod failover;

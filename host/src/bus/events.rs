@@ -103,11 +103,12 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
                 headers.insert("Synod-Index", index.to_string().as_str());
                 let subject = format!("synod.evt.{family}.{}", event.topic);
                 let acked = match js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                if acked.is_ok() {
-                    crate::metrics::get().events_published.inc();
+                if let Ok(duplicate) = acked {
+                    let m = crate::metrics::get();
+                    if duplicate { &m.events_duplicate } else { &m.events_published }.inc();
                 }
                 if let Err(e) = acked {
                     tracing::warn!(error = %e, index, "event not acknowledged; will retry");
