@@ -45,6 +45,7 @@ static CUT: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
 /// What `POST /v1/faults` sets; absent fields are left as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({ "cut": [3], "clock_offset_ms": -5000 }))]
 pub struct FaultSettings {
     /// Members to cut this node off from (both ways: their connections are
     /// closed and refused). `[]` heals.

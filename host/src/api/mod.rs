@@ -120,12 +120,17 @@ fn api(plugin_limit: usize, payload_limit: usize) -> OpenApiRouter<Arc<NodeInner
 /// The OpenAPI 3.1 document of this build's API, as JSON.
 pub fn openapi_document() -> &'static str {
     static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DOCUMENT.get_or_init(|| api(0, 0).into_openapi().to_pretty_json().unwrap_or_default())
+    DOCUMENT.get_or_init(|| {
+        let mut document = api(0, 0).into_openapi();
+        schema::add_missing_examples(&mut document);
+        document.to_pretty_json().unwrap_or_default()
+    })
 }
 
 /// This API's OpenAPI 3.1 document (generated from the handlers' types).
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
-    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Object,
+        example = json!({ "openapi": "3.1.0", "info": { "title": "Synod", "version": "0.1.0" }, "paths": { "/healthz": { "get": { "responses": {} } } } }))))]
 async fn openapi() -> Response {
     let mut response = openapi_document().into_response();
     response.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -143,7 +148,8 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// The dashboard (HTML).
 #[utoipa::path(get, path = "/", tag = "operations", security(()),
-    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String,
+        example = "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Synod</title>\n…")))]
 async fn dashboard() -> Response {
     let mut response = axum::response::Html(DASHBOARD).into_response();
     let headers = response.headers_mut();
@@ -181,7 +187,10 @@ async fn measure(request: Request, next: axum::middleware::Next) -> Response {
 /// `GET /metrics`: Prometheus (OpenMetrics) text; a reader's token.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus metrics (OpenMetrics text); see the README's Monitoring table",
-        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String), schema::Denied))]
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String,
+        example = "# HELP synod_raft_term Raft term.\n# TYPE synod_raft_term gauge\nsynod_raft_term 3\n\
+                   # HELP synod_raft_applied_index Last log index applied here.\n# TYPE synod_raft_applied_index gauge\n\
+                   synod_raft_applied_index 42\n# EOF\n"), schema::Denied))]
 async fn metrics(State(node): State<Arc<NodeInner>>, Extension(who): Extension<Principal>) -> ApiResult {
     who.require(Access::Read)?;
     let mut response = node.metrics_text().into_response();
@@ -247,7 +256,7 @@ fn typed(value: impl serde::Serialize) -> ApiResult {
         ("synod-request-id" = Option<String>, Header,
             description = "1–128 visible ASCII characters: a retry with the same id and payload is applied at most once")),
     request_body(description = "The command's payload: any bytes, JSON by convention",
-        content((serde_json::Value = "application/json"), (String = "application/octet-stream"))),
+        content((serde_json::Value = "application/json", example = json!({ "by": 2 })), (String = "application/octet-stream"))),
     responses((status = 200, description = "Applied", body = schema::Applied), schema::CommandFailures))]
 async fn run_command(
     State(node): State<Arc<NodeInner>>,
@@ -290,7 +299,8 @@ async fn read_state(
 /// Ask a plugin a question: runs on one node, writes nothing.
 #[utoipa::path(post, path = "/v1/queries/{plugin}/{query}", tag = "commands",
     params(("plugin" = String, Path, description = "The plugin's name"), ("query" = String, Path, description = "The query"), ReadParams),
-    request_body(description = "The query's payload", content((serde_json::Value = "application/json"), (String = "application/octet-stream"))),
+    request_body(description = "The query's payload",
+        content((serde_json::Value = "application/json", example = json!({})), (String = "application/octet-stream"))),
     responses((status = 200, description = "The answer", body = schema::QueryAnswer), schema::ReadFailures))]
 async fn run_query(
     State(node): State<Arc<NodeInner>>,
@@ -964,5 +974,51 @@ mod tests {
         let (router, _) = super::api(1, 1).split_for_parts();
         let router = router.route("/v1/secret", axum::routing::get(|| async { "" }));
         assert!(served(&router).contains(&("GET".to_owned(), "/v1/secret".to_owned())));
+    }
+
+    /// Every schema the document names has an example, and so has every
+    /// request and response body but a binary one, on its media type, its
+    /// schema or the schema its `$ref` names. (`tests/cluster/openapi.rs`
+    /// checks that each example fits its schema.)
+    #[test]
+    fn every_schema_and_body_has_an_example() {
+        use serde_json::Value;
+        let document: Value = serde_json::from_str(super::openapi_document()).unwrap();
+        let has = |v: &Value| {
+            v.get("example").is_some()
+                || v["examples"].as_array().is_some_and(|e| !e.is_empty())
+                || v["examples"].as_object().is_some_and(|e| !e.is_empty())
+        };
+        let schemas = document["components"]["schemas"].as_object().unwrap();
+        assert!(schemas.len() >= 40, "could not read the schemas: {schemas:?}");
+        let mut missing: Vec<String> =
+            schemas.iter().filter(|(_, s)| !has(s)).map(|(name, _)| format!("the schema {name}")).collect();
+        let mut bodies = 0;
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let mut each = vec![("request".to_owned(), &operation["requestBody"])];
+                for (status, response) in operation["responses"].as_object().into_iter().flatten() {
+                    each.push((format!("response {status}"), response));
+                }
+                for (which, body) in each {
+                    for (media, content) in body["content"].as_object().into_iter().flatten() {
+                        bodies += 1;
+                        let schema = &content["schema"];
+                        let named = schema["$ref"]
+                            .as_str()
+                            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                            .and_then(|name| schemas.get(name));
+                        let mime = media.split(';').next().unwrap_or("").trim();
+                        let binary = matches!(mime, "application/octet-stream" | "application/wasm")
+                            || schema["format"] == "binary";
+                        if !(has(content) || has(schema) || named.is_some_and(has) || binary) {
+                            missing.push(format!("{} {path} {which} ({media})", method.to_uppercase()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(bodies >= 100, "could not read the bodies ({bodies})");
+        assert!(missing.is_empty(), "without an example: {missing:#?}");
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
@@ -60,7 +60,7 @@ pub struct Applied {
 
 /// An activation, with the replay that preceded it when one was asked for.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "result": { "active": "2" }, "index": 51000 }))]
+#[schema(example = json!({ "result": { "active": true, "plugin": "counter", "sha256": "5be1c0d2…", "version": "2" }, "index": 7000 }))]
 pub struct Activated {
     /// The lifecycle output.
     pub result: Value,
@@ -105,7 +105,7 @@ pub struct PluginLogs {
 
 /// Installed plugins by name.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "plugins": { "counter": { "kind": "handler", "active": "1", "activated_at": 3000, "versions": { "1": { "sha256": "5be1…", "size": 61234, "installed_at": 3, "limits": { "fuel": 100000000_u64, "memory_bytes": 67108864, "output_bytes": 1048576, "max_writes": 10000, "max_key_bytes": 1024, "max_value_bytes": 1048576, "max_write_bytes": 16777216, "max_events": 1000, "max_event_bytes": 65536, "max_log_lines": 100, "max_log_line_bytes": 1024 } } }, "commands": ["increment", "reset"], "queries": ["get"] } } }))]
+#[schema(example = json!({ "plugins": { "counter": { "kind": "handler", "active": "1", "activated_at": 4000, "versions": { "1": { "sha256": "0aa8eae1…", "size": 88047, "installed_at": 4000, "limits": { "fuel": 100000000_u64, "memory_bytes": 67108864, "output_bytes": 1048576, "max_writes": 10000, "max_key_bytes": 1024, "max_value_bytes": 1048576, "max_write_bytes": 16777216, "max_events": 1000, "max_event_bytes": 65536, "max_log_lines": 100, "max_log_line_bytes": 1024 } } }, "commands": ["increment", "reset"], "queries": ["get"] } } }))]
 pub struct PluginList {
     /// Name → what is installed.
     pub plugins: BTreeMap<String, PluginSummary>,
@@ -113,6 +113,14 @@ pub struct PluginList {
 
 /// One plugin: its versions and the one that runs.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "kind": "handler", "active": "2", "activated_at": 7000,
+    "versions": {
+        "1": { "sha256": "0aa8eae1…", "size": 88047, "installed_at": 4000, "limits": crate::runtime::PluginLimits::default() },
+        "2": { "sha256": "5be1c0d2…", "size": 88112, "installed_at": 5000, "limits": crate::runtime::PluginLimits::default() }
+    },
+    "commands": ["increment", "reset"], "queries": ["get"]
+}))]
 pub struct PluginSummary {
     /// `handler` (runs commands) or `driver` (drives devices).
     pub kind: String,
@@ -142,6 +150,26 @@ pub struct DigestAt {
 
 /// The cluster as one node sees it.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": 1, "leader": 1, "leader_http": "10.0.0.1:7001", "term": 3, "state": "Leader",
+    "members": {
+        "1": { "voter": true, "peer_id": "12D3KooWJe7G…", "p2p": "/ip4/10.0.0.1/tcp/7101", "http": "10.0.0.1:7001" },
+        "2": { "voter": true, "peer_id": "12D3KooWNh7J…", "p2p": "/ip4/10.0.0.2/tcp/7101", "http": "10.0.0.2:7001" },
+        "3": { "voter": true, "peer_id": "12D3KooWGkAp…", "p2p": "/ip4/10.0.0.3/tcp/7101", "http": "10.0.0.3:7001" }
+    },
+    "applied_index": 42,
+    "nodes": [
+        { "id": 1, "applied_index": 42, "digest_index": 42001, "digest": "9f2c…", "engine": "1d29afb0e93fac85" },
+        { "id": 2, "applied_index": 42, "digest_index": 42001, "digest": "9f2c…", "engine": "1d29afb0e93fac85" },
+        { "id": 3, "applied_index": 41, "digest_index": 41007, "digest": "77d0…", "engine": "1d29afb0e93fac85" }
+    ],
+    "divergence": false, "bus": "connected",
+    "events": { "published_upto": 42001, "pending_commands": 0, "dropped": 0 },
+    "engine": example::engine(),
+    "settings": { "dedup_ttl_ms": 600000, "dedup_max_bytes": 67108864 },
+    "allowed_peers": [],
+    "refused_peers": { "12D3KooWQx9R…": "it runs /synod/id/1.0.0/engine/5c1e0f3a9b7d2e41, this node /synod/id/1.0.0/engine/1d29afb0e93fac85" }
+}))]
 pub struct ClusterView {
     /// The node answering.
     pub id: u64,
@@ -203,6 +231,23 @@ pub struct EventsState {
 
 /// Where this node's state parted from each member's.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "node": 1, "alarm": true, "history": { "from": 22000, "to": 42001 },
+    "peers": [
+        { "node": 2, "status": "agree", "compared_upto": 42001 },
+        { "node": 3, "status": "diverged", "first_divergent_index": 41007 }
+    ],
+    "first_divergent_index": 41007,
+    "operation": {
+        "index": 41007, "plugin": "counter", "command": "increment", "caller": "line-3-hmi",
+        "timestamp_ms": 1795700000000_u64, "payload_blake3": "af13…", "payload_bytes": 2
+    },
+    "effects": {
+        "1": [example::effect("{\"value\":3}", "9f2c…")],
+        "2": [example::effect("{\"value\":3}", "9f2c…")],
+        "3": [example::effect("{\"value\":4}", "77d0…")]
+    }
+}))]
 pub struct DivergenceReport {
     /// The node answering.
     pub node: u64,
@@ -220,7 +265,7 @@ pub struct DivergenceReport {
     /// Node id → what that operation did there (its writes' hashes,
     /// events, output, digest after); null for a node that did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<BTreeMap<String, Object>>)]
+    #[schema(value_type = Option<BTreeMap<String, Option<Vec<Object>>>>)]
     pub effects: Option<Value>,
     /// When the states parted before the common history: at or before
     /// this index.
@@ -302,7 +347,7 @@ pub struct NodeRemoved {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({
     "id": 4, "peer_id": "12D3KooW…", "p2p": "/ip4/10.0.0.4/tcp/7104", "http": "10.0.0.4:7004",
-    "engine": "5c1e…", "protocol": "synod/3"
+    "engine": "1d29afb0e93fac85", "protocol": "/synod/id/1.0.0"
 }))]
 pub struct AddNode {
     /// Its node id (unused in the cluster).
@@ -322,7 +367,7 @@ pub struct AddNode {
 
 /// Liveness, and who this node is.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "status": "ok", "id": 1, "peer_id": "12D3KooW…", "p2p": "/ip4/10.0.0.1/tcp/7101", "http": "10.0.0.1:7001", "engine": "1d29afb0e93fac85", "protocol": "synod/3" }))]
+#[schema(example = json!({ "status": "ok", "id": 1, "peer_id": "12D3KooW…", "p2p": "/ip4/10.0.0.1/tcp/7101", "http": "10.0.0.1:7001", "engine": "1d29afb0e93fac85", "protocol": "/synod/id/1.0.0" }))]
 pub struct Health {
     /// Always `ok`.
     pub status: String,
@@ -361,6 +406,7 @@ pub struct Readiness {
 
 /// A device's shadow.
 #[derive(Serialize, ToSchema)]
+#[schema(example = example::device)]
 pub struct DeviceDocument {
     /// Its id.
     pub id: String,
@@ -371,9 +417,8 @@ pub struct DeviceDocument {
     pub profile: Value,
     /// Capabilities granted to its driver.
     pub grants: Vec<String>,
-    /// Node ids or labels that may own it (empty: any).
-    #[schema(value_type = Vec<Object>)]
-    pub eligible: Vec<Value>,
+    /// Node ids (as strings) or labels that may own it (empty: any).
+    pub eligible: Vec<String>,
     /// The command told about reported changes.
     pub controller: Option<Controller>,
     /// The node whose driver holds it.
@@ -433,7 +478,7 @@ pub struct DeviceDefinition {
     /// Capabilities: `modbus-tcp://host:port/unit`, `tcp://host:port`.
     pub grants: Option<Vec<String>>,
     /// Node ids or labels that may own it (empty: any node).
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<Eligible>>)]
     pub eligible: Option<Vec<Value>>,
     /// A command told about reported changes.
     pub controller: Option<Controller>,
@@ -444,8 +489,21 @@ pub struct DeviceDefinition {
     pub expected_version: Option<u64>,
 }
 
+/// One entry of a definition's `eligible`: a node id, or a label a node
+/// was started with.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(example = "zone-a")]
+pub enum Eligible {
+    /// A node id.
+    Node(u64),
+    /// A node label.
+    Label(String),
+}
+
 /// A device after a change, with the operation that made it.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "device": example::device(), "index": 41003 }))]
 pub struct DeviceAnswer {
     /// The shadow.
     pub device: DeviceDocument,
@@ -455,6 +513,7 @@ pub struct DeviceAnswer {
 
 /// Shadows by id.
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "devices": [example::device()], "applied_index": 42001 }))]
 pub struct DeviceList {
     /// The shadows.
     pub devices: Vec<DeviceDocument>,
@@ -500,7 +559,7 @@ pub struct NewToken {
 
 /// A token's public record.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "id": "t-5f3a…", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000 }))]
+#[schema(example = json!({ "id": "36236cc0f974", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000 }))]
 pub struct TokenRecord {
     /// Its id (what to revoke).
     pub id: String,
@@ -518,7 +577,7 @@ pub struct TokenRecord {
 
 /// A new token: the secret is shown only here.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "id": "t-5f3a…", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000, "token": "synod_…", "index": 9000 }))]
+#[schema(example = json!({ "id": "36236cc0f974", "principal": "line-3-hmi", "roles": ["operator:counter"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000, "token": "synod_571bcdfe…", "index": 9000 }))]
 pub struct CreatedToken {
     /// Its id.
     pub id: String,
@@ -540,6 +599,10 @@ pub struct CreatedToken {
 
 /// Every token's public record (never a hash or a secret).
 #[derive(Serialize, ToSchema)]
+#[schema(example = json!({ "tokens": [
+    { "id": "0808282f01f9", "principal": "admin", "roles": ["admin"], "created_at_ms": 1795600000000_u64, "created_by": "synod", "created_index": 2000 },
+    { "id": "36236cc0f974", "principal": "line-3-hmi", "roles": ["operator:counter", "reader"], "created_at_ms": 1795700000000_u64, "created_by": "admin", "created_index": 9000 }
+] }))]
 pub struct TokenList {
     /// The tokens.
     pub tokens: Vec<TokenRecord>,
@@ -547,7 +610,7 @@ pub struct TokenList {
 
 /// Tokens revoked.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "revoked": ["t-5f3a…"], "index": 9100 }))]
+#[schema(example = json!({ "revoked": ["36236cc0f974"], "index": 9100 }))]
 pub struct Revoked {
     /// Ids of the tokens revoked.
     pub revoked: Vec<String>,
@@ -557,7 +620,7 @@ pub struct Revoked {
 
 /// The audit trail.
 #[derive(Serialize, ToSchema)]
-#[schema(example = json!({ "records": [{ "index": 9000, "at_ms": 1795700000000_u64, "principal": "admin", "action": "token.create", "target": "line-3-hmi", "ok": true, "detail": "t-5f3a…" }] }))]
+#[schema(example = json!({ "records": [{ "index": 9000, "at_ms": 1795700000000_u64, "principal": "admin", "action": "token.create", "target": "36236cc0f974", "ok": true, "detail": "{\"created_at_ms\":1795700000000,\"created_by\":\"admin\",\"created_index\":9000,\"id\":\"36236cc0f974\",\"principal\":\"line-3-hmi\",\"roles\":[\"operator:counter\"]}" }] }))]
 pub struct AuditTrail {
     /// Oldest first.
     pub records: Vec<crate::replica::auth::AuditRecord>,
@@ -641,10 +704,91 @@ failures!(
     NO_LEADER,
 );
 
-/// A WebAssembly component's bytes (`application/wasm`).
+/// A WebAssembly component's bytes (`application/wasm`): the `\0asm`
+/// magic, the component layer's version, then its sections.
 #[derive(ToSchema)]
-#[schema(value_type = String, format = Binary)]
+#[schema(value_type = String, format = Binary, example = "\u{0}asm\u{d}\u{0}\u{1}\u{0}…")]
 pub struct WasmComponent(pub Vec<u8>);
+
+/// Examples the document shows in more than one place.
+mod example {
+    use serde_json::{Value, json};
+
+    /// A thermostat's shadow: a setpoint asked for and not reported yet.
+    pub(super) fn device() -> Value {
+        let at = |ts_ms: u64, version: u64| json!({ "ts_ms": ts_ms, "version": version });
+        json!({
+            "id": "room-1",
+            "driver": "modbus-room",
+            "profile": {
+                "temperature": { "table": "input", "address": 0, "type": "i16", "scale": 0.1 },
+                "heater": { "table": "coil", "address": 0 },
+                "poll_ms": 1000
+            },
+            "grants": ["modbus-tcp://10.0.1.20:502/1"],
+            "eligible": ["1", "2"],
+            "controller": { "plugin": "thermostat", "command": "device_reported" },
+            "owner": 2,
+            "epoch": 3,
+            "desired": { "mode": "auto", "setpoint": 22.5 },
+            "reported": { "heater": true, "temperature": 21.4 },
+            "delta": { "mode": "auto", "setpoint": 22.5 },
+            "metadata": {
+                "desired": { "mode": at(1795600000000, 1), "setpoint": at(1795700000000, 14) },
+                "reported": { "heater": at(1795699990000, 13), "temperature": at(1795699990000, 13) }
+            },
+            "version": 14,
+            "definition_version": 1,
+            "desired_version": 14,
+            "last_actuated_version": 12,
+            "updated_ms": 1795700000000_u64,
+            "reported_by": { "node": 2, "epoch": 3 }
+        })
+    }
+
+    /// The engine fingerprint of a 48.0.8 build on x86_64.
+    pub(super) fn engine() -> Value {
+        json!({
+            "wasmtime": "48.0.8",
+            "arch": "x86_64",
+            "settings": [
+                "strategy=cranelift", "nan_canonicalization=true", "relaxed_simd=false", "threads=false",
+                "consume_fuel=true", "epoch_interruption=false", "signals_based_traps=false", "memory_guard_size=0",
+                "max_wasm_stack=524288", "max_memory_ceiling=268435456",
+                "per_component=core_instances:64,memories:4,tables:8", "fuel_costs=0437c9cdf231ba1a",
+                "host_fuel=call:64,byte:1,scan_entry:16,scan_max:65536", "wit=0.1.1",
+                "devices=max_document:65536,max_desired_patches:1000",
+                "default_limits=PluginLimits { fuel: 100000000, memory_bytes: 67108864, … }"
+            ],
+            "hash": "1d29afb0e93fac85"
+        })
+    }
+
+    /// What `counter increment` did on one node (`output` and `digest`
+    /// differ where the node diverged).
+    pub(super) fn effect(output: &str, digest: &str) -> Value {
+        json!({
+            "index": 41007, "plugin": "counter", "command": "increment", "caller": "line-3-hmi",
+            "timestamp_ms": 1795700000000_u64, "payload_blake3": "af13…", "payload_bytes": 2,
+            "ok": true, "output": output, "output_blake3": "4d1e…", "fuel": 4165,
+            "writes": [{ "key": "value", "value_blake3": "c2b7…", "value_bytes": 1 }], "writes_total": 1,
+            "events": ["counter.changed"], "events_total": 1, "digest": digest
+        })
+    }
+}
+
+/// The example of utoipa's own `u64` schema (node ids), which no
+/// attribute can give. Only fills in a missing one.
+pub fn add_missing_examples(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::Schema;
+    let Some(components) = openapi.components.as_mut() else { return };
+    if let Some(RefOr::T(Schema::Object(o))) = components.schemas.get_mut("u64")
+        && o.example.is_none()
+        && o.examples.is_empty()
+    {
+        o.example = Some(json!(3));
+    }
+}
 
 /// Adds the bearer-token scheme every route but the open ones needs.
 struct BearerAuth;

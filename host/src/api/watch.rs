@@ -86,7 +86,9 @@ impl Feed {
 /// document, each second), `op` (each operation as this node applies it)
 /// and `gap` (operations too old to send).
 #[utoipa::path(get, path = "/v1/watch", tag = "operations", params(WatchParams),
-    responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = String,
+        example = "event: op\ndata: {\"index\":42001,\"plugin\":\"counter\",\"command\":\"increment\",\"caller\":\"line-3-hmi\",…}\n\n\
+                   event: cluster\ndata: {\"id\":1,\"leader\":1,\"term\":3,\"state\":\"Leader\",…}\n\n"),
         super::schema::Denied))]
 pub(super) async fn watch(
     State(node): State<Arc<NodeInner>>,

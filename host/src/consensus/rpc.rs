@@ -143,6 +143,7 @@ pub struct DigestSample {
 
 /// A node's position, for digest comparison and `GET /v1/cluster`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({ "id": 1, "applied_index": 42, "digest_index": 42001, "digest": "9f2c…", "engine": "1d29afb0e93fac85" }))]
 pub struct NodeStatus {
     /// Node id.
     pub id: NodeId,

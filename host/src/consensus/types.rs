@@ -123,6 +123,7 @@ pub enum Op {
 
 /// Settings every node applies alike, from the log (see [`Op::Settings`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({ "dedup_ttl_ms": 600000, "dedup_max_bytes": 67108864 }))]
 pub struct ClusterSettings {
     /// How long a client request id is remembered, in ms of log time.
     pub dedup_ttl_ms: u64,

@@ -31,6 +31,7 @@ pub const MAX_TELEMETRY_ENTRIES: usize = 100_000;
 
 /// The latest value of one metric of one device.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({ "v": 21.4, "ts_ms": 1795700000000_u64, "node": 2, "epoch": 3 }))]
 pub struct Reading {
     /// The value.
     pub v: f64,

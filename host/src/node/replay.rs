@@ -55,6 +55,16 @@ fn default_commands() -> usize {
 
 /// How a candidate fared.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "plugin": "counter", "active": "1", "candidate": "2", "requested": 1000, "replayed": 812,
+    "ok": 810, "failed": 2, "trapped": 0, "regressions": 0, "different": 1,
+    "fuel_active": 3382000, "fuel_candidate": 3190500,
+    "differences": [{
+        "index": 41007, "command": "increment", "payload": "{\"by\":2}",
+        "active": { "ok": "{\"value\":3}" }, "candidate": { "ok": "{\"value\":3,\"by\":2}" }
+    }],
+    "passed": true
+}))]
 pub struct ReplayReport {
     /// The plugin.
     pub plugin: String,

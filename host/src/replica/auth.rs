@@ -246,6 +246,10 @@ impl AuthOp {
 
 /// One admin action, as the audit trail keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "index": 7000, "at_ms": 1795700000000_u64, "principal": "admin", "action": "plugin.activate", "target": "counter@2",
+    "ok": true, "detail": "{\"active\":true,\"plugin\":\"counter\",\"sha256\":\"5be1c0d2…\",\"version\":\"2\"}"
+}))]
 pub struct AuditRecord {
     /// Operation index it was applied at.
     pub index: u64,

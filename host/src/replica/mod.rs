@@ -82,6 +82,7 @@ pub enum ApplyError {
 
 /// One installed version of a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({ "sha256": "0aa8eae1…", "size": 88047, "limits": PluginLimits::default(), "installed_at": 4000 }))]
 pub struct VersionRecord {
     /// sha256 of the component bytes, hex: where to find them.
     pub sha256: String,

@@ -168,6 +168,7 @@ pub struct Trail {
 
 /// A line a plugin logged while one of its commands was applied here.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({ "index": 42001, "at_ms": 1795700000000_u64, "command": "cas", "level": "info", "message": "cas on a not swapped" }))]
 pub struct PluginLogLine {
     /// The operation index.
     pub index: u64,
