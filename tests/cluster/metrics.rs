@@ -86,6 +86,13 @@ async fn counters_move_by_the_traffic_sent() {
     for _ in 0..2 {
         assert!(c.cmd(leader, "counter", "increment", json!({ "by": "two" })).await.is_err());
     }
+    // A command sent twice with one request id: applied once, the retry
+    // answered from the request-id table on every node.
+    for _ in 0..2 {
+        let headers = [("Synod-Request-Id", "metrics-1")];
+        let body = br#"{"by": 2}"#.to_vec();
+        c.client(leader).post_with_headers("/v1/commands/counter/increment", body, &headers).await.unwrap();
+    }
     // One scrape without a token.
     assert!(synod::client::Client::new(c.client(leader).base()).get("/metrics").await.is_err());
     c.converged().await;
@@ -98,13 +105,22 @@ async fn counters_move_by_the_traffic_sent() {
         let after = scrape(&c, *id).await;
         let moved = |name: &str, labels: &[(&str, &str)]| value(&after, name, labels) - value(before, name, labels);
         // Applied on every node, each command once.
-        assert_eq!(moved("synod_commands_total", &ok), 5.0, "node {id}");
+        assert_eq!(moved("synod_commands_total", &ok), 6.0, "node {id}");
+        assert_eq!(moved("synod_dedup_hits_total", &[]), 1.0, "node {id}");
         assert_eq!(moved("synod_commands_total", &failed), 2.0, "node {id}");
         assert_eq!(moved("synod_command_errors_total", &[("plugin", "counter"), ("kind", "invalid_input")]), 2.0);
-        assert_eq!(moved("synod_command_fuel_count", &[("plugin", "counter"), ("command", "increment")]), 7.0);
+        assert_eq!(moved("synod_command_fuel_count", &[("plugin", "counter"), ("command", "increment")]), 8.0);
         assert!(moved("synod_command_fuel_sum", &[("plugin", "counter")]) > 0.0);
-        assert_eq!(moved("synod_command_apply_seconds_count", &[("plugin", "counter")]), 7.0);
+        assert_eq!(moved("synod_command_apply_seconds_count", &[("plugin", "counter")]), 8.0);
+        // A fresh instance for each command that ran (not for the retry).
+        assert_eq!(moved("synod_plugin_instantiate_seconds_count", &[]), 8.0, "node {id}");
         assert!(moved("synod_log_fsync_seconds_count", &[]) >= 1.0, "node {id} synced its log");
+        assert!(moved("synod_log_append_seconds_count", &[]) >= 1.0, "node {id} appended to its log");
+        // Each node loaded the plugin once from its compile cache or by
+        // compiling it (whichever came first after the bytes were stored);
+        // every later load came from memory.
+        let loads = |source| value(&after, "synod_plugin_loads_total", &[("source", source)]);
+        assert_eq!(loads("disk") + loads("compiled"), 1.0, "node {id}");
         assert_eq!(value(&after, "synod_plugin_active", &[("plugin", "counter"), ("version", "1")]), 1.0);
         assert_eq!(value(&after, "synod_plugin_versions", &[("plugin", "counter")]), 1.0);
         assert_eq!(value(&after, "synod_divergence", &[]), 0.0);
@@ -115,14 +131,15 @@ async fn counters_move_by_the_traffic_sent() {
         assert!(value(&after, "synod_raft_applied_index", &[]) >= value(before, "synod_raft_applied_index", &[]) + 7.0);
         assert!(value(&after, "synod_raft_commit_index", &[]) >= value(&after, "synod_raft_applied_index", &[]) - 1.0);
         if *id == leader {
-            // The HTTP requests were all to the leader: 5 answered 200, 2
-            // answered 400; one scrape refused for want of a token.
-            assert_eq!(moved("synod_http_requests_total", &[route[0], route[1], ("status", "200")]), 5.0);
+            // The HTTP requests were all to the leader: 7 answered 200 (the
+            // retry too), 2 answered 400; one scrape refused for want of a
+            // token.
+            assert_eq!(moved("synod_http_requests_total", &[route[0], route[1], ("status", "200")]), 7.0);
             assert_eq!(moved("synod_http_requests_total", &[route[0], route[1], ("status", "400")]), 2.0);
-            assert_eq!(moved("synod_http_request_seconds_count", &route), 7.0);
+            assert_eq!(moved("synod_http_request_seconds_count", &route), 9.0);
             assert_eq!(moved("synod_http_unauthenticated_total", &[]), 1.0);
             assert!(moved("synod_proposal_batch_requests_count", &[]) >= 1.0);
-            assert!(moved("synod_proposal_batch_requests_sum", &[]) >= 7.0);
+            assert!(moved("synod_proposal_batch_requests_sum", &[]) >= 9.0);
         } else {
             assert_eq!(moved("synod_http_requests_total", &[route[0]]), 0.0, "node {id} served no command");
         }
