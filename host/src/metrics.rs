@@ -109,6 +109,17 @@ pub struct LoadLabels {
     pub source: String,
 }
 
+/// The bus connection's state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BusLabels {
+    /// `connected`, `connecting`, `disconnected` or `disabled` (no NATS
+    /// configured).
+    pub state: String,
+}
+
+/// The states [`BusLabels`] names.
+pub const BUS_STATES: [&str; 4] = ["connected", "connecting", "disconnected", "disabled"];
+
 /// A device driver call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriverLabels {
@@ -195,6 +206,8 @@ pub struct Metrics {
     pub plugin_loads: Family<LoadLabels, Counter>,
     /// 1 while connected to NATS.
     pub bus_connected: Gauge,
+    /// 1 for the bus's state, 0 for the others.
+    pub bus_state: Family<BusLabels, Gauge>,
     /// Committed commands whose events are not yet in the stream.
     pub events_outbox: Gauge,
     /// Events published to JetStream by this node.
@@ -249,6 +262,7 @@ impl Metrics {
             plugin_active: Family::default(),
             plugin_loads: Family::default(),
             bus_connected: Gauge::default(),
+            bus_state: Family::default(),
             events_outbox: Gauge::default(),
             events_published: Counter::default(),
             events_duplicate: Counter::default(),
@@ -313,6 +327,7 @@ impl Metrics {
         r.register("plugin_active", "1 for each plugin's active version", m.plugin_active.clone());
         r.register("plugin_loads", "Plugin loads by where the compiled code came from", m.plugin_loads.clone());
         r.register("bus_connected", "1 while connected to NATS", m.bus_connected.clone());
+        r.register("bus_state", "1 for the NATS connection's state, 0 for the others", m.bus_state.clone());
         r.register(
             "events_outbox_commands",
             "Committed commands whose events are not yet published",

@@ -111,6 +111,8 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
     }
     let ready = c.client(leader).get("/readyz").await.unwrap();
     assert_ne!(ready["bus"], json!("connected"));
+    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="connected"}"#).await, 0);
+    assert_eq!(sample(&c, leader, "synod_bus_connected").await, 0);
 
     nats.restart();
     // The bus reconnects by itself and the events of the outage arrive.
@@ -120,18 +122,21 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
         assert!(tokio::time::Instant::now() < deadline, "the bus did not reconnect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="connected"}"#).await, 1);
+    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="disconnected"}"#).await, 0);
     // Each event in the stream was counted once as published, on the node
     // that published it; one JetStream dropped as a duplicate is not.
     let stored = stream_messages(&url).await.len() as u64;
     let mut published = 0;
     for id in c.live() {
-        published += counter(&c, id, "synod_events_published_total").await;
+        published += sample(&c, id, "synod_events_published_total").await;
     }
     assert_eq!(published, stored, "events counted as published against events in the stream");
 }
 
-/// A counter's value on `node`, from its `/metrics`.
-async fn counter(c: &Cluster, node: u64, name: &str) -> u64 {
+/// A sample's value on `node`, from its `/metrics` (`name` with its
+/// labels, as written there).
+async fn sample(c: &Cluster, node: u64, name: &str) -> u64 {
     let text = c.client(node).get("/metrics").await.unwrap();
     let line = text.as_str().expect("metrics are text").lines().find(|l| l.split_whitespace().next() == Some(name));
     line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))

@@ -815,7 +815,12 @@ impl NodeInner {
         set(&m.raft_log_entries, last.saturating_sub(raft.purged.map_or(0, |p| p.index)));
         set(&m.raft_snapshot_index, raft.snapshot.map_or(0, |s| s.index));
         set(&m.state_quota_bytes, self.config.limits.state_quota_bytes);
-        set(&m.bus_connected, u64::from(crate::bus::state(self.bus.get()) == "connected"));
+        let bus = crate::bus::state(self.bus.get());
+        set(&m.bus_connected, u64::from(bus == "connected"));
+        for state in crate::metrics::BUS_STATES {
+            let labels = crate::metrics::BusLabels { state: state.into() };
+            set(&*m.bus_state.get_or_create(&labels), u64::from(bus == state));
+        }
         set(&m.divergence, u64::from(self.shared.divergence.load(std::sync::atomic::Ordering::Relaxed)));
         // Rebuilt whole, so a removed plugin's series go.
         m.plugin_versions.clear();
