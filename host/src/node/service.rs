@@ -819,7 +819,7 @@ impl NodeInner {
         set(&m.bus_connected, u64::from(bus == "connected"));
         for state in crate::metrics::BUS_STATES {
             let labels = crate::metrics::BusLabels { state: state.into() };
-            set(&*m.bus_state.get_or_create(&labels), u64::from(bus == state));
+            set(&m.bus_state.get_or_create(&labels), u64::from(bus == state));
         }
         set(&m.divergence, u64::from(self.shared.divergence.load(std::sync::atomic::Ordering::Relaxed)));
         // Rebuilt whole, so a removed plugin's series go.
