@@ -14,12 +14,18 @@
 //! - RSS per node against the live data (key and value bytes);
 //! - snapshot size and build time (Synod `snapshot.bin`, etcd's db size);
 //! - restart to ready: every node killed with SIGKILL and started again,
-//!   until a write succeeds.
+//!   until a write succeeds;
+//! - with `--backup`: a backup of the whole state from one node (Synod's
+//!   `GET /v1/backup` from the leader, read to the end; `etcdctl snapshot
+//!   save` against etcd's first member), its time and size, how far that
+//!   node's RSS rose above where it was while it was taken (sampled every
+//!   10 ms), and write latency at 1 in flight meanwhile.
 //!
 //! Run: `cargo bench -p synod --bench state` (options: `-- --keys
 //! 1000000,3000000,10000000 --value-bytes 100 --seconds 20 --systems
-//! synod,etcd --json state-results.json --metrics-dir DIR`; the last saves
-//! every Synod node's `/metrics` after each stage's writes). Stops every
+//! synod,etcd --json state-results.json --metrics-dir DIR --backup`;
+//! `--metrics-dir` saves every Synod node's `/metrics` after each stage's
+//! writes). Stops every
 //! process it started.
 
 use std::collections::BTreeMap;
@@ -43,6 +49,8 @@ struct Options {
     json: PathBuf,
     /// Where to save each node's `/metrics` after each stage's writes.
     metrics_dir: Option<PathBuf>,
+    /// Take a backup at each stage.
+    backup: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -54,6 +62,7 @@ fn options() -> anyhow::Result<Options> {
         systems: vec!["synod".into(), "etcd".into()],
         json: PathBuf::from("state-results.json"),
         metrics_dir: None,
+        backup: false,
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.iter();
@@ -67,6 +76,7 @@ fn options() -> anyhow::Result<Options> {
             "--systems" => o.systems = v()?.split(',').map(str::to_owned).collect(),
             "--json" => o.json = v()?.into(),
             "--metrics-dir" => o.metrics_dir = Some(v()?.into()),
+            "--backup" => o.backup = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -199,6 +209,79 @@ struct StageResult {
     rss_mb: Vec<f64>,
     peak_rss_mb: Vec<f64>,
     restart_seconds: f64,
+    backup: Option<Backup>,
+}
+
+/// A backup taken while one client writes.
+#[derive(serde::Serialize, Default)]
+struct Backup {
+    seconds: f64,
+    mb: f64,
+    /// The node's RSS before, and the most it rose above that meanwhile.
+    rss_before_mb: f64,
+    rss_rise_mb: f64,
+    /// Writes at 1 in flight meanwhile.
+    writes: u64,
+    p50_ms: f64,
+    max_ms: f64,
+}
+
+/// Run `take` (a backup: returns its size in bytes) while sampling the RSS
+/// of `pid` every 10 ms and writing with `write` at 1 in flight.
+async fn backup_while_writing<W, WF, T>(pid: u32, write: W, take: T) -> anyhow::Result<Backup>
+where
+    W: Fn(u64) -> WF + Send + 'static,
+    WF: std::future::Future<Output = bool> + Send,
+    T: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss_before_mb = rss_mb(pid);
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut most = 0f64;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(rss_mb(pid));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        })
+    };
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && i < 10_000_000 {
+                let t = Instant::now();
+                if write(i).await {
+                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                i += 1;
+            }
+            latencies
+        })
+    };
+    let started = Instant::now();
+    let taken = take.await;
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.await?;
+    let mut latencies = writer.await?;
+    let bytes = taken?;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
+    Ok(Backup {
+        seconds,
+        mb: bytes as f64 / 1e6,
+        rss_before_mb,
+        rss_rise_mb: (most - rss_before_mb).max(0.0),
+        writes: latencies.len() as u64,
+        p50_ms: at(0.5).copied().unwrap_or(0.0),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+    })
 }
 
 #[tokio::main]
@@ -332,6 +415,27 @@ async fn main() -> anyhow::Result<()> {
             r.snapshot_mb = std::fs::metadata(&snap).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
             r.rss_mb = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
             r.peak_rss_mb = synod.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
+            if o.backup {
+                let (h, wurl) = (api.clone(), url.clone());
+                let write = move |i| {
+                    let body = json!({ "from": pick(i, n), "count": 1, "value_bytes": vb }).to_string();
+                    let req = h.post(&wurl).body(body).send();
+                    async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+                };
+                let take = async {
+                    let r = api.get(format!("{}/v1/backup", synod.http(leader))).send().await?;
+                    if !r.status().is_success() {
+                        bail!("backup refused: {}", r.text().await?);
+                    }
+                    let mut body = r.bytes_stream();
+                    let mut bytes = 0u64;
+                    while let Some(piece) = body.next().await {
+                        bytes += piece?.len() as u64;
+                    }
+                    Ok(bytes)
+                };
+                r.backup = Some(backup_while_writing(synod.procs[&leader].child.id(), write, take).await?);
+            }
             // Restart: every node at once, SIGKILL, then until a write succeeds.
             synod.procs.clear();
             let t = Instant::now();
@@ -374,6 +478,33 @@ async fn main() -> anyhow::Result<()> {
             r.snapshot_mb = etcd.db_size(&http).await / 1e6;
             r.rss_mb = etcd.procs.values().map(|p| rss_mb(p.child.id())).collect();
             r.peak_rss_mb = etcd.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
+            if o.backup {
+                let (h, url, vb) = (http.clone(), etcd.url(0), o.value_bytes);
+                let write = move |i| {
+                    let k = pick(i, n);
+                    let (h, url) = (h.clone(), url.clone());
+                    async move { Etcd::put(&h, &url, &key(k), &value(k, vb)).await }
+                };
+                let file = dir.join(format!("etcd-{n}.snapshot"));
+                let (endpoint, path) = (etcd.url(0), file.clone());
+                let take = async move {
+                    let save = path.clone();
+                    let out = tokio::task::spawn_blocking(move || {
+                        Command::new("etcdctl")
+                            .env("ETCDCTL_API", "3")
+                            .args(["--endpoints", &endpoint, "snapshot", "save"])
+                            .arg(&save)
+                            .output()
+                    })
+                    .await??;
+                    if !out.status.success() {
+                        bail!("etcdctl snapshot save failed: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    Ok(std::fs::metadata(&path)?.len())
+                };
+                r.backup = Some(backup_while_writing(etcd.procs[&0].child.id(), write, take).await?);
+                let _ = std::fs::remove_file(&file);
+            }
             etcd.procs.clear();
             let t = Instant::now();
             for i in 0..3 {
@@ -392,9 +523,30 @@ async fn main() -> anyhow::Result<()> {
         }
         loaded = n;
     }
+    if o.backup {
+        println!("\nBackups (from the leader / etcd's first member, one client writing at 1 in flight meanwhile):\n");
+        println!(
+            "| system | keys | live MB | backup s | backup MB | node RSS before MB | RSS rise MB | writes meanwhile | p50 ms | max ms |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (system, stages) in &results {
+            for r in stages {
+                print_backup(system, r);
+            }
+        }
+    }
     std::fs::write(&o.json, serde_json::to_string_pretty(&results)?)?;
     eprintln!("results in {}", o.json.display());
     Ok(())
+}
+
+fn print_backup(system: &str, r: &StageResult) {
+    if let Some(b) = &r.backup {
+        println!(
+            "| {system} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {:.2} | {:.1} |",
+            r.keys, r.live_mb, b.seconds, b.mb, b.rss_before_mb, b.rss_rise_mb, b.writes, b.p50_ms, b.max_ms
+        );
+    }
 }
 
 fn print_rows(system: &str, r: &StageResult) {
