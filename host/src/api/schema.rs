@@ -711,7 +711,7 @@ failures!(
 pub struct WasmComponent(pub Vec<u8>);
 
 /// Examples the document shows in more than one place.
-mod example {
+pub(crate) mod example {
     use serde_json::{Value, json};
 
     /// A thermostat's shadow: a setpoint asked for and not reported yet.
@@ -747,7 +747,7 @@ mod example {
     }
 
     /// The engine fingerprint of a 48.0.8 build on x86_64.
-    pub(super) fn engine() -> Value {
+    pub(crate) fn engine() -> Value {
         json!({
             "wasmtime": "48.0.8",
             "arch": "x86_64",

@@ -97,19 +97,7 @@ impl Default for PluginLimits {
 /// What a cluster compares between nodes: equal fingerprints mean equal
 /// results, fuel and traps for the same component and inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(example = json!({
-    "wasmtime": "48.0.8", "arch": "x86_64",
-    "settings": [
-        "strategy=cranelift", "nan_canonicalization=true", "relaxed_simd=false", "threads=false",
-        "consume_fuel=true", "epoch_interruption=false", "signals_based_traps=false", "memory_guard_size=0",
-        "max_wasm_stack=524288", "max_memory_ceiling=268435456",
-        "per_component=core_instances:64,memories:4,tables:8", "fuel_costs=0437c9cdf231ba1a",
-        "host_fuel=call:64,byte:1,scan_entry:16,scan_max:65536", "wit=0.1.1",
-        "devices=max_document:65536,max_desired_patches:1000",
-        "default_limits=PluginLimits { fuel: 100000000, memory_bytes: 67108864, … }"
-    ],
-    "hash": "1d29afb0e93fac85"
-}))]
+#[schema(example = crate::api::schema::example::engine)]
 pub struct EngineFingerprint {
     /// wasmtime release.
     pub wasmtime: String,
