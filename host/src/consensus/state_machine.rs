@@ -676,17 +676,24 @@ mod tests {
         }
     }
 
+    /// A state of `plugins` namespaces of `keys` 40-byte values each, at
+    /// the log entry (`term`, `index`).
+    fn image_of(plugins: u8, keys: u32, (term, index): (u64, u64)) -> crate::replica::Image {
+        let mut image = Replica::default().capture().image();
+        image.kv = (0..plugins)
+            .map(|p| (format!("plugin{p}"), (0..keys).map(|i| (format!("k/{i:06}"), vec![p; 40])).collect()))
+            .collect();
+        image.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(term, 1), index));
+        image.last_applied = index * crate::consensus::types::OPS_PER_ENTRY;
+        image
+    }
+
     /// A snapshot streamed from the shared trees into its file holds the
     /// same bytes as the state's plain vectors encode to (the format is
     /// unchanged), and reads back into the same state.
     #[test]
     fn a_streamed_snapshot_is_the_same_data() {
-        let mut image = Replica::default().capture().image();
-        image.kv = (0..3)
-            .map(|p| (format!("plugin{p}"), (0..5_000u32).map(|i| (format!("k/{i:06}"), vec![p as u8; 40])).collect()))
-            .collect();
-        image.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 7));
-        image.last_applied = 7 * crate::consensus::types::OPS_PER_ENTRY;
+        let image = image_of(3, 5_000, (3, 7));
         let blobs = vec![("abc".to_owned(), vec![1, 2, 3])];
         let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
         let meta = SnapshotMeta {
@@ -711,12 +718,7 @@ mod tests {
     /// as many bytes as announced, and they are the snapshot's data.
     #[tokio::test]
     async fn a_backup_is_encoded_in_pieces_as_it_is_read() {
-        let mut image = Replica::default().capture().image();
-        image.kv = (0..4)
-            .map(|p| (format!("plugin{p}"), (0..20_000u32).map(|i| (format!("k/{i:06}"), vec![p as u8; 40])).collect()))
-            .collect();
-        image.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 9));
-        image.last_applied = 9 * crate::consensus::types::OPS_PER_ENTRY;
+        let image = image_of(4, 20_000, (2, 9));
         let blobs = vec![("abc".to_owned(), vec![7; 3 << 20])];
         let replica = Replica::restore(image.clone(), &NoPlugins).unwrap();
         let plain = postcard::to_allocvec(&SnapshotData { image: image.clone(), blobs: blobs.clone() }).unwrap();
