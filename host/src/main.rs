@@ -24,7 +24,8 @@ struct Cli {
     /// How read commands print: `json` (pretty JSON, the default for a
     /// node's answer) or `table` (the main list as aligned columns).
     /// `synod logs` prints plain lines unless one is asked for; `synod
-    /// watch` prints lines, or JSON lines with `-o json` (or `--json`).
+    /// watch` and `synod device watch` print lines, or JSON lines with `-o
+    /// json`.
     #[arg(long, short = 'o', global = true, env = "SYNOD_OUTPUT")]
     output: Option<Output>,
 }
@@ -824,7 +825,14 @@ async fn device(reach: &Reach, command: DeviceCmd) -> anyhow::Result<()> {
                     Ok(body) => {
                         let d = &body["device"];
                         let version = d["version"].as_u64();
-                        if version != last {
+                        if version != last && OUTPUT.get() == Some(&Output::Json) {
+                            last = version;
+                            out(serde_json::to_string(d)?)?;
+                            seen += 1;
+                            if count.is_some_and(|c| seen >= c) {
+                                return Ok(());
+                            }
+                        } else if version != last {
                             last = version;
                             out(format_args!(
                                 "v{} owner={} epoch={} reported={} desired={} delta={}",
@@ -1073,7 +1081,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             if synod::driver::is_driver(&bytes) {
                 synod::driver::DriverRuntime::new()?.compile(&bytes)?;
                 let info = serde_json::json!({ "sha256": synod::artifacts::sha256_hex(&bytes), "kind": "driver" });
-                return out(serde_json::to_string_pretty(&info)?);
+                return print(&info);
             }
             let runtime = synod::runtime::Runtime::new()?;
             let plugin = runtime.load(&bytes, synod::runtime::PluginLimits::default())?;
@@ -1083,7 +1091,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 "queries": plugin.info().queries,
                 "limits": plugin.limits(),
             });
-            out(serde_json::to_string_pretty(&info)?)?;
+            print(&info)?;
         }
         Action::Device { command } => device(&reach, command).await?,
         Action::Sim { command: SimCmd::Modbus { listen, devices, seed, heat_rate, cool_rate, ambient, fault } } => {
@@ -1123,7 +1131,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Action::Engine => {
             let runtime = synod::runtime::Runtime::new()?;
-            out(serde_json::to_string_pretty(runtime.fingerprint())?)?;
+            print(&serde_json::to_value(runtime.fingerprint())?)?;
         }
     }
     Ok(())

@@ -44,6 +44,30 @@ fn completions_are_generated_for_each_shell() {
     assert!(!ok && err.contains("possible values"), "{err}");
 }
 
+/// Read commands that need no node print JSON, or with `-o table` aligned
+/// lines.
+#[test]
+fn local_read_commands_honour_the_output_option() {
+    let (ok, json, err) = synod(&["engine"], None);
+    assert!(ok, "{err}");
+    let engine: Value = serde_json::from_str(&json).unwrap();
+    let hash = engine["hash"].as_str().unwrap();
+    let (ok, table, err) = synod(&["engine", "-o", "table"], None);
+    assert!(ok, "{err}");
+    assert!(table.lines().any(|l| l.starts_with("hash") && l.ends_with(hash)), "{table}");
+    assert!(serde_json::from_str::<Value>(&table).is_err(), "{table}");
+    let plugin = component("counter");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), plugin).unwrap();
+    let path = file.path().to_str().unwrap();
+    let (ok, json, err) = synod(&["plugin", "inspect", path], None);
+    assert!(ok, "{err}");
+    assert!(serde_json::from_str::<Value>(&json).unwrap()["commands"].is_array(), "{json}");
+    let (ok, table, err) = synod(&["plugin", "inspect", path, "-o", "table"], None);
+    assert!(ok && table.contains("increment"), "{err}{table}");
+    assert!(serde_json::from_str::<Value>(&table).is_err(), "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_do_next() {
     let _serial = serial().await;
