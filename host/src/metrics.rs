@@ -32,15 +32,6 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
-/// One HTTP route and method (latency).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    /// The route's pattern.
-    pub route: String,
-    /// GET, POST, ...
-    pub method: String,
-}
-
 /// A NATS subject family (`cmd`, `dev`) and the answer's status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NatsLabels {
@@ -48,13 +39,6 @@ pub struct NatsLabels {
     pub family: String,
     /// The `Synod-Status` answered.
     pub status: u16,
-}
-
-/// A NATS subject family alone (latency).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FamilyLabels {
-    /// `cmd` or `dev`.
-    pub family: String,
 }
 
 /// A plugin and one of its commands.
@@ -145,13 +129,13 @@ pub struct Metrics {
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
     /// HTTP request latency by route and method.
-    pub http_seconds: Histograms<RouteLabels>,
+    pub http_seconds: Histograms<HttpLabels>,
     /// Requests refused before routing for want of a valid token.
     pub http_unauthenticated: Counter,
     /// NATS requests by subject family and status.
     pub nats_requests: Family<NatsLabels, Counter>,
     /// NATS request latency by subject family.
-    pub nats_seconds: Histograms<FamilyLabels>,
+    pub nats_seconds: Histograms<NatsLabels>,
     /// Raft term.
     pub raft_term: Gauge,
     /// The leader's id (0: none known).
@@ -423,11 +407,13 @@ mod tests {
         // Families appear once they hold a series: give each one.
         let m = get();
         m.command("p", "c", &Err(CommandError::StackOverflow), 1, Duration::ZERO);
-        let route = RouteLabels { route: "/r".into(), method: "GET".into() };
+        let route = HttpLabels { route: "/r".into(), method: "GET".into(), status: 200 };
         m.http_seconds.get_or_create(&route).observe(0.0);
-        m.http_requests.get_or_create(&HttpLabels { route: "/r".into(), method: "GET".into(), status: 200 }).inc();
-        m.nats_requests.get_or_create(&NatsLabels { family: "cmd".into(), status: 200 }).inc();
-        m.nats_seconds.get_or_create(&FamilyLabels { family: "cmd".into() }).observe(0.0);
+        m.http_requests.get_or_create(&route).inc();
+        let family = NatsLabels { family: "cmd".into(), status: 200 };
+        m.nats_requests.get_or_create(&family).inc();
+        m.nats_seconds.get_or_create(&family).observe(0.0);
+        m.bus_state.get_or_create(&BusLabels { state: "disabled".into() }).set(1);
         m.plugin_versions.get_or_create(&PluginLabels { plugin: "p".into() }).set(1);
         m.plugin_active.get_or_create(&ActiveLabels { plugin: "p".into(), version: "1".into() }).set(1);
         m.plugin_loads.get_or_create(&LoadLabels { source: "disk".into() }).inc();

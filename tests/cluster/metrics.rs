@@ -137,6 +137,7 @@ async fn counters_move_by_the_traffic_sent() {
             assert_eq!(moved("synod_http_requests_total", &[route[0], route[1], ("status", "200")]), 7.0);
             assert_eq!(moved("synod_http_requests_total", &[route[0], route[1], ("status", "400")]), 2.0);
             assert_eq!(moved("synod_http_request_seconds_count", &route), 9.0);
+            assert_eq!(moved("synod_http_request_seconds_count", &[route[0], route[1], ("status", "400")]), 2.0);
             assert_eq!(moved("synod_http_unauthenticated_total", &[]), 1.0);
             assert!(moved("synod_proposal_batch_requests_count", &[]) >= 1.0);
             assert!(moved("synod_proposal_batch_requests_sum", &[]) >= 9.0);

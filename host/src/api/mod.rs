@@ -175,12 +175,9 @@ async fn measure(request: Request, next: axum::middleware::Next) -> Response {
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let m = crate::metrics::get();
-    m.http_seconds
-        .get_or_create(&crate::metrics::RouteLabels { route: route.clone(), method: method.clone() })
-        .observe(started.elapsed().as_secs_f64());
-    m.http_requests
-        .get_or_create(&crate::metrics::HttpLabels { route, method, status: response.status().as_u16() })
-        .inc();
+    let labels = crate::metrics::HttpLabels { route, method, status: response.status().as_u16() };
+    m.http_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    m.http_requests.get_or_create(&labels).inc();
     response
 }
 

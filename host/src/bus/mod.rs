@@ -176,10 +176,9 @@ async fn answer(node: &NodeInner, client: &Client, msg: async_nats::Message) {
         let family = msg.subject.split('.').nth(1).filter(|f| matches!(*f, "cmd" | "dev")).unwrap_or("other");
         let status = result.as_ref().map_or_else(|e| e.status, |_| 200);
         let m = crate::metrics::get();
-        m.nats_requests.get_or_create(&crate::metrics::NatsLabels { family: family.into(), status }).inc();
-        m.nats_seconds
-            .get_or_create(&crate::metrics::FamilyLabels { family: family.into() })
-            .observe(started.elapsed().as_secs_f64());
+        let labels = crate::metrics::NatsLabels { family: family.into(), status };
+        m.nats_requests.get_or_create(&labels).inc();
+        m.nats_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
         reply(client, &msg, result).instrument(tracing::info_span!(target: "synod::trace", "reply")).await;
     }
     .instrument(crate::telemetry::command_span("nats"))
