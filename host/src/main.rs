@@ -825,19 +825,16 @@ async fn device(reach: &Reach, command: DeviceCmd) -> anyhow::Result<()> {
                     Ok(body) => {
                         let d = &body["device"];
                         let version = d["version"].as_u64();
-                        if version != last && OUTPUT.get() == Some(&Output::Json) {
+                        if version != last {
                             last = version;
-                            out(serde_json::to_string(d)?)?;
-                            seen += 1;
-                            if count.is_some_and(|c| seen >= c) {
-                                return Ok(());
+                            if OUTPUT.get() == Some(&Output::Json) {
+                                out(serde_json::to_string(d)?)?;
+                            } else {
+                                out(format_args!(
+                                    "v{} owner={} epoch={} reported={} desired={} delta={}",
+                                    d["version"], d["owner"], d["epoch"], d["reported"], d["desired"], d["delta"]
+                                ))?;
                             }
-                        } else if version != last {
-                            last = version;
-                            out(format_args!(
-                                "v{} owner={} epoch={} reported={} desired={} delta={}",
-                                d["version"], d["owner"], d["epoch"], d["reported"], d["desired"], d["delta"]
-                            ))?;
                             seen += 1;
                             if count.is_some_and(|c| seen >= c) {
                                 return Ok(());

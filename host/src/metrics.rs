@@ -101,9 +101,6 @@ pub struct BusLabels {
     pub state: String,
 }
 
-/// The states [`BusLabels`] names.
-pub const BUS_STATES: [&str; 4] = ["connected", "connecting", "disconnected", "disabled"];
-
 /// A device driver call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DriverLabels {
@@ -128,13 +125,13 @@ pub struct Metrics {
     registry: Registry,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
-    /// HTTP request latency by route and method.
+    /// HTTP request latency by route, method and status.
     pub http_seconds: Histograms<HttpLabels>,
     /// Requests refused before routing for want of a valid token.
     pub http_unauthenticated: Counter,
     /// NATS requests by subject family and status.
     pub nats_requests: Family<NatsLabels, Counter>,
-    /// NATS request latency by subject family.
+    /// NATS request latency by subject family and status.
     pub nats_seconds: Histograms<NatsLabels>,
     /// Raft term.
     pub raft_term: Gauge,

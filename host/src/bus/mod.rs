@@ -84,6 +84,9 @@ pub async fn start(node: Arc<NodeInner>, tasks: &mut tokio::task::JoinSet<()>) -
     Ok(client)
 }
 
+/// Every state [`state`] names.
+pub const STATES: [&str; 4] = ["connected", "connecting", "disconnected", "disabled"];
+
 /// The bus state as shown in `/readyz` and `synod status`.
 pub fn state(client: Option<&Client>) -> &'static str {
     match client.map(Client::connection_state) {

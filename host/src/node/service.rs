@@ -817,7 +817,7 @@ impl NodeInner {
         set(&m.state_quota_bytes, self.config.limits.state_quota_bytes);
         let bus = crate::bus::state(self.bus.get());
         set(&m.bus_connected, u64::from(bus == "connected"));
-        for state in crate::metrics::BUS_STATES {
+        for state in crate::bus::STATES {
             let labels = crate::metrics::BusLabels { state: state.into() };
             set(&m.bus_state.get_or_create(&labels), u64::from(bus == state));
         }
