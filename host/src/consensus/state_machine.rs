@@ -321,6 +321,31 @@ fn write_state(
     Ok((size, bytes))
 }
 
+/// A snapshot's data, decoded.
+fn decode_snapshot(data: &[u8]) -> Result<SnapshotData> {
+    postcard::from_bytes(data).map_err(snap_err)
+}
+
+/// Remove the temp files of snapshot builds that never finished beside
+/// `snapshot.bin` (see [`crate::consensus::snapshot_file`]). Only while
+/// the store opens: the data dir is locked, so no build is running.
+fn remove_unfinished(snapshot: &std::path::Path) -> std::io::Result<()> {
+    let Some(dir) = snapshot.parent() else { return Ok(()) };
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snapshot.") && name.ends_with(".tmp") {
+            std::fs::remove_file(dir.join(&*name))?;
+            tracing::info!(file = %name, "removed a snapshot build that did not finish");
+        }
+    }
+    Ok(())
+}
+
 /// Entries handed to the apply thread, and where their responses go.
 type ApplyJob = (Vec<Entry<TypeConfig>>, tokio::sync::oneshot::Sender<std::result::Result<Vec<Response>, String>>);
 
@@ -424,9 +449,29 @@ impl StateMachineStore {
             apply: tx,
             opened: Default::default(),
         };
-        if let Some(file) = StoredSnapshot::open(&store.snapshot_path).map_err(snap_err)? {
-            store.restore(&file.meta, file.data())?;
+        // Builds this node did not finish (it was killed or lost power):
+        // each is as large as the state, and nothing else will remove it.
+        remove_unfinished(&store.snapshot_path).map_err(snap_err)?;
+        let started = std::time::Instant::now();
+        if let Some(file) = StoredSnapshot::open_unchecked(&store.snapshot_path).map_err(snap_err)? {
+            // Hashed on one core while decoded on another; nothing decoded
+            // is used before the checksum matches.
+            let decoded = std::thread::scope(|s| {
+                let check = s.spawn(|| file.check());
+                let decoded = decode_snapshot(file.data());
+                check.join().map_err(|_| snap_err("the checksum thread panicked"))?.map_err(snap_err)?;
+                decoded
+            })?;
+            store.install(&file.meta, decoded)?;
             *store.opened.lock().map_err(sm_err)? = Some(file.id);
+            let (keys, bytes) = store.shared.replica.read().map_err(sm_err)?.kv().size();
+            tracing::info!(
+                index = ?file.meta.last_log_id.map(|l| l.index),
+                keys,
+                bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "state opened from its snapshot"
+            );
         }
         std::thread::Builder::new()
             .name("synod-apply".into())
@@ -443,7 +488,12 @@ impl StateMachineStore {
     /// Replace the whole state with a snapshot's, after checking that the
     /// snapshot's label and the state inside it agree.
     fn restore(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> Result<()> {
-        let data: SnapshotData = postcard::from_bytes(data).map_err(snap_err)?;
+        self.install(meta, decode_snapshot(data)?)
+    }
+
+    /// Replace the whole state with a decoded snapshot's (see
+    /// [`StateMachineStore::restore`]).
+    fn install(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: SnapshotData) -> Result<()> {
         if data.image.log_id != meta.last_log_id {
             return Err(snap_err(format!(
                 "snapshot {} is labelled {:?} but holds the state at {:?}",
@@ -713,6 +763,55 @@ mod tests {
         let back: SnapshotData = postcard::from_bytes(stored.data()).unwrap();
         assert_eq!(back.image.kv, captured.state().kv);
         assert_eq!(back.blobs, blobs);
+    }
+
+    fn open_store(dir: &std::path::Path) -> Result<StateMachineStore> {
+        let runtime = Arc::new(crate::runtime::Runtime::new().map_err(sm_err)?);
+        let artifacts = Arc::new(Artifacts::open(&dir.join("plugins"), runtime).map_err(sm_err)?);
+        StateMachineStore::open(dir, artifacts, Arc::new(NoBlobSource))
+    }
+
+    /// A node killed while it built a snapshot left the temp file behind,
+    /// as large as the state, and every such kill left another. Opening
+    /// the store removes them, and opens the snapshot it has: decoded
+    /// while its checksum is checked, and refused if that does not match.
+    #[test]
+    fn opening_removes_unfinished_builds_and_checks_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_of(2, 3_000, (4, 11));
+        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
+        let meta = SnapshotMeta {
+            last_log_id: image.log_id,
+            last_membership: image.membership.clone(),
+            snapshot_id: "4-11".into(),
+        };
+        let path = dir.path().join("snapshot.bin");
+        write_state(&path, &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] }).unwrap();
+        for name in ["snapshot.4242.0.tmp", "snapshot.4242.1.tmp", "snapshot.recv.4242.2.tmp"] {
+            std::fs::write(dir.path().join(name), vec![0u8; 4096]).unwrap();
+        }
+        std::fs::write(dir.path().join("keep.tmp"), b"not ours").unwrap();
+
+        let store = open_store(dir.path()).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["keep.tmp", "plugins", "snapshot.bin"]);
+        let replica = store.shared.replica.read().unwrap();
+        assert_eq!(replica.log_id(), image.log_id);
+        assert_eq!(replica.kv().size(), (6_000, 6_000 * (8 + 40)));
+        drop(replica);
+        drop(store);
+
+        // One bit flipped in the state: the store does not open.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_store(dir.path()).err().expect("a damaged snapshot opened").to_string();
+        assert!(err.contains("checksum does not match"), "{err}");
     }
 
     /// A backup's state comes in pieces of about a MiB as it is encoded,
