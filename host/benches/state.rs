@@ -25,7 +25,7 @@
 //! 1000000,3000000,10000000 --value-bytes 100 --seconds 20 --systems
 //! synod,etcd --json state-results.json --metrics-dir DIR --backup`;
 //! `--metrics-dir` saves every Synod node's `/metrics` after each stage's
-//! writes). Stops every
+//! writes; `SYNOD_BENCH_KEEP=1` keeps the data dirs and logs). Stops every
 //! process it started.
 
 use std::collections::BTreeMap;
@@ -291,6 +291,14 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_owned();
+    // SYNOD_BENCH_KEEP=1 leaves the data dirs and node logs (named on
+    // stderr) for a look at them, or to restart a loaded cluster by hand.
+    let _tmp = if std::env::var_os("SYNOD_BENCH_KEEP").is_some() {
+        eprintln!("keeping {}", tmp.keep().display());
+        None
+    } else {
+        Some(tmp)
+    };
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
     let run = Duration::from_secs(o.seconds);
     let warmup = Duration::from_secs(2);
