@@ -595,11 +595,20 @@ impl<K: Ord + Clone, V: Clone> Leaf<K, V> {
         key: K,
         value: V,
     ) -> InsertAction<K, V, P> {
-        let mut right_keys = self.keys.split_off(MEDIAN);
-        if i < MEDIAN {
+        // Synod patch: for a key past either end of the node (keys
+        // inserted in ascending or descending order), the side it goes to
+        // gets the fewest keys a leaf may hold, the new one among them, and
+        // the other side is left three quarters full, not half.
+        let at = match i {
+            0 => THIRD - 1,
+            NODE_SIZE => NODE_SIZE - (THIRD - 1),
+            _ => MEDIAN,
+        };
+        let mut right_keys = self.keys.split_off(at);
+        if i < at {
             self.keys.insert(i, (key, value));
         } else {
-            right_keys.insert(i - MEDIAN, (key, value));
+            right_keys.insert(i - at, (key, value));
         }
         InsertAction::Split(
             right_keys.first().unwrap().0.clone(),

@@ -2387,6 +2387,33 @@ mod test {
         }
     }
 
+    // Synod patch: inserts in ascending or descending order split a full
+    // leaf three quarters / one quarter; the tree stays sane, then through
+    // removes, and holds what was inserted.
+    #[test]
+    fn inserts_at_either_end_keep_the_tree_sane() {
+        for n in [1usize, 5, 6, 7, 50, 500, 3000] {
+            let mut up: OrdMap<usize, usize> = OrdMap::new();
+            let mut down: OrdMap<usize, usize> = OrdMap::new();
+            for i in 0..n {
+                up.insert(i, i);
+                down.insert(n - i, i);
+                up.check_sane();
+                down.check_sane();
+            }
+            assert!(up.keys().copied().eq(0..n));
+            assert!(down.keys().copied().eq(1..=n));
+            for i in (0..n).step_by(2) {
+                up.remove(&i);
+                down.remove(&(i + 1));
+                up.check_sane();
+                down.check_sane();
+            }
+            assert_eq!(up.len(), n / 2);
+            assert_eq!(down.len(), n / 2);
+        }
+    }
+
     #[test]
     fn iterates_in_order() {
         let map = ordmap! {
