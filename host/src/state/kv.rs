@@ -222,16 +222,16 @@ impl Namespace {
     /// left every node half full.
     fn from_vec(mut entries: Vec<Entry>) -> Namespace {
         if !entries.windows(2).all(|w| w[0] < w[1]) {
-            // Stable, so the last of equal keys stays last, and is kept.
+            // Stable, so of equal keys the last stays last; `dedup_by`
+            // keeps the first of a run, so each later one is swapped in.
             entries.sort();
-            let mut kept: Vec<Entry> = Vec::with_capacity(entries.len());
-            for e in entries {
-                match kept.last_mut() {
-                    Some(last) if last.key_bytes() == e.key_bytes() => *last = e,
-                    _ => kept.push(e),
+            entries.dedup_by(|later, kept| {
+                let same = later.key_bytes() == kept.key_bytes();
+                if same {
+                    std::mem::swap(later, kept);
                 }
-            }
-            entries = kept;
+                same
+            });
         }
         let bytes = entries.iter().map(Entry::data_len).sum();
         Namespace { entries: imbl::OrdSet::from_sorted_unique(entries), bytes }
