@@ -171,14 +171,7 @@ impl StoredSnapshot {
 
     /// Hash the file's body and compare with its checksum.
     pub(crate) fn check(&self) -> io::Result<()> {
-        let whole = &self.mapped.map[..];
-        if blake3::hash(&whole[HEADER..]).as_bytes()[..] != whole[MAGIC.len() + 8..HEADER] {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is damaged: its checksum does not match", self.path.display()),
-            ));
-        }
-        Ok(())
+        check_whole(&self.mapped.map, &self.path)
     }
 
     /// [`StoredSnapshot::open`] but for the checksum, which the caller
@@ -224,17 +217,13 @@ impl StoredSnapshot {
             }
             Ok((meta, bytes.len() - data.len()))
         })();
-        let path = path.to_owned();
         let (meta, base) = match labels {
             Ok(labels) => labels,
-            Err(e) => {
-                // Damage reads as damage, not as whatever it garbled.
-                StoredSnapshot { meta: SnapshotMeta::default(), id, file, mapped, path }.check()?;
-                return Err(e);
-            }
+            // Damage reads as damage, not as whatever it garbled.
+            Err(e) => return Err(check_whole(bytes, path).err().unwrap_or(e)),
         };
         mapped.base = base;
-        Ok(Some(StoredSnapshot { meta, id, file, mapped, path }))
+        Ok(Some(StoredSnapshot { meta, id, file, mapped, path: path.to_owned() }))
     }
 
     /// The snapshot's data.
@@ -246,6 +235,17 @@ impl StoredSnapshot {
     pub(crate) fn into_bytes(self) -> io::Result<SnapshotBytes> {
         SnapshotBytes::new(self.file, self.mapped.base as u64)
     }
+}
+
+/// Compare the checksum in a whole snapshot file's header with its body's.
+fn check_whole(whole: &[u8], path: &Path) -> io::Result<()> {
+    if blake3::hash(&whole[HEADER..]).as_bytes()[..] != whole[MAGIC.len() + 8..HEADER] {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is damaged: its checksum does not match", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// Write the snapshot file `path` whole or not at all: `meta`, then
@@ -309,6 +309,29 @@ fn replace_whole(
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// Remove the temp files that writes of `path` ([`replace_whole`]) and
+/// received snapshots ([`SnapshotBytes::receive_in`], in its directory)
+/// left when the process died before finishing them: each as large as the
+/// state, and nothing else removes them. Only while nothing writes there
+/// (a node's store opening: its data dir is locked).
+pub(crate) fn remove_unfinished(path: &Path) -> io::Result<()> {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else { return Ok(()) };
+    let prefix = format!("{}.", stem.to_string_lossy());
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".tmp") {
+            std::fs::remove_file(dir.join(&*name))?;
+            tracing::info!(file = %name, "removed a snapshot write that did not finish");
+        }
+    }
+    Ok(())
 }
 
 /// A snapshot file being written: hashes and counts what passes through,

@@ -27,7 +27,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::snapshot_file::{FileId, SnapshotBytes, StoredSnapshot, write_snapshot};
+use super::snapshot_file::{FileId, SnapshotBytes, StoredSnapshot, remove_unfinished, write_snapshot};
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
 use crate::replica::{Image, Replica, VersionRecord};
@@ -324,26 +324,6 @@ fn write_state(
 /// A snapshot's data, decoded.
 fn decode_snapshot(data: &[u8]) -> Result<SnapshotData> {
     postcard::from_bytes(data).map_err(snap_err)
-}
-
-/// Remove the temp files of snapshot builds that never finished beside
-/// `snapshot.bin` (see [`crate::consensus::snapshot_file`]). Only while
-/// the store opens: the data dir is locked, so no build is running.
-fn remove_unfinished(snapshot: &std::path::Path) -> std::io::Result<()> {
-    let Some(dir) = snapshot.parent() else { return Ok(()) };
-    let entries = match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        entries => entries?,
-    };
-    for entry in entries {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snapshot.") && name.ends_with(".tmp") {
-            std::fs::remove_file(dir.join(&*name))?;
-            tracing::info!(file = %name, "removed a snapshot build that did not finish");
-        }
-    }
-    Ok(())
 }
 
 /// Entries handed to the apply thread, and where their responses go.
