@@ -30,7 +30,8 @@ pub fn free_port() -> u16 {
 }
 
 pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
-    let out = std::fs::File::create(log)?;
+    // Appended to: a node restarted in a run keeps its earlier lines.
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = cmd
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))
@@ -76,6 +77,9 @@ where
     Fut: std::future::Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
+    // `SYNOD_BENCH_SLOW_MS=N`: print every measured write slower than N ms
+    // with the wall-clock second it started, to line up with node logs.
+    let slow_ms = std::env::var("SYNOD_BENCH_SLOW_MS").ok().and_then(|s| s.parse::<f64>().ok());
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -90,7 +94,17 @@ where
                 let ok = op(i).await;
                 let m = measuring.load(Ordering::Relaxed);
                 if m && ok {
-                    lat.push(t.elapsed());
+                    let took = t.elapsed();
+                    if slow_ms.is_some_and(|s| took.as_secs_f64() * 1e3 > s) {
+                        let since =
+                            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                        eprintln!(
+                            "slow write: {:.1} ms, started at {:.3} s (Unix time)",
+                            took.as_secs_f64() * 1e3,
+                            (since - took).as_secs_f64()
+                        );
+                    }
+                    lat.push(took);
                 } else if m {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }

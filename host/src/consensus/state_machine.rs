@@ -578,6 +578,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             m.snapshots.inc();
             crate::metrics::set(&m.snapshot_bytes, size);
             m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
+            tracing::info!(
+                index = log_id.map_or(0, |id| id.index),
+                bytes = size,
+                seconds = started.elapsed().as_secs_f64(),
+                "snapshot built"
+            );
             Ok(Snapshot { meta, snapshot: Box::new(bytes) })
         })
         .await
