@@ -9,6 +9,7 @@
 //! clocks, no randomness, no hashing with per-process seeds.
 
 mod digest;
+mod entry;
 mod kv;
 mod name;
 
