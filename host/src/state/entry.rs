@@ -46,14 +46,14 @@ unsafe impl Send for Entry {}
 unsafe impl Sync for Entry {}
 
 impl Entry {
-    /// A new entry holding copies of `key` and `value`.
-    ///
-    /// Panics if either is 4 GiB or more: keys are bounded by the engine's
-    /// `max_key_bytes` and values by a command's wasm32 memory, far below.
-    pub(super) fn new(key: &str, value: &[u8]) -> Entry {
-        let key_len = u32::try_from(key.len()).expect("a key under 4 GiB");
-        let value_len = u32::try_from(value.len()).expect("a value under 4 GiB");
-        let layout = Self::layout(key.len() + value.len());
+    /// A new entry holding copies of `key` and `value`, or `None` if either
+    /// is 4 GiB or more. Neither a command (its memory is at most 256 MiB)
+    /// nor a state that held it can make one that large; a damaged or
+    /// crafted snapshot could, and is refused for it.
+    pub(super) fn new(key: &str, value: &[u8]) -> Option<Entry> {
+        let key_len = u32::try_from(key.len()).ok()?;
+        let value_len = u32::try_from(value.len()).ok()?;
+        let layout = Self::layout(key.len() + value.len())?;
         // SAFETY: the layout's size is at least `COUNT`, never zero.
         let raw = unsafe { std::alloc::alloc(layout) };
         let Some(block) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
@@ -65,13 +65,12 @@ impl Entry {
             std::ptr::copy_nonoverlapping(key.as_ptr(), data, key.len());
             std::ptr::copy_nonoverlapping(value.as_ptr(), data.add(key.len()), value.len());
         }
-        Entry { block, key_len, value_len }
+        Some(Entry { block, key_len, value_len })
     }
 
-    fn layout(data_len: usize) -> Layout {
-        // A block too large for a layout could not have been allocated by
-        // `new` either, whose lengths fit in u32 each.
-        Layout::from_size_align(COUNT + data_len, std::mem::align_of::<AtomicU32>()).expect("an entry's layout")
+    /// The block's layout; `None` only past what the address space holds.
+    fn layout(data_len: usize) -> Option<Layout> {
+        Layout::from_size_align(COUNT.checked_add(data_len)?, std::mem::align_of::<AtomicU32>()).ok()
     }
 
     fn count(&self) -> &AtomicU32 {
@@ -127,10 +126,12 @@ impl Drop for Entry {
             return;
         }
         fence(Ordering::Acquire);
-        let layout = Self::layout(self.key_len as usize + self.value_len as usize);
-        // SAFETY: this was the last reference to a block `new` allocated
-        // with this layout.
-        unsafe { std::alloc::dealloc(self.block.as_ptr(), layout) }
+        // The layout `new` allocated the block with, so always `Some`.
+        if let Some(layout) = Self::layout(self.key_len as usize + self.value_len as usize) {
+            // SAFETY: this was the last reference to a block `new`
+            // allocated with this layout.
+            unsafe { std::alloc::dealloc(self.block.as_ptr(), layout) }
+        }
     }
 }
 
@@ -173,23 +174,23 @@ mod tests {
     #[test]
     fn an_entry_holds_its_key_and_value_and_compares_by_key() {
         for (k, v) in [("", &b""[..]), ("k", b""), ("", b"v"), ("key/1", b"some value"), ("é", &[0u8, 255, 7][..])] {
-            let e = Entry::new(k, v);
+            let e = Entry::new(k, v).unwrap();
             assert_eq!((e.key(), e.value(), e.data_len()), (k, v, (k.len() + v.len()) as u64));
             let b: &[u8] = std::borrow::Borrow::borrow(&e);
             assert_eq!(b, k.as_bytes());
         }
         // Equal only with key and value equal; ordered by key alone.
-        assert_eq!(Entry::new("a", b"1"), Entry::new("a", b"1"));
-        assert_ne!(Entry::new("a", b"1"), Entry::new("a", b"2"));
-        assert_ne!(Entry::new("ab", b""), Entry::new("a", b"b"));
-        assert_eq!(Entry::new("a", b"2").cmp(&Entry::new("a", b"1")), std::cmp::Ordering::Equal);
-        assert!(Entry::new("a", b"zz") < Entry::new("b", b""));
-        assert!(Entry::new("a", b"") < Entry::new("a/", b""));
+        assert_eq!(Entry::new("a", b"1").unwrap(), Entry::new("a", b"1").unwrap());
+        assert_ne!(Entry::new("a", b"1").unwrap(), Entry::new("a", b"2").unwrap());
+        assert_ne!(Entry::new("ab", b"").unwrap(), Entry::new("a", b"b").unwrap());
+        assert_eq!(Entry::new("a", b"2").unwrap().cmp(&Entry::new("a", b"1").unwrap()), std::cmp::Ordering::Equal);
+        assert!(Entry::new("a", b"zz").unwrap() < Entry::new("b", b"").unwrap());
+        assert!(Entry::new("a", b"").unwrap() < Entry::new("a/", b"").unwrap());
     }
 
     #[test]
     fn clones_share_one_block_until_the_last_is_dropped() {
-        let e = Entry::new("key", b"value");
+        let e = Entry::new("key", b"value").unwrap();
         let clones: Vec<Entry> = (0..100).map(|_| e.clone()).collect();
         assert_eq!(e.count().load(Ordering::Relaxed), 101);
         assert!(clones.iter().all(|c| c.block == e.block && c.key() == "key" && c.value() == b"value"));

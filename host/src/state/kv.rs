@@ -129,7 +129,11 @@ impl Namespace {
         for (key, value) in writes.iter() {
             let old = match value {
                 Some(v) => {
-                    let e = Entry::new(key, v);
+                    // Never `None`: a command's memory is at most 256 MiB.
+                    let Some(e) = Entry::new(key, v) else {
+                        tracing::error!(key, bytes = v.len(), "a write of 4 GiB or more was dropped");
+                        continue;
+                    };
                     self.bytes += e.data_len();
                     self.entries.insert(e)
                 }
@@ -142,8 +146,17 @@ impl Namespace {
     }
 
     /// Build from entries in any order (a later duplicate key wins).
+    ///
+    /// Never drops one: these are a state's entries, each held before.
     fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Namespace {
-        Namespace::from_vec(entries.into_iter().map(|(k, v)| Entry::new(&k, &v)).collect())
+        let held = entries.into_iter().filter_map(|(k, v)| {
+            let e = Entry::new(&k, &v);
+            if e.is_none() {
+                tracing::error!(key = %k, bytes = v.len(), "an entry of 4 GiB or more was dropped");
+            }
+            e
+        });
+        Namespace::from_vec(held.collect())
     }
 
     /// Build from entries in any order (a later duplicate key wins).
@@ -223,7 +236,9 @@ impl<'de> serde::Deserialize<'de> for Namespace {
                 // 256 MiB), so a damaged one cannot reserve much more.
                 let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 24));
                 while let Some((k, v)) = seq.next_element::<(&'de str, &'de serde_bytes::Bytes)>()? {
-                    entries.push(Entry::new(k, v));
+                    let e = Entry::new(k, v)
+                        .ok_or_else(|| serde::de::Error::custom(format!("an entry of 4 GiB or more (key {k:?})")))?;
+                    entries.push(e);
                 }
                 Ok(Namespace::from_vec(entries))
             }
