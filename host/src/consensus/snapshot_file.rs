@@ -298,7 +298,9 @@ fn replace_whole(
     let written = (|| {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
         let file = fill(file)?;
+        let syncing = std::time::Instant::now();
         file.sync_all()?;
+        tracing::debug!(file = %path.display(), seconds = syncing.elapsed().as_secs_f64(), "synced a whole-file write");
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
