@@ -300,11 +300,17 @@ fn replace_whole(
         let file = fill(file)?;
         let syncing = std::time::Instant::now();
         file.sync_all()?;
-        tracing::debug!(file = %path.display(), seconds = syncing.elapsed().as_secs_f64(), "synced a whole-file write");
+        let synced = syncing.elapsed().as_secs_f64();
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
+        tracing::debug!(
+            file = %path.display(),
+            sync_seconds = synced,
+            rename_seconds = syncing.elapsed().as_secs_f64() - synced,
+            "replaced a file whole"
+        );
         Ok::<_, io::Error>(file)
     })();
     if written.is_err() {
