@@ -207,6 +207,10 @@ struct StageResult {
     snapshot_build_seconds_mean: f64,
     snapshot_mb: f64,
     rss_mb: Vec<f64>,
+    /// Of `rss_mb`, the process's own (anonymous) memory: the rest is file
+    /// pages it maps (Synod's snapshot, etcd's bbolt file), page cache the
+    /// kernel may drop.
+    anon_rss_mb: Vec<f64>,
     peak_rss_mb: Vec<f64>,
     restart_seconds: f64,
     backup: Option<Backup>,
@@ -351,9 +355,9 @@ async fn main() -> anyhow::Result<()> {
     let mut results: BTreeMap<String, Vec<StageResult>> = BTreeMap::new();
     let mut loaded = 0u64;
     println!(
-        "\n| system | keys | live MB | in-flight | writes/s | p50 ms | p99 ms | max ms | snapshots | snapshot s | snapshot MB | RSS MB per node | peak RSS MB | restart s |"
+        "\n| system | keys | live MB | in-flight | writes/s | p50 ms | p99 ms | max ms | snapshots | snapshot s | snapshot MB | RSS MB per node | of which anon MB | peak RSS MB | restart s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|");
     for &n in &o.keys {
         // Synod.
         if let Some(api) = &api {
@@ -422,6 +426,7 @@ async fn main() -> anyhow::Result<()> {
             let snap = synod.configs[&leader].1.data_dir.join("snapshot.bin");
             r.snapshot_mb = std::fs::metadata(&snap).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
             r.rss_mb = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
+            r.anon_rss_mb = synod.procs.values().map(|p| anon_rss_mb(p.child.id())).collect();
             r.peak_rss_mb = synod.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
             if o.backup {
                 let (h, wurl) = (api.clone(), url.clone());
@@ -485,6 +490,7 @@ async fn main() -> anyhow::Result<()> {
             }
             r.snapshot_mb = etcd.db_size(&http).await / 1e6;
             r.rss_mb = etcd.procs.values().map(|p| rss_mb(p.child.id())).collect();
+            r.anon_rss_mb = etcd.procs.values().map(|p| anon_rss_mb(p.child.id())).collect();
             r.peak_rss_mb = etcd.procs.values().map(|p| peak_rss_mb(p.child.id())).collect();
             if o.backup {
                 let (h, url, vb) = (http.clone(), etcd.url(0), o.value_bytes);
@@ -559,10 +565,11 @@ fn print_backup(system: &str, r: &StageResult) {
 
 fn print_rows(system: &str, r: &StageResult) {
     let rss: Vec<String> = r.rss_mb.iter().map(|m| format!("{m:.0}")).collect();
+    let anon: Vec<String> = r.anon_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
     let peak: Vec<String> = r.peak_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
     for (inflight, s) in &r.writes {
         println!(
-            "| {system} | {} | {:.0} | {inflight} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            "| {system} | {} | {:.0} | {inflight} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {} | {} | {} | {:.2} |",
             r.keys,
             r.live_mb,
             s.ops_per_sec,
@@ -573,6 +580,7 @@ fn print_rows(system: &str, r: &StageResult) {
             if system == "synod" { format!("{:.2}", r.snapshot_build_seconds_mean) } else { "–".into() },
             r.snapshot_mb,
             rss.join(" / "),
+            anon.join(" / "),
             peak.join(" / "),
             r.restart_seconds
         );

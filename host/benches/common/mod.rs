@@ -44,6 +44,12 @@ pub fn rss_mb(pid: u32) -> f64 {
     status_mb(pid, "VmRSS:")
 }
 
+/// Anonymous resident memory of process `pid` (`RssAnon`: its heap, not
+/// the file pages it maps), in MB.
+pub fn anon_rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "RssAnon:")
+}
+
 /// Peak resident memory of process `pid` since it started (`VmHWM`), in MB.
 pub fn peak_rss_mb(pid: u32) -> f64 {
     status_mb(pid, "VmHWM:")

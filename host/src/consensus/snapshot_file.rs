@@ -62,6 +62,17 @@ impl SnapshotBytes {
         SnapshotBytes::new(file, 0)
     }
 
+    /// The data, mapped read-only, while the file stays open for openraft
+    /// (after every write to it has finished).
+    pub(crate) fn map_shared(&self) -> io::Result<MappedData> {
+        // SAFETY: as in `MappedData::new`.
+        let map = unsafe { memmap2::Mmap::map(&self.file)? };
+        if map.len() as u64 <= self.base {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot's data is empty"));
+        }
+        Ok(MappedData { map: std::sync::Arc::new(map), base: self.base as usize })
+    }
+
     /// The data, mapped read-only (after every write to it has finished).
     pub(crate) async fn map(self) -> io::Result<MappedData> {
         let file = self.file.into_std().await;
@@ -116,7 +127,7 @@ impl AsyncSeek for SnapshotBytes {
 
 /// A snapshot's data, mapped read-only.
 pub(crate) struct MappedData {
-    map: memmap2::Mmap,
+    map: crate::state::Mapping,
     base: usize,
 }
 
@@ -128,11 +139,17 @@ impl MappedData {
         // `snapshot.bin` is only ever replaced by a rename, never written
         // in place.
         let map = unsafe { memmap2::Mmap::map(file)? };
-        Ok(MappedData { map, base })
+        Ok(MappedData { map: std::sync::Arc::new(map), base })
     }
 
     pub(crate) fn data(&self) -> &[u8] {
         &self.map[self.base..]
+    }
+
+    /// The whole file's mapping, which the state may keep reading from
+    /// ([`crate::state::decode_mapped`]).
+    pub(crate) fn mapping(&self) -> &crate::state::Mapping {
+        &self.map
     }
 }
 
@@ -227,8 +244,14 @@ impl StoredSnapshot {
     }
 
     /// The snapshot's data.
+    #[cfg(test)]
     pub(crate) fn data(&self) -> &[u8] {
         self.mapped.data()
+    }
+
+    /// The snapshot's data, mapped.
+    pub(crate) fn mapped(&self) -> &MappedData {
+        &self.mapped
     }
 
     /// The data, as openraft sends it.

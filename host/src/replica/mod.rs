@@ -953,6 +953,22 @@ impl Replica {
         self.last_applied
     }
 
+    /// [`Replica::capture`] for a snapshot: the namespaces' writes since
+    /// their base are frozen first, so that once the snapshot is written
+    /// they can be read from its file instead ([`Replica::rebase`]).
+    pub fn capture_for_snapshot(&mut self) -> Captured {
+        self.kv.freeze();
+        self.capture()
+    }
+
+    /// `written` is the plugin data of `captured` (from
+    /// [`Replica::capture_for_snapshot`]) decoded in place from the file it
+    /// was written to: read it from there from now on (see
+    /// [`KvState::rebase`]).
+    pub fn rebase(&mut self, captured: &Captured, written: KvState) {
+        self.kv.rebase(&captured.image.kv, written);
+    }
+
     /// The whole state at this moment (between two entries), cheaply; see
     /// [`Captured`].
     pub fn capture(&self) -> Captured {

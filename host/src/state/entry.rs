@@ -29,6 +29,10 @@ const COUNT: usize = std::mem::size_of::<AtomicU32>();
 /// practice: each reference is a tree node holding the entry.
 const MAX_REFERENCES: u32 = u32::MAX / 2;
 
+/// Set in `key_len` for a deletion: a key without a value, which hides the
+/// key in the layers below it (see [`super::kv::Namespace`]).
+const DELETED: u32 = 1 << 31;
+
 /// A key and its value in one reference-counted block. Ordered, compared
 /// and borrowed (`[u8]`) by key bytes, which for UTF-8 is the order of the
 /// keys as strings.
@@ -46,12 +50,12 @@ unsafe impl Send for Entry {}
 unsafe impl Sync for Entry {}
 
 impl Entry {
-    /// A new entry holding copies of `key` and `value`, or `None` if either
-    /// is 4 GiB or more. Neither a command (its memory is at most 256 MiB)
+    /// A new entry holding copies of `key` and `value`, or `None` if the
+    /// key is 2 GiB or more or the value 4 GiB or more. Neither a command (its memory is at most 256 MiB)
     /// nor a state that held it can make one that large; a damaged or
     /// crafted snapshot could, and is refused for it.
     pub(super) fn new(key: &str, value: &[u8]) -> Option<Entry> {
-        let key_len = u32::try_from(key.len()).ok()?;
+        let key_len = u32::try_from(key.len()).ok().filter(|&n| n < DELETED)?;
         let value_len = u32::try_from(value.len()).ok()?;
         let layout = Self::layout(key.len() + value.len())?;
         // SAFETY: the layout's size is at least `COUNT`, never zero.
@@ -66,6 +70,23 @@ impl Entry {
             std::ptr::copy_nonoverlapping(value.as_ptr(), data.add(key.len()), value.len());
         }
         Some(Entry { block, key_len, value_len })
+    }
+
+    /// The deletion of `key` (no value), or `None` if the key is 2 GiB or
+    /// more.
+    pub(super) fn deletion(key: &str) -> Option<Entry> {
+        let mut e = Entry::new(key, b"")?;
+        e.key_len |= DELETED;
+        Some(e)
+    }
+
+    /// True for a deletion ([`Entry::deletion`]).
+    pub(super) fn is_deleted(&self) -> bool {
+        self.key_len & DELETED != 0
+    }
+
+    fn klen(&self) -> usize {
+        (self.key_len & !DELETED) as usize
     }
 
     /// The block's layout; `None` only past what the address space holds.
@@ -83,13 +104,11 @@ impl Entry {
     fn data(&self) -> &[u8] {
         // SAFETY: `new` wrote `key_len + value_len` initialised bytes after
         // the count, never written again; the block outlives `&self`.
-        unsafe {
-            std::slice::from_raw_parts(self.block.as_ptr().add(COUNT), self.key_len as usize + self.value_len as usize)
-        }
+        unsafe { std::slice::from_raw_parts(self.block.as_ptr().add(COUNT), self.klen() + self.value_len as usize) }
     }
 
     pub(super) fn key_bytes(&self) -> &[u8] {
-        &self.data()[..self.key_len as usize]
+        &self.data()[..self.klen()]
     }
 
     /// Always valid: built from a `&str`.
@@ -98,12 +117,12 @@ impl Entry {
     }
 
     pub(super) fn value(&self) -> &[u8] {
-        &self.data()[self.key_len as usize..]
+        &self.data()[self.klen()..]
     }
 
     /// Key and value bytes: what the quota and the metrics count.
     pub(super) fn data_len(&self) -> u64 {
-        u64::from(self.key_len) + u64::from(self.value_len)
+        self.klen() as u64 + u64::from(self.value_len)
     }
 }
 
@@ -127,7 +146,7 @@ impl Drop for Entry {
         }
         fence(Ordering::Acquire);
         // The layout `new` allocated the block with, so always `Some`.
-        if let Some(layout) = Self::layout(self.key_len as usize + self.value_len as usize) {
+        if let Some(layout) = Self::layout(self.klen() + self.value_len as usize) {
             // SAFETY: this was the last reference to a block `new`
             // allocated with this layout.
             unsafe { std::alloc::dealloc(self.block.as_ptr(), layout) }

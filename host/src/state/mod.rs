@@ -8,11 +8,13 @@
 //! Everything here is a pure function of its inputs: ordered maps only, no
 //! clocks, no randomness, no hashing with per-process seeds.
 
+mod base;
 mod digest;
 mod entry;
 mod kv;
 mod name;
 
+pub use base::{Mapping, decode_mapped};
 pub use digest::Digest;
 pub use kv::{KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
 pub use name::{MAX_NAME_BYTES, NameError, check_name, parse_name};

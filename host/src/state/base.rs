@@ -1,0 +1,255 @@
+//! A namespace's entries as of a snapshot, read in place from that
+//! snapshot's file (mapped read-only) rather than copied into memory.
+//!
+//! A snapshot encodes each namespace as a postcard sequence of `(key,
+//! value)` records in key order (`len varint | key | len varint | value`),
+//! back to back. Decoding a mapped snapshot (inside [`decode_mapped`])
+//! checks every record as postcard parses it, but allocates nothing per
+//! key: the namespace keeps the byte range of its records and the offset
+//! of every [`STRIDE`]th one. A lookup is a binary search over those
+//! offsets and a scan of at most `STRIDE` records; iteration walks the
+//! records in order.
+//!
+//! So a node opens a snapshot of millions of keys in the time it takes to
+//! parse it once (no allocation and no tree to build), and the keys it
+//! holds cost it 8 bytes per `STRIDE` keys of its own memory: the rest is
+//! page cache, which the kernel keeps or drops as memory allows. The file
+//! is never written in place (`snapshot.bin` is only ever replaced by a
+//! rename; a received snapshot's file has no name), so the mapping stays
+//! valid and unchanged while anything holds it.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// A snapshot file, mapped read-only.
+pub type Mapping = Arc<memmap2::Mmap>;
+
+/// Records between two indexed offsets.
+const STRIDE: usize = 16;
+
+thread_local! {
+    /// The mapping being decoded on this thread (see [`decode_mapped`]).
+    static DECODING: RefCell<Option<Mapping>> = const { RefCell::new(None) };
+}
+
+/// Run `decode` (a postcard decode of bytes inside `mapping`) with the
+/// namespaces it decodes left in place in the mapping (a [`Base`] each)
+/// rather than copied into memory.
+pub fn decode_mapped<T>(mapping: &Mapping, decode: impl FnOnce() -> T) -> T {
+    struct Reset(Option<Mapping>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            DECODING.with(|d| *d.borrow_mut() = previous);
+        }
+    }
+    let _reset = Reset(DECODING.with(|d| d.borrow_mut().replace(mapping.clone())));
+    decode()
+}
+
+/// The mapping being decoded on this thread, if any.
+pub(super) fn decoding() -> Option<Mapping> {
+    DECODING.with(|d| d.borrow().clone())
+}
+
+/// Sorted records in a mapped snapshot: one namespace's entries.
+pub(super) struct Base {
+    mapping: Mapping,
+    /// Byte range of the records in the mapping.
+    start: usize,
+    end: usize,
+    /// Every `STRIDE`th record, from the first: its offset, and where its
+    /// key starts in `keys`.
+    index: Vec<(usize, usize)>,
+    /// The keys of the records in `index`, back to back: searched in
+    /// memory, so a lookup touches the mapping only for the records it
+    /// scans.
+    keys: Vec<u8>,
+    len: usize,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Base({} keys in {} bytes at {})", self.len, self.end - self.start, self.start)
+    }
+}
+
+/// A postcard varint (LEB128, at most 10 bytes) at `at`: its value and the
+/// offset after it.
+fn varint(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
+    let mut value: u64 = 0;
+    for i in 0..10 {
+        let b = *bytes.get(at + i)?;
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((usize::try_from(value).ok()?, at + i + 1));
+        }
+    }
+    None
+}
+
+/// Bytes of the shortest postcard varint of `n` (how postcard writes it).
+fn varint_len(n: usize) -> usize {
+    let bits = usize::BITS - (n | 1).leading_zeros();
+    bits.div_ceil(7) as usize
+}
+
+impl Base {
+    /// The record at `at`: its key, its value, and the offset of the next.
+    /// `None` only past the end (every record was checked when decoded).
+    fn record(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
+        if at >= self.end {
+            return None;
+        }
+        record_in(&self.mapping, at)
+    }
+
+    /// The key of the `i`th indexed record.
+    fn indexed_key(&self, i: usize) -> &[u8] {
+        let from = self.index.get(i).map_or(self.keys.len(), |&(_, k)| k);
+        let to = self.index.get(i + 1).map_or(self.keys.len(), |&(_, k)| k);
+        self.keys.get(from..to).unwrap_or_default()
+    }
+
+    /// Number of keys.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Key and value bytes held.
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The offset of the record to scan from for keys `>= key`: the last
+    /// indexed one below `key` (or the first).
+    fn seek(&self, key: &[u8]) -> usize {
+        // The first indexed record at or above `key`, by binary search.
+        let (mut low, mut high) = (0, self.index.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if self.indexed_key(mid) < key {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        self.index.get(low.saturating_sub(1)).map_or(self.end, |&(at, _)| at)
+    }
+
+    /// The value at `key`.
+    pub(super) fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let mut at = self.seek(key);
+        for _ in 0..=STRIDE {
+            let (k, v, next) = self.record(at)?;
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => at = next,
+                std::cmp::Ordering::Equal => return Some(v),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+
+    /// Entries with keys `>= from`, in key order.
+    pub(super) fn iter_from<'a>(&'a self, from: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut at = self.seek(from);
+        std::iter::from_fn(move || {
+            let (k, v, next) = self.record(at)?;
+            at = next;
+            Some((k, v))
+        })
+        .skip_while(move |(k, _)| *k < from)
+    }
+}
+
+/// A [`Base`] being decoded, record by record as postcard parses them.
+pub(super) struct Builder {
+    mapping: Mapping,
+    start: usize,
+    end: usize,
+    index: Vec<(usize, usize)>,
+    keys: Vec<u8>,
+    len: usize,
+    bytes: u64,
+    /// Offset and length of the last key taken.
+    last_key: (usize, usize),
+}
+
+impl Builder {
+    /// A builder for records in `mapping`.
+    pub(super) fn new(mapping: Mapping) -> Builder {
+        Builder { mapping, start: 0, end: 0, index: Vec::new(), keys: Vec::new(), len: 0, bytes: 0, last_key: (0, 0) }
+    }
+
+    /// Take the next record, decoded as `key` and `value` borrowed from the
+    /// mapping. `false` (and nothing taken) unless it lies in the mapping
+    /// right after the previous one, as the shortest encoding of its
+    /// lengths, with a key above the previous key: the records a snapshot
+    /// writes. (Anything else is decoded into memory instead.)
+    pub(super) fn push(&mut self, key: &[u8], value: &[u8]) -> bool {
+        let map: &[u8] = &self.mapping;
+        let base = map.as_ptr() as usize;
+        let (k, v) = ((key.as_ptr() as usize).wrapping_sub(base), (value.as_ptr() as usize).wrapping_sub(base));
+        let Some(at) = k.checked_sub(varint_len(key.len())) else { return false };
+        let in_map = k.checked_add(key.len()).is_some_and(|e| e <= map.len())
+            && v.checked_add(value.len()).is_some_and(|e| e <= map.len());
+        let contiguous = v == k + key.len() + varint_len(value.len()) && (self.len == 0 || at == self.end);
+        if !in_map || !contiguous || varint(map, at) != Some((key.len(), k)) {
+            return false;
+        }
+        if self.len > 0 {
+            let previous = map.get(self.last_key.0..self.last_key.0 + self.last_key.1).unwrap_or_default();
+            if previous >= key {
+                return false;
+            }
+        } else {
+            self.start = at;
+        }
+        if self.len.is_multiple_of(STRIDE) {
+            self.index.push((at, self.keys.len()));
+            self.keys.extend_from_slice(key);
+        }
+        self.end = v + value.len();
+        self.last_key = (k, key.len());
+        self.len += 1;
+        self.bytes += (key.len() + value.len()) as u64;
+        true
+    }
+
+    /// The records taken so far, copied out (when the rest cannot stay in
+    /// place).
+    pub(super) fn taken(&self) -> Vec<(&[u8], &[u8])> {
+        let map: &[u8] = &self.mapping;
+        let mut out = Vec::with_capacity(self.len);
+        let mut at = self.start;
+        while out.len() < self.len {
+            let Some((k, v, next)) = record_in(map, at) else { break };
+            out.push((k, v));
+            at = next;
+        }
+        out
+    }
+
+    /// The base, or `None` when no record was taken.
+    pub(super) fn finish(self) -> Option<Base> {
+        (self.len > 0).then_some(Base {
+            mapping: self.mapping,
+            start: self.start,
+            end: self.end,
+            index: self.index,
+            keys: self.keys,
+            len: self.len,
+            bytes: self.bytes,
+        })
+    }
+}
+
+fn record_in(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
+    let (klen, k) = varint(bytes, at)?;
+    let key = bytes.get(k..k.checked_add(klen)?)?;
+    let (vlen, v) = varint(bytes, k + klen)?;
+    let value = bytes.get(v..v.checked_add(vlen)?)?;
+    Some((key, value, v + vlen))
+}
