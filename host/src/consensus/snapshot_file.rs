@@ -303,6 +303,49 @@ pub(crate) fn write_snapshot(
     SnapshotBytes::new(file, HEADER as u64 + head.len() as u64)
 }
 
+/// Leads every checkpoint file.
+const CHECKPOINT_MAGIC: &[u8; 10] = b"SYNODCKPT1";
+
+/// Write the checkpoint file `path` whole or not at all:
+///
+/// ```text
+/// checkpoint.bin = "SYNODCKPT1" | len u64 LE | blake3(body) 32 bytes | body
+/// ```
+pub(crate) fn write_checkpoint(path: &Path, body: &[u8]) -> io::Result<()> {
+    replace_whole(path, |mut f| {
+        f.write_all(CHECKPOINT_MAGIC)?;
+        f.write_all(&(body.len() as u64).to_le_bytes())?;
+        f.write_all(blake3::hash(body).as_bytes())?;
+        f.write_all(body)?;
+        Ok(f)
+    })
+    .map(drop)
+}
+
+/// The body of the checkpoint file `path` (None when there is none),
+/// checked against its length and checksum.
+pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{} {what}", path.display()));
+    if bytes.len() < HEADER || &bytes[..MAGIC.len()] != CHECKPOINT_MAGIC {
+        return Err(bad("is not a Synod checkpoint"));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[MAGIC.len()..MAGIC.len() + 8]);
+    if u64::from_le_bytes(len) != (bytes.len() - HEADER) as u64 {
+        return Err(bad("is cut short or too long"));
+    }
+    if blake3::hash(&bytes[HEADER..]).as_bytes()[..] != bytes[MAGIC.len() + 8..HEADER] {
+        return Err(bad("is damaged: its checksum does not match"));
+    }
+    bytes.drain(..HEADER);
+    Ok(Some(bytes))
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn next_temp() -> u64 {

@@ -27,7 +27,10 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::snapshot_file::{FileId, MappedData, SnapshotBytes, StoredSnapshot, remove_unfinished, write_snapshot};
+use super::snapshot_file::{
+    FileId, MappedData, SnapshotBytes, StoredSnapshot, read_checkpoint, remove_unfinished, write_checkpoint,
+    write_snapshot,
+};
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
 use crate::replica::{Image, Replica, VersionRecord};
@@ -328,8 +331,93 @@ fn decode_snapshot(data: &[u8]) -> Result<SnapshotData> {
 
 /// A mapped snapshot's data, decoded with its namespaces left in place in
 /// the mapping (read from there from now on, not copied into memory).
-fn decode_mapped_snapshot(mapped: &MappedData) -> Result<SnapshotData> {
-    crate::state::decode_mapped(mapped.mapping(), || decode_snapshot(mapped.data()))
+fn decode_mapped_snapshot(mapped: &MappedData, meta: &SnapshotMeta<NodeId, NodeInfo>) -> Result<SnapshotData> {
+    let origin = meta.last_log_id.map(|l| l.index);
+    crate::state::decode_mapped(mapped.mapping(), origin, || decode_snapshot(mapped.data()))
+}
+
+/// A node's state as of a recent entry, written every so often between
+/// snapshots (`checkpoint.bin` in the data dir) so that a restart replays
+/// only the entries after it: the state but for the plugin data, and the
+/// plugin data's changes since the snapshot its bases are read from
+/// (which plugin bytes it names are in the node's artifact store, written
+/// durably before they were applied).
+#[derive(Serialize, Deserialize)]
+struct Checkpoint<K> {
+    /// Log index of the snapshot the changes are relative to (none: to an
+    /// empty state).
+    snapshot: Option<u64>,
+    image: Image<K>,
+}
+
+/// Entries applied after a checkpoint before the next one is written.
+const CHECKPOINT_AFTER_ENTRIES: u64 = 200;
+
+/// Least time between two checkpoints.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Changed entries past which no checkpoint is written: it would cost
+/// about as much as the snapshot that will follow (the plugin data was
+/// loaded while no snapshot was taken yet, say).
+const CHECKPOINT_MAX_CHANGES: usize = 262_144;
+
+/// When the apply thread writes checkpoints, and where.
+struct Checkpoints {
+    path: PathBuf,
+    /// A checkpoint is being written.
+    writing: Arc<std::sync::atomic::AtomicBool>,
+    last_index: u64,
+    last_at: std::time::Instant,
+}
+
+impl Checkpoints {
+    /// Write a checkpoint of the state now, in the background, if one is
+    /// due and none is being written.
+    fn maybe(&mut self, shared: &Shared) {
+        if self.writing.load(Ordering::Acquire) || self.last_at.elapsed() < CHECKPOINT_INTERVAL {
+            return;
+        }
+        let Ok(replica) = shared.replica.read() else { return };
+        let index = replica.log_id().map_or(0, |l| l.index);
+        if index < self.last_index + CHECKPOINT_AFTER_ENTRIES {
+            return;
+        }
+        (self.last_index, self.last_at) = (index, std::time::Instant::now());
+        let (Some(snapshot), changes) = (replica.kv().checkpoint_base(), replica.kv().changed_entries()) else {
+            return;
+        };
+        if changes > CHECKPOINT_MAX_CHANGES {
+            return;
+        }
+        let captured = replica.capture();
+        drop(replica);
+        self.writing.store(true, Ordering::Release);
+        let (path, writing) = (self.path.clone(), self.writing.clone());
+        let spawned = spawn_background(move || {
+            let started = std::time::Instant::now();
+            let mut image = captured.into_state();
+            let kv = std::mem::take(&mut image.kv);
+            let checkpoint = Checkpoint { snapshot, image: image.map_kv(|_| crate::state::Changes(&kv)) };
+            let written = postcard::to_allocvec(&checkpoint)
+                .map_err(std::io::Error::other)
+                .and_then(|body| write_checkpoint(&path, &body).map(|()| body.len()));
+            match written {
+                Ok(bytes) => tracing::debug!(
+                    index,
+                    snapshot,
+                    changes,
+                    bytes,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "checkpoint written"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
+            }
+            writing.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.writing.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Entries handed to the apply thread, and where their responses go.
@@ -363,7 +451,12 @@ fn snap_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 
 /// The apply thread: applies each job's entries in order, one entry per
 /// hold of the replica's write lock.
-fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync::mpsc::Receiver<ApplyJob>) {
+fn apply_thread(
+    shared: Arc<Shared>,
+    artifacts: Arc<Artifacts>,
+    jobs: std::sync::mpsc::Receiver<ApplyJob>,
+    mut checkpoints: Checkpoints,
+) {
     while let Ok((entries, reply)) = jobs.recv() {
         let mut responses = Vec::with_capacity(entries.len());
         let mut failed = None;
@@ -401,10 +494,14 @@ fn apply_thread(shared: Arc<Shared>, artifacts: Arc<Artifacts>, jobs: std::sync:
         if membership_changed && let Ok(replica) = shared.replica.read() {
             shared.membership.send_replace(replica.membership().clone());
         }
+        let ok = failed.is_none();
         let _ = reply.send(match failed {
             None => Ok(responses),
             Some(e) => Err(e),
         });
+        if ok {
+            checkpoints.maybe(&shared);
+        }
     }
 }
 
@@ -439,17 +536,19 @@ impl StateMachineStore {
         // each is as large as the state, and nothing else will remove it.
         remove_unfinished(&store.snapshot_path).map_err(snap_err)?;
         let started = std::time::Instant::now();
+        let mut snapshot = None;
         if let Some(file) = StoredSnapshot::open_unchecked(&store.snapshot_path).map_err(snap_err)? {
             // Hashed on one core while decoded on another; nothing decoded
             // is used before the checksum matches.
             let decoded = std::thread::scope(|s| {
                 let check = s.spawn(|| file.check());
-                let decoded = decode_mapped_snapshot(file.mapped());
+                let decoded = decode_mapped_snapshot(file.mapped(), &file.meta);
                 check.join().map_err(|_| snap_err("the checksum thread panicked"))?.map_err(snap_err)?;
                 decoded
             })?;
             store.install(&file.meta, decoded)?;
             *store.opened.lock().map_err(sm_err)? = Some(file.id);
+            snapshot = file.meta.last_log_id.map(|l| l.index);
             let (keys, bytes) = store.shared.replica.read().map_err(sm_err)?.kv().size();
             tracing::info!(
                 index = ?file.meta.last_log_id.map(|l| l.index),
@@ -459,9 +558,18 @@ impl StateMachineStore {
                 "state opened from its snapshot"
             );
         }
+        let checkpoint_path = data_dir.join("checkpoint.bin");
+        remove_unfinished(&checkpoint_path).map_err(snap_err)?;
+        store.resume(&checkpoint_path, snapshot)?;
+        let checkpoints = Checkpoints {
+            path: checkpoint_path,
+            writing: Default::default(),
+            last_index: store.shared.replica.read().map_err(sm_err)?.log_id().map_or(0, |l| l.index),
+            last_at: std::time::Instant::now(),
+        };
         std::thread::Builder::new()
             .name("synod-apply".into())
-            .spawn(move || apply_thread(shared, artifacts, rx))
+            .spawn(move || apply_thread(shared, artifacts, rx, checkpoints))
             .map_err(sm_err)?;
         Ok(store)
     }
@@ -474,7 +582,7 @@ impl StateMachineStore {
     /// Replace the whole state with a snapshot's, after checking that the
     /// snapshot's label and the state inside it agree.
     fn restore(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: &MappedData) -> Result<()> {
-        self.install(meta, decode_mapped_snapshot(data)?)
+        self.install(meta, decode_mapped_snapshot(data, meta)?)
     }
 
     /// Replace the whole state with a decoded snapshot's (see
@@ -487,7 +595,58 @@ impl StateMachineStore {
             )));
         }
         store_blobs(&self.artifacts, &data.blobs).map_err(snap_err)?;
-        let replica = Replica::restore(data.image, self.artifacts.as_ref()).map_err(snap_err)?;
+        self.install_image(data.image)
+    }
+
+    /// Resume from the checkpoint at `path`, if there is one and it is
+    /// relative to the snapshot (at log index `snapshot`) the state was
+    /// just opened from, and later: the state becomes the checkpoint's, and
+    /// a restart replays only the entries after it. A damaged or stale
+    /// checkpoint is set aside with a warning (the log holds every entry it
+    /// saved replaying).
+    fn resume(&self, path: &std::path::Path, snapshot: Option<u64>) -> Result<()> {
+        let started = std::time::Instant::now();
+        let body = match read_checkpoint(path) {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint not used; the log is replayed from the snapshot");
+                return Ok(());
+            }
+        };
+        let checkpoint: Checkpoint<crate::state::ChangesImage> = match postcard::from_bytes(&body) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint not readable; the log is replayed from the snapshot");
+                return Ok(());
+            }
+        };
+        let current = self.shared.replica.read().map_err(sm_err)?.log_id();
+        let index = checkpoint.image.log_id.map(|l| l.index);
+        if checkpoint.snapshot != snapshot || checkpoint.image.log_id <= current {
+            tracing::info!(
+                snapshot = ?snapshot,
+                checkpoint_snapshot = ?checkpoint.snapshot,
+                index = ?index,
+                "checkpoint not used: it belongs to another snapshot, or is not newer"
+            );
+            return Ok(());
+        }
+        let mut kv = self.shared.replica.read().map_err(sm_err)?.kv().clone();
+        let mut changes = 0;
+        let image = checkpoint.image.map_kv(|delta| {
+            changes = delta.iter().map(|(_, entries)| entries.len()).sum::<usize>();
+            kv.apply_changes(delta);
+            kv
+        });
+        self.install_image(image)?;
+        tracing::info!(index = ?index, changes, seconds = started.elapsed().as_secs_f64(), "state resumed from its checkpoint");
+        Ok(())
+    }
+
+    /// Replace the whole state with `image`'s.
+    fn install_image(&self, image: Image<KvState>) -> Result<()> {
+        let replica = Replica::restore(image, self.artifacts.as_ref()).map_err(snap_err)?;
         let membership = replica.membership().clone();
         let ids: Vec<String> = replica.devices().view().keys().cloned().collect();
         let before: Vec<String> =
@@ -595,7 +754,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             // From now on the state reads what it holds up to `log_id`
             // from the file just written, and drops its copy in memory.
             let rebasing = std::time::Instant::now();
-            match bytes.map_shared().map_err(snap_err).and_then(|m| decode_mapped_snapshot(&m)) {
+            match bytes.map_shared().map_err(snap_err).and_then(|m| decode_mapped_snapshot(&m, &meta)) {
                 Ok(written) => {
                     let frozen = captured.state().kv.frozen_entries();
                     if let Ok(mut replica) = shared.replica.write() {
@@ -765,6 +924,7 @@ mod tests {
     use super::*;
     use crate::artifacts::{ArtifactError, Loaded};
     use crate::replica::PluginLoader;
+    use crate::state::WriteSet;
 
     struct NoPlugins;
     impl PluginLoader for NoPlugins {
@@ -859,6 +1019,85 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = open_store(dir.path()).err().expect("a damaged snapshot opened").to_string();
         assert!(err.contains("checksum does not match"), "{err}");
+    }
+
+    /// A checkpoint holds the state but for the plugin data, and the plugin
+    /// data's changes since the snapshot (sets, overwrites, deletions, a
+    /// new namespace): a store opened with one is the checkpoint's state,
+    /// read from the snapshot plus those changes. A checkpoint of another
+    /// snapshot, or a damaged one, is not used: the store opens at the
+    /// snapshot, as without one.
+    #[test]
+    fn a_store_opens_at_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_of(2, 3_000, (4, 11));
+        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
+        let meta = SnapshotMeta {
+            last_log_id: image.log_id,
+            last_membership: image.membership.clone(),
+            snapshot_id: "4-11".into(),
+        };
+        write_state(&dir.path().join("snapshot.bin"), &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] })
+            .unwrap();
+        let store = open_store(dir.path()).unwrap();
+        let mut state = store.shared.replica.read().unwrap().capture().into_state();
+        drop(store);
+        assert_eq!(state.kv.checkpoint_base(), Some(Some(11)));
+        let mut writes = WriteSet::default();
+        for i in (0..3_000).step_by(7) {
+            writes.set(format!("k/{i:06}"), vec![9; i % 50]);
+        }
+        for i in (1..3_000).step_by(11) {
+            writes.delete(format!("k/{i:06}"));
+        }
+        writes.set("k/new".into(), b"new".to_vec());
+        state.kv.apply("plugin1", &writes);
+        state.kv.apply("plugin9", &writes);
+        state.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), 20));
+        state.last_applied = 20 * crate::consensus::types::OPS_PER_ENTRY;
+        state.digest = [5; 32];
+        let expected: Vec<crate::replica::NamespaceImage> = state
+            .kv
+            .namespaces()
+            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+            .collect();
+        let size = state.kv.size();
+        let write = |snapshot: Option<u64>, state: &Image<KvState>| {
+            let plain = state.clone();
+            let kv = plain.kv.clone();
+            let checkpoint = Checkpoint { snapshot, image: plain.map_kv(|_| crate::state::Changes(&kv)) };
+            write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
+        };
+        let opened = |dir: &std::path::Path| {
+            let store = open_store(dir).unwrap();
+            let replica = store.shared.replica.read().unwrap();
+            let kv: Vec<crate::replica::NamespaceImage> = replica
+                .kv()
+                .namespaces()
+                .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+                .collect();
+            (replica.log_id().map(|l| l.index), replica.digest().0, kv, replica.kv().size())
+        };
+
+        write(Some(11), &state);
+        let (index, digest, kv, got_size) = opened(dir.path());
+        assert_eq!((index, digest), (Some(20), [5; 32]));
+        assert!(kv == expected, "the state opened from the checkpoint differs");
+        assert_eq!(got_size, size);
+
+        // Relative to another snapshot: not used.
+        write(Some(10), &state);
+        assert_eq!(opened(dir.path()).0, Some(11));
+        // Damaged: not used.
+        write(Some(11), &state);
+        let path = dir.path().join("checkpoint.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let (index, _, kv, _) = opened(dir.path());
+        assert_eq!(index, Some(11));
+        assert!(kv == image.kv, "a damaged checkpoint changed the state");
     }
 
     /// A backup's state comes in pieces of about a MiB as it is encoded,

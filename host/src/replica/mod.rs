@@ -187,6 +187,11 @@ impl Captured {
         &self.image
     }
 
+    /// The captured state, owned.
+    pub fn into_state(self) -> Image<KvState> {
+        self.image
+    }
+
     /// The whole state as plain data (a copy of every key).
     pub fn image(self) -> Image {
         self.image.map_kv(|kv| {

@@ -28,33 +28,37 @@ pub type Mapping = Arc<memmap2::Mmap>;
 const STRIDE: usize = 16;
 
 thread_local! {
-    /// The mapping being decoded on this thread (see [`decode_mapped`]).
-    static DECODING: RefCell<Option<Mapping>> = const { RefCell::new(None) };
+    /// The mapping being decoded on this thread, and the log index of the
+    /// snapshot in it (see [`decode_mapped`]).
+    static DECODING: RefCell<Option<(Mapping, Option<u64>)>> = const { RefCell::new(None) };
 }
 
-/// Run `decode` (a postcard decode of bytes inside `mapping`) with the
-/// namespaces it decodes left in place in the mapping (a [`Base`] each)
-/// rather than copied into memory.
-pub fn decode_mapped<T>(mapping: &Mapping, decode: impl FnOnce() -> T) -> T {
-    struct Reset(Option<Mapping>);
+/// Run `decode` (a postcard decode of bytes inside `mapping`, the snapshot
+/// at log index `origin`) with the namespaces it decodes left in place in
+/// the mapping (a [`Base`] each) rather than copied into memory.
+pub fn decode_mapped<T>(mapping: &Mapping, origin: Option<u64>, decode: impl FnOnce() -> T) -> T {
+    struct Reset(Option<(Mapping, Option<u64>)>);
     impl Drop for Reset {
         fn drop(&mut self) {
             let previous = self.0.take();
             DECODING.with(|d| *d.borrow_mut() = previous);
         }
     }
-    let _reset = Reset(DECODING.with(|d| d.borrow_mut().replace(mapping.clone())));
+    let _reset = Reset(DECODING.with(|d| d.borrow_mut().replace((mapping.clone(), origin))));
     decode()
 }
 
-/// The mapping being decoded on this thread, if any.
-pub(super) fn decoding() -> Option<Mapping> {
+/// The mapping being decoded on this thread and its snapshot's log index,
+/// if any.
+pub(super) fn decoding() -> Option<(Mapping, Option<u64>)> {
     DECODING.with(|d| d.borrow().clone())
 }
 
 /// Sorted records in a mapped snapshot: one namespace's entries.
 pub(super) struct Base {
     mapping: Mapping,
+    /// Log index of the snapshot the records are in.
+    pub(super) origin: Option<u64>,
     /// Byte range of the records in the mapping.
     start: usize,
     end: usize,
@@ -167,6 +171,7 @@ impl Base {
 /// A [`Base`] being decoded, record by record as postcard parses them.
 pub(super) struct Builder {
     mapping: Mapping,
+    origin: Option<u64>,
     start: usize,
     end: usize,
     index: Vec<(usize, usize)>,
@@ -178,9 +183,19 @@ pub(super) struct Builder {
 }
 
 impl Builder {
-    /// A builder for records in `mapping`.
-    pub(super) fn new(mapping: Mapping) -> Builder {
-        Builder { mapping, start: 0, end: 0, index: Vec::new(), keys: Vec::new(), len: 0, bytes: 0, last_key: (0, 0) }
+    /// A builder for records in `mapping`, the snapshot at `origin`.
+    pub(super) fn new((mapping, origin): (Mapping, Option<u64>)) -> Builder {
+        Builder {
+            mapping,
+            origin,
+            start: 0,
+            end: 0,
+            index: Vec::new(),
+            keys: Vec::new(),
+            len: 0,
+            bytes: 0,
+            last_key: (0, 0),
+        }
     }
 
     /// Take the next record, decoded as `key` and `value` borrowed from the
@@ -236,6 +251,7 @@ impl Builder {
     pub(super) fn finish(self) -> Option<Base> {
         (self.len > 0).then_some(Base {
             mapping: self.mapping,
+            origin: self.origin,
             start: self.start,
             end: self.end,
             index: self.index,

@@ -108,6 +108,10 @@ pub struct Namespace {
     live: imbl::OrdSet<Entry>,
     /// Keys held, through every layer.
     len: usize,
+    /// Holds a snapshot's entries in memory, in `live`, rather than as a
+    /// base (decoded from plain bytes): its layers are not just the changes
+    /// since a base, so they cannot go in a checkpoint.
+    eager: bool,
     /// Key and value bytes held (a function of the entries, so the same on
     /// every node).
     bytes: u64,
@@ -132,37 +136,40 @@ impl std::fmt::Debug for Namespace {
 type Layered<'a> = (&'a [u8], Option<&'a [u8]>);
 
 /// Merge sorted layers (oldest first) into the entries they hold together:
-/// for each key the newest layer's, without deletions.
-fn merge<'a>(
+/// for each key the newest layer's, a deletion as `None`.
+fn merge_layers<'a>(
     mut layers: Vec<std::iter::Peekable<Box<dyn Iterator<Item = Layered<'a>> + 'a>>>,
-) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+) -> impl Iterator<Item = Layered<'a>> + 'a {
     std::iter::from_fn(move || {
-        loop {
-            // The smallest key at the head of any layer; of equal keys the
-            // newest layer's wins, and every layer moves past it.
-            let mut best: Option<(usize, &[u8])> = None;
-            for (i, layer) in layers.iter_mut().enumerate() {
-                if let Some(&(k, _)) = layer.peek()
-                    && best.is_none_or(|(_, b)| k <= b)
-                {
-                    best = Some((i, k));
-                }
-            }
-            let (newest, key) = best?;
-            let mut value = None;
-            for (i, layer) in layers.iter_mut().enumerate() {
-                if layer.peek().is_some_and(|&(k, _)| k == key) {
-                    let (_, v) = layer.next()?;
-                    if i == newest {
-                        value = v;
-                    }
-                }
-            }
-            if let Some(v) = value {
-                return Some((key, v));
+        // The smallest key at the head of any layer; of equal keys the
+        // newest layer's wins, and every layer moves past it.
+        let mut best: Option<(usize, &[u8])> = None;
+        for (i, layer) in layers.iter_mut().enumerate() {
+            if let Some(&(k, _)) = layer.peek()
+                && best.is_none_or(|(_, b)| k <= b)
+            {
+                best = Some((i, k));
             }
         }
+        let (newest, key) = best?;
+        let mut value = None;
+        for (i, layer) in layers.iter_mut().enumerate() {
+            if layer.peek().is_some_and(|&(k, _)| k == key) {
+                let (_, v) = layer.next()?;
+                if i == newest {
+                    value = v;
+                }
+            }
+        }
+        Some((key, value))
     })
+}
+
+/// [`merge_layers`] without the deletions.
+fn merge<'a>(
+    layers: Vec<std::iter::Peekable<Box<dyn Iterator<Item = Layered<'a>> + 'a>>>,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+    merge_layers(layers).filter_map(|(k, v)| Some((k, v?)))
 }
 
 fn layer_entry(e: &Entry) -> Layered<'_> {
@@ -232,6 +239,18 @@ impl Namespace {
             }
         }
         self.base.as_ref()?.get(key)
+    }
+
+    /// The changes since the base (the frozen and live layers merged), in
+    /// key order: each key's value, or `None` where it was deleted.
+    fn changes(&self) -> impl Iterator<Item = Layered<'_>> {
+        let layers = self
+            .frozen
+            .iter()
+            .chain(std::iter::once(&self.live))
+            .map(|layer| (Box::new(layer.iter().map(layer_entry)) as Box<dyn Iterator<Item = _>>).peekable())
+            .collect();
+        merge_layers(layers)
     }
 
     /// Commit `writes` to this namespace (copy-on-write: views taken
@@ -308,6 +327,9 @@ impl Namespace {
         if holds && whole {
             self.base = written.base;
             self.frozen.drain(..n);
+            // What it held in memory is in the base now; `live` holds
+            // the changes since, deletions included.
+            self.eager = false;
         }
     }
 
@@ -345,7 +367,13 @@ impl Namespace {
         }
         let bytes = entries.iter().map(Entry::data_len).sum();
         let len = entries.len();
-        Namespace { live: imbl::OrdSet::from_sorted_unique(entries), len, bytes, ..Namespace::default() }
+        Namespace {
+            live: imbl::OrdSet::from_sorted_unique(entries),
+            len,
+            bytes,
+            eager: len > 0,
+            ..Namespace::default()
+        }
     }
 }
 
@@ -444,7 +472,43 @@ impl serde::Serialize for KvState {
 impl<'de> serde::Deserialize<'de> for KvState {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let parts = Vec::<(String, Namespace)>::deserialize(deserializer)?;
-        Ok(KvState { namespaces: parts.into_iter().collect() })
+        let origin = base::decoding().and_then(|(_, origin)| origin);
+        Ok(KvState { namespaces: parts.into_iter().collect(), origin })
+    }
+}
+
+/// The changes of every namespace since its base, as a checkpoint holds
+/// them: (plugin, [(key, value, or `None` where deleted)]), in order.
+pub type ChangesImage = Vec<(String, Vec<(String, Option<serde_bytes::ByteBuf>)>)>;
+
+/// A state's changes since its bases, encoded as a [`ChangesImage`]
+/// (namespaces without changes left out).
+pub struct Changes<'a>(pub &'a KvState);
+
+/// One namespace's changes (see [`Changes`]).
+struct NamespaceChanges<'a>(&'a Namespace);
+
+impl serde::Serialize for Changes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let changed = |ns: &&Namespace| !ns.live.is_empty() || ns.frozen.iter().any(|l| !l.is_empty());
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.namespaces.values().filter(changed).count()))?;
+        for (name, ns) in self.0.namespaces.iter().filter(|(_, ns)| changed(ns)) {
+            seq.serialize_element(&(name, NamespaceChanges(ns)))?;
+        }
+        seq.end()
+    }
+}
+
+impl serde::Serialize for NamespaceChanges<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.changes().count()))?;
+        for (k, v) in self.0.changes() {
+            let key = std::str::from_utf8(k).unwrap_or_default();
+            seq.serialize_element(&(key, v.map(serde_bytes::Bytes::new)))?;
+        }
+        seq.end()
     }
 }
 
@@ -454,13 +518,25 @@ impl From<Vec<crate::replica::NamespaceImage>> for KvState {
     }
 }
 
-/// In-memory plugin state: one [`Namespace`] per plugin name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Plugin state: one [`Namespace`] per plugin name.
+#[derive(Debug, Clone, Default)]
 pub struct KvState {
     /// Keyed by plugin name; ordered so iteration (snapshots, digests) is the
     /// same on every node.
     namespaces: BTreeMap<String, Namespace>,
+    /// Log index of the snapshot the namespaces' bases are read from (none
+    /// before this node wrote or opened one).
+    origin: Option<u64>,
 }
+
+/// Equal when they hold the same entries, wherever from.
+impl PartialEq for KvState {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespaces == other.namespaces
+    }
+}
+
+impl Eq for KvState {}
 
 impl KvState {
     /// A view of `plugin`'s namespace (empty if it has never written).
@@ -476,7 +552,7 @@ impl KvState {
     /// Rebuild from `(plugin, entries)` pairs (a snapshot).
     pub fn from_parts(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
         let namespaces = parts.into_iter().map(|(name, entries)| (name, Namespace::from_entries(entries))).collect();
-        KvState { namespaces }
+        KvState { namespaces, origin: None }
     }
 
     /// Keys and key-and-value bytes held by every namespace together.
@@ -490,6 +566,38 @@ impl KvState {
         self.namespaces.values_mut().for_each(Namespace::freeze);
     }
 
+    /// The log index of the snapshot a checkpoint of this state is
+    /// relative to ([`Changes`]): `Some(origin)` when every namespace's
+    /// layers are exactly its changes since a base read from that snapshot
+    /// (or since empty), `None` otherwise (a namespace decoded into memory,
+    /// or one whose base is from another snapshot).
+    pub fn checkpoint_base(&self) -> Option<Option<u64>> {
+        let fits =
+            self.namespaces.values().all(|ns| !ns.eager && ns.base.as_ref().is_none_or(|b| b.origin == self.origin));
+        fits.then_some(self.origin)
+    }
+
+    /// Entries (and deletions) in the layers above the bases, across
+    /// namespaces: about what a checkpoint holds.
+    pub fn changed_entries(&self) -> usize {
+        self.namespaces.values().map(|ns| ns.live.len() + ns.frozen.iter().map(imbl::OrdSet::len).sum::<usize>()).sum()
+    }
+
+    /// Apply a checkpoint's changes ([`Changes`]) to the state they are
+    /// relative to.
+    pub fn apply_changes(&mut self, changes: ChangesImage) {
+        for (name, entries) in changes {
+            let mut writes = WriteSet::default();
+            for (key, value) in entries {
+                match value {
+                    Some(v) => writes.set(key, v.into_vec()),
+                    None => writes.delete(key),
+                }
+            }
+            self.apply(&name, &writes);
+        }
+    }
+
     /// Entries (and deletions) in frozen layers, across namespaces.
     pub fn frozen_entries(&self) -> usize {
         self.namespaces.values().map(|ns| ns.frozen.iter().map(imbl::OrdSet::len).sum::<usize>()).sum()
@@ -501,6 +609,7 @@ impl KvState {
     /// in memory. A namespace that no longer holds the captured layers (the
     /// state was replaced meanwhile) is left as it is.
     pub fn rebase(&mut self, captured: &KvState, written: KvState) {
+        self.origin = written.origin;
         for (name, written) in written.namespaces {
             if let (Some(live), Some(captured)) = (self.namespaces.get_mut(&name), captured.namespaces.get(&name)) {
                 live.rebase(captured, written);
@@ -672,7 +781,7 @@ mod tests {
         drop(f);
         let file = std::fs::File::open(&path).unwrap();
         let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
-        base::decode_mapped(&mapping, || postcard::from_bytes(&mapping[6..]).unwrap())
+        base::decode_mapped(&mapping, Some(7), || postcard::from_bytes(&mapping[6..]).unwrap())
     }
 
     /// The layers (a snapshot file's entries read in place, the writes a
@@ -773,7 +882,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let file = std::fs::File::open(&path).unwrap();
         let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
-        let decoded: KvState = base::decode_mapped(&mapping, || postcard::from_bytes(&mapping[..]).unwrap());
+        let decoded: KvState = base::decode_mapped(&mapping, Some(7), || postcard::from_bytes(&mapping[..]).unwrap());
         let ns = decoded.view("p");
         assert!(ns.base.is_none());
         assert_eq!(ns.iter().collect::<Vec<_>>(), [("a", &[1u8][..]), ("b", &[4][..]), ("c", &[2][..])]);

@@ -16,7 +16,7 @@ mod name;
 
 pub use base::{Mapping, decode_mapped};
 pub use digest::Digest;
-pub use kv::{KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
+pub use kv::{Changes, ChangesImage, KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
 pub use name::{MAX_NAME_BYTES, NameError, check_name, parse_name};
 
 use serde::{Deserialize, Serialize};
