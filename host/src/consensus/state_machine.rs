@@ -78,7 +78,18 @@ pub struct Shared {
     /// Key and value bytes of the plugins' state after the last applied
     /// batch: the leader's quota check reads it without the replica's lock.
     pub state_bytes: AtomicU64,
+    /// Notified when the writes since the last snapshot hold more than
+    /// [`SNAPSHOT_AFTER_CHANGED_BYTES`] in memory: the node asks openraft
+    /// for a snapshot then, whatever the number of entries since the last.
+    pub snapshot_wanted: tokio::sync::Notify,
 }
+
+/// Bytes of keys and values written since the last snapshot past which a
+/// node takes a snapshot without waiting for its count of entries: what a
+/// node holds in its own memory is those writes (and, while a snapshot is
+/// built, the ones before), so this bounds it for bulk loads of many keys
+/// per entry too.
+pub const SNAPSHOT_AFTER_CHANGED_BYTES: u64 = 128 << 20;
 
 impl Shared {
     /// Give request handlers the replica's token table.
@@ -490,6 +501,9 @@ fn apply_thread(
             let m = crate::metrics::get();
             crate::metrics::set(&m.state_keys, keys);
             crate::metrics::set(&m.state_bytes, bytes);
+            if replica.kv().changed_bytes() >= SNAPSHOT_AFTER_CHANGED_BYTES {
+                shared.snapshot_wanted.notify_one();
+            }
         }
         if membership_changed && let Ok(replica) = shared.replica.read() {
             shared.membership.send_replace(replica.membership().clone());
@@ -523,6 +537,7 @@ impl StateMachineStore {
             tokens: Default::default(),
             auth_bootstrapped: Default::default(),
             state_bytes: Default::default(),
+            snapshot_wanted: Default::default(),
         });
         let store = StateMachineStore {
             shared: shared.clone(),

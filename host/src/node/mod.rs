@@ -316,6 +316,7 @@ impl RunningNode {
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
+        tasks.spawn(snapshot_when_wanted(inner.raft.clone(), inner.shared.clone()));
         tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
         let _ = cell.set(inner.clone());
         tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
@@ -409,6 +410,21 @@ impl RunningNode {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.inner.p2p.shutdown().await;
+    }
+}
+
+/// Ask openraft for a snapshot whenever the apply thread finds the writes
+/// since the last one holding too much memory
+/// ([`crate::consensus::state_machine::SNAPSHOT_AFTER_CHANGED_BYTES`]): a
+/// no-op while one is being built, and at most one ask a second.
+async fn snapshot_when_wanted(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
+    loop {
+        shared.snapshot_wanted.notified().await;
+        tracing::debug!("the writes since the last snapshot hold too much memory: asking for a snapshot");
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -106,6 +106,10 @@ pub struct Namespace {
     base: Option<Arc<Base>>,
     frozen: Vec<imbl::OrdSet<Entry>>,
     live: imbl::OrdSet<Entry>,
+    /// Key and value bytes of the entries (and key bytes of the deletions)
+    /// in each frozen layer and in `live`: what the layers hold in memory.
+    frozen_bytes: Vec<u64>,
+    live_bytes: u64,
     /// Keys held, through every layer.
     len: usize,
     /// Holds a snapshot's entries in memory, in `live`, rather than as a
@@ -269,6 +273,7 @@ impl Namespace {
                     let added = e.data_len();
                     let replaced = self.live.insert(e);
                     self.bytes += added;
+                    self.live_bytes += added;
                     self.len += 1;
                     replaced
                 }
@@ -278,11 +283,15 @@ impl Namespace {
                     if self.below_live(key.as_bytes()).is_some()
                         && let Some(d) = Entry::deletion(key)
                     {
+                        self.live_bytes += d.data_len();
                         self.live.insert(d);
                     }
                     replaced
                 }
             };
+            if let Some(e) = &replaced {
+                self.live_bytes -= e.data_len();
+            }
             let old = match &replaced {
                 Some(e) if e.is_deleted() => None,
                 Some(e) => Some(e.data_len()),
@@ -301,6 +310,7 @@ impl Namespace {
     fn freeze(&mut self) {
         if !self.live.is_empty() {
             self.frozen.push(std::mem::take(&mut self.live));
+            self.frozen_bytes.push(std::mem::take(&mut self.live_bytes));
         }
     }
 
@@ -327,6 +337,7 @@ impl Namespace {
         if holds && whole {
             self.base = written.base;
             self.frozen.drain(..n);
+            self.frozen_bytes.drain(..n.min(self.frozen_bytes.len()));
             // What it held in memory is in the base now; `live` holds
             // the changes since, deletions included.
             self.eager = false;
@@ -371,6 +382,7 @@ impl Namespace {
             live: imbl::OrdSet::from_sorted_unique(entries),
             len,
             bytes,
+            live_bytes: bytes,
             eager: len > 0,
             ..Namespace::default()
         }
@@ -598,6 +610,12 @@ impl KvState {
         }
     }
 
+    /// Bytes the layers above the bases hold in memory, across namespaces
+    /// (keys and values; keys of deletions).
+    pub fn changed_bytes(&self) -> u64 {
+        self.namespaces.values().map(|ns| ns.live_bytes + ns.frozen_bytes.iter().sum::<u64>()).sum()
+    }
+
     /// Entries (and deletions) in frozen layers, across namespaces.
     pub fn frozen_entries(&self) -> usize {
         self.namespaces.values().map(|ns| ns.frozen.iter().map(imbl::OrdSet::len).sum::<usize>()).sum()
@@ -719,6 +737,10 @@ mod tests {
     }
 
     fn same_as(ns: &Namespace, model: &BTreeMap<String, Vec<u8>>) {
+        // What the layers hold in memory, as counted while writing.
+        let held = |l: &imbl::OrdSet<Entry>| l.iter().map(Entry::data_len).sum::<u64>();
+        assert_eq!(ns.live_bytes, held(&ns.live));
+        assert_eq!(ns.frozen_bytes, ns.frozen.iter().map(held).collect::<Vec<_>>());
         assert_eq!(ns.len(), model.len());
         assert!(ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).eq(model.clone()));
         assert_eq!(ns.bytes(), model.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>());
