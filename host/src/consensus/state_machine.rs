@@ -987,6 +987,17 @@ mod tests {
         assert_eq!(back.blobs, blobs);
     }
 
+    /// `snapshot.bin` at `path` holding `image`, no plugin bytes.
+    fn write_image(path: &std::path::Path, image: &crate::replica::Image) {
+        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
+        let meta = SnapshotMeta {
+            last_log_id: image.log_id,
+            last_membership: image.membership.clone(),
+            snapshot_id: "snapshot".into(),
+        };
+        write_state(path, &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] }).unwrap();
+    }
+
     fn open_store(dir: &std::path::Path) -> Result<StateMachineStore> {
         let runtime = Arc::new(crate::runtime::Runtime::new().map_err(sm_err)?);
         let artifacts = Arc::new(Artifacts::open(&dir.join("plugins"), runtime).map_err(sm_err)?);
@@ -1001,14 +1012,8 @@ mod tests {
     fn opening_removes_unfinished_builds_and_checks_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let image = image_of(2, 3_000, (4, 11));
-        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
-        let meta = SnapshotMeta {
-            last_log_id: image.log_id,
-            last_membership: image.membership.clone(),
-            snapshot_id: "4-11".into(),
-        };
         let path = dir.path().join("snapshot.bin");
-        write_state(&path, &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] }).unwrap();
+        write_image(&path, &image);
         for name in ["snapshot.4242.0.tmp", "snapshot.4242.1.tmp", "snapshot.recv.4242.2.tmp"] {
             std::fs::write(dir.path().join(name), vec![0u8; 4096]).unwrap();
         }
@@ -1036,6 +1041,13 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
     }
 
+    /// The plugin data as plain vectors.
+    fn plain(kv: &KvState) -> Vec<crate::replica::NamespaceImage> {
+        kv.namespaces()
+            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+            .collect()
+    }
+
     /// A checkpoint holds the state but for the plugin data, and the plugin
     /// data's changes since the snapshot (sets, overwrites, deletions, a
     /// new namespace): a store opened with one is the checkpoint's state,
@@ -1046,14 +1058,7 @@ mod tests {
     fn a_store_opens_at_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let image = image_of(2, 3_000, (4, 11));
-        let captured = Replica::restore(image.clone(), &NoPlugins).unwrap().capture();
-        let meta = SnapshotMeta {
-            last_log_id: image.log_id,
-            last_membership: image.membership.clone(),
-            snapshot_id: "4-11".into(),
-        };
-        write_state(&dir.path().join("snapshot.bin"), &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] })
-            .unwrap();
+        write_image(&dir.path().join("snapshot.bin"), &image);
         let store = open_store(dir.path()).unwrap();
         let mut state = store.shared.replica.read().unwrap().capture().into_state();
         drop(store);
@@ -1071,11 +1076,7 @@ mod tests {
         state.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), 20));
         state.last_applied = 20 * crate::consensus::types::OPS_PER_ENTRY;
         state.digest = [5; 32];
-        let expected: Vec<crate::replica::NamespaceImage> = state
-            .kv
-            .namespaces()
-            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-            .collect();
+        let expected = plain(&state.kv);
         let size = state.kv.size();
         let write = |snapshot: Option<u64>, state: &Image<KvState>| {
             let plain = state.clone();
@@ -1086,12 +1087,7 @@ mod tests {
         let opened = |dir: &std::path::Path| {
             let store = open_store(dir).unwrap();
             let replica = store.shared.replica.read().unwrap();
-            let kv: Vec<crate::replica::NamespaceImage> = replica
-                .kv()
-                .namespaces()
-                .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-                .collect();
-            (replica.log_id().map(|l| l.index), replica.digest().0, kv, replica.kv().size())
+            (replica.log_id().map(|l| l.index), replica.digest().0, plain(replica.kv()), replica.kv().size())
         };
 
         write(Some(11), &state);

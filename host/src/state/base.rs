@@ -170,14 +170,7 @@ impl Base {
 
 /// A [`Base`] being decoded, record by record as postcard parses them.
 pub(super) struct Builder {
-    mapping: Mapping,
-    origin: Option<u64>,
-    start: usize,
-    end: usize,
-    index: Vec<(usize, usize)>,
-    keys: Vec<u8>,
-    len: usize,
-    bytes: u64,
+    base: Base,
     /// Offset and length of the last key taken.
     last_key: (usize, usize),
 }
@@ -185,17 +178,8 @@ pub(super) struct Builder {
 impl Builder {
     /// A builder for records in `mapping`, the snapshot at `origin`.
     pub(super) fn new((mapping, origin): (Mapping, Option<u64>)) -> Builder {
-        Builder {
-            mapping,
-            origin,
-            start: 0,
-            end: 0,
-            index: Vec::new(),
-            keys: Vec::new(),
-            len: 0,
-            bytes: 0,
-            last_key: (0, 0),
-        }
+        let base = Base { mapping, origin, start: 0, end: 0, index: Vec::new(), keys: Vec::new(), len: 0, bytes: 0 };
+        Builder { base, last_key: (0, 0) }
     }
 
     /// Take the next record, decoded as `key` and `value` borrowed from the
@@ -204,43 +188,44 @@ impl Builder {
     /// lengths, with a key above the previous key: the records a snapshot
     /// writes. (Anything else is decoded into memory instead.)
     pub(super) fn push(&mut self, key: &[u8], value: &[u8]) -> bool {
-        let map: &[u8] = &self.mapping;
-        let base = map.as_ptr() as usize;
-        let (k, v) = ((key.as_ptr() as usize).wrapping_sub(base), (value.as_ptr() as usize).wrapping_sub(base));
+        let b = &mut self.base;
+        let map: &[u8] = &b.mapping;
+        let origin = map.as_ptr() as usize;
+        let (k, v) = ((key.as_ptr() as usize).wrapping_sub(origin), (value.as_ptr() as usize).wrapping_sub(origin));
         let Some(at) = k.checked_sub(varint_len(key.len())) else { return false };
         let in_map = k.checked_add(key.len()).is_some_and(|e| e <= map.len())
             && v.checked_add(value.len()).is_some_and(|e| e <= map.len());
-        let contiguous = v == k + key.len() + varint_len(value.len()) && (self.len == 0 || at == self.end);
+        let contiguous = v == k + key.len() + varint_len(value.len()) && (b.len == 0 || at == b.end);
         if !in_map || !contiguous || varint(map, at) != Some((key.len(), k)) {
             return false;
         }
-        if self.len > 0 {
+        if b.len > 0 {
             let previous = map.get(self.last_key.0..self.last_key.0 + self.last_key.1).unwrap_or_default();
             if previous >= key {
                 return false;
             }
         } else {
-            self.start = at;
+            b.start = at;
         }
-        if self.len.is_multiple_of(STRIDE) {
-            self.index.push((at, self.keys.len()));
-            self.keys.extend_from_slice(key);
+        if b.len.is_multiple_of(STRIDE) {
+            b.index.push((at, b.keys.len()));
+            b.keys.extend_from_slice(key);
         }
-        self.end = v + value.len();
+        b.end = v + value.len();
         self.last_key = (k, key.len());
-        self.len += 1;
-        self.bytes += (key.len() + value.len()) as u64;
+        b.len += 1;
+        b.bytes += (key.len() + value.len()) as u64;
         true
     }
 
     /// The records taken so far, copied out (when the rest cannot stay in
     /// place).
     pub(super) fn taken(&self) -> Vec<(&[u8], &[u8])> {
-        let map: &[u8] = &self.mapping;
-        let mut out = Vec::with_capacity(self.len);
-        let mut at = self.start;
-        while out.len() < self.len {
-            let Some((k, v, next)) = record_in(map, at) else { break };
+        let b = &self.base;
+        let mut out = Vec::with_capacity(b.len);
+        let mut at = b.start;
+        while out.len() < b.len {
+            let Some((k, v, next)) = record_in(&b.mapping, at) else { break };
             out.push((k, v));
             at = next;
         }
@@ -249,16 +234,7 @@ impl Builder {
 
     /// The base, or `None` when no record was taken.
     pub(super) fn finish(self) -> Option<Base> {
-        (self.len > 0).then_some(Base {
-            mapping: self.mapping,
-            origin: self.origin,
-            start: self.start,
-            end: self.end,
-            index: self.index,
-            keys: self.keys,
-            len: self.len,
-            bytes: self.bytes,
-        })
+        (self.base.len > 0).then_some(self.base)
     }
 }
 

@@ -1,9 +1,9 @@
 //! One key and its value, as a namespace's tree holds it: a single heap
 //! block shared, not copied, by every node that holds it.
 //!
-//! A namespace is a persistent B-tree ([`super::kv::Namespace`]). While a
-//! snapshot holds a clone of the tree, a write copies the nodes on its
-//! path, and each copied node clones every key it holds: the sixteen
+//! A namespace's writes since its last snapshot are a persistent B-tree
+//! ([`super::kv::Namespace`]). While a snapshot or a checkpoint holds a
+//! clone of the tree, a write copies the nodes on its path, and each copied node clones every key it holds: the sixteen
 //! entries of the leaf and the separator keys of each branch above it
 //! (whole entries: the tree is a set of entries). With an entry that owned
 //! its bytes (`Box<[u8]>`), one write during a snapshot of a 10M-key state
