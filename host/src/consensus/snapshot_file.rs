@@ -339,9 +339,7 @@ pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
     if u64::from_le_bytes(len) != (bytes.len() - HEADER) as u64 {
         return Err(bad("is cut short or too long"));
     }
-    if blake3::hash(&bytes[HEADER..]).as_bytes()[..] != bytes[MAGIC.len() + 8..HEADER] {
-        return Err(bad("is damaged: its checksum does not match"));
-    }
+    check_whole(&bytes, path)?;
     bytes.drain(..HEADER);
     Ok(Some(bytes))
 }

@@ -1041,13 +1041,6 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
     }
 
-    /// The plugin data as plain vectors.
-    fn plain(kv: &KvState) -> Vec<crate::replica::NamespaceImage> {
-        kv.namespaces()
-            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-            .collect()
-    }
-
     /// A checkpoint holds the state but for the plugin data, and the plugin
     /// data's changes since the snapshot (sets, overwrites, deletions, a
     /// new namespace): a store opened with one is the checkpoint's state,
@@ -1076,7 +1069,7 @@ mod tests {
         state.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), 20));
         state.last_applied = 20 * crate::consensus::types::OPS_PER_ENTRY;
         state.digest = [5; 32];
-        let expected = plain(&state.kv);
+        let expected = state.kv.image();
         let size = state.kv.size();
         let write = |snapshot: Option<u64>, state: &Image<KvState>| {
             let plain = state.clone();
@@ -1087,7 +1080,7 @@ mod tests {
         let opened = |dir: &std::path::Path| {
             let store = open_store(dir).unwrap();
             let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, plain(replica.kv()), replica.kv().size())
+            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
         };
 
         write(Some(11), &state);

@@ -194,11 +194,7 @@ impl Captured {
 
     /// The whole state as plain data (a copy of every key).
     pub fn image(self) -> Image {
-        self.image.map_kv(|kv| {
-            kv.namespaces()
-                .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-                .collect()
-        })
+        self.image.map_kv(|kv| kv.image())
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! A namespace's writes since its last snapshot are a persistent B-tree
 //! ([`super::kv::Namespace`]). While a snapshot or a checkpoint holds a
-//! clone of the tree, a write copies the nodes on its path, and each copied node clones every key it holds: the sixteen
+//! clone of the tree, a write copies the nodes on its path, and each
+//! copied node clones every key it holds: the sixteen
 //! entries of the leaf and the separator keys of each branch above it
 //! (whole entries: the tree is a set of entries). With an entry that owned
 //! its bytes (`Box<[u8]>`), one write during a snapshot of a 10M-key state
@@ -51,9 +52,10 @@ unsafe impl Sync for Entry {}
 
 impl Entry {
     /// A new entry holding copies of `key` and `value`, or `None` if the
-    /// key is 2 GiB or more or the value 4 GiB or more. Neither a command (its memory is at most 256 MiB)
-    /// nor a state that held it can make one that large; a damaged or
-    /// crafted snapshot could, and is refused for it.
+    /// key is 2 GiB or more or the value 4 GiB or more. Neither a command
+    /// (its memory is at most 256 MiB) nor a state that held it can make
+    /// one that large; a damaged or crafted snapshot could, and is refused
+    /// for it.
     pub(super) fn new(key: &str, value: &[u8]) -> Option<Entry> {
         let key_len = u32::try_from(key.len()).ok().filter(|&n| n < DELETED)?;
         let value_len = u32::try_from(value.len()).ok()?;

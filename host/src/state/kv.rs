@@ -104,11 +104,10 @@ impl WriteSet {
 #[derive(Clone, Default)]
 pub struct Namespace {
     base: Option<Arc<Base>>,
-    frozen: Vec<imbl::OrdSet<Entry>>,
+    frozen: Vec<Frozen>,
     live: imbl::OrdSet<Entry>,
     /// Key and value bytes of the entries (and key bytes of the deletions)
-    /// in each frozen layer and in `live`: what the layers hold in memory.
-    frozen_bytes: Vec<u64>,
+    /// in `live`: what it holds in memory.
     live_bytes: u64,
     /// Keys held, through every layer.
     len: usize,
@@ -118,6 +117,14 @@ pub struct Namespace {
     eager: bool,
     /// Key and value bytes held (a function of the entries, so the same on
     /// every node).
+    bytes: u64,
+}
+
+/// Writes a snapshot capture froze ([`Namespace::freeze`]), and the bytes
+/// they hold in memory (as `Namespace::live_bytes` counted them).
+#[derive(Clone)]
+struct Frozen {
+    entries: imbl::OrdSet<Entry>,
     bytes: u64,
 }
 
@@ -219,7 +226,7 @@ impl Namespace {
                 (Box::new(base.iter_from(from).map(|(k, v)| (k, Some(v)))) as Box<dyn Iterator<Item = _>>).peekable(),
             );
         }
-        for layer in self.frozen.iter().chain(std::iter::once(&self.live)) {
+        for layer in self.frozen.iter().map(|f| &f.entries).chain(std::iter::once(&self.live)) {
             layers.push(
                 (Box::new(layer.range::<_, [u8]>(range).map(layer_entry)) as Box<dyn Iterator<Item = _>>).peekable(),
             );
@@ -238,7 +245,7 @@ impl Namespace {
     /// The value at `key` in the layers below `live`.
     fn below_live(&self, key: &[u8]) -> Option<&[u8]> {
         for layer in self.frozen.iter().rev() {
-            if let Some(e) = layer.get(key) {
+            if let Some(e) = layer.entries.get(key) {
                 return (!e.is_deleted()).then(|| e.value());
             }
         }
@@ -251,6 +258,7 @@ impl Namespace {
         let layers = self
             .frozen
             .iter()
+            .map(|f| &f.entries)
             .chain(std::iter::once(&self.live))
             .map(|layer| (Box::new(layer.iter().map(layer_entry)) as Box<dyn Iterator<Item = _>>).peekable())
             .collect();
@@ -263,6 +271,9 @@ impl Namespace {
         for (key, value) in writes.iter() {
             // What the key held: in `live` (returned as it is replaced or
             // removed), else below it.
+            // For a deletion, the value's length below `live`, looked up
+            // once: it decides the deletion marker and the old size.
+            let mut below = None;
             let replaced = match value {
                 Some(v) => {
                     // Never `None`: a command's memory is at most 256 MiB.
@@ -279,8 +290,10 @@ impl Namespace {
                 }
                 None => {
                     let replaced = self.live.remove(key.as_bytes());
+                    let under = self.below_live(key.as_bytes()).map(<[u8]>::len);
+                    below = Some(under);
                     // A deletion stays in `live` only to hide the key below.
-                    if self.below_live(key.as_bytes()).is_some()
+                    if under.is_some()
                         && let Some(d) = Entry::deletion(key)
                     {
                         self.live_bytes += d.data_len();
@@ -295,7 +308,9 @@ impl Namespace {
             let old = match &replaced {
                 Some(e) if e.is_deleted() => None,
                 Some(e) => Some(e.data_len()),
-                None => self.below_live(key.as_bytes()).map(|v| (key.len() + v.len()) as u64),
+                None => below
+                    .unwrap_or_else(|| self.below_live(key.as_bytes()).map(<[u8]>::len))
+                    .map(|v| (key.len() + v) as u64),
             };
             if let Some(old) = old {
                 self.bytes -= old;
@@ -309,8 +324,8 @@ impl Namespace {
     /// can be dropped ([`Namespace::rebase`]).
     fn freeze(&mut self) {
         if !self.live.is_empty() {
-            self.frozen.push(std::mem::take(&mut self.live));
-            self.frozen_bytes.push(std::mem::take(&mut self.live_bytes));
+            let (entries, bytes) = (std::mem::take(&mut self.live), std::mem::take(&mut self.live_bytes));
+            self.frozen.push(Frozen { entries, bytes });
         }
     }
 
@@ -330,14 +345,13 @@ impl Namespace {
         let holds = same_base
             && captured.live.is_empty()
             && self.frozen.len() >= n
-            && self.frozen.iter().zip(&captured.frozen).all(|(a, b)| a.ptr_eq(b));
+            && self.frozen.iter().zip(&captured.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
         let whole = written.frozen.is_empty()
             && written.live.is_empty()
             && (written.len, written.bytes) == (captured.len, captured.bytes);
         if holds && whole {
             self.base = written.base;
             self.frozen.drain(..n);
-            self.frozen_bytes.drain(..n.min(self.frozen_bytes.len()));
             // What it held in memory is in the base now; `live` holds
             // the changes since, deletions included.
             self.eager = false;
@@ -502,7 +516,7 @@ struct NamespaceChanges<'a>(&'a Namespace);
 
 impl serde::Serialize for Changes<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let changed = |ns: &&Namespace| !ns.live.is_empty() || ns.frozen.iter().any(|l| !l.is_empty());
+        let changed = |ns: &&Namespace| !ns.live.is_empty() || ns.frozen.iter().any(|f| !f.entries.is_empty());
         use serde::ser::SerializeSeq;
         let mut seq = serializer.serialize_seq(Some(self.0.namespaces.values().filter(changed).count()))?;
         for (name, ns) in self.0.namespaces.iter().filter(|(_, ns)| changed(ns)) {
@@ -556,6 +570,14 @@ impl KvState {
         self.namespaces.get(plugin).cloned().unwrap_or_default()
     }
 
+    /// Every namespace as plain vectors, in name and key order: a copy of
+    /// every key.
+    pub fn image(&self) -> Vec<crate::replica::NamespaceImage> {
+        self.namespaces()
+            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
+            .collect()
+    }
+
     /// Every namespace in name order (for snapshots).
     pub fn namespaces(&self) -> impl Iterator<Item = (&str, &Namespace)> {
         self.namespaces.iter().map(|(k, v)| (k.as_str(), v))
@@ -592,7 +614,10 @@ impl KvState {
     /// Entries (and deletions) in the layers above the bases, across
     /// namespaces: about what a checkpoint holds.
     pub fn changed_entries(&self) -> usize {
-        self.namespaces.values().map(|ns| ns.live.len() + ns.frozen.iter().map(imbl::OrdSet::len).sum::<usize>()).sum()
+        self.namespaces
+            .values()
+            .map(|ns| ns.live.len() + ns.frozen.iter().map(|f| f.entries.len()).sum::<usize>())
+            .sum()
     }
 
     /// Apply a checkpoint's changes ([`Changes`]) to the state they are
@@ -613,12 +638,12 @@ impl KvState {
     /// Bytes the layers above the bases hold in memory, across namespaces
     /// (keys and values; keys of deletions).
     pub fn changed_bytes(&self) -> u64 {
-        self.namespaces.values().map(|ns| ns.live_bytes + ns.frozen_bytes.iter().sum::<u64>()).sum()
+        self.namespaces.values().map(|ns| ns.live_bytes + ns.frozen.iter().map(|f| f.bytes).sum::<u64>()).sum()
     }
 
     /// Entries (and deletions) in frozen layers, across namespaces.
     pub fn frozen_entries(&self) -> usize {
-        self.namespaces.values().map(|ns| ns.frozen.iter().map(imbl::OrdSet::len).sum::<usize>()).sum()
+        self.namespaces.values().map(|ns| ns.frozen.iter().map(|f| f.entries.len()).sum::<usize>()).sum()
     }
 
     /// `written` is `captured` (a capture right after [`KvState::freeze`])
@@ -716,10 +741,7 @@ mod tests {
             }
             state.apply(plugin, &w);
         }
-        let plain: Vec<crate::replica::NamespaceImage> = state
-            .namespaces()
-            .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-            .collect();
+        let plain = state.image();
         let bytes = postcard::to_allocvec(&state).unwrap();
         assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
         let back: KvState = postcard::from_bytes(&bytes).unwrap();
@@ -740,7 +762,7 @@ mod tests {
         // What the layers hold in memory, as counted while writing.
         let held = |l: &imbl::OrdSet<Entry>| l.iter().map(Entry::data_len).sum::<u64>();
         assert_eq!(ns.live_bytes, held(&ns.live));
-        assert_eq!(ns.frozen_bytes, ns.frozen.iter().map(held).collect::<Vec<_>>());
+        assert!(ns.frozen.iter().all(|f| f.bytes == held(&f.entries)));
         assert_eq!(ns.len(), model.len());
         assert!(ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).eq(model.clone()));
         assert_eq!(ns.bytes(), model.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>());
@@ -840,11 +862,8 @@ mod tests {
                 vec![("p".into(), model.iter().map(|(k, v)| (k.clone(), v.clone())).collect())]
             };
             if !state.namespaces.is_empty() || !plain.is_empty() {
-                let got: Vec<crate::replica::NamespaceImage> = state
-                    .namespaces()
-                    .filter(|(_, ns)| !ns.is_empty())
-                    .map(|(name, ns)| (name.to_owned(), ns.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()))
-                    .collect();
+                let got: Vec<crate::replica::NamespaceImage> =
+                    state.image().into_iter().filter(|(_, entries)| !entries.is_empty()).collect();
                 assert_eq!(got, plain);
             }
         };
