@@ -33,7 +33,7 @@ use super::snapshot_file::{
 };
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
-use crate::replica::{Image, Replica, VersionRecord};
+use crate::replica::{Captured, Image, Replica, VersionRecord};
 use crate::state::KvState;
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -450,6 +450,12 @@ pub struct StateMachineStore {
     /// The snapshot file `open` checked and restored, until openraft's
     /// first `get_current_snapshot`.
     opened: Arc<std::sync::Mutex<Option<FileId>>>,
+    /// The log id of the snapshot `snapshot.bin` holds, held while it is
+    /// replaced: openraft builds a snapshot on a task of its own, so a
+    /// build captured before a newer snapshot was installed can finish
+    /// after it, and must not put the older one back (the log up to the
+    /// installed one may be purged by then).
+    stored: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
@@ -546,6 +552,7 @@ impl StateMachineStore {
             snapshot_path: data_dir.join("snapshot.bin"),
             apply: tx,
             opened: Default::default(),
+            stored: Default::default(),
         };
         // Builds this node did not finish (it was killed or lost power):
         // each is as large as the state, and nothing else will remove it.
@@ -563,6 +570,7 @@ impl StateMachineStore {
             })?;
             store.install(&file.meta, decoded)?;
             *store.opened.lock().map_err(sm_err)? = Some(file.id);
+            *store.stored.lock().map_err(sm_err)? = file.meta.last_log_id;
             snapshot = file.meta.last_log_id.map(|l| l.index);
             let (keys, bytes) = store.shared.replica.read().map_err(sm_err)?.kv().size();
             tracing::info!(
@@ -732,79 +740,102 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let started = std::time::Instant::now();
-        // One take of the lock: the state between two entries, whole, with
-        // the writes since the last snapshot frozen (O(namespaces)).
-        let captured = self.shared.replica.write().map_err(sm_err)?.capture_for_snapshot();
-        let log_id = captured.log_id();
-        let blobs = plugin_blobs(captured.registry(), &self.artifacts).map_err(snap_err)?;
-        let path = self.snapshot_path.clone();
-        let shared = self.shared.clone();
+        let captured = self.capture_for_snapshot()?;
+        let this = self.clone();
         // Serialising a large state is CPU work: off the async workers, on
         // a thread of its own that yields to them and to the apply thread.
-        in_background(move || {
-            let image = captured.state();
-            // The membership inside the image: the one at `log_id`.
-            let last_membership = image.membership.clone();
-            let snapshot_id = match log_id {
-                Some(id) => format!("{}-{}", id.leader_id, id.index),
-                None => "empty".to_owned(),
-            };
-            let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
-            // Encoded from the shared trees straight into the file: no
-            // plain copy of the state and no encoded copy in memory while
-            // encoding (the size is counted in a first pass).
-            let (size, bytes) =
-                write_state(&path, &meta, &SnapshotDataRef { image, blobs: &blobs }).map_err(snap_err)?;
-            let m = crate::metrics::get();
-            m.snapshots.inc();
-            crate::metrics::set(&m.snapshot_bytes, size);
-            m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
+        in_background(move || this.write_captured(captured)).await.map_err(snap_err)?
+    }
+}
+
+impl StateMachineStore {
+    /// The state between two entries, whole, with the writes since the
+    /// last snapshot frozen (O(namespaces)): one take of the lock.
+    fn capture_for_snapshot(&self) -> Result<(std::time::Instant, Captured)> {
+        let started = std::time::Instant::now();
+        Ok((started, self.shared.replica.write().map_err(sm_err)?.capture_for_snapshot()))
+    }
+
+    /// Write `captured` to `snapshot.bin` and read the state's plugin data
+    /// from there from now on; unless `snapshot.bin` holds a newer
+    /// snapshot by then (one was installed meanwhile), which stays.
+    fn write_captured(&self, (started, captured): (std::time::Instant, Captured)) -> Result<Snapshot<TypeConfig>> {
+        let log_id = captured.log_id();
+        let blobs = plugin_blobs(captured.registry(), &self.artifacts).map_err(snap_err)?;
+        let image = captured.state();
+        // The membership inside the image: the one at `log_id`.
+        let last_membership = image.membership.clone();
+        let snapshot_id = match log_id {
+            Some(id) => format!("{}-{}", id.leader_id, id.index),
+            None => "empty".to_owned(),
+        };
+        let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
+        let mut stored = self.stored.lock().map_err(snap_err)?;
+        if *stored >= log_id {
+            // openraft keeps only the meta of a snapshot it built, and
+            // ignores one older than the snapshot it has; the data it
+            // sends comes from `get_current_snapshot`. So nothing is
+            // written, and the state (replaced by the install) stays.
             tracing::info!(
                 index = log_id.map_or(0, |id| id.index),
-                bytes = size,
-                seconds = started.elapsed().as_secs_f64(),
-                "snapshot built"
+                stored = stored.map_or(0, |id| id.index),
+                "snapshot not kept: a newer one was installed while it was built"
             );
-            // From now on the state reads what it holds up to `log_id`
-            // from the file just written, and drops its copy in memory.
-            let rebasing = std::time::Instant::now();
-            match bytes.map_shared().map_err(snap_err).and_then(|m| decode_mapped_snapshot(&m, &meta)) {
-                Ok(written) => {
-                    let frozen = captured.state().kv.frozen_entries();
-                    if let Ok(mut replica) = shared.replica.write() {
-                        replica.rebase(&captured, written.image.kv);
-                    }
-                    // The frozen writes are freed here, with the capture,
-                    // off the lock.
-                    drop(captured);
-                    let freed = rebasing.elapsed().as_secs_f64();
-                    let before = anon_resident_kib();
-                    // Many freed (the first snapshot after the state was
-                    // loaded, or a long time between snapshots): hand the
-                    // memory back to the system, which the allocator would
-                    // otherwise keep, as small blocks all over the heap.
-                    if frozen >= TRIM_AFTER_ENTRIES {
-                        // SAFETY: a plain call into the C allocator.
-                        unsafe { libc::malloc_trim(0) };
-                    }
-                    tracing::debug!(
-                        seconds = freed,
-                        frozen,
-                        trim_seconds = rebasing.elapsed().as_secs_f64() - freed,
-                        anon_kib_before = before,
-                        anon_kib_after = anon_resident_kib(),
-                        "state rebased on its snapshot"
-                    );
+            drop(stored);
+            let dir = self.snapshot_path.parent().unwrap_or(std::path::Path::new("."));
+            return Ok(Snapshot { meta, snapshot: Box::new(SnapshotBytes::receive_in(dir).map_err(snap_err)?) });
+        }
+        // Encoded from the shared trees straight into the file: no plain
+        // copy of the state and no encoded copy in memory while encoding
+        // (the size is counted in a first pass).
+        let (size, bytes) =
+            write_state(&self.snapshot_path, &meta, &SnapshotDataRef { image, blobs: &blobs }).map_err(snap_err)?;
+        *stored = log_id;
+        drop(stored);
+        let m = crate::metrics::get();
+        m.snapshots.inc();
+        crate::metrics::set(&m.snapshot_bytes, size);
+        m.snapshot_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            index = log_id.map_or(0, |id| id.index),
+            bytes = size,
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot built"
+        );
+        // From now on the state reads what it holds up to `log_id` from
+        // the file just written, and drops its copy in memory.
+        let rebasing = std::time::Instant::now();
+        match bytes.map_shared().map_err(snap_err).and_then(|m| decode_mapped_snapshot(&m, &meta)) {
+            Ok(written) => {
+                let frozen = captured.state().kv.frozen_entries();
+                if let Ok(mut replica) = self.shared.replica.write() {
+                    replica.rebase(&captured, written.image.kv);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the snapshot just written; the state stays in memory")
+                // The frozen writes are freed here, with the capture, off
+                // the lock.
+                drop(captured);
+                let freed = rebasing.elapsed().as_secs_f64();
+                let before = anon_resident_kib();
+                // Many freed (the first snapshot after the state was
+                // loaded, or a long time between snapshots): hand the
+                // memory back to the system, which the allocator would
+                // otherwise keep, as small blocks all over the heap.
+                if frozen >= TRIM_AFTER_ENTRIES {
+                    // SAFETY: a plain call into the C allocator.
+                    unsafe { libc::malloc_trim(0) };
                 }
+                tracing::debug!(
+                    seconds = freed,
+                    frozen,
+                    trim_seconds = rebasing.elapsed().as_secs_f64() - freed,
+                    anon_kib_before = before,
+                    anon_kib_after = anon_resident_kib(),
+                    "state rebased on its snapshot"
+                );
             }
-            Ok(Snapshot { meta, snapshot: Box::new(bytes) })
-        })
-        .await
-        .map_err(snap_err)?
+            Err(e) => tracing::warn!(error = %e, "cannot read the snapshot just written; the state stays in memory"),
+        }
+        Ok(Snapshot { meta, snapshot: Box::new(bytes) })
     }
 }
 
@@ -903,10 +934,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let this = self.clone();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
+            let mut stored = this.stored.lock().map_err(snap_err)?;
             this.restore(&meta, &mapped)?;
             let data = mapped.data();
             crate::metrics::set(&crate::metrics::get().snapshot_bytes, data.len() as u64);
             write_snapshot(&this.snapshot_path, &meta, data.len() as u64, |w| w.write_all(data)).map_err(snap_err)?;
+            *stored = meta.last_log_id;
+            tracing::info!(
+                index = meta.last_log_id.map_or(0, |id| id.index),
+                bytes = data.len(),
+                "snapshot installed from the leader"
+            );
             Ok(())
         })
         .await
@@ -1102,6 +1140,47 @@ mod tests {
         let (index, _, kv, _) = opened(dir.path());
         assert_eq!(index, Some(11));
         assert!(kv == image.kv, "a damaged checkpoint changed the state");
+    }
+
+    /// openraft builds a snapshot on a task of its own, so a build captured
+    /// before a newer snapshot was installed can finish after it. It wrote
+    /// the older snapshot over the installed one, though openraft may have
+    /// purged the log up to the installed one: a restart then opened the
+    /// older state with the entries after it gone. The installed snapshot
+    /// stays, and so does the state.
+    #[tokio::test]
+    async fn a_build_finishing_after_an_install_leaves_the_installed_snapshot() {
+        use tokio::io::AsyncWriteExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        write_image(&dir.path().join("snapshot.bin"), &image_of(1, 30, (1, 5)));
+        let mut store = open_store(dir.path()).unwrap();
+        let next = LogId::new(openraft::CommittedLeaderId::new(1, 1), 6);
+        store.apply(vec![Entry { log_id: next, payload: EntryPayload::Blank }]).await.unwrap();
+        let captured = store.capture_for_snapshot().unwrap();
+
+        let newer = image_of(2, 50, (2, 20));
+        let data = postcard::to_allocvec(&SnapshotData { image: newer.clone(), blobs: vec![] }).unwrap();
+        let mut received = store.begin_receiving_snapshot().await.unwrap();
+        received.write_all(&data).await.unwrap();
+        received.flush().await.unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: newer.log_id,
+            last_membership: newer.membership.clone(),
+            snapshot_id: "installed".into(),
+        };
+        store.install_snapshot(&meta, received).await.unwrap();
+
+        let builder = store.clone();
+        let built = tokio::task::spawn_blocking(move || builder.write_captured(captured)).await.unwrap().unwrap();
+        assert_eq!(built.meta.last_log_id, Some(next));
+        let current = store.get_current_snapshot().await.unwrap().expect("no snapshot stored");
+        assert_eq!(current.meta.last_log_id, newer.log_id, "the build put the older snapshot back");
+        let replica = store.shared.replica.read().unwrap();
+        assert_eq!((replica.log_id(), replica.kv().size().0), (newer.log_id, 100));
+        drop(replica);
+        drop(store);
+        let reopened = open_store(dir.path()).unwrap();
+        assert_eq!(reopened.shared.replica.read().unwrap().log_id(), newer.log_id);
     }
 
     /// A backup's state comes in pieces of about a MiB as it is encoded,
