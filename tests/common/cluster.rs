@@ -282,7 +282,15 @@ impl Cluster {
                     }
                 }
                 if digests.len() == self.live().len() {
-                    assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "digests differ at {index}: {digests:?}");
+                    if !digests.windows(2).all(|w| w[0].1 == w[1].1) {
+                        // Where they parted, and what each did there.
+                        for id in self.live() {
+                            if let Ok(report) = self.client(id).get("/v1/divergence").await {
+                                eprintln!("---- node {id}: /v1/divergence ----\n{report:#}");
+                            }
+                        }
+                        panic!("digests differ at {index}: {digests:?}");
+                    }
                     return (index, digests[0].1.clone());
                 }
             }
@@ -336,7 +344,22 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
             if failed {
+                // `SYNOD_TEST_LOGS=dir` keeps each failed cluster's node
+                // logs whole, in dir/<pid>/.
+                if let Some(dir) = std::env::var_os("SYNOD_TEST_LOGS") {
+                    let keep = PathBuf::from(dir).join(std::process::id().to_string());
+                    let _ = std::fs::create_dir_all(&keep);
+                    let _ = std::fs::copy(log_path(&m.config_path), keep.join(format!("node{id}.log")));
+                }
                 let log = std::fs::read_to_string(log_path(&m.config_path)).unwrap_or_default();
+                // How its state came to be: each start, snapshot and
+                // checkpoint it opened, and snapshot it installed.
+                const MARKS: [&str; 6] =
+                    ["node started", "state opened", "checkpoint", "installed", "snapshot not kept", "stopping"];
+                eprintln!("---- node {id} log (starts and state changes) ----");
+                for line in log.lines().filter(|l| MARKS.iter().any(|m| l.contains(m))).take(200) {
+                    eprintln!("{line}");
+                }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("---- node {id} log (last 40 lines) ----");
                 for line in tail.iter().rev() {
