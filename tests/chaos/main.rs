@@ -19,6 +19,7 @@ mod forwarding;
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod harness;
+mod install;
 mod log_sync;
 mod lossy;
 #[allow(dead_code)]

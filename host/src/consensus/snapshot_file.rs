@@ -46,12 +46,20 @@ const WRITEBACK_STEP: u64 = 4 << 20;
 pub struct SnapshotBytes {
     file: tokio::fs::File,
     base: u64,
+    /// The file offset reads and writes through this handle are at.
+    position: u64,
+    /// A seek was started, and `poll_complete` says where it ended.
+    seeking: bool,
+    /// The end of what was written through this handle: a received
+    /// snapshot's length, known without asking the file (see
+    /// [`SnapshotBytes::map`]).
+    written_to: u64,
 }
 
 impl SnapshotBytes {
     fn new(mut file: std::fs::File, base: u64) -> io::Result<SnapshotBytes> {
         file.seek(SeekFrom::Start(base))?;
-        Ok(SnapshotBytes { file: tokio::fs::File::from_std(file), base })
+        Ok(SnapshotBytes { file: tokio::fs::File::from_std(file), base, position: base, seeking: false, written_to: 0 })
     }
 
     /// An empty file in `dir` to receive a snapshot into.
@@ -74,25 +82,46 @@ impl SnapshotBytes {
     }
 
     /// The data, mapped read-only (after every write to it has finished).
+    ///
+    /// A received snapshot's length is where its writes ended: its file has
+    /// no name, and on some filesystems (FUSE ones without a path for an
+    /// unlinked file) `fstat` on it fails, which stopped the node at every
+    /// install there.
     pub(crate) async fn map(self) -> io::Result<MappedData> {
         let file = self.file.into_std().await;
-        let len = file.metadata()?.len();
+        let len = match self.written_to {
+            0 => file.metadata()?.len(),
+            end => end,
+        };
         if len <= self.base {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the snapshot's data is empty"));
         }
-        MappedData::new(&file, self.base as usize)
+        let len = usize::try_from(len).map_err(|_| io::Error::other("the snapshot does not fit in memory"))?;
+        // SAFETY: as in `MappedData::new`.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file)? };
+        Ok(MappedData { map: std::sync::Arc::new(map), base: self.base as usize })
     }
 }
 
 impl AsyncRead for SnapshotBytes {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.file).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            self.position += (buf.filled().len() - before) as u64;
+        }
+        read
     }
 }
 
 impl AsyncWrite for SnapshotBytes {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        let wrote = Pin::new(&mut self.file).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = wrote {
+            self.position += n as u64;
+            self.written_to = self.written_to.max(self.position);
+        }
+        wrote
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -113,15 +142,23 @@ impl AsyncSeek for SnapshotBytes {
             }
             other => other,
         };
-        Pin::new(&mut self.file).start_seek(position)
+        Pin::new(&mut self.file).start_seek(position)?;
+        self.seeking = true;
+        Ok(())
     }
 
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         let base = self.base;
+        let done = Pin::new(&mut self.file).poll_complete(cx);
+        if let Poll::Ready(Ok(at)) = done
+            && std::mem::take(&mut self.seeking)
+        {
+            self.position = at;
+        }
         // tokio's file counts its position from 0 when made from a std
         // file, so before the first seek (when `seek` only waits here for
         // earlier operations and ignores the value) it may be below `base`.
-        Pin::new(&mut self.file).poll_complete(cx).map(|r| r.map(|at| at.saturating_sub(base)))
+        done.map(|r| r.map(|at| at.saturating_sub(base)))
     }
 }
 
