@@ -359,6 +359,15 @@ struct Checkpoint<K> {
     /// empty state).
     snapshot: Option<u64>,
     image: Image<K>,
+    /// Each namespace's keys and bytes at the checkpoint, as the state
+    /// counted them while applying: the state opened from the snapshot
+    /// and the changes must count the same, or the checkpoint is not used.
+    sizes: Vec<(String, u64, u64)>,
+}
+
+/// Each namespace's (name, keys, key and value bytes).
+fn namespace_sizes(kv: &KvState) -> Vec<(String, u64, u64)> {
+    kv.namespaces().map(|(name, ns)| (name.to_owned(), ns.len() as u64, ns.bytes())).collect()
 }
 
 /// Entries applied after a checkpoint before the next one is written.
@@ -408,7 +417,8 @@ impl Checkpoints {
             let started = std::time::Instant::now();
             let mut image = captured.into_state();
             let kv = std::mem::take(&mut image.kv);
-            let checkpoint = Checkpoint { snapshot, image: image.map_kv(|_| crate::state::Changes(&kv)) };
+            let sizes = namespace_sizes(&kv);
+            let checkpoint = Checkpoint { snapshot, image: image.map_kv(|_| crate::state::Changes(&kv)), sizes };
             let written = postcard::to_allocvec(&checkpoint)
                 .map_err(std::io::Error::other)
                 .and_then(|body| write_checkpoint(&path, &body).map(|()| body.len()));
@@ -662,6 +672,16 @@ impl StateMachineStore {
             kv.apply_changes(delta);
             kv
         });
+        let sizes = namespace_sizes(&image.kv);
+        if sizes != checkpoint.sizes {
+            tracing::error!(
+                index = ?index,
+                opened = ?sizes,
+                counted = ?checkpoint.sizes,
+                "checkpoint not used: the snapshot and its changes do not add up to the state it counted; the log is replayed from the snapshot"
+            );
+            return Ok(());
+        }
         self.install_image(image)?;
         tracing::info!(index = ?index, changes, seconds = started.elapsed().as_secs_f64(), "state resumed from its checkpoint");
         Ok(())
@@ -1083,7 +1103,8 @@ mod tests {
     /// data's changes since the snapshot (sets, overwrites, deletions, a
     /// new namespace): a store opened with one is the checkpoint's state,
     /// read from the snapshot plus those changes. A checkpoint of another
-    /// snapshot, or a damaged one, is not used: the store opens at the
+    /// snapshot, a damaged one, or one whose changes do not add up to the
+    /// keys and bytes it counted, is not used: the store opens at the
     /// snapshot, as without one.
     #[test]
     fn a_store_opens_at_its_checkpoint() {
@@ -1109,12 +1130,14 @@ mod tests {
         state.digest = [5; 32];
         let expected = state.kv.image();
         let size = state.kv.size();
-        let write = |snapshot: Option<u64>, state: &Image<KvState>| {
+        // The changes of `changed`, and the sizes `state` counted.
+        let write_changes = |snapshot: Option<u64>, state: &Image<KvState>, changed: &KvState| {
             let plain = state.clone();
-            let kv = plain.kv.clone();
-            let checkpoint = Checkpoint { snapshot, image: plain.map_kv(|_| crate::state::Changes(&kv)) };
+            let sizes = namespace_sizes(&plain.kv);
+            let checkpoint = Checkpoint { snapshot, image: plain.map_kv(|_| crate::state::Changes(changed)), sizes };
             write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
         };
+        let write = |snapshot: Option<u64>, state: &Image<KvState>| write_changes(snapshot, state, &state.kv);
         let opened = |dir: &std::path::Path| {
             let store = open_store(dir).unwrap();
             let replica = store.shared.replica.read().unwrap();
@@ -1129,6 +1152,14 @@ mod tests {
 
         // Relative to another snapshot: not used.
         write(Some(10), &state);
+        assert_eq!(opened(dir.path()).0, Some(11));
+        // Changes that do not add up to the state counted (a deletion of a
+        // key in the snapshot lost): not used.
+        let mut lost = state.kv.clone();
+        let mut back = WriteSet::default();
+        back.set("k/000001".into(), vec![0; 40]);
+        lost.apply("plugin1", &back);
+        write_changes(Some(11), &state, &lost);
         assert_eq!(opened(dir.path()).0, Some(11));
         // Damaged: not used.
         write(Some(11), &state);
