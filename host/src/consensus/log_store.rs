@@ -679,6 +679,33 @@ impl LogStore {
         self.inner.lock().map_err(|_| io::Error::other("raft log lock poisoned"))
     }
 
+    /// Never lead again the term this node led before it stopped: if the
+    /// saved vote is this node's own, won (committed), move to the next
+    /// term, voted for itself and not won, before openraft reads it.
+    ///
+    /// A leader sends its entries to the followers while its own fsync
+    /// runs, so a power loss can take from its log an entry a follower
+    /// already holds. openraft restores a node whose saved vote is its own
+    /// won one as leader of that term at once; it then appends new entries
+    /// at the lost indices under the same term, and a follower that finds
+    /// that (term, index) in its log keeps its own entry and applies it:
+    /// a command the others never applied. In a later term every entry
+    /// the node appends has a new id, and a follower's stale one at that
+    /// index conflicts and is replaced, as Raft requires. (A node may
+    /// always move to a later term; it has voted for no one else there.)
+    /// Returns the term it moved to, if it moved.
+    pub fn step_down_after_restart(&self, id: NodeId) -> io::Result<Option<u64>> {
+        let mut inner = self.lock()?;
+        let Some(vote) = inner.vote else { return Ok(None) };
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
+            return Ok(None);
+        }
+        let next = Vote::new(vote.leader_id().get_term() + 1, id);
+        replace_file(&inner.dir, "vote", &framed(&next)?)?;
+        inner.vote = Some(next);
+        Ok(Some(next.leader_id().get_term()))
+    }
+
     /// The term of the saved vote and the index of the last entry: where
     /// this node stands as it starts, before openraft takes the log.
     pub fn resume_point(&self) -> io::Result<(u64, u64)> {
@@ -743,8 +770,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// The committed id is a hint openraft can re-derive after a restart
     /// (from a quorum), so it is not fsynced: one sync per write saved on
     /// every node. After a power loss it may be older than what was
-    /// committed; a leader that resumes its term must then not read from it
-    /// (see `NodeInner::read_index_local`).
+    /// committed; a leader must then not read from it before its term's
+    /// first entry commits (a restarted node never resumes the term it led:
+    /// [`LogStore::step_down_after_restart`]; see also
+    /// `NodeInner::read_index_local`).
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
         self.lock().and_then(|mut inner| inner.save_committed(committed)).map_err(write_err)
     }
@@ -1112,6 +1141,31 @@ mod tests {
             }
             assert_eq!(log.try_get_log_entries(1..50).await.unwrap().len(), 49);
             assert_eq!(log.try_get_log_entries(51..101).await.unwrap().len(), 50);
+        }
+    }
+
+    /// A node that led when it stopped starts in the next term, voted for
+    /// itself and not won, so it never leads again the term whose entries
+    /// it may have lost; any other saved vote is left as it is.
+    #[test]
+    fn a_leader_steps_down_to_the_next_term_when_it_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for (saved, id, after) in [
+            (Vote::new_committed(7, 2), 2, Some(Vote::new(8, 2))),
+            (Vote::new_committed(7, 1), 2, None),
+            (Vote::new(7, 2), 2, None),
+        ] {
+            let path = dir.path().join(format!("{saved}-{id}"));
+            {
+                let mut log = LogStore::open(&path).unwrap();
+                rt.block_on(log.save_vote(&saved)).unwrap();
+            }
+            let log = LogStore::open(&path).unwrap();
+            assert_eq!(log.step_down_after_restart(id).unwrap(), after.map(|v| v.leader_id().get_term()));
+            drop(log);
+            let mut reopened = LogStore::open(&path).unwrap();
+            assert_eq!(rt.block_on(reopened.read_vote()).unwrap(), Some(after.unwrap_or(saved)));
         }
     }
 

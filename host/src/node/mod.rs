@@ -267,6 +267,11 @@ impl RunningNode {
         );
 
         let log = LogStore::open(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        if let Some(term) =
+            log.step_down_after_restart(config.id).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?
+        {
+            tracing::info!(term, "led before it stopped: starts as a follower in the next term, not as the leader");
+        }
         let resumed = log.resume_point().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         let sm = StateMachineStore::open(dir, artifacts.clone(), Arc::new(peer::PeerBlobs(cell.clone())))
             .map_err(|e| NodeError::Raft(e.to_string()))?;

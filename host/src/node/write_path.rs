@@ -326,7 +326,10 @@ impl super::NodeInner {
     /// absent that way). So while a node leads in the term it started
     /// with, it reads from no earlier than the last entry it started with:
     /// every entry it acknowledged before the restart is in its log, and
-    /// all of that log commits in this term.
+    /// all of that log commits in this term. (A restarted node now starts
+    /// in a later term than the one it led, and never leads the term it
+    /// started with: `LogStore::step_down_after_restart`. The floor stays
+    /// as a second guard.)
     pub(super) async fn read_index_local(&self) -> Result<u64, WriteError> {
         match self.raft.ensure_linearizable().await {
             Ok(id) => {
