@@ -267,10 +267,14 @@ impl RunningNode {
         );
 
         let log = LogStore::open(dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
-        if let Some(term) =
-            log.step_down_after_restart(config.id).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?
-        {
-            tracing::info!(term, "led before it stopped: starts as a follower in the next term, not as the leader");
+        let stepped_down = log
+            .step_down_after_restart(config.id)
+            .map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        if let Some(term) = stepped_down {
+            tracing::info!(
+                term,
+                "led before it stopped: stands for election in a later term, not as the leader it was"
+            );
         }
         let resumed = log.resume_point().map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         let sm = StateMachineStore::open(dir, artifacts.clone(), Arc::new(peer::PeerBlobs(cell.clone())))
@@ -325,6 +329,18 @@ impl RunningNode {
         tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
         let _ = cell.set(inner.clone());
         tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
+        // The leader before the restart stands again at once rather than
+        // after an election timeout: the followers' lease on it does not
+        // hold it off (see vendor/openraft/SYNOD-PATCH.md), so a restarted
+        // cluster has its leader back as soon as a quorum answers.
+        if stepped_down.is_some() {
+            let raft = inner.raft.clone();
+            tasks.spawn(async move {
+                if let Err(e) = raft.trigger().elect().await {
+                    tracing::debug!(error = %e, "could not stand for election at start");
+                }
+            });
+        }
 
         if inner.config.bootstrap && !inner.raft.is_initialized().await.unwrap_or(true) {
             match inner.raft.initialize(inner.seed_members.clone()).await {

@@ -302,7 +302,12 @@ where C: RaftTypeConfig
             vote_utime + lease - now
         );
 
-        if vote.is_committed() {
+        // Synod: the lease keeps a live leader from being voted out by
+        // another node; the leader itself standing again (after a restart,
+        // in a later term: it never resumes the term it led) takes nothing
+        // from anyone, so it is not held off.
+        let candidate_is_lease_holder = req.vote.leader_id().voted_for() == vote.leader_id().voted_for();
+        if vote.is_committed() && !candidate_is_lease_holder {
             // Current leader lease has not yet expired, reject voting request
             if now <= vote_utime + lease {
                 tracing::info!(
