@@ -791,19 +791,22 @@ impl StateMachineStore {
         };
         let meta = SnapshotMeta { last_log_id: log_id, last_membership, snapshot_id };
         let mut stored = self.stored.lock().map_err(snap_err)?;
-        if *stored >= log_id {
-            // openraft keeps only the meta of a snapshot it built, and
-            // ignores one older than the snapshot it has; the data it
-            // sends comes from `get_current_snapshot`. So nothing is
-            // written, and the state (replaced by the install) stays.
+        if stored.is_some() && *stored >= log_id {
+            // `snapshot.bin` holds this state or a later one (installed
+            // while this was built): it stays, and is what this build
+            // gives openraft (which keeps only the meta of a snapshot it
+            // built, and ignores one not newer than its own). The state,
+            // replaced by an install, is not rebased.
             tracing::info!(
                 index = log_id.map_or(0, |id| id.index),
                 stored = stored.map_or(0, |id| id.index),
-                "snapshot not kept: a newer one was installed while it was built"
+                "snapshot not written: snapshot.bin holds this state or a later one"
             );
+            let kept = StoredSnapshot::open(&self.snapshot_path)
+                .map_err(snap_err)?
+                .ok_or_else(|| snap_err("snapshot.bin is gone"))?;
             drop(stored);
-            let dir = self.snapshot_path.parent().unwrap_or(std::path::Path::new("."));
-            return Ok(Snapshot { meta, snapshot: Box::new(SnapshotBytes::receive_in(dir).map_err(snap_err)?) });
+            return Ok(Snapshot { meta: kept.meta.clone(), snapshot: Box::new(kept.into_bytes().map_err(snap_err)?) });
         }
         // Encoded from the shared trees straight into the file: no plain
         // copy of the state and no encoded copy in memory while encoding
@@ -1203,7 +1206,11 @@ mod tests {
 
         let builder = store.clone();
         let built = tokio::task::spawn_blocking(move || builder.write_captured(captured)).await.unwrap().unwrap();
-        assert_eq!(built.meta.last_log_id, Some(next));
+        // What the build gives openraft is the installed snapshot, whole.
+        assert_eq!(built.meta.last_log_id, newer.log_id);
+        let mut given = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut { built.snapshot }, &mut given).await.unwrap();
+        assert_eq!(given, data);
         let current = store.get_current_snapshot().await.unwrap().expect("no snapshot stored");
         assert_eq!(current.meta.last_log_id, newer.log_id, "the build put the older snapshot back");
         let replica = store.shared.replica.read().unwrap();

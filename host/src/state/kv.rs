@@ -824,10 +824,18 @@ mod tests {
     }
 
     /// `state` written to a file and decoded in place from its mapping, as
-    /// a snapshot is.
+    /// a snapshot is (a file of its own each time: one still mapped is
+    /// never written over).
     fn written(state: &KvState, dir: &std::path::Path) -> KvState {
+        static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        write_map(state, dir, FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// `state` written to a file of its own (snapshot `origin`), read in
+    /// place from it.
+    fn write_map(state: &KvState, dir: &std::path::Path, origin: u64) -> KvState {
         use std::io::Write as _;
-        let path = dir.join(format!("state.{}", next(&mut (state.size().0 + 7))));
+        let path = dir.join(format!("state.{origin}"));
         let mut f = std::fs::File::create(&path).unwrap();
         // Some bytes before the state, as the snapshot header is.
         f.write_all(b"header").unwrap();
@@ -835,7 +843,7 @@ mod tests {
         drop(f);
         let file = std::fs::File::open(&path).unwrap();
         let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
-        base::decode_mapped(&mapping, Some(7), || postcard::from_bytes(&mapping[6..]).unwrap())
+        base::decode_mapped(&mapping, Some(origin), || postcard::from_bytes(&mapping[6..]).unwrap())
     }
 
     /// The layers (a snapshot file's entries read in place, the writes a
@@ -999,20 +1007,6 @@ mod tests {
         state.apply("p", &d);
         assert_eq!(before.get("k").unwrap(), Some(b"v".to_vec()));
         assert_eq!(state.view("p").get("k").unwrap(), None);
-    }
-
-    /// `state` written to a file of its own (snapshot `origin`), read in
-    /// place from it.
-    fn write_map(state: &KvState, dir: &std::path::Path, origin: u64) -> KvState {
-        use std::io::Write as _;
-        let path = dir.join(format!("state.{origin}"));
-        let mut f = std::fs::File::create(&path).unwrap();
-        f.write_all(b"header").unwrap();
-        f.write_all(&postcard::to_allocvec(state).unwrap()).unwrap();
-        drop(f);
-        let file = std::fs::File::open(&path).unwrap();
-        let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
-        base::decode_mapped(&mapping, Some(origin), || postcard::from_bytes(&mapping[6..]).unwrap())
     }
 
     /// Each namespace's entries, as plain maps.
