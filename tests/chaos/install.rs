@@ -22,7 +22,8 @@ async fn a_follower_behind_the_purged_log_installs_a_snapshot() {
     // kept behind them: the follower's next entry is purged. One writer,
     // so each write is an entry of its own.
     let client = rig.client(leader);
-    let applied = |v: serde_json::Value| v["last_applied"].as_u64().unwrap_or(0) / 1000;
+    let applied =
+        |v: serde_json::Value| v["last_applied"].as_u64().unwrap_or(0) / synod::consensus::types::OPS_PER_ENTRY;
     let mut written = 0;
     while applied(client.get("/v1/digest").await.unwrap()) < 2_000 {
         assert!(written < 5_000, "2,000 entries not reached in {written} writes");

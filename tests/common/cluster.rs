@@ -355,7 +355,7 @@ impl Drop for Cluster {
                 // How its state came to be: each start, snapshot and
                 // checkpoint it opened, and snapshot it installed.
                 const MARKS: [&str; 6] =
-                    ["node started", "state opened", "checkpoint", "installed", "snapshot not kept", "stopping"];
+                    ["node started", "state opened", "checkpoint", "installed", "snapshot not written", "stopping"];
                 eprintln!("---- node {id} log (starts and state changes) ----");
                 for line in log.lines().filter(|l| MARKS.iter().any(|m| l.contains(m))).take(200) {
                     eprintln!("{line}");

@@ -841,7 +841,13 @@ mod tests {
         f.write_all(b"header").unwrap();
         f.write_all(&postcard::to_allocvec(state).unwrap()).unwrap();
         drop(f);
-        let file = std::fs::File::open(&path).unwrap();
+        read_map(dir, origin)
+    }
+
+    /// The state [`write_map`] wrote for snapshot `origin`, read in place
+    /// from its file (as a node opens its snapshot).
+    fn read_map(dir: &std::path::Path, origin: u64) -> KvState {
+        let file = std::fs::File::open(dir.join(format!("state.{origin}"))).unwrap();
         let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
         base::decode_mapped(&mapping, Some(origin), || postcard::from_bytes(&mapping[6..]).unwrap())
     }
@@ -1097,15 +1103,7 @@ mod tests {
                     5 => {
                         // restart: open disk snapshot, apply checkpoint if it matches
                         let (mut opened, mut m) = match &disk {
-                            Some((at, then)) => {
-                                let path = dir.path().join(format!("state.{at}"));
-                                let file = std::fs::File::open(&path).unwrap();
-                                let mapping: base::Mapping = Arc::new(unsafe { memmap2::Mmap::map(&file).unwrap() });
-                                let kv: KvState = base::decode_mapped(&mapping, Some(*at), || {
-                                    postcard::from_bytes(&mapping[6..]).unwrap()
-                                });
-                                (kv, then.clone())
-                            }
+                            Some((at, then)) => (read_map(dir.path(), *at), then.clone()),
                             None => (KvState::default(), Model::new()),
                         };
                         if let Some((base, body, cm)) = &ckpt
