@@ -534,6 +534,14 @@ impl Replica {
     /// of them.
     fn chain(&mut self, index: u64, plugin: &str, command: &str, payload: &[u8], effects: &Effects) {
         self.digest = self.digest.chain(index, plugin, effects);
+        // An operation can chain more after its index was recorded (a
+        // report's controller, a command's desired patches): the remembered
+        // digest at that index is the one after all of it.
+        if let Some((last, digest)) = self.history.back_mut()
+            && *last == index
+        {
+            *digest = self.digest;
+        }
         let ctx = Context { index, term: 0, timestamp_ms: self.clock_ms, caller: self.op_caller.clone() };
         self.trail.effect(trail::EffectSummary::new(ctx, plugin, command, payload, effects, self.digest));
     }
@@ -1074,6 +1082,7 @@ fn lifecycle_reply(name: &str, version: &str, sha256: &str, active: bool) -> Vec
 mod tests {
     use super::*;
     use openraft::CommittedLeaderId;
+    use std::collections::BTreeSet;
 
     /// A loader whose component never loads, the same way on every node.
     struct Refusing;
@@ -1133,6 +1142,59 @@ mod tests {
         assert!(matches!(replica.apply_entry(log_id, payload, &Broken), Err(ApplyError::Host { .. })));
         assert_eq!(replica.log_id(), None);
         assert_eq!(replica.digest(), Digest::ZERO);
+    }
+
+    fn device_op(index: u64, op: devices::DeviceOp) -> (LogId<NodeId>, EntryPayload<TypeConfig>) {
+        let request =
+            Request { timestamp_ms: 1_000 + index, caller: "synod".into(), request_id: None, op: Op::Device(op) };
+        (LogId::new(CommittedLeaderId::new(1, 1), index), EntryPayload::Normal(request))
+    }
+
+    /// A report whose controller runs chains the controller's effects at
+    /// the report's own index: a node that has moved past it remembers the
+    /// digest after the controller, the one a node still at it reports (the
+    /// thermostat test once saw "digests differ" between them).
+    #[test]
+    fn the_digest_remembered_at_a_report_includes_its_controller() {
+        let mut replica = Replica::default();
+        let info = NodeInfo { peer_id: "p".into(), p2p_addr: "/ip4/127.0.0.1/tcp/1".into(), http_addr: "h".into() };
+        let members = openraft::Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, info)]));
+        replica
+            .apply_entry(LogId::new(CommittedLeaderId::new(1, 1), 1), EntryPayload::Membership(members), &Refusing)
+            .unwrap();
+        let beat = || devices::DeviceOp::Heartbeat { node: 1, labels: Vec::new() };
+        let (id, p) = device_op(2, beat());
+        replica.apply_entry(id, p, &Refusing).unwrap();
+        let spec = devices::DeviceSpec {
+            id: "room".into(),
+            driver: "modbus-room".into(),
+            profile: "{}".into(),
+            grants: Vec::new(),
+            eligible: Vec::new(),
+            // Not installed: the controller's refusal is its effect.
+            controller: Some(devices::Controller { plugin: "thermostat".into(), command: "reported".into() }),
+            desired: None,
+        };
+        let (id, p) = device_op(3, devices::DeviceOp::Put { spec, expected_version: Some(0) });
+        replica.apply_entry(id, p, &Refusing).unwrap();
+        let epoch = replica.devices.get("room").expect("put").epoch;
+        let report = devices::DeviceOp::Report {
+            id: "room".into(),
+            node: 1,
+            epoch,
+            fields: r#"{"temperature": 19.5}"#.into(),
+            actuated: None,
+        };
+        let (id, p) = device_op(4, report);
+        replica.apply_entry(id, p, &Refusing).unwrap();
+        let at = replica.last_applied();
+        assert_eq!(replica.effects_at(at).len(), 2, "the report ran its controller");
+        let after_report = replica.digest();
+        assert_eq!(replica.digest_at(at), Some(after_report));
+        let (id, p) = device_op(5, beat());
+        replica.apply_entry(id, p, &Refusing).unwrap();
+        assert!(replica.last_applied() > at);
+        assert_eq!(replica.digest_at(at), Some(after_report), "remembered after the controller");
     }
 
     fn identified(index: u64, at_ms: u64, id: &str) -> (LogId<NodeId>, EntryPayload<TypeConfig>) {
