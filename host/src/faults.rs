@@ -2,7 +2,8 @@
 //! named members, a jump of the node's clock, one perturbed write (a
 //! divergence on purpose), one lost answer from the leader, and held
 //! appends (a follower that takes heartbeats but no entries, like a slow
-//! disk), and held log syncs (a disk whose flushes do not return).
+//! disk), held log syncs (a disk whose flushes do not return) and slow log
+//! syncs (a disk whose every flush takes a while).
 //!
 //! The state lives here in every build, so the code paths that consult it
 //! are the ones production runs; only the way to set it — `POST
@@ -12,7 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,9 @@ static HOLD_APPENDS: AtomicBool = AtomicBool::new(false);
 /// Hold this node's Raft log syncs (its `fdatasync` after each append)
 /// until this is cleared: written entries are not durable yet.
 static HOLD_LOG_SYNC: AtomicBool = AtomicBool::new(false);
+
+/// Milliseconds added to each of this node's Raft log syncs (0: none).
+static SLOW_LOG_SYNC_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The longest one append is held, so a forgotten hold cannot wedge a test.
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
@@ -71,6 +75,10 @@ pub struct FaultSettings {
     /// appended entries are written but not flushed until cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_log_sync: Option<bool>,
+    /// Make each of this node's Raft log syncs take this many milliseconds
+    /// longer (a slow disk; at most 10,000); 0 restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_log_sync_ms: Option<u64>,
 }
 
 /// The faults in force.
@@ -82,6 +90,7 @@ pub fn current() -> FaultSettings {
         lose_next_answer: Some(LOSE_NEXT_ANSWER.load(Ordering::Relaxed)),
         hold_appends: Some(HOLD_APPENDS.load(Ordering::Relaxed)),
         hold_log_sync: Some(HOLD_LOG_SYNC.load(Ordering::Relaxed)),
+        slow_log_sync_ms: Some(SLOW_LOG_SYNC_MS.load(Ordering::Relaxed)),
     }
 }
 
@@ -101,6 +110,9 @@ pub fn set(settings: &FaultSettings) {
     }
     if let Some(hold) = settings.hold_log_sync {
         HOLD_LOG_SYNC.store(hold, Ordering::Relaxed);
+    }
+    if let Some(ms) = settings.slow_log_sync_ms {
+        SLOW_LOG_SYNC_MS.store(ms.min(10_000), Ordering::Relaxed);
     }
     if let Some(wanted) = &settings.cut {
         *CUT.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
@@ -133,11 +145,15 @@ pub async fn hold_append() {
 }
 
 /// Block the calling thread (the log's sync thread) while log syncs are
-/// held, at most [`MAX_HOLD`].
+/// held, at most [`MAX_HOLD`], then for the slow-sync delay, if any.
 pub fn hold_log_sync() {
     let deadline = std::time::Instant::now() + MAX_HOLD;
     while HOLD_LOG_SYNC.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let slow = SLOW_LOG_SYNC_MS.load(Ordering::Relaxed);
+    if slow > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(slow));
     }
 }
 

@@ -49,3 +49,39 @@ async fn a_write_commits_on_the_followers_syncs_while_the_leaders_sync_hangs() {
     assert_eq!(reply["result"]["value"], json!(20));
     c.same_digest().await;
 }
+
+/// A follower whose disk takes longer than a heartbeat interval to sync is
+/// slow, not gone: with the other follower down it still makes the quorum,
+/// and the leader waits for its answers instead of timing them out and
+/// sending the same entries again. Unpatched openraft 0.9 gives an
+/// AppendEntries one heartbeat interval (50 ms here): every write then
+/// logged two or three replication errors and resent its entry behind the
+/// sync the follower was still making (about 50 errors in 20 writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_syncing_slower_than_a_heartbeat_is_waited_for() {
+    let _serial = serial().await;
+    let mut c = crate::register_cluster_led_by_node_1().await;
+    let heartbeat = c.nodes[&1].config.raft.heartbeat_ms;
+    let slow = heartbeat * 3;
+    assert!(slow < c.nodes[&1].config.raft.election_timeout_min_ms, "slow, not past an election timeout");
+    crate::fault(&c, 3, json!({ "slow_log_sync_ms": slow })).await;
+    c.kill(2);
+    let log = crate::harness::log_path(&c.nodes[&1].config_path);
+    let before = std::fs::read_to_string(&log).unwrap().matches("error replication to target=3").count();
+    let started = std::time::Instant::now();
+    let mut latencies = Vec::new();
+    for value in 1..=20 {
+        let at = std::time::Instant::now();
+        let write = c.cmd(1, "register", "put", json!({ "key": "k", "value": value }));
+        let reply = tokio::time::timeout(Duration::from_secs(20), write).await;
+        reply.expect("a write on the leader and the slow follower did not commit").unwrap();
+        latencies.push(at.elapsed().as_millis());
+    }
+    let elapsed = started.elapsed();
+    crate::fault(&c, 3, json!({ "slow_log_sync_ms": 0 })).await;
+    let errors = std::fs::read_to_string(&log).unwrap().matches("error replication to target=3").count() - before;
+    eprintln!("20 writes in {elapsed:?}, latencies {latencies:?}, {errors} replication errors to node 3");
+    assert_eq!(errors, 0, "the leader timed out appends to a follower that was only slow");
+    c.restart(2);
+    c.same_digest().await;
+}

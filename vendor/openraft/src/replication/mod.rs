@@ -444,15 +444,24 @@ where
             entries: logs,
         };
 
+        // SYNOD PATCH: an AppendEntries is given the shortest election
+        // timeout, not one heartbeat interval. A follower answers after its
+        // log sync, which on a busy disk can take longer than a heartbeat;
+        // timing it out only sends the same entries again behind the sync
+        // it is waiting for. Heartbeats still go out on their own interval
+        // once this returns, and a follower that does not answer within an
+        // election timeout is one the leader could not count on anyway.
+        let the_timeout =
+            Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min));
+
         // Send the payload.
         tracing::debug!(
             payload=%payload.summary(),
             now = debug(leader_time),
             "start sending append_entries, timeout: {:?}",
-            self.config.heartbeat_interval
+            the_timeout
         );
 
-        let the_timeout = Duration::from_millis(self.config.heartbeat_interval);
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
 
