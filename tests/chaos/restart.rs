@@ -59,6 +59,20 @@ async fn a_leader_back_with_an_old_commit_hint_reads_what_it_acknowledged() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("while the leader could not commit: {answered} reads answered, {refused} refused or unanswered");
+    // A read its client does not give up on is given up by the node: a
+    // 503 after the read-index timeout (5 s), not a wait for as long as the
+    // leader cannot commit (here until the hold ends, 30 s at most).
+    let asked = tokio::time::Instant::now();
+    let body = serde_json::to_vec(&json!({ "key": "k" })).unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(20), node1.post("/v1/queries/register/get", body)).await;
+    let read = read.expect("a linearizable read on a leader that cannot commit had no answer in 20 s");
+    eprintln!("a patient read ended after {:?}: {read:?}", asked.elapsed());
+    match read {
+        Err(synod::client::ClientError::Status { status: 503, body }) => {
+            assert!(body["error"].as_str().is_some_and(|e| e.contains("quorum")), "{body}");
+        }
+        other => panic!("expected a 503 while the leader cannot commit, got {other:?}"),
+    }
 
     // Once node 3 takes entries again node 1, leading a later term since
     // its restart, commits, and reads succeed. Node 3 first works through

@@ -74,3 +74,57 @@ async fn kill_nine_a_node_repeatedly() {
         assert_all_present(&c.local_state(id, "thermostat").await, &acked_all, id);
     }
 }
+
+/// A leader left alone (both followers down) cannot confirm it still leads:
+/// a linearizable read fails with 503 instead of waiting for followers that
+/// may never come back (openraft answers at once when they refuse
+/// connections; `chaos::restart` covers followers that answer heartbeats
+/// but take no entries); a local read still answers, and once a follower
+/// is back linearizable reads do too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_quorum_refuses_linearizable_reads_and_serves_local_ones() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(3, |config| {
+        if config.id != 1 {
+            config.raft.election_timeout_min_ms = 20_000;
+            config.raft.election_timeout_max_ms = 25_000;
+        }
+    });
+    assert_eq!(c.leader().await, 1);
+    c.push(1, "register", "1", component("register")).await.unwrap();
+    c.cmd(1, "register", "put", serde_json::json!({ "key": "k", "value": 7 })).await.unwrap();
+    let client = c.client(1);
+    let query = |consistency: &'static str| {
+        let client = &client;
+        async move {
+            let path = format!("/v1/queries/register/get?consistency={consistency}");
+            client.post(&path, serde_json::to_vec(&serde_json::json!({ "key": "k" })).unwrap()).await
+        }
+    };
+    assert_eq!(query("linearizable").await.unwrap()["result"]["value"], 7);
+    c.kill(2);
+    c.kill(3);
+    let asked = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(20), query("linearizable")).await;
+    let took = asked.elapsed();
+    let read = read.expect("a linearizable read on a leader without a quorum waited 20 s with no answer");
+    eprintln!("alone, a linearizable read failed after {took:?}");
+    match read {
+        Err(synod::client::ClientError::Status { status: 503, body }) => {
+            assert!(body.to_string().contains("quorum"), "{body}");
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    assert_eq!(query("local").await.unwrap()["result"]["value"], 7, "a local read still answers");
+    c.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match query("linearizable").await {
+            Ok(v) => {
+                assert_eq!(v["result"]["value"], 7);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "reads did not come back with a follower: {e}"),
+        }
+    }
+}

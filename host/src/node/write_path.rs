@@ -172,6 +172,11 @@ pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue
 }
 
 /// Routing: every write and linearizable read goes through the leader.
+/// How long a leader tries to confirm its leadership for a linearizable
+/// read (a heartbeat round with a quorum and, in a new term, its first
+/// entry committed and applied) before the read fails.
+pub(crate) const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl super::NodeInner {
     /// Propose on this node (it believes it leads) in the next batch; the
     /// batch stamps the time. Answers with the operation's index.
@@ -330,8 +335,23 @@ impl super::NodeInner {
     /// in a later term than the one it led, and never leads the term it
     /// started with: `LogStore::step_down_after_restart`. The floor stays
     /// as a second guard.)
+    ///
+    /// openraft waits for a quorum's heartbeat answers and then, in a new
+    /// term, for the term's first entry to commit and apply, with no bound:
+    /// a leader whose followers answer heartbeats but take no entries
+    /// would hold the read as long as that lasts. After
+    /// [`READ_INDEX_TIMEOUT`] the read fails (503) instead.
     pub(super) async fn read_index_local(&self) -> Result<u64, WriteError> {
-        match self.raft.ensure_linearizable().await {
+        let confirmed = tokio::time::timeout(READ_INDEX_TIMEOUT, self.raft.ensure_linearizable()).await;
+        let Ok(confirmed) = confirmed else {
+            return Err(WriteError::Failed(format!(
+                "no linearizable read point within {} s: the leader could not confirm its leadership and \
+                 commit with a quorum (is a majority of the members down, cut off or not taking entries?); \
+                 retry shortly",
+                READ_INDEX_TIMEOUT.as_secs()
+            )));
+        };
+        match confirmed {
             Ok(id) => {
                 let index = id.map(|i| i.index).unwrap_or(0);
                 let (term, last) = self.resumed;
