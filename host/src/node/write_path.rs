@@ -171,12 +171,12 @@ pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue
     }
 }
 
-/// Routing: every write and linearizable read goes through the leader.
 /// How long a leader tries to confirm its leadership for a linearizable
 /// read (a heartbeat round with a quorum and, in a new term, its first
 /// entry committed and applied) before the read fails.
 pub(crate) const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Routing: every write and linearizable read goes through the leader.
 impl super::NodeInner {
     /// Propose on this node (it believes it leads) in the next batch; the
     /// batch stamps the time. Answers with the operation's index.
