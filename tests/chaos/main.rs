@@ -45,16 +45,10 @@ async fn fault(c: &harness::Cluster, id: u64, settings: serde_json::Value) {
     c.client(id).post("/v1/faults", serde_json::to_vec(&settings).unwrap()).await.unwrap();
 }
 
-/// Three nodes led by node 1, with the register plugin and `k` = 0. Nodes 2
-/// and 3 wait 20 s before they stand for election, so node 1 leads, keeps
-/// the lead through a fault on it, and leads again after a restart.
+/// Three nodes led by node 1 ([`harness::led_by_node_1`]), with the
+/// register plugin and `k` = 0.
 async fn register_cluster_led_by_node_1() -> harness::Cluster {
-    let c = harness::Cluster::start(3, |config| {
-        if config.id != 1 {
-            config.raft.election_timeout_min_ms = 20_000;
-            config.raft.election_timeout_max_ms = 25_000;
-        }
-    });
+    let c = harness::Cluster::start(3, harness::led_by_node_1);
     assert_eq!(c.leader().await, 1);
     c.push(1, "register", "1", plugins::component("register")).await.unwrap();
     c.cmd(1, "register", "put", serde_json::json!({ "key": "k", "value": 0 })).await.unwrap();

@@ -86,6 +86,16 @@ fn spawn(config_path: &PathBuf, bin: Option<&PathBuf>, env: &[(String, String)])
         .unwrap()
 }
 
+/// Tuning for a cluster led by node 1: the other nodes wait 20–25 s before
+/// they stand for election, so node 1 leads, keeps the lead through a fault
+/// on it, and leads again after a restart.
+pub fn led_by_node_1(config: &mut NodeConfig) {
+    if config.id != 1 {
+        config.raft.election_timeout_min_ms = 20_000;
+        config.raft.election_timeout_max_ms = 25_000;
+    }
+}
+
 impl Cluster {
     /// `n` nodes (node 1 bootstraps), each config adjusted by `tune`.
     pub fn start(n: u64, tune: impl Fn(&mut NodeConfig)) -> Cluster {
