@@ -12,6 +12,7 @@
 
 pub mod log_store;
 pub mod network;
+mod retire;
 pub mod rpc;
 pub mod snapshot_file;
 pub mod state_machine;

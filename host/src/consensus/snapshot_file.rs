@@ -402,9 +402,20 @@ fn replace_whole(
         let syncing = std::time::Instant::now();
         file.sync_all()?;
         let synced = syncing.elapsed().as_secs_f64();
-        std::fs::rename(&tmp, path)?;
+        // A large file replaced here is freed a slice at a time once
+        // nothing uses it, not all at once (see `retire`).
+        let retired = super::retire::retire(path);
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            if let Some(name) = &retired {
+                super::retire::unretire(name);
+            }
+            return Err(e);
+        }
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
+            if retired.is_some() {
+                super::retire::free_in(dir);
+            }
         }
         tracing::debug!(
             file = %path.display(),
@@ -427,6 +438,8 @@ fn replace_whole(
 /// (a node's store opening: its data dir is locked).
 pub(crate) fn remove_unfinished(path: &Path) -> io::Result<()> {
     let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else { return Ok(()) };
+    // Files replaced before the process died and not freed yet.
+    super::retire::free_in(dir);
     let prefix = format!("{}.", stem.to_string_lossy());
     let entries = match std::fs::read_dir(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
