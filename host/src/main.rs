@@ -559,19 +559,6 @@ mod progress {
     }
 }
 
-/// mimalloc, not glibc's malloc. A snapshot's rebase frees the writes it
-/// froze — millions of small blocks after a bulk load — on the snapshot
-/// thread, while the apply thread allocates. With glibc those frees take
-/// the apply thread's arena lock one by one, and the memory only went back
-/// to the system through `malloc_trim`, which held that arena for
-/// 50-110 ms at 10M keys (the apply thread blocked, 0-2 ms of CPU in a
-/// 70-107 ms entry). mimalloc takes frees from other threads without a
-/// lock and returns freed pages to the system by itself. Plugins' memory is
-/// wasmtime's own mappings, not this allocator's, so nothing a command
-/// computes depends on it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A node sets up its own (it may export traces: see `[telemetry]`).
