@@ -23,6 +23,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -62,7 +63,8 @@ pub(crate) fn retire(path: &Path) -> Option<PathBuf> {
         return None;
     }
     let (dir, stem) = (path.parent()?, path.file_stem()?);
-    let name = dir.join(format!("{}.{}.{}{SUFFIX}", stem.to_string_lossy(), std::process::id(), next()));
+    let n = super::snapshot_file::next_temp();
+    let name = dir.join(format!("{}.{}.{n}{SUFFIX}", stem.to_string_lossy(), std::process::id()));
     match std::fs::hard_link(path, &name) {
         Ok(()) => Some(name),
         Err(e) => {
@@ -93,11 +95,6 @@ pub(crate) fn free_in(dir: &Path) {
         reaper.running = false;
         tracing::warn!(error = %e, "cannot start the thread that frees replaced snapshots");
     }
-}
-
-fn next() -> u64 {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The reaper: sweep every directory until none has a retired file left
@@ -156,7 +153,6 @@ fn sweep(dir: &Path) -> io::Result<usize> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        use std::os::unix::fs::MetadataExt as _;
         if used.contains(&meta.ino()) {
             left += 1;
             continue;
@@ -204,7 +200,6 @@ fn in_use() -> io::Result<BTreeSet<u64>> {
         // Follows the fd's link to the file itself (named or not); fds
         // closed meanwhile are skipped.
         if let Ok(meta) = std::fs::metadata(entry.path()) {
-            use std::os::unix::fs::MetadataExt as _;
             used.insert(meta.ino());
         }
     }

@@ -383,7 +383,8 @@ pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn next_temp() -> u64 {
+/// A number no other temp or retired file of this process has.
+pub(super) fn next_temp() -> u64 {
     TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
