@@ -837,22 +837,10 @@ impl StateMachineStore {
                 // The frozen writes are freed here, with the capture, off
                 // the lock.
                 drop(captured);
-                let freed = rebasing.elapsed().as_secs_f64();
-                let before = anon_resident_kib();
-                // Many freed (the first snapshot after the state was
-                // loaded, or a long time between snapshots): hand the
-                // memory back to the system, which the allocator would
-                // otherwise keep, as small blocks all over the heap.
-                if frozen >= TRIM_AFTER_ENTRIES {
-                    // SAFETY: a plain call into the C allocator.
-                    unsafe { libc::malloc_trim(0) };
-                }
                 tracing::debug!(
-                    seconds = freed,
+                    seconds = rebasing.elapsed().as_secs_f64(),
                     frozen,
-                    trim_seconds = rebasing.elapsed().as_secs_f64() - freed,
-                    anon_kib_before = before,
-                    anon_kib_after = anon_resident_kib(),
+                    anon_kib = anon_resident_kib(),
                     "state rebased on its snapshot"
                 );
             }
@@ -861,12 +849,6 @@ impl StateMachineStore {
         Ok(Snapshot { meta, snapshot: Box::new(bytes) })
     }
 }
-
-/// Frozen entries a rebase must free before the memory is handed back to
-/// the system: the trim walks the whole heap (13 ms after a rebase of a
-/// few thousand entries, 80-230 ms after 3M), so it is not worth it for
-/// the writes between two snapshots.
-const TRIM_AFTER_ENTRIES: usize = 100_000;
 
 /// This process's anonymous resident memory in KiB (`RssAnon`), for a
 /// debug line; 0 where unknown.
