@@ -34,8 +34,12 @@ const MAGIC: &[u8; 10] = b"SYNODSNAP2";
 /// Bytes before the body: magic, body length, checksum.
 const HEADER: usize = MAGIC.len() + 8 + 32;
 
-/// Snapshot bytes allowed to wait for writeback at once.
-const WRITEBACK_STEP: u64 = 4 << 20;
+/// Snapshot bytes allowed to wait for writeback at once: a log sync that
+/// comes while a step is written waits for at most one step.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
+/// The longest rest after one step of writeback (see [`Paced`]).
+const MAX_REST: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A snapshot's data as openraft handles it: a region of an open file, from
 /// `base` to its end. Built and stored snapshots are `snapshot.bin` (the
@@ -507,12 +511,19 @@ impl Paced {
         let fd = self.file.as_raw_fd();
         let (from, len) = (self.synced as libc::off64_t, (end - self.synced) as libc::off64_t);
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let started = std::time::Instant::now();
         // SAFETY: `fd` is the open file this writer owns; the call reads
         // no memory of ours.
         if unsafe { libc::sync_file_range(fd, from, len, flags) } != 0 {
             return Err(io::Error::last_os_error());
         }
         self.synced = end;
+        // Then rest three times as long as the step took to reach the
+        // disk: the snapshot keeps the disk busy at most a quarter of the
+        // time, whatever the disk, and the Raft log's syncs find it idle
+        // the rest. (Writing a snapshot is mostly copying runs of the last
+        // one, fast enough to keep a disk busy from start to end.)
+        std::thread::sleep((started.elapsed() * 3).min(MAX_REST));
         Ok(())
     }
 

@@ -431,10 +431,29 @@ impl StateView for Namespace {
 /// straight into one, and the format does not change.
 impl serde::Serialize for Namespace {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
+        use serde::ser::{Error, SerializeSeq};
         let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        for (k, v) in self.iter() {
-            seq.serialize_element(&(k, serde_bytes::Bytes::new(v)))?;
+        match self.base.as_ref().filter(|_| base::raw_active()) {
+            // A snapshot being written: the base's records between two
+            // changed keys go as they are (`base::writing_raw`), and only
+            // the changes are encoded.
+            Some(b) => {
+                let mut at = b.start();
+                for (k, v) in self.changes() {
+                    let (found, replaced) = b.find_from(k, at);
+                    base::copy_raw(b.raw(at, found)).map_err(S::Error::custom)?;
+                    at = if replaced { b.next_record(found) } else { found };
+                    if let Some(v) = v {
+                        seq.serialize_element(&(serde_bytes::Bytes::new(k), serde_bytes::Bytes::new(v)))?;
+                    }
+                }
+                base::copy_raw(b.raw(at, b.end())).map_err(S::Error::custom)?;
+            }
+            None => {
+                for (k, v) in self.iter() {
+                    seq.serialize_element(&(k, serde_bytes::Bytes::new(v)))?;
+                }
+            }
         }
         seq.end()
     }
@@ -839,9 +858,23 @@ mod tests {
         let mut f = std::fs::File::create(&path).unwrap();
         // Some bytes before the state, as the snapshot header is.
         f.write_all(b"header").unwrap();
-        f.write_all(&postcard::to_allocvec(state).unwrap()).unwrap();
+        f.write_all(&encoded_with_raw_runs(state)).unwrap();
         drop(f);
         read_map(dir, origin)
+    }
+
+    /// `state` encoded as a snapshot writes it (its bases' unchanged runs
+    /// copied: `base::writing_raw`), checked to be the bytes, and the size
+    /// counted first, of encoding it record by record.
+    fn encoded_with_raw_runs(state: &KvState) -> Vec<u8> {
+        let plain = postcard::to_allocvec(state).unwrap();
+        let (size, raw) = base::counting_raw(|| postcard::experimental::serialized_size(state).unwrap());
+        assert_eq!(size as u64 + raw, plain.len() as u64, "size counted with raw runs");
+        let mut bytes = Vec::new();
+        let out = std::cell::RefCell::new(&mut bytes as &mut dyn std::io::Write);
+        base::writing_raw(&out, || postcard::to_io(state, base::Tap(&out)).unwrap());
+        assert!(bytes == plain, "raw runs change the encoding ({} bytes against {})", bytes.len(), plain.len());
+        bytes
     }
 
     /// The state [`write_map`] wrote for snapshot `origin`, read in place
