@@ -381,6 +381,27 @@ pub fn error_kind(e: &CommandError) -> &'static str {
     }
 }
 
+/// A raft log sync, an applied batch of entries or a stall of the async
+/// worker this long or longer is logged as a warning: writes waited for it.
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Warn whenever this thread's async runtime gets to a timer [`SLOW`] or
+/// more late: something blocked its worker, and every request on it
+/// waited. Runs until the runtime stops.
+pub async fn watch_worker() {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(TICK).await;
+        let now = tokio::time::Instant::now();
+        let late = now.duration_since(last).saturating_sub(TICK);
+        if late >= SLOW {
+            tracing::warn!(ms = late.as_millis() as u64, "the async worker was blocked");
+        }
+        last = now;
+    }
+}
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// This process's metrics.

@@ -179,7 +179,13 @@ fn sync_append(file: &File, started: std::time::Instant) -> io::Result<()> {
     let m = crate::metrics::get();
     let syncing = std::time::Instant::now();
     file.sync_data().map_err(|e| io::Error::new(e.kind(), format!("raft log sync failed: {e}")))?;
-    m.log_fsync_seconds.observe(syncing.elapsed().as_secs_f64());
+    let took = syncing.elapsed();
+    m.log_fsync_seconds.observe(took.as_secs_f64());
+    if took >= crate::metrics::SLOW {
+        // Every write this node acknowledges waited for it (etcd's "slow
+        // fdatasync"): the disk is shared with something heavier.
+        tracing::warn!(ms = took.as_millis() as u64, "raft log sync was slow");
+    }
     m.log_append_seconds.observe(started.elapsed().as_secs_f64());
     Ok(())
 }

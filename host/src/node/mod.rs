@@ -376,6 +376,7 @@ impl RunningNode {
         tasks.spawn(crate::devices::heartbeat(inner.clone(), inner.fence.clone()));
         tasks.spawn(crate::devices::reassign(inner.clone()));
         tasks.spawn(crate::devices::manager(inner.clone(), inner.fence.clone()));
+        tasks.spawn(crate::metrics::watch_worker());
 
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let app = crate::api::router(inner.clone());
