@@ -568,8 +568,9 @@ mod progress {
 /// returns freed pages on its own background threads, a few at a time.
 /// Alternated 10M-key runs (README, "fifth round"): the longest write at 1
 /// in flight 19-27 ms in five runs of six (90 ms in one) against 73-95 ms,
-/// and 29% more writes per second at 64 in flight. Plugins' memory is wasmtime's own mappings, not this
-/// allocator's, so nothing a command computes depends on it.
+/// and 29% more writes per second at 64 in flight. Plugins' memory is
+/// wasmtime's own mappings, not this allocator's, so nothing a command
+/// computes depends on it.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -213,11 +213,8 @@ async fn backup_of(
     spawn_background(move || {
         let image = captured.state();
         let data = SnapshotDataRef { image, blobs: &blobs };
-        // As a snapshot is written (`write_state`): the unchanged runs of
-        // records read from a snapshot's file are copied as they are.
-        let (size, raw) = crate::state::counting_raw(|| postcard::experimental::serialized_size(&data));
-        let size = match size {
-            Ok(size) => size as u64 + raw,
+        let size = match encoded_size(&data) {
+            Ok(size) => size,
             Err(e) => {
                 let _ = described.send(Err(e.to_string()));
                 return;
@@ -236,11 +233,7 @@ async fn backup_of(
             return;
         }
         let mut pieces = Pieces { tx, buf: Vec::with_capacity(BACKUP_PIECE) };
-        let out = std::cell::RefCell::new(&mut pieces as &mut dyn std::io::Write);
-        let written = crate::state::writing_raw(&out, || postcard::to_io(&data, crate::state::Tap(&out)))
-            .map(drop)
-            .map_err(std::io::Error::other);
-        if let Err(e) = written.and_then(|()| pieces.send()) {
+        if let Err(e) = encode_into(&data, &mut pieces).and_then(|()| pieces.send()) {
             let _ = pieces.tx.blocking_send(Err(e));
         }
     })?;
@@ -333,25 +326,33 @@ pub async fn install_backup(
 /// Write `snapshot.bin` at `path` with `data` encoded straight into it
 /// (the size is counted in a first pass). Returns the data's size and the
 /// file.
-///
-/// Each namespace read from an earlier snapshot's file copies that file's
-/// records between two changed keys as they are, and encodes only the
-/// changes (`state::writing_raw`): the same bytes as encoding every
-/// record, for a fraction of the CPU.
 fn write_state(
     path: &std::path::Path,
     meta: &SnapshotMeta<NodeId, NodeInfo>,
     data: &SnapshotDataRef,
 ) -> std::io::Result<(u64, SnapshotBytes)> {
-    let (size, raw) = crate::state::counting_raw(|| postcard::experimental::serialized_size(data));
-    let size = size.map_err(std::io::Error::other)? as u64 + raw;
-    let bytes = write_snapshot(path, meta, size, |w| {
-        let out = std::cell::RefCell::new(w);
-        crate::state::writing_raw(&out, || postcard::to_io(data, crate::state::Tap(&out)))
-            .map(drop)
-            .map_err(std::io::Error::other)
-    })?;
+    let size = encoded_size(data)?;
+    let bytes = write_snapshot(path, meta, size, |w| encode_into(data, w))?;
     Ok((size, bytes))
+}
+
+/// The size of `data`'s postcard encoding, as [`encode_into`] writes it.
+fn encoded_size(data: &SnapshotDataRef) -> std::io::Result<u64> {
+    let (size, raw) = crate::state::counting_raw(|| postcard::experimental::serialized_size(data));
+    Ok(size.map_err(std::io::Error::other)? as u64 + raw)
+}
+
+/// Encode `data` (postcard) into `w`, for a snapshot or a backup.
+///
+/// Each namespace read from an earlier snapshot's file copies that file's
+/// records between two changed keys as they are, and encodes only the
+/// changes (`state::writing_raw`): the same bytes as encoding every
+/// record, for a fraction of the CPU.
+fn encode_into(data: &SnapshotDataRef, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let out = std::cell::RefCell::new(w);
+    crate::state::writing_raw(&out, || postcard::to_io(data, crate::state::Tap(&out)))
+        .map(drop)
+        .map_err(std::io::Error::other)
 }
 
 /// A snapshot's data, decoded.
@@ -377,6 +378,9 @@ struct Checkpoint<K> {
     /// Log index of the snapshot the changes are relative to (none: to an
     /// empty state).
     snapshot: Option<u64>,
+    /// Later snapshots the changes also apply over: those captured while
+    /// this checkpoint's state was (see `KvState::captures`).
+    captures: Vec<u64>,
     image: Image<K>,
     /// Each namespace's keys and bytes at the checkpoint, as the state
     /// counted them while applying: the state opened from the snapshot
@@ -428,6 +432,7 @@ impl Checkpoints {
         if changes > CHECKPOINT_MAX_CHANGES {
             return;
         }
+        let captures = replica.kv().captures().to_vec();
         let captured = replica.capture();
         drop(replica);
         self.writing.store(true, Ordering::Release);
@@ -437,7 +442,8 @@ impl Checkpoints {
             let mut image = captured.into_state();
             let kv = std::mem::take(&mut image.kv);
             let sizes = namespace_sizes(&kv);
-            let checkpoint = Checkpoint { snapshot, image: image.map_kv(|_| crate::state::Changes(&kv)), sizes };
+            let checkpoint =
+                Checkpoint { snapshot, captures, image: image.map_kv(|_| crate::state::Changes(&kv)), sizes };
             let written = postcard::to_allocvec(&checkpoint)
                 .map_err(std::io::Error::other)
                 .and_then(|body| write_checkpoint(&path, &body).map(|()| body.len()));
@@ -504,6 +510,8 @@ fn apply_thread(
     mut checkpoints: Checkpoints,
 ) {
     while let Ok((entries, reply)) = jobs.recv() {
+        let started = std::time::Instant::now();
+        let count = entries.len();
         let mut responses = Vec::with_capacity(entries.len());
         let mut failed = None;
         let membership_changed = entries.iter().any(|e| matches!(e.payload, EntryPayload::Membership(_)));
@@ -542,6 +550,11 @@ fn apply_thread(
         }
         if membership_changed && let Ok(replica) = shared.replica.read() {
             shared.membership.send_replace(replica.membership().clone());
+        }
+        let took = started.elapsed();
+        if took >= crate::metrics::SLOW {
+            // Every write behind these entries waited for them.
+            tracing::warn!(entries = count, ms = took.as_millis() as u64, "applying entries was slow");
         }
         let ok = failed.is_none();
         let _ = reply.send(match failed {
@@ -652,7 +665,8 @@ impl StateMachineStore {
 
     /// Resume from the checkpoint at `path`, if there is one and it is
     /// relative to the snapshot (at log index `snapshot`) the state was
-    /// just opened from, and later: the state becomes the checkpoint's, and
+    /// just opened from, or was written while that snapshot was built
+    /// (its `captures`), and later: the state becomes the checkpoint's, and
     /// a restart replays only the entries after it. A damaged or stale
     /// checkpoint is set aside with a warning (the log holds every entry it
     /// saved replaying).
@@ -675,7 +689,8 @@ impl StateMachineStore {
         };
         let current = self.shared.replica.read().map_err(sm_err)?.log_id();
         let index = checkpoint.image.log_id.map(|l| l.index);
-        if checkpoint.snapshot != snapshot || checkpoint.image.log_id <= current {
+        let serves = checkpoint.snapshot == snapshot || snapshot.is_some_and(|s| checkpoint.captures.contains(&s));
+        if !serves || checkpoint.image.log_id <= current {
             tracing::info!(
                 snapshot = ?snapshot,
                 checkpoint_snapshot = ?checkpoint.snapshot,
@@ -1138,7 +1153,9 @@ mod tests {
         let write_changes = |snapshot: Option<u64>, state: &Image<KvState>, changed: &KvState| {
             let plain = state.clone();
             let sizes = namespace_sizes(&plain.kv);
-            let checkpoint = Checkpoint { snapshot, image: plain.map_kv(|_| crate::state::Changes(changed)), sizes };
+            let captures = changed.captures().to_vec();
+            let checkpoint =
+                Checkpoint { snapshot, captures, image: plain.map_kv(|_| crate::state::Changes(changed)), sizes };
             write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
         };
         let write = |snapshot: Option<u64>, state: &Image<KvState>| write_changes(snapshot, state, &state.kv);
@@ -1175,6 +1192,85 @@ mod tests {
         let (index, _, kv, _) = opened(dir.path());
         assert_eq!(index, Some(11));
         assert!(kv == image.kv, "a damaged checkpoint changed the state");
+    }
+
+    /// A checkpoint written while a snapshot was being built also serves
+    /// that snapshot once it replaces the last one. A node killed between
+    /// the new snapshot's rename and its next checkpoint used to replay
+    /// every entry since the capture (at 10M keys, 3 of a 4.3 s restart).
+    /// Keys made before the capture and deleted after it, and keys made
+    /// and deleted after it, come out as they were; a checkpoint that
+    /// does not name the snapshot as one of its captures is not used.
+    #[test]
+    fn a_checkpoint_written_during_a_build_serves_the_snapshot_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        write_image(&path, &image_of(2, 3_000, (4, 11)));
+        let store = open_store(dir.path()).unwrap();
+        let mut state = store.shared.replica.read().unwrap().capture().into_state();
+        drop(store);
+        let at = |index| Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
+
+        // Between the snapshot and the capture: overwrites, a deletion,
+        // a key made (deleted after the capture) and a new namespace.
+        let mut before = WriteSet::default();
+        for i in (0..3_000).step_by(5) {
+            before.set(format!("k/{i:06}"), vec![7; i % 30]);
+        }
+        before.delete("k/000002".into());
+        before.set("k/late".into(), b"made before the capture".to_vec());
+        state.kv.apply("plugin0", &before);
+        state.kv.apply("plugin7", &before);
+        state.log_id = at(20);
+        state.kv.freeze_at(Some(20));
+        let built = state.clone().map_kv(|kv| kv.image());
+
+        // After the capture, while the snapshot is built.
+        let mut after = WriteSet::default();
+        after.delete("k/late".into());
+        after.delete("k/000003".into());
+        after.set("k/000005".into(), b"again".to_vec());
+        state.kv.apply("plugin0", &after);
+        let mut brief = WriteSet::default();
+        brief.set("k/brief".into(), b"made after the capture".to_vec());
+        state.kv.apply("plugin1", &brief);
+        brief.delete("k/brief".into());
+        state.kv.apply("plugin1", &brief);
+        state.log_id = at(30);
+        state.last_applied = 30 * crate::consensus::types::OPS_PER_ENTRY;
+        state.digest = [6; 32];
+        assert_eq!(state.kv.checkpoint_base(), Some(Some(11)));
+        assert_eq!(state.kv.captures(), [20]);
+        let (expected, size) = (state.kv.image(), state.kv.size());
+        let write = |captures: Vec<u64>| {
+            let plain = state.clone();
+            let sizes = namespace_sizes(&plain.kv);
+            let checkpoint = Checkpoint {
+                snapshot: Some(11),
+                captures,
+                image: plain.map_kv(|_| crate::state::Changes(&state.kv)),
+                sizes,
+            };
+            write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
+        };
+        let opened = || {
+            let store = open_store(dir.path()).unwrap();
+            let replica = store.shared.replica.read().unwrap();
+            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
+        };
+
+        // The checkpoint, then the snapshot built renamed into place.
+        write(state.kv.captures().to_vec());
+        write_image(&path, &built);
+        let (index, digest, kv, got_size) = opened();
+        assert_eq!((index, digest), (Some(30), [6; 32]));
+        assert!(kv == expected, "the state opened from the checkpoint differs");
+        assert_eq!(got_size, size);
+
+        // Without the capture named: not used, the store opens at the
+        // snapshot.
+        write(Vec::new());
+        assert_eq!(opened().0, Some(20));
     }
 
     /// openraft builds a snapshot on a task of its own, so a build captured

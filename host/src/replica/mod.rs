@@ -966,7 +966,7 @@ impl Replica {
     /// their base are frozen first, so that once the snapshot is written
     /// they can be read from its file instead ([`Replica::rebase`]).
     pub fn capture_for_snapshot(&mut self) -> Captured {
-        self.kv.freeze();
+        self.kv.freeze_at(self.log_id.map(|l| l.index));
         self.capture()
     }
 

@@ -518,7 +518,7 @@ impl<'de> serde::Deserialize<'de> for KvState {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let parts = Vec::<(String, Namespace)>::deserialize(deserializer)?;
         let origin = base::decoding().and_then(|(_, origin)| origin);
-        Ok(KvState { namespaces: parts.into_iter().collect(), origin })
+        Ok(KvState { namespaces: parts.into_iter().collect(), origin, captures: Vec::new() })
     }
 }
 
@@ -578,6 +578,11 @@ pub struct KvState {
     /// Log index of the snapshot the namespaces' bases are read from (none
     /// before this node wrote or opened one).
     origin: Option<u64>,
+    /// Log indices at which a snapshot captured this state since `origin`
+    /// ([`KvState::freeze_at`]), oldest first: the snapshots a checkpoint
+    /// of it also serves ([`KvState::captures`]). This node's own, not
+    /// part of the state.
+    captures: Vec<u64>,
 }
 
 /// Equal when they hold the same entries, wherever from.
@@ -611,7 +616,7 @@ impl KvState {
     /// Rebuild from `(plugin, entries)` pairs (a snapshot).
     pub fn from_parts(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
         let namespaces = parts.into_iter().map(|(name, entries)| (name, Namespace::from_entries(entries))).collect();
-        KvState { namespaces, origin: None }
+        KvState { namespaces, origin: None, captures: Vec::new() }
     }
 
     /// Keys and key-and-value bytes held by every namespace together.
@@ -623,6 +628,35 @@ impl KvState {
     /// state is being captured (see [`KvState::rebase`]).
     pub fn freeze(&mut self) {
         self.namespaces.values_mut().for_each(Namespace::freeze);
+    }
+
+    /// [`KvState::freeze`] for a snapshot at log index `at`, remembered
+    /// in [`KvState::captures`].
+    pub fn freeze_at(&mut self, at: Option<u64>) {
+        self.freeze();
+        if let Some(at) = at
+            && self.captures.last().is_none_or(|&last| last < at)
+        {
+            self.captures.push(at);
+        }
+    }
+
+    /// The snapshots, besides the one at [`KvState::checkpoint_base`],
+    /// over which this state's [`Changes`] also give this state: those
+    /// captured since it ([`KvState::freeze_at`]).
+    ///
+    /// A snapshot captured at `s` holds the base and every layer frozen
+    /// up to `s`. A key it holds and a later command deletes is in a
+    /// layer below `live` then, so the deletion is kept as a deletion
+    /// (see [`Namespace::apply`]); any other key the changes leave out is
+    /// one no write touched since the base, the same in the base and in
+    /// the snapshot. So a checkpoint written while that snapshot was
+    /// being built, read over it once it replaced the base's, is the
+    /// checkpoint's state; without this, a node killed between that
+    /// snapshot's rename and its next checkpoint replayed every entry
+    /// since the capture.
+    pub fn captures(&self) -> &[u64] {
+        &self.captures
     }
 
     /// The log index of the snapshot a checkpoint of this state is
@@ -682,6 +716,9 @@ impl KvState {
             return;
         }
         self.origin = written.origin;
+        // Captures up to the new base are in it: a checkpoint from now on
+        // is relative to it.
+        self.captures.retain(|&at| Some(at) > written.origin);
         for (name, written) in written.namespaces {
             if let (Some(live), Some(captured)) = (self.namespaces.get_mut(&name), captured.namespaces.get(&name)) {
                 live.rebase(captured, written);
