@@ -432,7 +432,6 @@ impl Checkpoints {
         if changes > CHECKPOINT_MAX_CHANGES {
             return;
         }
-        let captures = replica.kv().captures().to_vec();
         let captured = replica.capture();
         drop(replica);
         self.writing.store(true, Ordering::Release);
@@ -442,6 +441,7 @@ impl Checkpoints {
             let mut image = captured.into_state();
             let kv = std::mem::take(&mut image.kv);
             let sizes = namespace_sizes(&kv);
+            let captures = kv.captures().to_vec();
             let checkpoint =
                 Checkpoint { snapshot, captures, image: image.map_kv(|_| crate::state::Changes(&kv)), sizes };
             let written = postcard::to_allocvec(&checkpoint)
