@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::snapshot_file::REST_PER_STEP;
+
 /// Replaced files this large or larger are retired (smaller ones are
 /// freed at once: too little to hold anything up).
 pub(crate) const RETIRE_OVER: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
@@ -41,14 +43,10 @@ pub(crate) const RETIRE_OVER: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 /// (all 64 writes in flight at once, 456 ms).
 const FREE_STEP: u64 = 4 << 20;
 
-/// The least pause between two steps.
+/// The least pause between two steps; after a slower cut the reaper rests
+/// [`REST_PER_STEP`] times as long as it took, as a snapshot's writeback
+/// does.
 const FREE_PAUSE: Duration = Duration::from_millis(20);
-
-/// After each cut the reaper rests this many times as long as the cut
-/// took (at least [`FREE_PAUSE`]), so freeing keeps the journal busy at
-/// most a quarter of the time on any disk, as the snapshot writer paces
-/// its writeback.
-const REST_PER_CUT: u32 = 3;
 
 /// How often the reaper looks again at a file still in use.
 const RECHECK: Duration = Duration::from_millis(500);
@@ -188,7 +186,7 @@ fn free_slowly(path: &Path) -> io::Result<()> {
         let took = cut.elapsed();
         slowest = slowest.max(took);
         if size > 0 {
-            std::thread::sleep(FREE_PAUSE.max(took * REST_PER_CUT));
+            std::thread::sleep(FREE_PAUSE.max(took * REST_PER_STEP));
         }
     }
     drop(file);

@@ -41,6 +41,12 @@ const WRITEBACK_STEP: u64 = 1 << 20;
 /// The longest rest after one step of writeback (see [`Paced`]).
 const MAX_REST: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Background disk work (a snapshot's writeback, freeing a replaced
+/// snapshot) rests this many times as long as each step took, so it keeps
+/// the disk busy at most a quarter of the time, whatever the disk, and the
+/// Raft log's syncs find it idle the rest.
+pub(crate) const REST_PER_STEP: u32 = 3;
+
 /// A snapshot's data as openraft handles it: a region of an open file, from
 /// `base` to its end. Built and stored snapshots are `snapshot.bin` (the
 /// data after its header and meta); a snapshot being received is an
@@ -518,12 +524,10 @@ impl Paced {
             return Err(io::Error::last_os_error());
         }
         self.synced = end;
-        // Then rest three times as long as the step took to reach the
-        // disk: the snapshot keeps the disk busy at most a quarter of the
-        // time, whatever the disk, and the Raft log's syncs find it idle
-        // the rest. (Writing a snapshot is mostly copying runs of the last
-        // one, fast enough to keep a disk busy from start to end.)
-        std::thread::sleep((started.elapsed() * 3).min(MAX_REST));
+        // Then rest (`REST_PER_STEP`): writing a snapshot is mostly
+        // copying runs of the last one, fast enough to keep a disk busy
+        // from start to end.
+        std::thread::sleep((started.elapsed() * REST_PER_STEP).min(MAX_REST));
         Ok(())
     }
 
