@@ -63,6 +63,50 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// What a node serves while it opens its state and log, before
+/// [`router`] takes over: every request is answered 503 `starting` with
+/// `Retry-After: 1`. Without it the port is bound but nothing accepts, so a
+/// client, a load balancer or a probe waits on its connection for as long
+/// as the node takes to start (seconds with a large state) instead of
+/// asking another member.
+pub fn starting_router() -> Router {
+    Router::new().fallback(|| async {
+        ApiError(ServiceError {
+            retry_after: Some(1),
+            ..ServiceError::new(
+                503,
+                "starting",
+                "this node is starting (opening its state and log); retry in a moment or ask another member",
+            )
+        })
+    })
+}
+
+/// Serve `app` on `listener`, through TLS when `tls` is set, until `stop`
+/// resolves; then let the requests in flight finish.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    app: Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    Ok(match tls {
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }),
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config)?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                    tracing::error!(error = %e, "https server failed");
+                }
+            })
+        }
+    })
+}
+
 /// Build the router over a node.
 pub fn router(node: Arc<NodeInner>) -> Router {
     let plugin_limit = node.config.limits.max_plugin_bytes;

@@ -358,6 +358,13 @@ const CHECKPOINT_MAGIC: &[u8; 10] = b"SYNODCKPT1";
 /// ```text
 /// checkpoint.bin = "SYNODCKPT1" | len u64 LE | blake3(body) 32 bytes | body
 /// ```
+///
+/// Tried: writing the body paced like a snapshot ([`Paced`]), so that a
+/// 10 MB checkpoint (at 10M keys, every second) is never queued whole
+/// ahead of a log sync. Six 10M runs showed no shorter stall (longest
+/// write at 64 in flight 33–66 ms, against 29–43 ms in nine runs without
+/// it), and each checkpoint took three times as long (0.15 → 0.45 s), so
+/// a restart found an older one.
 pub(crate) fn write_checkpoint(path: &Path, body: &[u8]) -> io::Result<()> {
     replace_whole(path, |mut f| {
         f.write_all(CHECKPOINT_MAGIC)?;
@@ -652,5 +659,26 @@ mod tests {
         };
         assert!(StoredSnapshot::open_trusting(&path, Some(id)).unwrap().is_some());
         assert!(StoredSnapshot::open_trusting(&path, Some((id.0, id.1 + 1))).is_err());
+    }
+
+    /// A checkpoint of a few megabytes reads back whole; a flipped or
+    /// missing byte is refused.
+    #[test]
+    fn a_checkpoint_reads_back_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let body: Vec<u8> = (0..3 * WRITEBACK_STEP as usize + 12_345).map(|i| (i * 31 % 251) as u8).collect();
+        write_checkpoint(&path, &body).unwrap();
+        assert_eq!(read_checkpoint(&path).unwrap().unwrap(), body);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(&good[MAGIC.len() + 8..HEADER], blake3::hash(&body).as_bytes());
+        let mut flipped = good.clone();
+        flipped[HEADER + 2 * WRITEBACK_STEP as usize] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let e = read_checkpoint(&path).err().unwrap();
+        assert!(e.to_string().contains("checksum does not match"), "{e}");
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(read_checkpoint(&path).is_err());
+        assert!(read_checkpoint(&dir.path().join("none.bin")).unwrap().is_none());
     }
 }

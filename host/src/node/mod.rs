@@ -211,6 +211,14 @@ impl RunningNode {
                 other => other.to_string(),
             }),
         })?;
+        // Until the node serves its API, its port answers 503 `starting`
+        // (opening a large state and its log takes seconds).
+        let tls = match &config.tls {
+            Some(tls) => Some(crate::api::tls::server_config(&tls.cert, &tls.key)?),
+            None => None,
+        };
+        let starting =
+            while_starting(&http, tls.clone()).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         let keypair = crate::p2p::identity::load_or_create(dir)?;
         let runtime = Arc::new(Runtime::new()?.with_max_component_bytes(config.limits.max_plugin_bytes));
         check_engine(dir, &runtime.fingerprint().hash)?;
@@ -383,24 +391,15 @@ impl RunningNode {
         let stopping = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        let http = match &inner.config.tls {
-            None => tokio::spawn(async move {
-                if let Err(e) = axum::serve(http, app).with_graceful_shutdown(stopping).await {
-                    tracing::error!(error = %e, "http server failed");
-                }
-            }),
-            Some(tls) => {
-                let config = crate::api::tls::server_config(&tls.cert, &tls.key)?;
-                let listener = crate::api::tls::TlsListener::new(http, config)
-                    .map_err(|source| NodeError::DataDir { path: tls.cert.clone(), source })?;
-                tracing::info!(cert = %tls.cert.display(), "the HTTP API speaks TLS only");
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopping).await {
-                        tracing::error!(error = %e, "https server failed");
-                    }
-                })
-            }
-        };
+        if let Some(tls) = &inner.config.tls {
+            tracing::info!(cert = %tls.cert.display(), "the HTTP API speaks TLS only");
+        }
+        // The starting answers stop as the node's own take over.
+        drop(starting);
+        let http = crate::api::serve(http, tls, app, stopping).map_err(|source| NodeError::DataDir {
+            path: inner.config.tls.as_ref().map_or_else(|| inner.config.data_dir.clone(), |t| t.cert.clone()),
+            source,
+        })?;
         Ok(RunningNode { inner, http, tasks, stop, _lock: lock })
     }
 
@@ -433,6 +432,25 @@ impl RunningNode {
         }
         self.inner.p2p.shutdown().await;
     }
+}
+
+/// Answer every request on `http` with 503 `starting`
+/// ([`crate::api::starting_router`]) until the returned sender is dropped.
+/// It serves a second handle to the same socket, so the node's own server
+/// takes the port over without a moment in which it is closed.
+fn while_starting(
+    http: &tokio::net::TcpListener,
+    tls: Option<rustls::ServerConfig>,
+) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
+    use std::os::fd::AsFd as _;
+    let early = std::net::TcpListener::from(http.as_fd().try_clone_to_owned()?);
+    early.set_nonblocking(true)?;
+    let (started, starting) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = starting.await;
+    };
+    crate::api::serve(tokio::net::TcpListener::from_std(early)?, tls, crate::api::starting_router(), stop)?;
+    Ok(started)
 }
 
 /// Ask openraft for a snapshot whenever the apply thread finds the writes
@@ -612,6 +630,55 @@ impl NodeInner {
             digest_index,
             digest,
             engine: self.artifacts.runtime().fingerprint().hash.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// While a node starts, its port answers at once with 503 `starting`
+    /// (a client learns to ask another member instead of waiting on a
+    /// connection nobody accepts), and the node's own server then takes
+    /// the same port over: every new connection reaches it.
+    #[tokio::test]
+    async fn a_starting_node_answers_at_once_then_hands_its_port_over() {
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/readyz", http.local_addr().unwrap());
+        // A new connection per request: a kept-alive one would only show
+        // which server accepted it first.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = || reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_max_idle_per_host(0).build();
+        let starting = super::while_starting(&http, None).unwrap();
+        for _ in 0..3 {
+            let r = client().unwrap().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 503);
+            assert_eq!(r.headers()["retry-after"], "1");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["kind"], "starting", "{body}");
+        }
+
+        drop(starting);
+        let app = axum::Router::new().route("/readyz", axum::routing::get(|| async { "ready" }));
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        crate::api::serve(http, None, app, async move {
+            let _ = stopped.await;
+        })
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = client().unwrap().get(&url).send().await.unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the node's own server never took the port over");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..20 {
+            let r = client().unwrap().get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "a starting answer after the node's own server took over");
+            assert_eq!(r.text().await.unwrap(), "ready");
         }
     }
 }
