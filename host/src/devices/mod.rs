@@ -6,8 +6,9 @@
 //!
 //! - [`heartbeat`]: while the cluster has devices, a heartbeat entry every
 //!   `heartbeat_ms` (about one entry per node per second); each committed
-//!   one renews this node's lease ([`Fence`]) until *sent + TTL*, measured
-//!   on this node's monotonic clock. An owner that cannot renew stops
+//!   one, once this node has applied it, renews this node's lease
+//!   ([`Fence`]) until *sent + TTL*, measured on this node's monotonic
+//!   clock. An owner that cannot renew stops
 //!   writing to its devices when the lease runs out.
 //! - [`reassign`]: on the leader, devices whose owner has been silent past
 //!   TTL + grace (by the leader's clock, from the owner's last heartbeat
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::consensus::Op;
+use crate::consensus::types::OPS_PER_ENTRY;
 use crate::driver::io::Fence;
 use crate::node::{NodeInner, SYSTEM, now_ms};
 use crate::replica::devices::DeviceOp;
@@ -52,7 +54,26 @@ pub async fn heartbeat(node: Arc<NodeInner>, fence: Arc<Fence>) {
         let op = Op::Device(DeviceOp::Heartbeat { node: node.id, labels: labels.clone() });
         let ttl = Duration::from_millis(settings.ttl_ms);
         match tokio::time::timeout(ttl, node.write(op, SYSTEM)).await {
-            Ok(Ok((_, response))) if matches!(response.result, Some(Ok(_))) => fence.renew(sent + ttl),
+            Ok(Ok((index, response))) if matches!(response.result, Some(Ok(_))) => {
+                // Renew only once this node has applied its own heartbeat,
+                // and so everything before it: a reassignment of its
+                // devices that was committed while it was paused or cut
+                // off is then in its state before its lease is good again
+                // (the worker checks the state after the lease; see
+                // `worker::session`). Renewed at once, a woken owner held a
+                // fresh lease while its state still named it the owner,
+                // and acted on a desired state the new owner had already
+                // applied.
+                let applied = node
+                    .raft
+                    .wait(Some(ttl.saturating_sub(sent.elapsed())))
+                    .applied_index_at_least(Some(index / OPS_PER_ENTRY), "own heartbeat applied")
+                    .await;
+                match applied {
+                    Ok(_) => fence.renew(sent + ttl),
+                    Err(e) => tracing::debug!(error = %e, "heartbeat committed but not applied here in time"),
+                }
+            }
             Ok(Ok((_, response))) => tracing::warn!(result = ?response.result, "heartbeat refused"),
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not committed"),
             Err(_) => tracing::debug!("heartbeat timed out"),

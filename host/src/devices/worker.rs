@@ -172,7 +172,12 @@ async fn session(node: &Arc<NodeInner>, fence: &Arc<Fence>, rx: &mut watch::Rece
         // shadow's reported state may be stale (a new owner starts from what
         // the old one last reported), and once this driver reports what the
         // device really holds, a delta for the same version appears.
-        if due && fence.valid() {
+        // The lease first, then the state: a lease renewed after a pause
+        // is renewed only once the node has applied its heartbeat (see
+        // `devices::heartbeat`), so a reassignment committed before it is
+        // in the state read here even when `now` (handed over by the
+        // manager) does not show it yet.
+        if due && fence.valid() && still_owner(node, &now.spec.id, epoch) {
             let previous = actuated;
             let delta = now.delta_json();
             if delta.as_object().is_some_and(|m| !m.is_empty()) {
@@ -197,6 +202,13 @@ async fn session(node: &Arc<NodeInner>, fence: &Arc<Fence>, rx: &mut watch::Rece
             inflight = Some(tokio::spawn(report(node.clone(), now.spec.id.clone(), epoch, fields, version)));
         }
     }
+}
+
+/// Whether this node's applied state names it the owner of `id` at
+/// `epoch`.
+fn still_owner(node: &NodeInner, id: &str, epoch: u64) -> bool {
+    node.with_replica(|r| r.devices().get(id).is_some_and(|d| d.owner == Some(node.id) && d.epoch == epoch))
+        .unwrap_or(false)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
