@@ -103,6 +103,45 @@ pub struct DriverState {
 pub struct DriverRuntime {
     engine: Engine,
     linker: Linker<DriverState>,
+    ticker: Arc<Ticker>,
+}
+
+/// The epoch ticker's switch: it ticks only while some driver code may be
+/// running (an instantiation or a call), and sleeps otherwise, so a node
+/// without devices (or with idle ones) is not woken 200 times a second for
+/// nothing. A deadline is counted in ticks from the moment it is set, which
+/// is always inside a [`Busy`] span, so pausing between spans changes no
+/// deadline.
+struct Ticker {
+    busy: std::sync::atomic::AtomicUsize,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+    /// Ticks so far (for tests).
+    ticks: std::sync::atomic::AtomicU64,
+}
+
+impl Ticker {
+    /// Mark driver code as running until the guard drops; wakes the ticker.
+    fn busy(self: &Arc<Self>) -> Busy {
+        if self.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0
+            && let Some(t) = self.thread.get()
+        {
+            t.unpark();
+        }
+        Busy(self.clone())
+    }
+
+    fn idle(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+}
+
+/// See [`Ticker::busy`].
+struct Busy(Arc<Ticker>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Why a driver call did not return normally.
@@ -147,17 +186,29 @@ impl DriverRuntime {
         let mut linker = Linker::new(&engine);
         DeviceDriver::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(err)?;
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let ticker =
+            Arc::new(Ticker { busy: Default::default(), thread: Default::default(), ticks: Default::default() });
+        let switch = ticker.clone();
+        let thread = std::thread::Builder::new()
             .name("synod-driver-epoch".into())
             .spawn(move || {
                 while let Some(engine) = weak.upgrade() {
+                    if switch.idle() {
+                        drop(engine);
+                        // Woken by the next `busy`; the timeout only lets
+                        // the thread notice that the engine is gone.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
                     engine.increment_epoch();
+                    switch.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
             .map_err(|e| crate::runtime::RuntimeError { reason: format!("epoch thread: {e}") })?;
-        Ok(Arc::new(DriverRuntime { engine, linker }))
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(Arc::new(DriverRuntime { engine, linker, ticker }))
     }
 
     /// Compile and link a driver component. Refused like a command handler
@@ -176,7 +227,7 @@ impl DriverRuntime {
         let pre =
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
         let pre = bindings::DeviceDriverPre::new(pre).map_err(|e| LoadError::Mismatch { reason: format!("{e:#}") })?;
-        Ok(DriverComponent { pre, engine: self.engine.clone() })
+        Ok(DriverComponent { pre, engine: self.engine.clone(), ticker: self.ticker.clone() })
     }
 }
 
@@ -234,6 +285,7 @@ fn check_world(engine: &Engine, component: &Component) -> Result<(), LoadError> 
 pub struct DriverComponent {
     pre: bindings::DeviceDriverPre<DriverState>,
     engine: Engine,
+    ticker: Arc<Ticker>,
 }
 
 /// What a driver instance needs from its device.
@@ -254,6 +306,7 @@ pub struct DeviceSetup {
 pub struct DriverInstance {
     store: Store<DriverState>,
     guest: DeviceDriver,
+    ticker: Arc<Ticker>,
 }
 
 impl DriverComponent {
@@ -268,6 +321,7 @@ impl DriverComponent {
             dropped: 0,
             limits: StoreLimitsBuilder::new().memory_size(DRIVER_MEMORY_BYTES).instances(64).build(),
         };
+        let _busy = self.ticker.busy();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
@@ -277,7 +331,7 @@ impl DriverComponent {
             .instantiate_async(&mut store)
             .await
             .map_err(|e| CallError::Trap { call: "instantiate", message: format!("{e:#}") })?;
-        Ok(DriverInstance { store, guest })
+        Ok(DriverInstance { store, guest, ticker: self.ticker.clone() })
     }
 }
 
@@ -293,9 +347,10 @@ impl DriverInstance {
         deadline: Duration,
         f: impl AsyncFnOnce(&DeviceDriver, &mut Store<DriverState>) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, CallError> {
+        let _busy = self.ticker.busy();
         self.store.set_epoch_deadline(ticks(deadline));
         let started = Instant::now();
-        let DriverInstance { store, guest } = self;
+        let DriverInstance { store, guest, .. } = self;
         let result = match tokio::time::timeout(deadline, f(guest, store)).await {
             Err(_) => Err(CallError::Deadline { call, deadline }),
             Ok(Ok(Ok(v))) => Ok(v),
@@ -398,5 +453,30 @@ impl bindings::synod::plugin::sink::Host for DriverState {
         }
         self.push(SinkItem::Log { level, message });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// The epoch ticker sleeps while no driver code runs, ticks while some
+    /// does, and sleeps again after.
+    #[test]
+    fn the_epoch_ticks_only_while_driver_code_runs() {
+        let runtime = DriverRuntime::new().expect("driver runtime");
+        let ticker = runtime.ticker.clone();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(ticker.ticks.load(Ordering::Relaxed), 0, "ticked with no driver code running");
+        let busy = ticker.busy();
+        std::thread::sleep(Duration::from_millis(200));
+        let during = ticker.ticks.load(Ordering::Relaxed);
+        assert!(during >= 5, "only {during} ticks in 200 ms of driver code");
+        drop(busy);
+        std::thread::sleep(Duration::from_millis(50));
+        let after = ticker.ticks.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(ticker.ticks.load(Ordering::Relaxed), after, "kept ticking after driver code stopped");
     }
 }

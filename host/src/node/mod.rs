@@ -62,6 +62,9 @@ pub const PROTOCOL_VERSION: &str = crate::p2p::IDENTIFY_PROTOCOL_VERSION;
 /// that does not is split (see `consensus::network`).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How often [`RunningNode::fatal`] looks whether Raft has stopped.
+const FATAL_CHECK: Duration = Duration::from_millis(100);
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -407,13 +410,21 @@ impl RunningNode {
     /// the disk is full or failing). The node can no longer apply or vote;
     /// the caller should report the error and exit rather than linger as a
     /// member that answers but never moves.
+    ///
+    /// It looks every [`FATAL_CHECK`] rather than on each change of Raft's
+    /// metrics: those change with every append and commit (thousands of
+    /// times a second under load), and the caller usually awaits this on the
+    /// process's main thread, which each change would wake.
     pub async fn fatal(&self) -> NodeError {
-        let mut metrics = self.inner.raft.metrics();
+        let metrics = self.inner.raft.metrics();
+        let mut every = tokio::time::interval(FATAL_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            every.tick().await;
             if let Err(e) = &metrics.borrow().running_state {
                 return NodeError::Raft(format!("raft stopped: {e}"));
             }
-            if metrics.changed().await.is_err() {
+            if metrics.has_changed().is_err() {
                 return NodeError::Raft("raft stopped".into());
             }
         }
