@@ -111,10 +111,13 @@ async fn serve_commands(node: Arc<NodeInner>, client: Client, group: String, sub
     // Requests this node works on at once; past this a request is answered
     // 429 at once rather than queued without bound.
     let slots = Arc::new(tokio::sync::Semaphore::new(node.config.limits.max_queued_writes));
-    let mut metrics = node.raft.metrics();
-    let leading = |m: &openraft::RaftMetrics<crate::consensus::types::NodeId, crate::consensus::types::NodeInfo>| {
-        m.current_leader == Some(node.id) && m.state.is_leader()
-    };
+    // Raft's server metrics change only with the leader, the state, the
+    // vote or the membership; its full metrics change with every append
+    // and commit, and would wake this loop thousands of times a second.
+    let mut metrics = node.raft.server_metrics();
+    type ServerMetrics =
+        openraft::metrics::RaftServerMetrics<crate::consensus::types::NodeId, crate::consensus::types::NodeInfo>;
+    let leading = |m: &ServerMetrics| m.current_leader == Some(node.id) && m.state.is_leader();
     let take = |msg: async_nats::Message| {
         let (node, client) = (node.clone(), client.clone());
         match slots.clone().try_acquire_owned() {
