@@ -8,8 +8,8 @@
 //!   `heartbeat_ms` (about one entry per node per second); each committed
 //!   one, once this node has applied it, renews this node's lease
 //!   ([`Fence`]) until *sent + TTL*, measured on this node's monotonic
-//!   clock. An owner that cannot renew stops
-//!   writing to its devices when the lease runs out.
+//!   clock. An owner that cannot renew stops writing to its devices when
+//!   the lease runs out.
 //! - [`reassign`]: on the leader, devices whose owner has been silent past
 //!   TTL + grace (by the leader's clock, from the owner's last heartbeat
 //!   entry), left the membership or is no longer eligible, and devices with
