@@ -2,6 +2,7 @@
 //! leader kill and across a NATS outage.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::time::Duration;
 
 use serde_json::json;
@@ -10,7 +11,8 @@ use crate::harness::{Cluster, serial};
 use crate::nats::NatsServer;
 use crate::plugins::component;
 
-/// Every message in the stream: (Nats-Msg-Id, Synod-Index).
+/// Every message Synod published to the stream: (Nats-Msg-Id,
+/// Synod-Index); messages without `Synod-Index` are someone else's.
 async fn stream_messages(url: &str) -> Vec<(String, u64)> {
     let client = async_nats::connect(url).await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -18,10 +20,11 @@ async fn stream_messages(url: &str) -> Vec<(String, u64)> {
     let last = stream.info().await.unwrap().state.last_sequence;
     let mut out = Vec::new();
     for seq in 1..=last {
-        if let Ok(m) = stream.get_raw_message(seq).await {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && let Some(index) = m.headers.get("Synod-Index")
+        {
             let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
-            let index = m.headers.get("Synod-Index").unwrap().as_str().parse().unwrap();
-            out.push((id, index));
+            out.push((id, index.as_str().parse().unwrap()));
         }
     }
     out
@@ -44,7 +47,15 @@ async fn assert_exactly_once(url: &str, acked: &BTreeSet<u64>) {
             );
             let ids: BTreeSet<&String> = msgs.iter().map(|(id, _)| id).collect();
             assert_eq!(ids.len(), msgs.len(), "an event is in the stream twice");
-            assert!(msgs.windows(2).all(|w| w[0].1 <= w[1].1), "events out of log order");
+            // In log order: by index, then by ordinal within a command.
+            let order: Vec<(u64, u64)> = msgs
+                .iter()
+                .map(|(id, _)| {
+                    let (i, o) = id.split_once('-').unwrap();
+                    (i.parse().unwrap(), o.parse().unwrap())
+                })
+                .collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "events out of log order");
             return;
         }
         let missing: Vec<_> = acked.difference(&indexes).take(10).collect();
@@ -64,15 +75,42 @@ async fn toggle(c: &Cluster, via: u64, i: u64) -> Option<u64> {
     }
 }
 
+/// Three nodes on the bus at `url`, the thermostat at 20 °C in the hall.
+async fn thermostat_cluster(url: &str) -> (Cluster, u64) {
+    let c = Cluster::start(3, |config| config.nats.url = Some(url.to_owned()));
+    let leader = c.leader().await;
+    c.push(leader, "thermostat", "1", component("thermostat")).await.unwrap();
+    c.cmd(leader, "thermostat", "set_setpoint", json!({"zone": "hall", "setpoint": 20})).await.unwrap();
+    (c, leader)
+}
+
+/// Toggles `range` while NATS is down: their events wait in the outbox and
+/// go out in long pipelined runs once NATS is back (restarted on return).
+async fn backlog(c: &Cluster, via: u64, nats: &mut NatsServer, range: Range<u64>, acked: &mut BTreeSet<u64>) {
+    nats.stop();
+    for i in range {
+        acked.insert(toggle(c, via, i).await.expect("a command failed while NATS was down"));
+    }
+    nats.restart();
+}
+
+/// Each event in the stream was counted once as published, on the node
+/// that published it; one JetStream dropped as a duplicate is not.
+async fn assert_each_stored_event_counted_once(c: &Cluster, url: &str) {
+    let stored = stream_messages(url).await.len() as u64;
+    let mut published = 0;
+    for id in c.live() {
+        published += sample(c, id, "synod_events_published_total").await;
+    }
+    assert_eq!(published, stored, "events counted as published against events in the stream");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_while_events_flow() {
     let _serial = serial().await;
     let nats = NatsServer::start();
     let url = nats.url();
-    let mut c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
-    let leader = c.leader().await;
-    c.push(leader, "thermostat", "1", component("thermostat")).await.unwrap();
-    c.cmd(leader, "thermostat", "set_setpoint", json!({"zone": "hall", "setpoint": 20})).await.unwrap();
+    let (mut c, leader) = thermostat_cluster(&url).await;
     let via = c.live().into_iter().find(|id| *id != leader).unwrap();
 
     let mut acked = BTreeSet::new();
@@ -94,10 +132,7 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
     let _serial = serial().await;
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let c = Cluster::start(3, |config| config.nats.url = Some(url.clone()));
-    let leader = c.leader().await;
-    c.push(leader, "thermostat", "1", component("thermostat")).await.unwrap();
-    c.cmd(leader, "thermostat", "set_setpoint", json!({"zone": "hall", "setpoint": 20})).await.unwrap();
+    let (c, leader) = thermostat_cluster(&url).await;
     let mut acked = BTreeSet::new();
     for i in 0..10 {
         acked.extend(toggle(&c, leader, i).await);
@@ -124,14 +159,87 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
     }
     assert_eq!(sample(&c, leader, r#"synod_bus_state{state="connected"}"#).await, 1);
     assert_eq!(sample(&c, leader, r#"synod_bus_state{state="disconnected"}"#).await, 0);
-    // Each event in the stream was counted once as published, on the node
-    // that published it; one JetStream dropped as a duplicate is not.
-    let stored = stream_messages(&url).await.len() as u64;
-    let mut published = 0;
-    for id in c.live() {
-        published += sample(&c, id, "synod_events_published_total").await;
+    assert_each_stored_event_counted_once(&c, &url).await;
+}
+
+/// Publishes are pipelined, each expecting its predecessor to be the
+/// stream's last message. Messages someone else publishes into the stream
+/// (no Synod id) break that chain at random points; the leader must resume
+/// after its own last event each time, never stall, repeat or reorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_in_the_stream_neither_stall_nor_reorder_events() {
+    let _serial = serial().await;
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let (c, leader) = thermostat_cluster(&url).await;
+    let mut acked = BTreeSet::new();
+    acked.extend(toggle(&c, leader, 0).await);
+    assert_exactly_once(&url, &acked).await;
+
+    backlog(&c, leader, &mut nats, 1..401, &mut acked).await;
+    // Someone else's messages land in the stream while the backlog and
+    // new events go out.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let foreign = tokio::spawn({
+        let (url, stop) = (url.clone(), stop.clone());
+        async move {
+            let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 2_000 {
+                if let Ok(ack) = js.publish("synod.evt.foreign.noise", "x".into()).await
+                    && ack.await.is_ok()
+                {
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            sent
+        }
+    });
+    for i in 401..601 {
+        acked.extend(toggle(&c, leader, i).await);
     }
-    assert_eq!(published, stored, "events counted as published against events in the stream");
+    assert_exactly_once(&url, &acked).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = foreign.await.unwrap();
+    assert!(sent > 0, "no foreign message was stored");
+    assert_each_stored_event_counted_once(&c, &url).await;
+}
+
+/// NATS killed while a backlog goes out in pipelined runs: publishes in
+/// flight are lost, and later ones may still reach the restarted server
+/// from the client's reconnect buffer. Each carries its predecessor's id as
+/// the expected last message, so none lands after a gap; the leader resumes
+/// after the stream's last event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_mid_pipeline_keeps_events_in_order() {
+    let _serial = serial().await;
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let (c, leader) = thermostat_cluster(&url).await;
+    let mut acked = BTreeSet::new();
+    acked.extend(toggle(&c, leader, 0).await);
+    assert_exactly_once(&url, &acked).await;
+
+    for round in 0..3u64 {
+        let before = sample(&c, leader, "synod_events_published_total").await;
+        backlog(&c, leader, &mut nats, 1 + round * 700..701 + round * 700, &mut acked).await;
+        // Kill NATS again as soon as the backlog has started to go out.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let published = sample(&c, leader, "synod_events_published_total").await;
+            if published > before {
+                eprintln!("round {round}: killed NATS after {} events of the backlog", published - before);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the backlog never started");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        nats.stop();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nats.restart();
+        assert_exactly_once(&url, &acked).await;
+    }
 }
 
 /// A sample's value on `node`, from its `/metrics` (`name` with its

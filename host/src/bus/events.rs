@@ -4,30 +4,66 @@
 //! node until the stream is known to hold them). Out: one stream message
 //! per event on `synod.evt.<plugin>.<topic>`, with `Nats-Msg-Id` =
 //! `<log index>-<ordinal>` so the stream drops any repeat within its
-//! duplicate window. Only the leader publishes. A new leader (or a
-//! reconnected one) reads the last message in the stream and resumes from
-//! its index; it then commits `EventsPublished` so every node can forget
-//! what the stream holds.
+//! duplicate window. Only the leader publishes.
+//!
+//! Publishes are pipelined: up to [`WINDOW`] go out before their
+//! acknowledgements are awaited. Each one but the first after a resume
+//! carries its predecessor's id in `Nats-Expected-Last-Msg-Id`, so the
+//! stream refuses it unless the one before it is the stream's last message:
+//! a lost or refused publish takes every later one in flight with it, and
+//! Synod's messages in the stream are always the log's events from the
+//! start, in log order, without a gap. The
+//! stream checks a repeated id before the expected last id, so re-publishing
+//! what it already holds is answered as a duplicate, never refused.
+//!
+//! A new leader (or one whose publish failed or whose NATS came back) reads
+//! the stream's last message and resumes right after it. If that message is
+//! not Synod's (something else published into the stream), it resumes after
+//! the last event this leadership saw acknowledged, else after what the
+//! cluster has recorded as published, and lets the duplicate window drop
+//! repeats. Every second it commits `EventsPublished` so every node can
+//! forget what the stream holds.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Client;
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, HeaderMap};
 
 use crate::consensus::Op;
 use crate::node::NodeInner;
+use crate::replica::OutboxEntry;
 
 /// How long the stream remembers message ids: longer than any leader
 /// change or bus outage resume could repeat.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
-/// Commands' worth of events published per round.
+/// Commands' worth of events read from the outbox per round.
 const BATCH: usize = 256;
 
-/// Index of the message id `<index>-<ordinal>`.
-fn index_of(msg_id: &str) -> Option<u64> {
-    msg_id.split_once('-').and_then(|(i, _)| i.parse().ok())
+/// Publishes awaiting their acknowledgement, at most.
+const WINDOW: usize = 256;
+
+/// Payload bytes awaiting acknowledgement, at most (one event may exceed it
+/// alone).
+const WINDOW_BYTES: usize = 4 * 1024 * 1024;
+
+/// An event's place in the log: (log index, ordinal within its command).
+/// "Up to `p`" includes every event at or before `p`; `(i, usize::MAX)` is
+/// all of index `i`.
+type Position = (u64, usize);
+
+/// The position in the message id `<index>-<ordinal>`.
+fn position_of(msg_id: &str) -> Option<Position> {
+    let (index, ordinal) = msg_id.split_once('-')?;
+    Some((index.parse().ok()?, ordinal.parse().ok()?))
+}
+
+fn message_id((index, ordinal): Position) -> String {
+    format!("{index}-{ordinal}")
 }
 
 async fn ensure_stream(js: &jetstream::Context, name: &str) -> Result<stream::Stream, String> {
@@ -42,49 +78,189 @@ async fn ensure_stream(js: &jetstream::Context, name: &str) -> Result<stream::St
     .map_err(|e| e.to_string())
 }
 
-/// The highest log index whose events the stream may already hold.
-async fn last_in_stream(stream: &mut stream::Stream) -> Result<u64, String> {
+/// The stream's last message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Last {
+    /// The stream is empty.
+    None,
+    /// One of Synod's events, at this position.
+    Synod(Position),
+    /// A message someone else published (no Synod message id).
+    Foreign,
+}
+
+async fn last_in_stream(stream: &mut stream::Stream) -> Result<Last, String> {
     let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
     if last == 0 {
-        return Ok(0);
+        return Ok(Last::None);
     }
     let msg = stream.get_raw_message(last).await.map_err(|e| e.to_string())?;
-    Ok(msg.headers.get("Nats-Msg-Id").and_then(|v| index_of(v.as_str())).unwrap_or(0))
+    Ok(msg.headers.get("Nats-Msg-Id").and_then(|v| position_of(v.as_str())).map_or(Last::Foreign, Last::Synod))
+}
+
+/// Where to resume. What the cluster recorded as published is never sent
+/// again. Beyond that the stream's last message decides; when it is someone
+/// else's, the last event this leadership saw acknowledged does (the
+/// events before a foreign message are not found without a scan, and the
+/// duplicate window drops any repeat).
+fn resume_after(last: Last, acknowledged: Option<Position>, published_upto: u64) -> Position {
+    let recorded = if published_upto == 0 { (0, 0) } else { (published_upto, usize::MAX) };
+    match last {
+        Last::None => recorded,
+        Last::Synod(at) => at.max(recorded),
+        Last::Foreign => acknowledged.map_or(recorded, |at| at.max(recorded)),
+    }
+}
+
+/// The events of `batch` after `after`, in log order, each with its
+/// position and whether it is the last of its command.
+fn events_after(
+    batch: &[(u64, OutboxEntry)],
+    after: Position,
+) -> impl Iterator<Item = (Position, bool, &str, &crate::state::Event)> {
+    batch.iter().flat_map(move |(index, entry)| {
+        let count = entry.events.len();
+        entry
+            .events
+            .iter()
+            .enumerate()
+            .filter(move |(ordinal, _)| (*index, *ordinal) > after)
+            .map(move |(ordinal, (family, event))| ((*index, ordinal), ordinal + 1 == count, family.as_str(), event))
+    })
+}
+
+/// One publish awaiting its acknowledgement.
+struct InFlight {
+    at: Position,
+    last_of_command: bool,
+    bytes: usize,
+    ack: PublishAckFuture,
+}
+
+/// The leader's publishing state within one leadership.
+#[derive(Default)]
+struct Publisher {
+    /// Where this run stands: everything up to here is stored or in flight
+    /// in order. `None` until resumed from the stream.
+    cursor: Option<Position>,
+    /// Id of the run's previous publish: the next one's expected last id.
+    previous: Option<String>,
+    /// The furthest event the stream has acknowledged (stored or duplicate).
+    acknowledged: Option<Position>,
+    /// Every event of log indexes up to here is acknowledged.
+    complete_upto: u64,
+    in_flight: VecDeque<InFlight>,
+    in_flight_bytes: usize,
+}
+
+impl Publisher {
+    /// Await the oldest publish's acknowledgement.
+    async fn settle_one(&mut self) -> Result<(), String> {
+        let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
+        self.in_flight_bytes -= f.bytes;
+        let ack = f.ack.await.map_err(|e| format!("event {} not acknowledged: {e}", message_id(f.at)))?;
+        let m = crate::metrics::get();
+        if ack.duplicate { &m.events_duplicate } else { &m.events_published }.inc();
+        self.acknowledged = Some(f.at);
+        if f.last_of_command {
+            self.complete_upto = f.at.0;
+        }
+        Ok(())
+    }
+
+    async fn settle_all(&mut self) -> Result<(), String> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Start a new run after a failure: nothing in flight counts any more.
+    fn restart(&mut self) {
+        // Dropped acknowledgements are awaited (and their permits released)
+        // by the client's acker task.
+        self.in_flight.clear();
+        self.in_flight_bytes = 0;
+        self.cursor = None;
+        self.previous = None;
+    }
+
+    /// Publish `batch`'s events after the cursor, pipelined, and await every
+    /// acknowledgement.
+    async fn publish(&mut self, js: &jetstream::Context, batch: &[(u64, OutboxEntry)]) -> Result<(), String> {
+        let Some(after) = self.cursor else { return Ok(()) };
+        // Resumed after the last event of a command: that command is done.
+        if let Some((index, entry)) = batch.first()
+            && *index == after.0
+            && after.1 != usize::MAX
+            && after.1 + 1 >= entry.events.len()
+        {
+            self.complete_upto = self.complete_upto.max(after.0);
+        }
+        for (at, last_of_command, family, event) in events_after(batch, after) {
+            while !self.in_flight.is_empty()
+                && (self.in_flight.len() >= WINDOW || self.in_flight_bytes + event.payload.len() > WINDOW_BYTES)
+            {
+                self.settle_one().await?;
+            }
+            let id = message_id(at);
+            let mut message = PublishMessage::build()
+                .payload(event.payload.clone().into())
+                .message_id(&id)
+                .header("Synod-Index", at.0.to_string().as_str());
+            if let Some(previous) = &self.previous {
+                message = message.expected_last_message_id(previous);
+            }
+            let subject = format!("synod.evt.{family}.{}", event.topic);
+            let ack = js.send_publish(subject, message).await.map_err(|e| format!("event {id} not sent: {e}"))?;
+            self.in_flight.push_back(InFlight { at, last_of_command, bytes: event.payload.len(), ack });
+            self.in_flight_bytes += event.payload.len();
+            self.previous = Some(id);
+            self.cursor = Some(at);
+        }
+        self.settle_all().await
+    }
 }
 
 /// Publish the outbox while this node leads; forever.
 pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: String) {
     let js = jetstream::new(client.clone());
     let mut was_leader = false;
-    // Events up to `cursor` are acknowledged by the stream (this leadership).
-    let mut cursor: Option<u64> = None;
+    let mut p = Publisher::default();
     let mut proposed = 0u64;
     let mut last_proposal = tokio::time::Instant::now();
+    let mut idle = true;
     loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if idle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        idle = true;
         let leader = node.leader().0 == Some(node.id);
         if leader && !was_leader {
             let term = node.raft.metrics().borrow().current_term;
             super::notify(&client, "leader", serde_json::json!({ "leader": node.id, "term": term })).await;
         }
+        if !leader {
+            p = Publisher::default();
+        }
         was_leader = leader;
         if !leader || client.connection_state() != async_nats::connection::State::Connected {
-            cursor = None;
+            p.restart();
             continue;
         }
-        if cursor.is_none() {
-            // Resume: re-publish from the last index the stream holds (its
-            // later ordinals may be missing; earlier ones are dropped as
-            // duplicates).
-            let resumed = match ensure_stream(&js, &stream_name).await {
+        if p.cursor.is_none() {
+            let last = match ensure_stream(&js, &stream_name).await {
                 Ok(mut s) => last_in_stream(&mut s).await,
                 Err(e) => Err(e),
             };
-            match resumed {
+            match last {
                 Ok(last) => {
                     let published = node.with_replica(|r| r.outbox_state().0).unwrap_or(0);
-                    cursor = Some(last.saturating_sub(1).max(published));
-                    tracing::info!(resume_after = cursor, "publishing events");
+                    let after = resume_after(last, p.acknowledged, published);
+                    p.cursor = Some(after);
+                    p.complete_upto =
+                        p.complete_upto.max(if after.1 == usize::MAX { after.0 } else { after.0.saturating_sub(1) });
+                    tracing::info!(resume_after = %message_id(after), "publishing events");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "event stream unavailable; will retry");
@@ -93,43 +269,21 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
                 }
             }
         }
-        let Some(after) = cursor else { continue };
-        let batch = node.with_replica(|r| r.outbox_after(after, BATCH)).unwrap_or_default();
-        for (index, entry) in batch {
-            let mut ok = true;
-            for (ordinal, (family, event)) in entry.events.iter().enumerate() {
-                let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("{index}-{ordinal}").as_str());
-                headers.insert("Synod-Index", index.to_string().as_str());
-                let subject = format!("synod.evt.{family}.{}", event.topic);
-                let acked = match js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
-                    Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Ok(duplicate) = acked {
-                    let m = crate::metrics::get();
-                    if duplicate { &m.events_duplicate } else { &m.events_published }.inc();
-                }
-                if let Err(e) = acked {
-                    tracing::warn!(error = %e, index, "event not acknowledged; will retry");
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok {
-                cursor = None;
-                break;
-            }
-            cursor = Some(index);
+        let Some(after) = p.cursor else { continue };
+        // Index `after.0` may still have events after `after.1`.
+        let from = if after.1 == usize::MAX { after.0 } else { after.0.saturating_sub(1) };
+        let batch = node.with_replica(|r| r.outbox_after(from, BATCH)).unwrap_or_default();
+        if let Err(e) = p.publish(&js, &batch).await {
+            tracing::warn!(error = %e, "event publishing stopped; resuming from the stream");
+            p.restart();
+            continue;
         }
+        idle = batch.len() < BATCH;
         // Tell every node what the stream holds, at most once a second.
-        if let Some(upto) = cursor
-            && upto > proposed
-            && last_proposal.elapsed() > Duration::from_secs(1)
-        {
+        if p.complete_upto > proposed && last_proposal.elapsed() > Duration::from_secs(1) {
             last_proposal = tokio::time::Instant::now();
-            match node.write(Op::EventsPublished { upto }, "synod").await {
-                Ok(_) => proposed = upto,
+            match node.write(Op::EventsPublished { upto: p.complete_upto }, "synod").await {
+                Ok(_) => proposed = p.complete_upto,
                 Err(e) => tracing::debug!(error = %e, "cannot record published events"),
             }
         }
@@ -138,10 +292,33 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn message_ids() {
-        assert_eq!(super::index_of("42-0"), Some(42));
-        assert_eq!(super::index_of("7-13"), Some(7));
-        assert_eq!(super::index_of("nope"), None);
+        assert_eq!(position_of("42-0"), Some((42, 0)));
+        assert_eq!(position_of("7-13"), Some((7, 13)));
+        assert_eq!(position_of("nope"), None);
+        assert_eq!(position_of("7-x"), None);
+        assert_eq!(message_id((7, 13)), "7-13");
+    }
+
+    #[test]
+    fn resume_after_the_known_position() {
+        // A fresh stream and cluster: from the start.
+        assert_eq!(resume_after(Last::None, None, 0), (0, 0));
+        // The stream's last message decides, to the ordinal; what this
+        // leadership saw acknowledged does not (the stream may have been
+        // recreated).
+        assert_eq!(resume_after(Last::Synod((9, 2)), Some((12, 0)), 5), (9, 2));
+        // An empty stream: after what the cluster recorded as published.
+        assert_eq!(resume_after(Last::None, Some((8, 1)), 5), (5, usize::MAX));
+        // Someone else's message last: after what this leadership saw
+        // acknowledged, else every event of the recorded index.
+        assert_eq!(resume_after(Last::Foreign, Some((8, 1)), 5), (8, 1));
+        assert_eq!(resume_after(Last::Foreign, None, 5), (5, usize::MAX));
+        // What the cluster recorded is never sent again.
+        assert_eq!(resume_after(Last::Synod((5, 0)), None, 5), (5, usize::MAX));
+        assert_eq!(resume_after(Last::Foreign, Some((4, 3)), 5), (5, usize::MAX));
     }
 }
