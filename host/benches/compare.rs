@@ -37,7 +37,7 @@ struct Options {
     inflight: Vec<usize>,
     json: PathBuf,
     restart_entries: u64,
-    /// Which systems to drive (all four by default).
+    /// Which systems to drive (all of `SYSTEMS` by default).
     systems: Vec<String>,
     /// Stop after the throughput table (no failover, restart or RSS runs).
     table_only: bool,
@@ -48,7 +48,11 @@ struct Options {
 /// `synod-http-auth-off` is a second Synod cluster, the same in all but
 /// `auth = "off"`, driven in turn with the first: what checking tokens
 /// costs, measured side by side.
-const SYSTEMS: [&str; 5] = ["synod-http", "synod-http-auth-off", "synod-nats", "etcd", "jetstream-kv"];
+///
+/// `synod-events` drives `counter.reset` over HTTP, one JetStream event per
+/// command, and reports how fast the leader publishes them beside the
+/// commands (after the table).
+const SYSTEMS: [&str; 6] = ["synod-http", "synod-http-auth-off", "synod-nats", "synod-events", "etcd", "jetstream-kv"];
 
 fn options() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -91,6 +95,90 @@ fn value_256(i: u64) -> String {
         s.push('x');
     }
     s
+}
+
+/// The leader's events published so far and commands waiting in its outbox.
+async fn events_state(api: &reqwest::Client, metrics: &str) -> anyhow::Result<(u64, u64)> {
+    let text = api.get(metrics).send().await?.text().await?;
+    let sample = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .with_context(|| format!("no {name} in the leader's metrics"))
+    };
+    Ok((sample("synod_events_published_total")?, sample("synod_events_outbox_commands")?))
+}
+
+/// Drive `counter.reset` (one event each) at `inflight` while sampling the
+/// leader's outbox; then wait for it to empty. One line for after the
+/// table.
+async fn drive_events(
+    api: &reqwest::Client,
+    node: &str,
+    inflight: usize,
+    warmup: Duration,
+    run: Duration,
+) -> anyhow::Result<(Stats, String)> {
+    let metrics = format!("{node}/metrics");
+    // First the leader's publisher must be live (the event stream is
+    // created on a fresh NATS cluster while the bench starts): one event
+    // through before the load.
+    let (first, _) = events_state(api, &metrics).await?;
+    api.post(format!("{node}/v1/commands/counter/reset")).body("{}").send().await?.error_for_status()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events_state(api, &metrics).await?.0 <= first {
+        if Instant::now() > deadline {
+            bail!("the leader published no event within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (published_before, _) = events_state(api, &metrics).await?;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (api, metrics, done) = (api.clone(), metrics.clone(), done.clone());
+        async move {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((_, outbox)) = events_state(&api, &metrics).await {
+                    peak = peak.max(outbox);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        }
+    });
+    let (h, url) = (api.clone(), format!("{node}/v1/commands/counter/reset"));
+    let started = Instant::now();
+    let stats = drive(inflight, warmup, run, move |_| {
+        let req = h.post(&url).body("{}").send();
+        async move { matches!(req.await, Ok(r) if r.status().is_success()) }
+    })
+    .await;
+    let load = started.elapsed();
+    let (published_during, _) = events_state(api, &metrics).await?;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await?;
+    // Wait (two minutes at most) so that no publishing overlaps the next row.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let left = loop {
+        let (_, outbox) = events_state(api, &metrics).await?;
+        if outbox == 0 || Instant::now() > deadline {
+            break outbox;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drained = started.elapsed() - load;
+    let after = match left {
+        0 => format!("empty {:.2} s after the load", drained.as_secs_f64()),
+        n => format!("still {n} commands {:.0} s after the load", drained.as_secs_f64()),
+    };
+    let line = format!(
+        "events at {inflight} in flight: {:.0} published/s during the load (warm-up included) beside {:.0} commands/s; \
+         outbox peak {peak} commands, {after}",
+        (published_during - published_before) as f64 / load.as_secs_f64(),
+        stats.ops_per_sec,
+    );
+    Ok((stats, line))
 }
 
 fn row(name: &str, inflight: usize, s: &Stats) -> String {
@@ -300,6 +388,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut results: BTreeMap<String, BTreeMap<usize, Stats>> = BTreeMap::new();
     let mut synod_commands: u64 = 0;
+    let mut event_lines = Vec::new();
     for &inflight in &o.inflight {
         for system in o.systems.iter().map(String::as_str) {
             let stats = match system {
@@ -321,6 +410,11 @@ async fn main() -> anyhow::Result<()> {
                         async move { matches!(req.await, Ok(r) if r.status().is_success()) }
                     })
                     .await
+                }
+                "synod-events" => {
+                    let (stats, line) = drive_events(&api, &synod.http(leader), inflight, warmup, run).await?;
+                    event_lines.push(line);
+                    stats
                 }
                 "synod-nats" => {
                     let n = nats.clone();
@@ -372,6 +466,9 @@ async fn main() -> anyhow::Result<()> {
             }
             results.entry(system.to_owned()).or_default().insert(inflight, stats);
         }
+    }
+    for line in &event_lines {
+        println!("{line}");
     }
     let loaded_rss: Vec<f64> = synod.procs.values().map(|p| rss_mb(p.child.id())).collect();
     // The auth-off cluster has done its part; it must not load what follows.

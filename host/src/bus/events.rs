@@ -42,10 +42,10 @@ use crate::replica::OutboxEntry;
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
 /// Commands' worth of events read from the outbox per round.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
 
 /// Publishes awaiting their acknowledgement, at most.
-const WINDOW: usize = 256;
+const WINDOW: usize = 1024;
 
 /// Payload bytes awaiting acknowledgement, at most (one event may exceed it
 /// alone).
