@@ -129,6 +129,21 @@ fn events_after(
     })
 }
 
+/// Why a run of publishes stopped.
+struct Stopped {
+    message: String,
+    /// The stream refused a publish because its last message was not the
+    /// one before: expected after a lost publish, or when something else
+    /// publishes into the stream.
+    out_of_turn: bool,
+}
+
+impl Stopped {
+    fn failed(message: String) -> Stopped {
+        Stopped { message, out_of_turn: false }
+    }
+}
+
 /// One publish awaiting its acknowledgement.
 struct InFlight {
     at: Position,
@@ -155,10 +170,13 @@ struct Publisher {
 
 impl Publisher {
     /// Await the oldest publish's acknowledgement.
-    async fn settle_one(&mut self) -> Result<(), String> {
+    async fn settle_one(&mut self) -> Result<(), Stopped> {
         let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
         self.in_flight_bytes -= f.bytes;
-        let ack = f.ack.await.map_err(|e| format!("event {} not acknowledged: {e}", message_id(f.at)))?;
+        let ack = f.ack.await.map_err(|e| Stopped {
+            out_of_turn: e.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastMessageId,
+            message: format!("event {} not acknowledged: {e}", message_id(f.at)),
+        })?;
         let m = crate::metrics::get();
         if ack.duplicate { &m.events_duplicate } else { &m.events_published }.inc();
         self.acknowledged = Some(f.at);
@@ -168,7 +186,7 @@ impl Publisher {
         Ok(())
     }
 
-    async fn settle_all(&mut self) -> Result<(), String> {
+    async fn settle_all(&mut self) -> Result<(), Stopped> {
         while !self.in_flight.is_empty() {
             self.settle_one().await?;
         }
@@ -187,7 +205,7 @@ impl Publisher {
 
     /// Publish `batch`'s events after the cursor, pipelined, and await every
     /// acknowledgement.
-    async fn publish(&mut self, js: &jetstream::Context, batch: &[(u64, OutboxEntry)]) -> Result<(), String> {
+    async fn publish(&mut self, js: &jetstream::Context, batch: &[(u64, OutboxEntry)]) -> Result<(), Stopped> {
         let Some(after) = self.cursor else { return Ok(()) };
         // Resumed after the last event of a command: that command is done.
         if let Some((index, entry)) = batch.first()
@@ -212,7 +230,10 @@ impl Publisher {
                 message = message.expected_last_message_id(previous);
             }
             let subject = format!("synod.evt.{family}.{}", event.topic);
-            let ack = js.send_publish(subject, message).await.map_err(|e| format!("event {id} not sent: {e}"))?;
+            let ack = js
+                .send_publish(subject, message)
+                .await
+                .map_err(|e| Stopped::failed(format!("event {id} not sent: {e}")))?;
             self.in_flight.push_back(InFlight { at, last_of_command, bytes: event.payload.len(), ack });
             self.in_flight_bytes += event.payload.len();
             self.previous = Some(id);
@@ -274,7 +295,11 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
         let from = if after.1 == usize::MAX { after.0 } else { after.0.saturating_sub(1) };
         let batch = node.with_replica(|r| r.outbox_after(from, BATCH)).unwrap_or_default();
         if let Err(e) = p.publish(&js, &batch).await {
-            tracing::warn!(error = %e, "event publishing stopped; resuming from the stream");
+            if e.out_of_turn {
+                tracing::info!(error = %e.message, "the stream's last message is not the event before; resuming after it");
+            } else {
+                tracing::warn!(error = %e.message, "event publishing stopped; resuming from the stream");
+            }
             p.restart();
             continue;
         }
