@@ -12,9 +12,9 @@
 //! stream refuses it unless the one before it is the stream's last message:
 //! a lost or refused publish takes every later one in flight with it, and
 //! Synod's messages in the stream are always the log's events from the
-//! start, in log order, without a gap. The
-//! stream checks a repeated id before the expected last id, so re-publishing
-//! what it already holds is answered as a duplicate, never refused.
+//! start, in log order, without a gap. The stream checks a repeated id
+//! before the expected last id, so re-publishing what it already holds is
+//! answered as a duplicate, never refused.
 //!
 //! A new leader (or one whose publish failed or whose NATS came back) reads
 //! the stream's last message and resumes right after it. If that message is
