@@ -999,9 +999,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // state of gigabytes before the node is ready). Every later ask,
         // to send it, checks it again.
         let trusted = self.opened.lock().map_err(snap_err)?.take();
-        let stored = tokio::task::spawn_blocking(move || StoredSnapshot::open_trusting(&path, trusted))
-            .await
-            .map_err(snap_err)?;
+        let replacing = self.stored.clone();
+        let stored = tokio::task::spawn_blocking(move || match StoredSnapshot::open_trusting(&path, trusted)? {
+            Some(s) => Ok(Some(s)),
+            // No file by that name: none was ever stored, or this open
+            // raced a new snapshot's rename over it. On ext4 an open sees
+            // the old file or the new one, but through a path-based FUSE
+            // layer (or a network filesystem) it can miss the name for a
+            // moment, and openraft takes "no snapshot" from a leader whose
+            // log is purged as fatal. A rename is made holding `stored`:
+            // with it held, look once more.
+            None => {
+                let stored = replacing.lock().map_err(|e| std::io::Error::other(e.to_string()))?;
+                match *stored {
+                    Some(_) => StoredSnapshot::open(&path),
+                    None => Ok(None),
+                }
+            }
+        })
+        .await
+        .map_err(snap_err)?;
         match stored.map_err(snap_err)? {
             None => Ok(None),
             Some(s) => {
@@ -1316,6 +1333,48 @@ mod tests {
         drop(store);
         let reopened = open_store(dir.path()).unwrap();
         assert_eq!(reopened.shared.replica.read().unwrap().log_id(), newer.log_id);
+    }
+
+    /// A leader sending its snapshot while a new one is renamed over it
+    /// asked for the current snapshot and, on the chaos tests' FUSE disk,
+    /// found no file by that name for a moment: openraft took "no
+    /// snapshot" as a storage error and the leader stopped. The ask now
+    /// waits for the replacement and reads the new file.
+    #[tokio::test]
+    async fn asking_for_the_snapshot_during_its_replacement_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        write_image(&path, &image_of(1, 30, (1, 5)));
+        let mut store = open_store(dir.path()).unwrap();
+        // openraft's first ask, right after open.
+        assert!(store.get_current_snapshot().await.unwrap().is_some());
+
+        // A replacement under way: the name is missing while it holds the
+        // lock, as the FUSE layer shows it during the rename.
+        let (held, named, aside) = (store.stored.clone(), path.clone(), dir.path().join("aside"));
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let replacer = std::thread::spawn(move || {
+            let _replacing = held.lock().unwrap();
+            std::fs::rename(&named, &aside).unwrap();
+            locked.send(()).unwrap();
+            released.recv().unwrap();
+            std::fs::rename(&aside, &named).unwrap();
+        });
+        is_locked.recv().unwrap();
+        let mut asker = store.clone();
+        let ask = tokio::spawn(async move { asker.get_current_snapshot().await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!ask.is_finished(), "the ask did not wait for the replacement");
+        release.send(()).unwrap();
+        replacer.join().unwrap();
+        let got = ask.await.unwrap().unwrap().expect("no snapshot while one was being replaced");
+        assert_eq!(got.meta.last_log_id.map(|id| id.index), Some(5));
+
+        // A node that never stored one still has none.
+        let empty = tempfile::tempdir().unwrap();
+        let mut fresh = open_store(empty.path()).unwrap();
+        assert!(fresh.get_current_snapshot().await.unwrap().is_none());
     }
 
     /// A backup's state comes in pieces of about a MiB as it is encoded,
