@@ -393,6 +393,10 @@ fn namespace_sizes(kv: &KvState) -> Vec<(String, u64, u64)> {
     kv.namespaces().map(|(name, ns)| (name.to_owned(), ns.len() as u64, ns.bytes())).collect()
 }
 
+/// Opens of `snapshot.bin` tried, 10 ms apart, when one misses it while a
+/// snapshot is stored or being replaced (see `get_current_snapshot`).
+const SNAPSHOT_OPEN_ATTEMPTS: u32 = 100;
+
 /// Entries applied after a checkpoint before the next one is written.
 const CHECKPOINT_AFTER_ENTRIES: u64 = 200;
 
@@ -1000,22 +1004,37 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // to send it, checks it again.
         let trusted = self.opened.lock().map_err(snap_err)?.take();
         let replacing = self.stored.clone();
-        let stored = tokio::task::spawn_blocking(move || match StoredSnapshot::open_trusting(&path, trusted)? {
-            Some(s) => Ok(Some(s)),
-            // No file by that name: none was ever stored, or this open
-            // raced a new snapshot's rename over it. On ext4 an open sees
-            // the old file or the new one, but through a path-based FUSE
-            // layer (or a network filesystem) it can miss the name for a
-            // moment, and openraft takes "no snapshot" from a leader whose
-            // log is purged as fatal. A rename is made holding `stored`:
-            // with it held, look once more.
-            None => {
-                let stored = replacing.lock().map_err(|e| std::io::Error::other(e.to_string()))?;
-                match *stored {
-                    Some(_) => StoredSnapshot::open(&path),
-                    None => Ok(None),
+        let stored = tokio::task::spawn_blocking(move || {
+            // On ext4 an open sees the old file or the new one renamed
+            // over it. Through a path-based FUSE layer (or a network
+            // filesystem) an open racing the rename can miss the name, or
+            // open the old file and then fail to `fstat` it, and openraft
+            // takes a read error (or "no snapshot" from a leader whose log
+            // is purged) as fatal. So a miss is tried again, briefly, while
+            // a snapshot is stored or being replaced: the rename takes
+            // milliseconds. Not under the replacement lock, which a build
+            // holds for its whole write (seconds at millions of keys) while
+            // this runs on openraft's state machine worker.
+            let mut trusted = trusted;
+            for attempt in 1.. {
+                let missed = match StoredSnapshot::open_trusting(&path, trusted) {
+                    Ok(Some(s)) => return Ok(Some(s)),
+                    Ok(None) => None,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(e),
+                    Err(e) => return Err(e),
+                };
+                let may_exist = match replacing.try_lock() {
+                    Ok(stored) => stored.is_some(),
+                    Err(std::sync::TryLockError::WouldBlock) => true,
+                    Err(std::sync::TryLockError::Poisoned(e)) => return Err(std::io::Error::other(e.to_string())),
+                };
+                if !may_exist || attempt >= SNAPSHOT_OPEN_ATTEMPTS {
+                    return missed.map_or(Ok(None), Err);
                 }
+                trusted = None;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            Ok(None)
         })
         .await
         .map_err(snap_err)?;
@@ -1339,7 +1358,8 @@ mod tests {
     /// asked for the current snapshot and, on the chaos tests' FUSE disk,
     /// found no file by that name for a moment: openraft took "no
     /// snapshot" as a storage error and the leader stopped. The ask now
-    /// waits for the replacement and reads the new file.
+    /// tries again while the replacement is under way and reads the new
+    /// file.
     #[tokio::test]
     async fn asking_for_the_snapshot_during_its_replacement_gets_one() {
         let dir = tempfile::tempdir().unwrap();
