@@ -126,13 +126,16 @@ async fn drive_events(
     let (first, _) = events_state(api, &metrics).await?;
     api.post(format!("{node}/v1/commands/counter/reset")).body("{}").send().await?.error_for_status()?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while events_state(api, &metrics).await?.0 <= first {
+    let published_before = loop {
+        let (published, _) = events_state(api, &metrics).await?;
+        if published > first {
+            break published;
+        }
         if Instant::now() > deadline {
             bail!("the leader published no event within a minute");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (published_before, _) = events_state(api, &metrics).await?;
+    };
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = tokio::spawn({
         let (api, metrics, done) = (api.clone(), metrics.clone(), done.clone());

@@ -56,6 +56,12 @@ const WINDOW_BYTES: usize = 4 * 1024 * 1024;
 /// all of index `i`.
 type Position = (u64, usize);
 
+/// The last log index all of whose events are at or before `at`, as far
+/// as the position alone tells.
+fn whole_commands_through((index, ordinal): Position) -> u64 {
+    if ordinal == usize::MAX { index } else { index.saturating_sub(1) }
+}
+
 /// The position in the message id `<index>-<ordinal>`.
 fn position_of(msg_id: &str) -> Option<Position> {
     let (index, ordinal) = msg_id.split_once('-')?;
@@ -237,7 +243,9 @@ impl Publisher {
             self.in_flight.push_back(InFlight { at, last_of_command, bytes: event.payload.len(), ack });
             self.in_flight_bytes += event.payload.len();
             self.previous = Some(id);
-            self.cursor = Some(at);
+            // After a command's last event, all of it: the next round reads
+            // from the command after.
+            self.cursor = Some(if last_of_command { (at.0, usize::MAX) } else { at });
         }
         self.settle_all().await
     }
@@ -279,8 +287,7 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
                     let published = node.with_replica(|r| r.outbox_state().0).unwrap_or(0);
                     let after = resume_after(last, p.acknowledged, published);
                     p.cursor = Some(after);
-                    p.complete_upto =
-                        p.complete_upto.max(if after.1 == usize::MAX { after.0 } else { after.0.saturating_sub(1) });
+                    p.complete_upto = p.complete_upto.max(whole_commands_through(after));
                     tracing::info!(resume_after = %message_id(after), "publishing events");
                 }
                 Err(e) => {
@@ -291,9 +298,8 @@ pub async fn publish_loop(node: Arc<NodeInner>, client: Client, stream_name: Str
             }
         }
         let Some(after) = p.cursor else { continue };
-        // Index `after.0` may still have events after `after.1`.
-        let from = if after.1 == usize::MAX { after.0 } else { after.0.saturating_sub(1) };
-        let batch = node.with_replica(|r| r.outbox_after(from, BATCH)).unwrap_or_default();
+        // The command at `after` may still have events after it.
+        let batch = node.with_replica(|r| r.outbox_after(whole_commands_through(after), BATCH)).unwrap_or_default();
         if let Err(e) = p.publish(&js, &batch).await {
             if e.out_of_turn {
                 tracing::info!(error = %e.message, "the stream's last message is not the event before; resuming after it");

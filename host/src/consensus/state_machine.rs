@@ -1015,8 +1015,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // milliseconds. Not under the replacement lock, which a build
             // holds for its whole write (seconds at millions of keys) while
             // this runs on openraft's state machine worker.
-            let mut trusted = trusted;
-            for attempt in 1.. {
+            let (mut trusted, mut attempt) = (trusted, 0);
+            loop {
+                attempt += 1;
                 let missed = match StoredSnapshot::open_trusting(&path, trusted) {
                     Ok(Some(s)) => return Ok(Some(s)),
                     Ok(None) => None,
@@ -1034,7 +1035,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 trusted = None;
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Ok(None)
         })
         .await
         .map_err(snap_err)?;
