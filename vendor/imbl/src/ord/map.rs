@@ -1978,6 +1978,79 @@ where
     }
 }
 
+/// An iterator over the differences between two maps that also reports
+/// entries whose keys compare equal but which `same` says differ (see
+/// [`OrdSet::diff_by`](crate::OrdSet::diff_by)). Synod's addition.
+pub(crate) struct DiffByIter<'a, 'b, K, V, P: SharedPointerKind, F> {
+    pub(crate) it1: Cursor<'a, K, V, P>,
+    pub(crate) it2: Cursor<'b, K, V, P>,
+    pub(crate) same: F,
+}
+
+impl<K, V, P: SharedPointerKind> GenericOrdMap<K, V, P> {
+    /// [`OrdMap::diff`] with `same` deciding whether two entries of equal
+    /// keys are the same (skipping shared nodes as `diff` does).
+    pub(crate) fn diff_by<'a, 'b, F>(&'a self, other: &'b Self, same: F) -> DiffByIter<'a, 'b, K, V, P, F> {
+        let mut diff = DiffByIter {
+            it1: Cursor::empty(),
+            it2: Cursor::empty(),
+            same,
+        };
+        if self.ptr_eq(other) {
+            return diff;
+        }
+        diff.it1.init(self.root.as_ref());
+        diff.it2.init(other.root.as_ref());
+        diff.it1.seek_to_first();
+        diff.it2.seek_to_first();
+        diff
+    }
+}
+
+impl<'a, 'b, K, V, P, F> Iterator for DiffByIter<'a, 'b, K, V, P, F>
+where
+    K: Ord,
+    P: SharedPointerKind,
+    F: FnMut(&K, &K) -> bool,
+{
+    type Item = DiffItem<'a, 'b, K, V>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match (self.it1.peek(), self.it2.peek()) {
+                (Some((k1, v1)), Some((k2, v2))) => match k1.cmp(k2) {
+                    Ordering::Less => {
+                        self.it1.next();
+                        break Some(DiffItem::Remove(k1, v1));
+                    }
+                    Ordering::Equal => {
+                        self.it1.advance_skipping_shared(&mut self.it2);
+                        if !(self.same)(k1, k2) {
+                            break Some(DiffItem::Update {
+                                old: (k1, v1),
+                                new: (k2, v2),
+                            });
+                        }
+                    }
+                    Ordering::Greater => {
+                        self.it2.next();
+                        break Some(DiffItem::Add(k2, v2));
+                    }
+                },
+                (Some((k1, v1)), None) => {
+                    self.it1.next();
+                    break Some(DiffItem::Remove(k1, v1));
+                }
+                (None, Some((k2, v2))) => {
+                    self.it2.next();
+                    break Some(DiffItem::Add(k2, v2));
+                }
+                (None, None) => break None,
+            }
+        }
+    }
+}
+
 impl<'a, 'b, K, V, P> FusedIterator for DiffIter<'a, 'b, K, V, P>
 where
     K: Ord,

@@ -257,6 +257,24 @@ where
         }
     }
 
+    /// [`OrdSet::diff`] that also reports, as [`DiffByItem::Update`], the
+    /// values present in both sets (comparing equal) for which `same`
+    /// returns false: for values ordered by a part of themselves (a key)
+    /// whose other part may change. Nodes shared between the two sets are
+    /// skipped as `diff` skips them, so `same` is asked only about values
+    /// outside them. Synod's addition.
+    ///
+    /// Time: as [`OrdSet::diff`].
+    #[must_use]
+    pub fn diff_by<'a, 'b, F>(&'a self, other: &'b Self, same: F) -> DiffByIter<'a, 'b, A, P, F>
+    where
+        F: FnMut(&A, &A) -> bool,
+    {
+        DiffByIter {
+            it: self.map.diff_by(&other.map, same),
+        }
+    }
+
     /// Test if a value is part of a set.
     ///
     /// Time: O(log n)
@@ -1029,6 +1047,45 @@ where
     }
 }
 
+/// An iterator over the difference between two sets, updates included
+/// (see [`OrdSet::diff_by`]).
+pub struct DiffByIter<'a, 'b, A, P: SharedPointerKind, F> {
+    it: map::DiffByIter<'a, 'b, A, (), P, F>,
+}
+
+/// A difference between two ordered sets, as [`OrdSet::diff_by`] finds it.
+#[derive(PartialEq, Eq, Debug)]
+pub enum DiffByItem<'a, 'b, A> {
+    /// This value has been added to the new set.
+    Add(&'b A),
+    /// A value equal to this one in the old set is this one in the new.
+    Update {
+        /// The value in the old set.
+        old: &'a A,
+        /// The value in the new set.
+        new: &'b A,
+    },
+    /// This value has been removed from the new set.
+    Remove(&'a A),
+}
+
+impl<'a, 'b, A, P, F> Iterator for DiffByIter<'a, 'b, A, P, F>
+where
+    A: Ord,
+    P: SharedPointerKind,
+    F: FnMut(&A, &A) -> bool,
+{
+    type Item = DiffByItem<'a, 'b, A>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.it.next().map(|item| match item {
+            map::DiffItem::Add(k, _) => DiffByItem::Add(k),
+            map::DiffItem::Remove(k, _) => DiffByItem::Remove(k),
+            map::DiffItem::Update { old, new } => DiffByItem::Update { old: old.0, new: new.0 },
+        })
+    }
+}
+
 impl<'a, 'b, A, P> FusedIterator for DiffIter<'a, 'b, A, P>
 where
     A: Ord + PartialEq,
@@ -1171,6 +1228,53 @@ mod test {
     assert_impl_all!(OrdSet<i32>: Send, Sync);
     assert_not_impl_any!(OrdSet<*const i32>: Send, Sync);
     assert_covariant!(OrdSet<T> in T);
+
+    /// A pair ordered by its first part only, as Synod's entries are by key.
+    #[derive(Clone, Debug)]
+    struct Keyed(u32, u32);
+    impl PartialEq for Keyed {
+        fn eq(&self, other: &Self) -> bool {
+            self.0 == other.0
+        }
+    }
+    impl Eq for Keyed {}
+    impl PartialOrd for Keyed {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Keyed {
+        fn cmp(&self, other: &Self) -> Ordering {
+            self.0.cmp(&other.0)
+        }
+    }
+
+    /// `diff_by` reports values replaced under an equal key, which `diff`
+    /// cannot, besides additions and removals, through a derived set that
+    /// shares most of its nodes with the original.
+    #[test]
+    fn diff_by_reports_replaced_values() {
+        let old: OrdSet<Keyed> = (0..5_000).map(|i| Keyed(i, 0)).collect();
+        let mut new = old.clone();
+        new.insert(Keyed(10, 1));
+        new.insert(Keyed(4_000, 2));
+        new.remove(&Keyed(77, 0));
+        new.insert(Keyed(9_000, 3));
+        let mut seen = Vec::new();
+        for item in old.diff_by(&new, |a, b| a.1 == b.1) {
+            seen.push(match item {
+                DiffByItem::Add(v) => ('+', v.0, v.1),
+                DiffByItem::Update { old, new } => {
+                    assert_eq!(old.0, new.0);
+                    ('~', new.0, new.1)
+                }
+                DiffByItem::Remove(v) => ('-', v.0, v.1),
+            });
+        }
+        assert_eq!(seen, vec![('~', 10, 1), ('-', 77, 0), ('~', 4_000, 2), ('+', 9_000, 3)]);
+        assert_eq!(old.diff_by(&old.clone(), |_, _| false).count(), 0);
+        assert_eq!(old.diff(&new).count(), 2, "plain diff misses the replaced values");
+    }
 
     #[test]
     fn match_strings_with_string_slices() {
