@@ -2,8 +2,10 @@
 //! side in one run, on loopback, fsync on for both.
 //!
 //! Starts a three-node Synod cluster (authentication on; snapshots at the
-//! node default, every 2,000 entries) and a three-member etcd cluster
-//! (Debian `etcd-server` 3.4, `--quota-backend-bytes` 16 GiB). For each key
+//! node default: every 2,000 entries times the state's size in 64 MiB, at
+//! most 32,000, or once the writes since change 200,000 keys) and a
+//! three-member etcd cluster (Debian `etcd-server` 3.4,
+//! `--quota-backend-bytes` 16 GiB). For each key
 //! count (cumulative: 1M, then up to 3M, …) it loads both to that many keys
 //! of `--value-bytes` (Synod through the `misbehave` plugin's `fill`, 5,000
 //! keys a command; etcd with 128-put transactions), then:

@@ -257,7 +257,7 @@ pub async fn restore(
     let bytes = std::fs::read(file).map_err(|e| BackupError::Io(format!("reading {}", file.display()), e))?;
     let (header, state) = parse(&bytes)?;
     let dir = &config.data_dir;
-    for existing in ["raft-log", "snapshot.bin", "checkpoint.bin"] {
+    for existing in ["raft-log", "snapshot.bin", "checkpoint.bin", "checkpoint.log"] {
         if dir.join(existing).exists() {
             return Err(BackupError::Refused(format!(
                 "{} already holds a node's data ({existing}): restore only into a new, empty data dir",

@@ -243,11 +243,15 @@ pub struct RaftConfig {
     /// Upper end of the election timeout range, ms (also the leader lease).
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log before it) after this many
-    /// entries since the last one (or sooner, once the writes since hold
-    /// 128 MiB: `SNAPSHOT_AFTER_CHANGED_BYTES`). An entry is a batch of up
-    /// to 1,000 commands. A restarting node resumes from its snapshot and
-    /// its last checkpoint (written every 200 entries between snapshots)
-    /// and replays the log after that.
+    /// entries since the last one, times the state's size in 64 MiB (at
+    /// least 1, at most 16: a snapshot rewrites the whole state, so at
+    /// 1 GiB of state it is taken every 32,000 entries at the default);
+    /// sooner once the writes since hold 128 MiB of keys and values or
+    /// change 200,000 keys. An entry is a batch of up to 1,000 commands.
+    /// A restarting node resumes from its snapshot and its checkpoints
+    /// (written every 200 entries between snapshots, at most once a
+    /// second, each but the first after a snapshot as the changes since
+    /// the one before) and replays the log after the last.
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot, for slightly lagging
     /// followers that need not a whole snapshot.

@@ -398,6 +398,83 @@ pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
+/// Leads every record of a checkpoint's log.
+const DELTA_MAGIC: &[u8; 4] = b"SCD1";
+
+/// Bytes of a record's header: magic, length, checksum.
+const DELTA_HEADER: usize = DELTA_MAGIC.len() + 8 + 32;
+
+/// The length of the whole, undamaged record `rest` starts with.
+fn whole_record(rest: &[u8]) -> Option<usize> {
+    if rest.get(..DELTA_MAGIC.len())? != DELTA_MAGIC {
+        return None;
+    }
+    let len = u64::from_le_bytes(rest.get(DELTA_MAGIC.len()..DELTA_MAGIC.len() + 8)?.try_into().ok()?);
+    let end = DELTA_HEADER.checked_add(usize::try_from(len).ok()?)?;
+    let body = rest.get(DELTA_HEADER..end)?;
+    (blake3::hash(body).as_bytes()[..] == rest[DELTA_MAGIC.len() + 8..DELTA_HEADER]).then_some(end)
+}
+
+/// Append one record to the checkpoint log `path` (created if missing)
+/// and sync it:
+///
+/// ```text
+/// checkpoint.log = record*   record = "SCD1" | len u64 LE | blake3(body) 32 bytes | body
+/// ```
+///
+/// A record cut short or damaged (power lost in the append) ends the log
+/// for [`read_checkpoint_log`].
+pub(crate) fn append_checkpoint_log(path: &Path, body: &[u8]) -> io::Result<()> {
+    let created = !path.exists();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut record = Vec::with_capacity(DELTA_HEADER + body.len());
+    record.extend_from_slice(DELTA_MAGIC);
+    record.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    record.extend_from_slice(blake3::hash(body).as_bytes());
+    record.extend_from_slice(body);
+    f.write_all(&record)?;
+    f.sync_data()?;
+    if created && let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Empty the checkpoint log `path` (a whole checkpoint was just written),
+/// durably; nothing to do when there is none.
+pub(crate) fn clear_checkpoint_log(path: &Path) -> io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).truncate(true).open(path) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The bodies of the checkpoint log `path`'s records, in order, up to the
+/// first one cut short or damaged (none when there is no log).
+pub(crate) fn read_checkpoint_log(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut records = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let Some(end) = whole_record(rest) else {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = rest.len(),
+                "the checkpoint log ends in a record cut short or damaged; what follows is not used"
+            );
+            break;
+        };
+        records.push(rest[DELTA_HEADER..end].to_vec());
+        rest = &rest[end..];
+    }
+    Ok(records)
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A number no other temp or retired file of this process has.

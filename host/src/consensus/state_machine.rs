@@ -28,8 +28,8 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::snapshot_file::{
-    FileId, MappedData, SnapshotBytes, StoredSnapshot, read_checkpoint, remove_unfinished, write_checkpoint,
-    write_snapshot,
+    FileId, MappedData, SnapshotBytes, StoredSnapshot, append_checkpoint_log, clear_checkpoint_log, read_checkpoint,
+    read_checkpoint_log, remove_unfinished, write_checkpoint, write_snapshot,
 };
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
@@ -82,7 +82,28 @@ pub struct Shared {
     /// [`SNAPSHOT_AFTER_CHANGED_BYTES`] in memory: the node asks openraft
     /// for a snapshot then, whatever the number of entries since the last.
     pub snapshot_wanted: tokio::sync::Notify,
+    /// See [`CheckpointChain`].
+    checkpoint_chain: std::sync::Mutex<CheckpointChain>,
+    /// Log index of the snapshot `snapshot.bin` holds (0: none yet).
+    snapshot_index: AtomicU64,
+    /// `raft.snapshot_after_entries` of the node's config: see
+    /// [`Shared::snapshot_due`].
+    pub snapshot_after_entries: AtomicU64,
 }
+
+/// State bytes per step of the snapshot interval: a state of `n` times
+/// this many bytes is snapshotted after `n` times
+/// `raft.snapshot_after_entries` entries (see [`Shared::snapshot_due`]).
+pub const SNAPSHOT_SCALE_BYTES: u64 = 64 << 20;
+
+/// Most steps of the snapshot interval (16 × 2,000 entries by default, at
+/// 1 GiB of state and more).
+pub const SNAPSHOT_SCALE_MAX: u64 = 16;
+
+/// Entries (and deletions) written since the last snapshot past which a
+/// node takes one whatever else: a whole checkpoint holds them all, and a
+/// restart reads it.
+pub const SNAPSHOT_AFTER_CHANGED_ENTRIES: usize = 200_000;
 
 /// Bytes of keys and values written since the last snapshot past which a
 /// node takes a snapshot without waiting for its count of entries: what a
@@ -92,6 +113,34 @@ pub struct Shared {
 pub const SNAPSHOT_AFTER_CHANGED_BYTES: u64 = 128 << 20;
 
 impl Shared {
+    /// Why this node should take a snapshot now, if it should. A snapshot
+    /// rewrites the whole state, so the interval grows with it: after
+    /// `raft.snapshot_after_entries` entries times the state's size in
+    /// [`SNAPSHOT_SCALE_BYTES`] (at least 1, at most
+    /// [`SNAPSHOT_SCALE_MAX`]), so that rewriting stays about as costly
+    /// per entry at 10M keys as at 100k (etcd snapshots every 100,000
+    /// entries). Sooner when the writes since hold
+    /// [`SNAPSHOT_AFTER_CHANGED_BYTES`] in memory or number
+    /// [`SNAPSHOT_AFTER_CHANGED_ENTRIES`].
+    pub fn snapshot_due(&self, replica: &Replica) -> Option<&'static str> {
+        let kv = replica.kv();
+        if kv.changed_bytes() >= SNAPSHOT_AFTER_CHANGED_BYTES {
+            return Some("the writes since the last snapshot hold too much memory");
+        }
+        if kv.changed_entries() >= SNAPSHOT_AFTER_CHANGED_ENTRIES {
+            return Some("the writes since the last snapshot change too many keys");
+        }
+        let since = replica.log_id().map_or(0, |l| l.index).saturating_sub(self.snapshot_index.load(Ordering::Relaxed));
+        let steps = (kv.size().1 / SNAPSHOT_SCALE_BYTES).clamp(1, SNAPSHOT_SCALE_MAX);
+        (since >= self.snapshot_after_entries.load(Ordering::Relaxed).saturating_mul(steps))
+            .then_some("entries since the last snapshot")
+    }
+
+    /// `snapshot.bin` now holds the state at `log_id`.
+    fn note_snapshot(&self, log_id: Option<LogId<NodeId>>) {
+        self.snapshot_index.store(log_id.map_or(0, |l| l.index), Ordering::Relaxed);
+    }
+
     /// Give request handlers the replica's token table.
     fn publish_auth(&self, replica: &Replica) {
         if let Ok(mut table) = self.tokens.write() {
@@ -388,6 +437,74 @@ struct Checkpoint<K> {
     sizes: Vec<(String, u64, u64)>,
 }
 
+/// A record of `checkpoint.log`: a checkpoint written as the plugin
+/// data's changes since the checkpoint before it (the state at `after`),
+/// the rest of the state whole. A restart applies the records whose
+/// `after` is the state it has reached, in order, after `checkpoint.bin`.
+#[derive(Serialize, Deserialize)]
+struct CheckpointDelta<K> {
+    after: Option<LogId<NodeId>>,
+    checkpoint: Checkpoint<K>,
+}
+
+/// The state as of the last checkpoint written (a clone: it shares every
+/// tree node the state has not written since), while the next may be
+/// written as the changes since it.
+pub struct CheckpointChain {
+    /// Bumped whenever the chain is cut: a checkpoint captured before
+    /// that may not start a new one.
+    generation: u64,
+    last: Option<ChainLink>,
+}
+
+/// See [`CheckpointChain`].
+struct ChainLink {
+    log_id: Option<LogId<NodeId>>,
+    kv: KvState,
+    /// Records in `checkpoint.log` since `checkpoint.bin`.
+    records: u32,
+}
+
+impl Shared {
+    /// Forget the state of the last checkpoint (the state was rebased on
+    /// a new snapshot, or replaced): the next checkpoint is written whole,
+    /// and the layers this one holds are not kept alive by it.
+    fn cut_checkpoint_chain(&self) {
+        if let Ok(mut chain) = self.checkpoint_chain.lock() {
+            chain.generation += 1;
+            chain.last = None;
+        }
+    }
+}
+
+/// `kv` (the plugin data of the state `checkpoint` follows) with the
+/// checkpoint's changes applied, and the rest of the state from it; `None`,
+/// with an error logged, when the result does not count the keys and bytes
+/// the checkpoint says the state had. Counts the changes into `changes`.
+fn apply_checkpoint(
+    mut kv: KvState,
+    checkpoint: Checkpoint<crate::state::ChangesImage>,
+    changes: &mut usize,
+) -> Option<Image<KvState>> {
+    let index = checkpoint.image.log_id.map(|l| l.index);
+    let image = checkpoint.image.map_kv(|delta| {
+        *changes += delta.iter().map(|(_, entries)| entries.len()).sum::<usize>();
+        kv.apply_changes(delta);
+        kv
+    });
+    let sizes = namespace_sizes(&image.kv);
+    if sizes != checkpoint.sizes {
+        tracing::error!(
+            index = ?index,
+            opened = ?sizes,
+            counted = ?checkpoint.sizes,
+            "checkpoint not used: the state and its changes do not add up to the state it counted; the log is replayed from the snapshot"
+        );
+        return None;
+    }
+    Some(image)
+}
+
 /// Each namespace's (name, keys, key and value bytes).
 fn namespace_sizes(kv: &KvState) -> Vec<(String, u64, u64)> {
     kv.namespaces().map(|(name, ns)| (name.to_owned(), ns.len() as u64, ns.bytes())).collect()
@@ -408,9 +525,16 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// loaded while no snapshot was taken yet, say).
 const CHECKPOINT_MAX_CHANGES: usize = 262_144;
 
+/// Records in `checkpoint.log` past which the next checkpoint is written
+/// whole instead (a restart reads and applies each record).
+const CHECKPOINT_MAX_RECORDS: u32 = 256;
+
 /// When the apply thread writes checkpoints, and where.
 struct Checkpoints {
+    /// `checkpoint.bin`: a whole checkpoint.
     path: PathBuf,
+    /// `checkpoint.log`: the checkpoints since, as changes.
+    log: PathBuf,
     /// A checkpoint is being written.
     writing: Arc<std::sync::atomic::AtomicBool>,
     last_index: u64,
@@ -419,8 +543,10 @@ struct Checkpoints {
 
 impl Checkpoints {
     /// Write a checkpoint of the state now, in the background, if one is
-    /// due and none is being written.
-    fn maybe(&mut self, shared: &Shared) {
+    /// due and none is being written: the changes since the last one, when
+    /// the state is layered as it was then (no snapshot froze or rebased
+    /// it in between), else the whole changes since the snapshot.
+    fn maybe(&mut self, shared: &Arc<Shared>) {
         if self.writing.load(Ordering::Acquire) || self.last_at.elapsed() < CHECKPOINT_INTERVAL {
             return;
         }
@@ -430,36 +556,66 @@ impl Checkpoints {
             return;
         }
         (self.last_index, self.last_at) = (index, std::time::Instant::now());
-        let (Some(snapshot), changes) = (replica.kv().checkpoint_base(), replica.kv().changed_entries()) else {
-            return;
-        };
-        if changes > CHECKPOINT_MAX_CHANGES {
-            return;
-        }
+        let Some(snapshot) = replica.kv().checkpoint_base() else { return };
+        // Read under the replica's lock: a rebase or a replacement of the
+        // state cuts the chain under it too.
+        let Ok(generation) = shared.checkpoint_chain.lock().map(|c| c.generation) else { return };
         let captured = replica.capture();
         drop(replica);
         self.writing.store(true, Ordering::Release);
-        let (path, writing) = (self.path.clone(), self.writing.clone());
+        let (path, log, writing, shared) = (self.path.clone(), self.log.clone(), self.writing.clone(), shared.clone());
         let spawned = spawn_background(move || {
             let started = std::time::Instant::now();
             let mut image = captured.into_state();
             let kv = std::mem::take(&mut image.kv);
+            let log_id = image.log_id;
             let sizes = namespace_sizes(&kv);
             let captures = kv.captures().to_vec();
-            let checkpoint =
-                Checkpoint { snapshot, captures, image: image.map_kv(|_| crate::state::Changes(&kv)), sizes };
-            let written = postcard::to_allocvec(&checkpoint)
-                .map_err(std::io::Error::other)
-                .and_then(|body| write_checkpoint(&path, &body).map(|()| body.len()));
+            // Taken out while this writes: kept only if this is written.
+            let earlier = shared.checkpoint_chain.lock().ok().and_then(|mut c| c.last.take());
+            let since = earlier
+                .as_ref()
+                .filter(|e| e.records < CHECKPOINT_MAX_RECORDS)
+                .and_then(|e| kv.changes_since(&e.kv).map(|changes| (e.log_id, e.records, changes)));
+            let written = match since {
+                Some((after, records, changes)) => {
+                    let n = changes.len();
+                    let image = image.map_kv(|_| changes);
+                    let delta = CheckpointDelta { after, checkpoint: Checkpoint { snapshot, captures, image, sizes } };
+                    postcard::to_allocvec(&delta)
+                        .map_err(std::io::Error::other)
+                        .and_then(|body| append_checkpoint_log(&log, &body).map(|()| (body.len(), n, records + 1)))
+                }
+                None => {
+                    let n = kv.changed_entries();
+                    if n > CHECKPOINT_MAX_CHANGES {
+                        writing.store(false, Ordering::Release);
+                        return;
+                    }
+                    let image = image.map_kv(|_| crate::state::Changes(&kv));
+                    postcard::to_allocvec(&Checkpoint { snapshot, captures, image, sizes })
+                        .map_err(std::io::Error::other)
+                        .and_then(|body| write_checkpoint(&path, &body).map(|()| body.len()))
+                        .and_then(|bytes| clear_checkpoint_log(&log).map(|()| (bytes, n, 0)))
+                }
+            };
             match written {
-                Ok(bytes) => tracing::debug!(
-                    index,
-                    snapshot,
-                    changes,
-                    bytes,
-                    seconds = started.elapsed().as_secs_f64(),
-                    "checkpoint written"
-                ),
+                Ok((bytes, changes, records)) => {
+                    tracing::debug!(
+                        index,
+                        snapshot,
+                        changes,
+                        bytes,
+                        whole = records == 0,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "checkpoint written"
+                    );
+                    if let Ok(mut chain) = shared.checkpoint_chain.lock()
+                        && chain.generation == generation
+                    {
+                        chain.last = Some(ChainLink { log_id, kv, records });
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
             }
             writing.store(false, Ordering::Release);
@@ -548,7 +704,7 @@ fn apply_thread(
             let m = crate::metrics::get();
             crate::metrics::set(&m.state_keys, keys);
             crate::metrics::set(&m.state_bytes, bytes);
-            if replica.kv().changed_bytes() >= SNAPSHOT_AFTER_CHANGED_BYTES {
+            if shared.snapshot_due(&replica).is_some() {
                 shared.snapshot_wanted.notify_one();
             }
         }
@@ -590,6 +746,9 @@ impl StateMachineStore {
             auth_bootstrapped: Default::default(),
             state_bytes: Default::default(),
             snapshot_wanted: Default::default(),
+            checkpoint_chain: std::sync::Mutex::new(CheckpointChain { generation: 0, last: None }),
+            snapshot_index: Default::default(),
+            snapshot_after_entries: AtomicU64::new(crate::config::RaftConfig::default().snapshot_after_entries),
         });
         let store = StateMachineStore {
             shared: shared.clone(),
@@ -617,6 +776,7 @@ impl StateMachineStore {
             store.install(&file.meta, decoded)?;
             *store.opened.lock().map_err(sm_err)? = Some(file.id);
             *store.stored.lock().map_err(sm_err)? = file.meta.last_log_id;
+            store.shared.note_snapshot(file.meta.last_log_id);
             snapshot = file.meta.last_log_id.map(|l| l.index);
             let (keys, bytes) = store.shared.replica.read().map_err(sm_err)?.kv().size();
             tracing::info!(
@@ -628,10 +788,12 @@ impl StateMachineStore {
             );
         }
         let checkpoint_path = data_dir.join("checkpoint.bin");
+        let checkpoint_log = data_dir.join("checkpoint.log");
         remove_unfinished(&checkpoint_path).map_err(snap_err)?;
-        store.resume(&checkpoint_path, snapshot)?;
+        store.resume(&checkpoint_path, &checkpoint_log, snapshot)?;
         let checkpoints = Checkpoints {
             path: checkpoint_path,
+            log: checkpoint_log,
             writing: Default::default(),
             last_index: store.shared.replica.read().map_err(sm_err)?.log_id().map_or(0, |l| l.index),
             last_at: std::time::Instant::now(),
@@ -670,58 +832,89 @@ impl StateMachineStore {
     /// Resume from the checkpoint at `path`, if there is one and it is
     /// relative to the snapshot (at log index `snapshot`) the state was
     /// just opened from, or was written while that snapshot was built
-    /// (its `captures`), and later: the state becomes the checkpoint's, and
-    /// a restart replays only the entries after it. A damaged or stale
-    /// checkpoint is set aside with a warning (the log holds every entry it
-    /// saved replaying).
-    fn resume(&self, path: &std::path::Path, snapshot: Option<u64>) -> Result<()> {
+    /// (its `captures`), and later; then from each record of the
+    /// checkpoint log `log` that follows the state reached, in order: the
+    /// state becomes the last one's, and a restart replays only the
+    /// entries after it. A damaged or stale checkpoint is set aside with a
+    /// warning (the log holds every entry it saved replaying), and so is a
+    /// damaged record and every record after it; a checkpoint or record
+    /// whose changes do not add up sets aside all of them (the log is
+    /// replayed from the snapshot).
+    fn resume(&self, path: &std::path::Path, log: &std::path::Path, snapshot: Option<u64>) -> Result<()> {
         let started = std::time::Instant::now();
-        let body = match read_checkpoint(path) {
-            Ok(Some(body)) => body,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "checkpoint not used; the log is replayed from the snapshot");
-                return Ok(());
-            }
+        let (opened, kv) = {
+            let replica = self.shared.replica.read().map_err(sm_err)?;
+            (replica.log_id(), replica.kv().clone())
         };
-        let checkpoint: Checkpoint<crate::state::ChangesImage> = match postcard::from_bytes(&body) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "checkpoint not readable; the log is replayed from the snapshot");
-                return Ok(());
-            }
-        };
-        let current = self.shared.replica.read().map_err(sm_err)?.log_id();
-        let index = checkpoint.image.log_id.map(|l| l.index);
-        let serves = checkpoint.snapshot == snapshot || snapshot.is_some_and(|s| checkpoint.captures.contains(&s));
-        if !serves || checkpoint.image.log_id <= current {
-            tracing::info!(
-                snapshot = ?snapshot,
-                checkpoint_snapshot = ?checkpoint.snapshot,
-                index = ?index,
-                "checkpoint not used: it belongs to another snapshot, or is not newer"
-            );
-            return Ok(());
-        }
-        let mut kv = self.shared.replica.read().map_err(sm_err)?.kv().clone();
+        // The state resumed so far, past the one opened.
+        let mut resumed: Option<Image<KvState>> = None;
         let mut changes = 0;
-        let image = checkpoint.image.map_kv(|delta| {
-            changes = delta.iter().map(|(_, entries)| entries.len()).sum::<usize>();
-            kv.apply_changes(delta);
-            kv
-        });
-        let sizes = namespace_sizes(&image.kv);
-        if sizes != checkpoint.sizes {
-            tracing::error!(
-                index = ?index,
-                opened = ?sizes,
-                counted = ?checkpoint.sizes,
-                "checkpoint not used: the snapshot and its changes do not add up to the state it counted; the log is replayed from the snapshot"
-            );
-            return Ok(());
+        match read_checkpoint(path) {
+            Ok(Some(body)) => match postcard::from_bytes::<Checkpoint<crate::state::ChangesImage>>(&body) {
+                Ok(checkpoint) => {
+                    let index = checkpoint.image.log_id.map(|l| l.index);
+                    let serves =
+                        checkpoint.snapshot == snapshot || snapshot.is_some_and(|s| checkpoint.captures.contains(&s));
+                    if !serves || checkpoint.image.log_id <= opened {
+                        tracing::info!(
+                            snapshot = ?snapshot,
+                            checkpoint_snapshot = ?checkpoint.snapshot,
+                            index = ?index,
+                            "checkpoint not used: it belongs to another snapshot, or is not newer"
+                        );
+                    } else if let Some(image) = apply_checkpoint(kv.clone(), checkpoint, &mut changes) {
+                        resumed = Some(image);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "checkpoint not readable; the log is replayed from the snapshot"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "checkpoint not used; the log is replayed from the snapshot"),
         }
-        self.install_image(image)?;
-        tracing::info!(index = ?index, changes, seconds = started.elapsed().as_secs_f64(), "state resumed from its checkpoint");
+        let records = read_checkpoint_log(log).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "checkpoint log not readable; the log is replayed from the last checkpoint");
+            Vec::new()
+        });
+        let mut applied = 0;
+        for body in &records {
+            let delta: CheckpointDelta<crate::state::ChangesImage> = match postcard::from_bytes(body) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a checkpoint log record is not readable; it and the ones after are not used");
+                    break;
+                }
+            };
+            let at = resumed.as_ref().map_or(opened, |image| image.log_id);
+            if delta.after != at {
+                // Of an earlier checkpoint (the log is emptied after the
+                // whole checkpoint is written, and a crash in between
+                // leaves it), or after a state this restart did not reach.
+                continue;
+            }
+            // Moved, not cloned: a clone would make each write copy its
+            // path. So a record that does not add up costs what was
+            // resumed before it too, and the log is replayed from the
+            // snapshot (as for a whole checkpoint that does not).
+            let base = match resumed.take() {
+                Some(image) => image.kv,
+                None => kv.clone(),
+            };
+            let Some(image) = apply_checkpoint(base, delta.checkpoint, &mut changes) else { break };
+            resumed = Some(image);
+            applied += 1;
+        }
+        if let Some(image) = resumed {
+            let index = image.log_id.map(|l| l.index);
+            drop(kv);
+            self.install_image(image)?;
+            tracing::info!(
+                index = ?index,
+                changes,
+                records = applied,
+                seconds = started.elapsed().as_secs_f64(),
+                "state resumed from its checkpoint"
+            );
+        }
         Ok(())
     }
 
@@ -734,7 +927,10 @@ impl StateMachineStore {
             self.shared.replica.read().map(|r| r.devices().view().keys().cloned().collect()).unwrap_or_default();
         self.shared.publish_auth(&replica);
         self.shared.state_bytes.store(replica.kv().size().1, Ordering::Relaxed);
-        *self.shared.replica.write().map_err(sm_err)? = replica;
+        let mut held = self.shared.replica.write().map_err(sm_err)?;
+        *held = replica;
+        self.shared.cut_checkpoint_chain();
+        drop(held);
         // Every device may have changed, including those the snapshot drops.
         self.shared.note_device_changes(ids.into_iter().chain(before).collect());
         self.shared.membership.send_replace(membership);
@@ -852,6 +1048,7 @@ impl StateMachineStore {
         let (size, bytes) =
             write_state(&self.snapshot_path, &meta, &SnapshotDataRef { image, blobs: &blobs }).map_err(snap_err)?;
         *stored = log_id;
+        self.shared.note_snapshot(log_id);
         drop(stored);
         let m = crate::metrics::get();
         m.snapshots.inc();
@@ -871,6 +1068,7 @@ impl StateMachineStore {
                 let frozen = captured.state().kv.frozen_entries();
                 if let Ok(mut replica) = self.shared.replica.write() {
                     replica.rebase(&captured, written.image.kv);
+                    self.shared.cut_checkpoint_chain();
                 }
                 // The frozen writes are freed here, with the capture, off
                 // the lock.
@@ -983,6 +1181,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             crate::metrics::set(&crate::metrics::get().snapshot_bytes, data.len() as u64);
             write_snapshot(&this.snapshot_path, &meta, data.len() as u64, |w| w.write_all(data)).map_err(snap_err)?;
             *stored = meta.last_log_id;
+            this.shared.note_snapshot(meta.last_log_id);
             tracing::info!(
                 index = meta.last_log_id.map_or(0, |id| id.index),
                 bytes = data.len(),
@@ -1228,6 +1427,118 @@ mod tests {
         let (index, _, kv, _) = opened(dir.path());
         assert_eq!(index, Some(11));
         assert!(kv == image.kv, "a damaged checkpoint changed the state");
+    }
+
+    /// Checkpoints after a whole one are records of `checkpoint.log`, each
+    /// the plugin data's changes since the one before (overwrites,
+    /// deletions, a namespace new since): a store opens at the last record
+    /// that follows on from the state reached. A record of another chain
+    /// is passed over; a damaged or cut-short record ends the log there;
+    /// one that does not add up sets aside every checkpoint.
+    #[test]
+    fn a_store_resumes_through_its_checkpoint_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_of(2, 3_000, (4, 11));
+        write_image(&dir.path().join("snapshot.bin"), &image);
+        let store = open_store(dir.path()).unwrap();
+        let mut state = store.shared.replica.read().unwrap().capture().into_state();
+        drop(store);
+        let log = dir.path().join("checkpoint.log");
+        let at = |index: u64| Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
+        // Three rounds of writes, each a checkpoint: the first whole.
+        let mut states = Vec::new();
+        for round in 0..3u8 {
+            let mut writes = WriteSet::default();
+            for i in (round as usize..3_000).step_by(5 + round as usize) {
+                writes.set(format!("k/{i:06}"), vec![round; i % 40]);
+            }
+            for i in (1 + round as usize..3_000).step_by(13) {
+                writes.delete(format!("k/{i:06}"));
+            }
+            writes.set(format!("k/new{round}"), vec![round]);
+            state.kv.apply("plugin1", &writes);
+            state.kv.apply(&format!("plugin{}", 5 + round), &writes);
+            state.log_id = at(20 * (round as u64 + 1));
+            state.digest = [round; 32];
+            let sizes = namespace_sizes(&state.kv);
+            let captures = state.kv.captures().to_vec();
+            match states.last() {
+                None => {
+                    let plain = state.clone();
+                    let image = plain.map_kv(|_| crate::state::Changes(&state.kv));
+                    let checkpoint = Checkpoint { snapshot: Some(11), captures, image, sizes };
+                    write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap())
+                        .unwrap();
+                }
+                Some(earlier) => {
+                    let earlier: &Image<KvState> = earlier;
+                    let changes = state.kv.changes_since(&earlier.kv).expect("layered alike");
+                    assert!(changes.len() < state.kv.changed_entries(), "the changes since the last, not all");
+                    let plain = state.clone();
+                    let delta = CheckpointDelta {
+                        after: earlier.log_id,
+                        checkpoint: Checkpoint {
+                            snapshot: Some(11),
+                            captures,
+                            image: plain.map_kv(|_| changes),
+                            sizes,
+                        },
+                    };
+                    append_checkpoint_log(&log, &postcard::to_allocvec(&delta).unwrap()).unwrap();
+                }
+            }
+            states.push(state.clone());
+        }
+        let opened = |dir: &std::path::Path| {
+            let store = open_store(dir).unwrap();
+            let replica = store.shared.replica.read().unwrap();
+            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image())
+        };
+        let (index, digest, kv) = opened(dir.path());
+        assert_eq!((index, digest), (Some(60), [2; 32]));
+        assert!(kv == states[2].kv.image(), "the state opened through the log differs");
+
+        // A record of another chain (after a state not reached), then one
+        // cut short: passed over, and the end.
+        let mut other = states[2].clone();
+        other.log_id = at(70);
+        let stray = CheckpointDelta {
+            after: at(50),
+            checkpoint: Checkpoint {
+                snapshot: Some(11),
+                captures: Vec::new(),
+                sizes: namespace_sizes(&other.kv),
+                image: other.map_kv(|_| crate::state::ChangesImage::new()),
+            },
+        };
+        append_checkpoint_log(&log, &postcard::to_allocvec(&stray).unwrap()).unwrap();
+        let whole = std::fs::read(&log).unwrap();
+        let mut cut = whole.clone();
+        cut.extend_from_slice(&whole[..whole.len() / 3]);
+        std::fs::write(&log, &cut).unwrap();
+        assert_eq!(opened(dir.path()).0, Some(60));
+
+        // The second record damaged: the log ends before it.
+        let first = 4 + 8 + 32 + u64::from_le_bytes(whole[4..12].try_into().unwrap()) as usize;
+        let mut damaged = whole.clone();
+        damaged[first + 50] ^= 1;
+        std::fs::write(&log, &damaged).unwrap();
+        let (index, _, kv) = opened(dir.path());
+        assert_eq!(index, Some(40));
+        assert!(kv == states[1].kv.image(), "the state opened through one record differs");
+
+        // A record whose changes do not add up to the keys it counted:
+        // none of them is used, the log is replayed from the snapshot.
+        let mut wrong: CheckpointDelta<crate::state::ChangesImage> =
+            postcard::from_bytes(&whole[4 + 8 + 32..first]).unwrap();
+        wrong.checkpoint.sizes[0].1 += 1;
+        std::fs::write(&log, b"").unwrap();
+        append_checkpoint_log(&log, &postcard::to_allocvec(&wrong).unwrap()).unwrap();
+        assert_eq!(opened(dir.path()).0, Some(11));
+
+        // Emptied (a whole checkpoint was written after): the whole one.
+        clear_checkpoint_log(&log).unwrap();
+        assert_eq!(opened(dir.path()).0, Some(20));
     }
 
     /// A checkpoint written while a snapshot was being built also serves

@@ -292,12 +292,14 @@ impl RunningNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let shared = sm.shared();
         let r = &config.raft;
+        shared.snapshot_after_entries.store(r.snapshot_after_entries, std::sync::atomic::Ordering::Relaxed);
         let raft_config = openraft::Config {
             cluster_name: "synod".into(),
             heartbeat_interval: r.heartbeat_ms,
             election_timeout_min: r.election_timeout_min_ms,
             election_timeout_max: r.election_timeout_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            // The node asks for snapshots itself (`snapshot_when_due`).
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             ..Default::default()
@@ -336,7 +338,7 @@ impl RunningNode {
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
-        tasks.spawn(snapshot_when_wanted(inner.raft.clone(), inner.shared.clone()));
+        tasks.spawn(snapshot_when_due(inner.raft.clone(), inner.shared.clone()));
         tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
         let _ = cell.set(inner.clone());
         tracing::info!(id = inner.id, peer_id = %inner.p2p.local_peer_id(), p2p = %inner.p2p_addr, http = %http_addr, "node started");
@@ -464,14 +466,17 @@ fn while_starting(
     Ok(started)
 }
 
-/// Ask openraft for a snapshot whenever the apply thread finds the writes
-/// since the last one holding too much memory
-/// ([`crate::consensus::state_machine::SNAPSHOT_AFTER_CHANGED_BYTES`]): a
-/// no-op while one is being built, and at most one ask a second.
-async fn snapshot_when_wanted(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
+/// Ask openraft for a snapshot whenever one is due
+/// ([`crate::consensus::state_machine::Shared::snapshot_due`], which the
+/// apply thread checks after each batch): a no-op while one is being
+/// built, and at most one ask a second. Looked at again when woken, so an
+/// ask left over from while a build ran does not start another.
+async fn snapshot_when_due(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
     loop {
         shared.snapshot_wanted.notified().await;
-        tracing::debug!("the writes since the last snapshot hold too much memory: asking for a snapshot");
+        let due = shared.replica.read().ok().and_then(|replica| shared.snapshot_due(&replica));
+        let Some(why) = due else { continue };
+        tracing::debug!(why, "asking for a snapshot");
         if raft.trigger().snapshot().await.is_err() {
             return;
         }

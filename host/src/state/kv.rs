@@ -269,53 +269,58 @@ impl Namespace {
     /// before are unchanged, and share every node this does not touch).
     pub fn apply(&mut self, writes: &WriteSet) {
         for (key, value) in writes.iter() {
-            // What the key held: in `live` (returned as it is replaced or
-            // removed), else below it.
-            // For a deletion, the value's length below `live`, looked up
-            // once: it decides the deletion marker and the old size.
-            let mut below = None;
-            let replaced = match value {
-                Some(v) => {
-                    // Never `None`: a command's memory is at most 256 MiB.
-                    let Some(e) = Entry::new(key, v) else {
-                        tracing::error!(key, bytes = v.len(), "a write of 2 GiB or more was dropped");
-                        continue;
-                    };
-                    let added = e.data_len();
-                    let replaced = self.live.insert(e);
-                    self.bytes += added;
-                    self.live_bytes += added;
-                    self.len += 1;
-                    replaced
-                }
-                None => {
-                    let replaced = self.live.remove(key.as_bytes());
-                    let under = self.below_live(key.as_bytes()).map(<[u8]>::len);
-                    below = Some(under);
-                    // A deletion stays in `live` only to hide the key below.
-                    if under.is_some()
-                        && let Some(d) = Entry::deletion(key)
-                    {
-                        self.live_bytes += d.data_len();
-                        self.live.insert(d);
-                    }
-                    replaced
-                }
-            };
-            if let Some(e) = &replaced {
-                self.live_bytes -= e.data_len();
+            self.write(key, value);
+        }
+    }
+
+    /// Commit one write: `value`, or the deletion of `key` when `None`.
+    fn write(&mut self, key: &str, value: Option<&[u8]>) {
+        // What the key held: in `live` (returned as it is replaced or
+        // removed), else below it.
+        // For a deletion, the value's length below `live`, looked up
+        // once: it decides the deletion marker and the old size.
+        let mut below = None;
+        let replaced = match value {
+            Some(v) => {
+                // Never `None`: a command's memory is at most 256 MiB.
+                let Some(e) = Entry::new(key, v) else {
+                    tracing::error!(key, bytes = v.len(), "a write of 2 GiB or more was dropped");
+                    return;
+                };
+                let added = e.data_len();
+                let replaced = self.live.insert(e);
+                self.bytes += added;
+                self.live_bytes += added;
+                self.len += 1;
+                replaced
             }
-            let old = match &replaced {
-                Some(e) if e.is_deleted() => None,
-                Some(e) => Some(e.data_len()),
-                None => below
-                    .unwrap_or_else(|| self.below_live(key.as_bytes()).map(<[u8]>::len))
-                    .map(|v| (key.len() + v) as u64),
-            };
-            if let Some(old) = old {
-                self.bytes -= old;
-                self.len -= 1;
+            None => {
+                let replaced = self.live.remove(key.as_bytes());
+                let under = self.below_live(key.as_bytes()).map(<[u8]>::len);
+                below = Some(under);
+                // A deletion stays in `live` only to hide the key below.
+                if under.is_some()
+                    && let Some(d) = Entry::deletion(key)
+                {
+                    self.live_bytes += d.data_len();
+                    self.live.insert(d);
+                }
+                replaced
             }
+        };
+        if let Some(e) = &replaced {
+            self.live_bytes -= e.data_len();
+        }
+        let old = match &replaced {
+            Some(e) if e.is_deleted() => None,
+            Some(e) => Some(e.data_len()),
+            None => below
+                .unwrap_or_else(|| self.below_live(key.as_bytes()).map(<[u8]>::len))
+                .map(|v| (key.len() + v) as u64),
+        };
+        if let Some(old) = old {
+            self.bytes -= old;
+            self.len -= 1;
         }
     }
 
@@ -563,6 +568,41 @@ impl serde::Serialize for NamespaceChanges<'_> {
     }
 }
 
+/// What changed in a state since an earlier capture of it
+/// ([`KvState::changes_since`]), encoded as a [`ChangesImage`]: applied
+/// to the earlier state with [`KvState::apply_changes`], it gives this
+/// one. Namespaces new since are in it even when empty.
+pub struct ChangesSince<'a> {
+    namespaces: Vec<(&'a str, Vec<Layered<'a>>)>,
+}
+
+impl ChangesSince<'_> {
+    /// Entries (and deletions) it holds.
+    pub fn len(&self) -> usize {
+        self.namespaces.iter().map(|(_, entries)| entries.len()).sum()
+    }
+
+    /// True when nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+    }
+}
+
+impl serde::Serialize for ChangesSince<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.namespaces.len()))?;
+        for (name, entries) in &self.namespaces {
+            let entries: Vec<(&str, Option<&serde_bytes::Bytes>)> = entries
+                .iter()
+                .map(|(k, v)| (std::str::from_utf8(k).unwrap_or_default(), v.map(serde_bytes::Bytes::new)))
+                .collect();
+            seq.serialize_element(&(name, entries))?;
+        }
+        seq.end()
+    }
+}
+
 impl From<Vec<crate::replica::NamespaceImage>> for KvState {
     fn from(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
         KvState::from_parts(parts)
@@ -679,18 +719,72 @@ impl KvState {
             .sum()
     }
 
+    /// The changes from `earlier` (a clone of this state taken before) to
+    /// this state, found by comparing only the writes since their common
+    /// base: the nodes the two trees share are skipped, so this costs
+    /// about the writes since `earlier`, not the state. `None` when the
+    /// two are not layered alike (a snapshot froze or rebased the state
+    /// in between, or a namespace went): then only the whole changes since
+    /// the base ([`Changes`]) describe it.
+    pub fn changes_since<'a>(&'a self, earlier: &'a KvState) -> Option<ChangesSince<'a>> {
+        if self.origin != earlier.origin || earlier.namespaces.keys().any(|name| !self.namespaces.contains_key(name)) {
+            return None;
+        }
+        let mut namespaces = Vec::new();
+        for (name, ns) in &self.namespaces {
+            let Some(before) = earlier.namespaces.get(name) else {
+                // New since: all its writes are in `live`, or it is not
+                // layered alike.
+                if ns.base.is_some() || !ns.frozen.is_empty() || ns.eager {
+                    return None;
+                }
+                namespaces.push((name.as_str(), ns.live.iter().map(layer_entry).collect()));
+                continue;
+            };
+            let same_base = match (&ns.base, &before.base) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let same_frozen = ns.frozen.len() == before.frozen.len()
+                && ns.frozen.iter().zip(&before.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
+            if !same_base || !same_frozen || ns.eager || before.eager {
+                return None;
+            }
+            // A key whose entry in `live` was added, replaced or removed:
+            // what the layers say now (a removed entry was a write of a
+            // key no layer below holds, since deleted).
+            let changed: Vec<Layered<'a>> = before
+                .live
+                .diff_by(&ns.live, |a, b| a == b)
+                .map(|item| {
+                    let key = match item {
+                        imbl::ordset::DiffByItem::Add(e) | imbl::ordset::DiffByItem::Update { new: e, .. } => {
+                            return layer_entry(e);
+                        }
+                        imbl::ordset::DiffByItem::Remove(e) => e.key_bytes(),
+                    };
+                    (key, ns.lookup(key))
+                })
+                .collect();
+            if !changed.is_empty() {
+                namespaces.push((name.as_str(), changed));
+            }
+        }
+        Some(ChangesSince { namespaces })
+    }
+
     /// Apply a checkpoint's changes ([`Changes`]) to the state they are
     /// relative to.
     pub fn apply_changes(&mut self, changes: ChangesImage) {
+        // Each key once, in order: written one by one, without gathering
+        // them into a write set first (a restart applies every change
+        // since the snapshot here).
         for (name, entries) in changes {
-            let mut writes = WriteSet::default();
+            let ns = self.namespaces.entry(name).or_default();
             for (key, value) in entries {
-                match value {
-                    Some(v) => writes.set(key, v.into_vec()),
-                    None => writes.delete(key),
-                }
+                ns.write(&key, value.as_ref().map(|v| &v[..]));
             }
-            self.namespaces.entry(name).or_default().apply(&writes);
         }
     }
 
@@ -1103,6 +1197,10 @@ mod tests {
         assert_eq!(names, model.keys().map(String::as_str).collect::<Vec<_>>(), "{what} namespaces");
     }
 
+    /// The last whole checkpoint: (base, changes, the changes since each
+    /// checkpoint after it, the model at the last of them).
+    type Checkpointed = (Option<u64>, Vec<u8>, Vec<Vec<u8>>, Model);
+
     /// Several plugins' namespaces under random writes and deletes, while
     /// snapshots are captured (some abandoned, as a build that failed),
     /// written and made the base, checkpoints taken, and the node
@@ -1123,7 +1221,11 @@ mod tests {
             // the last written snapshot (its model) as on disk
             let mut disk: Option<(u64, Model)> = None;
             let mut pending: Option<(KvState, Model, u64)> = None;
-            let mut ckpt: Option<(Option<u64>, Vec<u8>, Model)> = None;
+            let mut ckpt: Option<Checkpointed> = None;
+            // The state as of the last checkpoint, while later ones may be
+            // written as the changes since it; and the writes since it.
+            let mut chained: Option<KvState> = None;
+            let mut written_since = 0;
             let keys = 1 + next(&mut seed) % 80;
             for round in 1..=rounds {
                 for _ in 0..(next(&mut seed) % 12) {
@@ -1146,6 +1248,7 @@ mod tests {
                             m.insert(key, v);
                         }
                     }
+                    written_since += w.len();
                     state.apply(&name, &w);
                 }
                 check(&state, &model, "live");
@@ -1165,9 +1268,33 @@ mod tests {
                         }
                     }
                     3 | 4 => {
-                        if let Some(base) = state.checkpoint_base() {
-                            let body = postcard::to_allocvec(&Changes(&state)).unwrap();
-                            ckpt = Some((base, body, model.clone()));
+                        // A checkpoint: the changes since the last one when
+                        // the state is layered as it was then, else the
+                        // changes since the base, as a node writes them.
+                        let since = chained.as_ref().and_then(|earlier| state.changes_since(earlier));
+                        match (since, &mut ckpt) {
+                            (Some(changes), Some((_, _, deltas, cm))) => {
+                                assert!(
+                                    changes.len() <= written_since,
+                                    "{} changes for {written_since} writes",
+                                    changes.len()
+                                );
+                                deltas.push(postcard::to_allocvec(&changes).unwrap());
+                                *cm = model.clone();
+                                chained = Some(state.clone());
+                            }
+                            _ => {
+                                chained = None;
+                                if let Some(base) = state.checkpoint_base() {
+                                    let body = postcard::to_allocvec(&Changes(&state)).unwrap();
+                                    ckpt = Some((base, body, Vec::new(), model.clone()));
+                                    chained = Some(state.clone());
+                                }
+                            }
+                        }
+                        written_since = 0;
+                        if let Some(earlier) = &chained {
+                            assert!(state.changes_since(earlier).is_some_and(|c| c.is_empty()));
                         }
                     }
                     5 => {
@@ -1176,17 +1303,21 @@ mod tests {
                             Some((at, then)) => (read_map(dir.path(), *at), then.clone()),
                             None => (KvState::default(), Model::new()),
                         };
-                        if let Some((base, body, cm)) = &ckpt
+                        if let Some((base, body, deltas, cm)) = &ckpt
                             && *base == disk.as_ref().map(|d| d.0)
                         {
                             let changes: ChangesImage = postcard::from_bytes(body).unwrap();
                             opened.apply_changes(changes);
+                            for delta in deltas {
+                                opened.apply_changes(postcard::from_bytes(delta).unwrap());
+                            }
                             m = cm.clone();
                         }
                         check(&opened, &m, "restarted");
                         state = opened;
                         model = m;
                         pending = None;
+                        chained = None;
                     }
                     _ => {}
                 }

@@ -16,7 +16,7 @@ mod name;
 
 pub use base::{Mapping, Tap, counting_raw, decode_mapped, writing_raw};
 pub use digest::Digest;
-pub use kv::{Changes, ChangesImage, KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
+pub use kv::{Changes, ChangesImage, ChangesSince, KvState, Namespace, Scanned, StateReadError, StateView, WriteSet};
 pub use name::{MAX_NAME_BYTES, NameError, check_name, parse_name};
 
 use serde::{Deserialize, Serialize};
