@@ -331,7 +331,7 @@ pub(crate) fn write_snapshot(
     let mut head = postcard::to_allocvec(meta).map_err(io::Error::other)?;
     head.extend(postcard::to_allocvec(&data_len).map_err(io::Error::other)?);
     let body_len = head.len() as u64 + data_len;
-    let file = replace_whole(path, |mut f| {
+    let file = replace_whole(path, Some(HEADER as u64 + body_len), |mut f| {
         f.write_all(MAGIC)?;
         f.write_all(&body_len.to_le_bytes())?;
         // The checksum, once known, goes here.
@@ -366,7 +366,7 @@ const CHECKPOINT_MAGIC: &[u8; 10] = b"SYNODCKPT1";
 /// it), and each checkpoint took three times as long (0.15 → 0.45 s), so
 /// a restart found an older one.
 pub(crate) fn write_checkpoint(path: &Path, body: &[u8]) -> io::Result<()> {
-    replace_whole(path, |mut f| {
+    replace_whole(path, None, |mut f| {
         f.write_all(CHECKPOINT_MAGIC)?;
         f.write_all(&(body.len() as u64).to_le_bytes())?;
         f.write_all(blake3::hash(body).as_bytes())?;
@@ -486,14 +486,24 @@ pub(super) fn next_temp() -> u64 {
 /// call's own, which is synced and renamed over `path`, then the directory
 /// is synced; on an error the temp file goes. Returns the file, open for
 /// reading.
+///
+/// With `reuse_len` (the length the whole file will have), the temp file
+/// is the replaced file kept as a spare ([`super::retire::take_spare`]),
+/// when there is one: written over from the start and cut to that length,
+/// so that its blocks are neither freed nor allocated again.
 fn replace_whole(
     path: &Path,
+    reuse_len: Option<u64>,
     fill: impl FnOnce(std::fs::File) -> io::Result<std::fs::File>,
 ) -> io::Result<std::fs::File> {
     let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), next_temp()));
     let written = (|| {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+        let reused = reuse_len.is_some() && super::retire::take_spare(path, &tmp);
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(!reused).open(&tmp)?;
         let file = fill(file)?;
+        if let (true, Some(len)) = (reused, reuse_len) {
+            file.set_len(len)?;
+        }
         let syncing = std::time::Instant::now();
         file.sync_all()?;
         let synced = syncing.elapsed().as_secs_f64();
@@ -660,6 +670,30 @@ mod tests {
         meta: SnapshotMeta<NodeId, NodeInfo>,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    }
+
+    /// A snapshot written while the directory has a spare (a replaced
+    /// snapshot kept, see `retire`) is written over it: the new
+    /// `snapshot.bin` is the spare's inode, holds exactly the new snapshot
+    /// (cut to its length, the spare was longer), and reads back whole.
+    #[test]
+    fn a_snapshot_is_written_over_the_spare() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        let spare = dir.path().join("snapshot.spare");
+        std::fs::write(&spare, vec![0xAB; 400_000]).unwrap();
+        let inode = std::fs::metadata(&spare).unwrap().ino();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        write_snapshot(&path, &meta(), data.len() as u64, |w| w.write_all(&data)).unwrap();
+        assert!(!spare.exists(), "the spare was not taken");
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "not written over the spare");
+        let stored = StoredSnapshot::open(&path).unwrap().unwrap();
+        assert_eq!(stored.data(), &data[..]);
+        // Without a spare: a new file, as before.
+        write_snapshot(&path, &meta(), data.len() as u64, |w| w.write_all(&data)).unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(StoredSnapshot::open(&path).unwrap().unwrap().data(), &data[..]);
     }
 
     /// A file written through `write_snapshot` is the earlier format byte
