@@ -1353,6 +1353,16 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
     }
 
+    /// A snapshot at index 11 of two plugins' 3,000 keys written in `dir`,
+    /// and the state a store opens from it (read in place from the file).
+    fn opened_at_snapshot(dir: &std::path::Path) -> (Image, Image<KvState>) {
+        let image = image_of(2, 3_000, (4, 11));
+        write_image(&dir.join("snapshot.bin"), &image);
+        let store = open_store(dir).unwrap();
+        let state = store.shared.replica.read().unwrap().capture().into_state();
+        (image, state)
+    }
+
     /// A checkpoint holds the state but for the plugin data, and the plugin
     /// data's changes since the snapshot (sets, overwrites, deletions, a
     /// new namespace): a store opened with one is the checkpoint's state,
@@ -1363,11 +1373,7 @@ mod tests {
     #[test]
     fn a_store_opens_at_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let image = image_of(2, 3_000, (4, 11));
-        write_image(&dir.path().join("snapshot.bin"), &image);
-        let store = open_store(dir.path()).unwrap();
-        let mut state = store.shared.replica.read().unwrap().capture().into_state();
-        drop(store);
+        let (image, mut state) = opened_at_snapshot(dir.path());
         assert_eq!(state.kv.checkpoint_base(), Some(Some(11)));
         let mut writes = WriteSet::default();
         for i in (0..3_000).step_by(7) {
@@ -1438,11 +1444,7 @@ mod tests {
     #[test]
     fn a_store_resumes_through_its_checkpoint_log() {
         let dir = tempfile::tempdir().unwrap();
-        let image = image_of(2, 3_000, (4, 11));
-        write_image(&dir.path().join("snapshot.bin"), &image);
-        let store = open_store(dir.path()).unwrap();
-        let mut state = store.shared.replica.read().unwrap().capture().into_state();
-        drop(store);
+        let (_, mut state) = opened_at_snapshot(dir.path());
         let log = dir.path().join("checkpoint.log");
         let at = |index: u64| Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
         // Three rounds of writes, each a checkpoint: the first whole.
