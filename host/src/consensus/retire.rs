@@ -68,16 +68,16 @@ const SUFFIX: &str = ".retired";
 /// only those are written through [`take_spare`].
 const SPARE_STEM: &str = "snapshot";
 
-/// The spare kept for `path` (`<stem>.spare` beside it).
-fn spare_of(path: &Path) -> Option<PathBuf> {
-    Some(path.parent()?.join(format!("{}.spare", path.file_stem()?.to_string_lossy())))
+/// The spare kept in `dir`.
+fn spare_in(dir: &Path) -> PathBuf {
+    dir.join(format!("{SPARE_STEM}.spare"))
 }
 
-/// Make the spare kept for `path`, if there is one, the file `tmp`
+/// Make the spare kept beside `path`, if there is one, the file `tmp`
 /// (renamed: its old bytes are there until written over). False when
 /// there is none.
 pub(crate) fn take_spare(path: &Path, tmp: &Path) -> bool {
-    let Some(spare) = spare_of(path) else { return false };
+    let Some(spare) = path.parent().map(spare_in) else { return false };
     match std::fs::rename(&spare, tmp) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
@@ -217,7 +217,7 @@ fn keep_as_spare(dir: &Path, path: &Path) -> bool {
     if !name.starts_with(&format!("{SPARE_STEM}.")) {
         return false;
     }
-    let spare = dir.join(format!("{SPARE_STEM}.spare"));
+    let spare = spare_in(dir);
     if spare.exists() {
         return false;
     }

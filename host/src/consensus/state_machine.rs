@@ -78,9 +78,8 @@ pub struct Shared {
     /// Key and value bytes of the plugins' state after the last applied
     /// batch: the leader's quota check reads it without the replica's lock.
     pub state_bytes: AtomicU64,
-    /// Notified when the writes since the last snapshot hold more than
-    /// [`SNAPSHOT_AFTER_CHANGED_BYTES`] in memory: the node asks openraft
-    /// for a snapshot then, whatever the number of entries since the last.
+    /// Notified after an applied batch when a snapshot is due
+    /// ([`Shared::snapshot_due`]): the node asks openraft for one then.
     pub snapshot_wanted: tokio::sync::Notify,
     /// See [`CheckpointChain`].
     checkpoint_chain: std::sync::Mutex<CheckpointChain>,
@@ -450,7 +449,7 @@ struct CheckpointDelta<K> {
 /// The state as of the last checkpoint written (a clone: it shares every
 /// tree node the state has not written since), while the next may be
 /// written as the changes since it.
-pub struct CheckpointChain {
+struct CheckpointChain {
     /// Bumped whenever the chain is cut: a checkpoint captured before
     /// that may not start a new one.
     generation: u64,

@@ -341,13 +341,8 @@ impl Namespace {
     /// still holds `captured`'s layers, and `written` is all base and holds
     /// as many entries.
     fn rebase(&mut self, captured: &Namespace, written: Namespace) {
-        let same_base = match (&self.base, &captured.base) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
         let n = captured.frozen.len();
-        let holds = same_base
+        let holds = self.same_base(captured)
             && captured.live.is_empty()
             && self.frozen.len() >= n
             && self.frozen.iter().zip(&captured.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
@@ -360,6 +355,16 @@ impl Namespace {
             // What it held in memory is in the base now; `live` holds
             // the changes since, deletions included.
             self.eager = false;
+        }
+    }
+
+    /// Whether `other` reads the same base as this namespace (the same
+    /// mapping of the same snapshot, or none).
+    fn same_base(&self, other: &Namespace) -> bool {
+        match (&self.base, &other.base) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
         }
     }
 
@@ -558,13 +563,33 @@ impl serde::Serialize for Changes<'_> {
 
 impl serde::Serialize for NamespaceChanges<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = serializer.serialize_seq(Some(self.0.changes().count()))?;
-        for (k, v) in self.0.changes() {
-            let key = std::str::from_utf8(k).unwrap_or_default();
-            seq.serialize_element(&(key, v.map(serde_bytes::Bytes::new)))?;
-        }
-        seq.end()
+        serialize_changed(serializer, self.0.changes().count(), self.0.changes())
+    }
+}
+
+/// `len` entries as a checkpoint holds them (see [`ChangesImage`]): each
+/// key with its value, or `None` where deleted.
+fn serialize_changed<'a, S: serde::Serializer>(
+    serializer: S,
+    len: usize,
+    entries: impl Iterator<Item = Layered<'a>>,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = serializer.serialize_seq(Some(len))?;
+    for (k, v) in entries {
+        let key = std::str::from_utf8(k).unwrap_or_default();
+        seq.serialize_element(&(key, v.map(serde_bytes::Bytes::new)))?;
+    }
+    seq.end()
+}
+
+/// Entries found changed (see [`ChangesSince`]), encoded as
+/// [`serialize_changed`] does.
+struct ChangedEntries<'a>(&'a [Layered<'a>]);
+
+impl serde::Serialize for ChangedEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_changed(serializer, self.0.len(), self.0.iter().copied())
     }
 }
 
@@ -593,11 +618,7 @@ impl serde::Serialize for ChangesSince<'_> {
         use serde::ser::SerializeSeq;
         let mut seq = serializer.serialize_seq(Some(self.namespaces.len()))?;
         for (name, entries) in &self.namespaces {
-            let entries: Vec<(&str, Option<&serde_bytes::Bytes>)> = entries
-                .iter()
-                .map(|(k, v)| (std::str::from_utf8(k).unwrap_or_default(), v.map(serde_bytes::Bytes::new)))
-                .collect();
-            seq.serialize_element(&(name, entries))?;
+            seq.serialize_element(&(name, ChangedEntries(entries)))?;
         }
         seq.end()
     }
@@ -741,14 +762,9 @@ impl KvState {
                 namespaces.push((name.as_str(), ns.live.iter().map(layer_entry).collect()));
                 continue;
             };
-            let same_base = match (&ns.base, &before.base) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
             let same_frozen = ns.frozen.len() == before.frozen.len()
                 && ns.frozen.iter().zip(&before.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
-            if !same_base || !same_frozen || ns.eager || before.eager {
+            if !ns.same_base(before) || !same_frozen || ns.eager || before.eager {
                 return None;
             }
             // A key whose entry in `live` was added, replaced or removed:
