@@ -342,10 +342,7 @@ impl Namespace {
     /// as many entries.
     fn rebase(&mut self, captured: &Namespace, written: Namespace) {
         let n = captured.frozen.len();
-        let holds = self.same_base(captured)
-            && captured.live.is_empty()
-            && self.frozen.len() >= n
-            && self.frozen.iter().zip(&captured.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
+        let holds = self.same_base(captured) && captured.live.is_empty() && self.holds_frozen_of(captured);
         let whole = written.frozen.is_empty()
             && written.live.is_empty()
             && (written.len, written.bytes) == (captured.len, captured.bytes);
@@ -356,6 +353,14 @@ impl Namespace {
             // the changes since, deletions included.
             self.eager = false;
         }
+    }
+
+    /// Whether this namespace's lowest frozen layers are the very layers
+    /// `other` (a clone of it taken before) has frozen: no rebase dropped
+    /// them since.
+    fn holds_frozen_of(&self, other: &Namespace) -> bool {
+        self.frozen.len() >= other.frozen.len()
+            && self.frozen.iter().zip(&other.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries))
     }
 
     /// Whether `other` reads the same base as this namespace (the same
@@ -528,7 +533,7 @@ impl<'de> serde::Deserialize<'de> for KvState {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let parts = Vec::<(String, Namespace)>::deserialize(deserializer)?;
         let origin = base::decoding().and_then(|(_, origin)| origin);
-        Ok(KvState { namespaces: parts.into_iter().collect(), origin, captures: Vec::new() })
+        Ok(KvState { namespaces: parts.into_iter().collect(), origin, captures: Vec::new(), live_from: None })
     }
 }
 
@@ -644,6 +649,10 @@ pub struct KvState {
     /// of it also serves ([`KvState::captures`]). This node's own, not
     /// part of the state.
     captures: Vec<u64>,
+    /// Log index of the capture every namespace's `live` layer began at
+    /// (the last [`KvState::freeze_at`]): `live` holds exactly the changes
+    /// since the state at that index. None when it began otherwise.
+    live_from: Option<u64>,
 }
 
 /// Equal when they hold the same entries, wherever from.
@@ -677,7 +686,7 @@ impl KvState {
     /// Rebuild from `(plugin, entries)` pairs (a snapshot).
     pub fn from_parts(parts: Vec<crate::replica::NamespaceImage>) -> KvState {
         let namespaces = parts.into_iter().map(|(name, entries)| (name, Namespace::from_entries(entries))).collect();
-        KvState { namespaces, origin: None, captures: Vec::new() }
+        KvState { namespaces, origin: None, captures: Vec::new(), live_from: None }
     }
 
     /// Keys and key-and-value bytes held by every namespace together.
@@ -689,12 +698,14 @@ impl KvState {
     /// state is being captured (see [`KvState::rebase`]).
     pub fn freeze(&mut self) {
         self.namespaces.values_mut().for_each(Namespace::freeze);
+        self.live_from = None;
     }
 
     /// [`KvState::freeze`] for a snapshot at log index `at`, remembered
     /// in [`KvState::captures`].
     pub fn freeze_at(&mut self, at: Option<u64>) {
         self.freeze();
+        self.live_from = at;
         if let Some(at) = at
             && self.captures.last().is_none_or(|&last| last < at)
         {
@@ -762,8 +773,7 @@ impl KvState {
                 namespaces.push((name.as_str(), ns.live.iter().map(layer_entry).collect()));
                 continue;
             };
-            let same_frozen = ns.frozen.len() == before.frozen.len()
-                && ns.frozen.iter().zip(&before.frozen).all(|(a, b)| a.entries.ptr_eq(&b.entries));
+            let same_frozen = ns.frozen.len() == before.frozen.len() && ns.holds_frozen_of(before);
             if !ns.same_base(before) || !same_frozen || ns.eager || before.eager {
                 return None;
             }
@@ -788,6 +798,25 @@ impl KvState {
             }
         }
         Some(ChangesSince { namespaces })
+    }
+
+    /// The changes since the last snapshot captured of this state
+    /// ([`KvState::freeze_at`], at the log index returned): what each
+    /// namespace's `live` layer holds, deletions included, and every
+    /// namespace (so that one made since is there even when empty).
+    /// Applied with [`KvState::apply_changes`] over that snapshot once it
+    /// is written, they give this state. While a snapshot is built after a
+    /// bulk load, these are the few writes since its capture, where the
+    /// changes since the base ([`Changes`]) are the whole load. `None`
+    /// when `live` did not begin at a capture.
+    pub fn changes_since_capture(&self) -> Option<(u64, ChangesSince<'_>)> {
+        let at = self.live_from?;
+        let namespaces = self
+            .namespaces
+            .iter()
+            .map(|(name, ns)| (name.as_str(), ns.live.iter().map(layer_entry).collect()))
+            .collect();
+        Some((at, ChangesSince { namespaces }))
     }
 
     /// Apply a checkpoint's changes ([`Changes`]) to the state they are
@@ -1229,6 +1258,7 @@ mod tests {
     fn layers_and_checkpoints_keep_the_state_through_snapshots_and_restarts() {
         let rounds: u64 = std::env::var("SYNOD_FUZZ_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
         let seeds: u64 = std::env::var("SYNOD_FUZZ_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+        let mut next_checked = 0;
         for s in 0..seeds {
             let dir = tempfile::tempdir().unwrap();
             let mut seed = 0x2545_f491_4f6c_dd1du64 ^ (s.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
@@ -1242,6 +1272,9 @@ mod tests {
             // written as the changes since it; and the writes since it.
             let mut chained: Option<KvState> = None;
             let mut written_since = 0;
+            // The changes since the last capture, its log index, and the
+            // model then.
+            let mut next_ckpt: Option<(u64, Vec<u8>, Model)> = None;
             let keys = 1 + next(&mut seed) % 80;
             for round in 1..=rounds {
                 for _ in 0..(next(&mut seed) % 12) {
@@ -1271,7 +1304,7 @@ mod tests {
                 match next(&mut seed) % 7 {
                     0 => {
                         // capture (maybe abandoning an earlier one)
-                        state.freeze();
+                        state.freeze_at(Some(round));
                         pending = Some((state.clone(), model.clone(), round));
                     }
                     1 | 2 => {
@@ -1308,6 +1341,11 @@ mod tests {
                                 }
                             }
                         }
+                        // As a node writes to `checkpoint.next.bin`
+                        // when the changes since the base are too many.
+                        if let Some((at, changes)) = state.changes_since_capture() {
+                            next_ckpt = Some((at, postcard::to_allocvec(&changes).unwrap(), model.clone()));
+                        }
                         written_since = 0;
                         if let Some(earlier) = &chained {
                             assert!(state.changes_since(earlier).is_some_and(|c| c.is_empty()));
@@ -1315,6 +1353,15 @@ mod tests {
                     }
                     5 => {
                         // restart: open disk snapshot, apply checkpoint if it matches
+                        if let (Some((at, body, then)), Some((written, _))) = (&next_ckpt, &disk)
+                            && at == written
+                        {
+                            let mut opened = read_map(dir.path(), *at);
+                            opened.apply_changes(postcard::from_bytes(body).unwrap());
+                            check(&opened, then, "restarted from the changes since the capture");
+                            next_checked += 1;
+                        }
+                        next_ckpt = None;
                         let (mut opened, mut m) = match &disk {
                             Some((at, then)) => (read_map(dir.path(), *at), then.clone()),
                             None => (KvState::default(), Model::new()),
@@ -1339,5 +1386,6 @@ mod tests {
                 }
             }
         }
+        assert!(next_checked > 0, "no restart found a snapshot its changes since a capture were relative to");
     }
 }
