@@ -1625,6 +1625,21 @@ mod tests {
         assert_eq!(opened(dir.path()).0, Some(20));
     }
 
+    /// Writes after a snapshot's capture, as of entry `index` (term 4)
+    /// with every digest byte `digest`: `after` to `plugin0`, and a key
+    /// made and deleted in `plugin1`.
+    fn written_after_capture(state: &mut Image<KvState>, after: &WriteSet, index: u64, digest: u8) {
+        state.kv.apply("plugin0", after);
+        let mut brief = WriteSet::default();
+        brief.set("k/brief".into(), b"made after the capture".to_vec());
+        state.kv.apply("plugin1", &brief);
+        brief.delete("k/brief".into());
+        state.kv.apply("plugin1", &brief);
+        state.log_id = Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
+        state.last_applied = index * crate::consensus::types::OPS_PER_ENTRY;
+        state.digest = [digest; 32];
+    }
+
     /// A checkpoint written while a snapshot was being built also serves
     /// that snapshot once it replaces the last one. A node killed between
     /// the new snapshot's rename and its next checkpoint used to replay
@@ -1661,15 +1676,7 @@ mod tests {
         after.delete("k/late".into());
         after.delete("k/000003".into());
         after.set("k/000005".into(), b"again".to_vec());
-        state.kv.apply("plugin0", &after);
-        let mut brief = WriteSet::default();
-        brief.set("k/brief".into(), b"made after the capture".to_vec());
-        state.kv.apply("plugin1", &brief);
-        brief.delete("k/brief".into());
-        state.kv.apply("plugin1", &brief);
-        state.log_id = at(30);
-        state.last_applied = 30 * crate::consensus::types::OPS_PER_ENTRY;
-        state.digest = [6; 32];
+        written_after_capture(&mut state, &after, 30, 6);
         assert_eq!(state.kv.checkpoint_base(), Some(Some(11)));
         assert_eq!(state.kv.captures(), [20]);
         let (expected, size) = (state.kv.image(), state.kv.size());
@@ -1741,16 +1748,8 @@ mod tests {
         after.set("load/0000007".into(), b"again".to_vec());
         after.delete("load/0000008".into());
         after.set("k/000005".into(), b"after".to_vec());
-        state.kv.apply("plugin0", &after);
-        let mut brief = WriteSet::default();
-        brief.set("k/brief".into(), b"made after the capture".to_vec());
-        state.kv.apply("plugin1", &brief);
-        brief.delete("k/brief".into());
-        state.kv.apply("plugin1", &brief);
         state.kv.apply("plugin9", &after);
-        state.log_id = at(45);
-        state.last_applied = 45 * crate::consensus::types::OPS_PER_ENTRY;
-        state.digest = [9; 32];
+        written_after_capture(&mut state, &after, 45, 9);
         assert!(state.kv.changed_entries() > CHECKPOINT_MAX_CHANGES);
         let (expected, size) = (state.kv.image(), state.kv.size());
         store.install_image(state).unwrap();
