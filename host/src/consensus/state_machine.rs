@@ -34,7 +34,7 @@ use super::snapshot_file::{
 use super::types::{NodeId, NodeInfo, Op, Response, TypeConfig};
 use crate::artifacts::Artifacts;
 use crate::replica::{Captured, Image, Replica, VersionRecord};
-use crate::state::KvState;
+use crate::state::{ChangesSince, KvState};
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
 
@@ -453,14 +453,17 @@ struct CheckpointChain {
     /// Bumped whenever the chain is cut: a checkpoint captured before
     /// that may not start a new one.
     generation: u64,
+    /// `checkpoint.bin` and `checkpoint.log`.
     last: Option<ChainLink>,
+    /// `checkpoint.next.bin` and `checkpoint.next.log`.
+    next: Option<ChainLink>,
 }
 
 /// See [`CheckpointChain`].
 struct ChainLink {
     log_id: Option<LogId<NodeId>>,
     kv: KvState,
-    /// Records in `checkpoint.log` since `checkpoint.bin`.
+    /// Records in the chain's log since its whole checkpoint.
     records: u32,
 }
 
@@ -472,6 +475,7 @@ impl Shared {
         if let Ok(mut chain) = self.checkpoint_chain.lock() {
             chain.generation += 1;
             chain.last = None;
+            chain.next = None;
         }
     }
 }
@@ -502,6 +506,56 @@ fn apply_checkpoint(
         return None;
     }
     Some(image)
+}
+
+/// The state a chain of checkpoints resumes (see `StateMachineStore::resume`):
+/// the whole one at `path`, then each record of the log at `log` that
+/// follows on from the state reached, over `kv` (the plugin data opened
+/// from the snapshot at `snapshot`, at `opened`); none when no checkpoint
+/// of it serves. With the changes and the records applied.
+fn resume_chain(
+    path: &std::path::Path,
+    log: &std::path::Path,
+    kv: &KvState,
+    snapshot: Option<u64>,
+    opened: Option<LogId<NodeId>>,
+) -> (Option<Image<KvState>>, usize, usize) {
+    let mut changes = 0;
+    // The state resumed so far, past the one opened.
+    let mut resumed = read_whole_checkpoint(path, kv, snapshot, opened, &mut changes);
+    let records = read_checkpoint_log(log).unwrap_or_else(|e| {
+        tracing::warn!(file = %log.display(), error = %e, "checkpoint log not readable; the log is replayed from the last checkpoint");
+        Vec::new()
+    });
+    let mut applied = 0;
+    for body in &records {
+        let delta: CheckpointDelta<crate::state::ChangesImage> = match postcard::from_bytes(body) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "a checkpoint log record is not readable; it and the ones after are not used");
+                break;
+            }
+        };
+        let at = resumed.as_ref().map_or(opened, |image| image.log_id);
+        if delta.after != at {
+            // Of an earlier checkpoint (the log is emptied after the
+            // whole checkpoint is written, and a crash in between
+            // leaves it), or after a state this restart did not reach.
+            continue;
+        }
+        // Moved, not cloned: a clone would make each write copy its
+        // path. So a record that does not add up costs what was
+        // resumed before it too, and the log is replayed from the
+        // snapshot (as for a whole checkpoint that does not).
+        let base = match resumed.take() {
+            Some(image) => image.kv,
+            None => kv.clone(),
+        };
+        let Some(image) = apply_checkpoint(base, delta.checkpoint, &mut changes) else { break };
+        resumed = Some(image);
+        applied += 1;
+    }
+    (resumed, changes, applied)
 }
 
 /// The state of the whole checkpoint at `path` (`kv`, the plugin data
@@ -565,6 +619,12 @@ const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// loaded while no snapshot was taken yet, say).
 const CHECKPOINT_MAX_CHANGES: usize = if cfg!(test) { 4_096 } else { 262_144 };
 
+/// Changed entries past which no checkpoint relative to a snapshot being
+/// built is written (`checkpoint.next.bin`, and each record of its log):
+/// during a bulk load, none is (each would cost about what the load
+/// writes).
+const NEXT_MAX_CHANGES: usize = if cfg!(test) { 1_024 } else { 32_768 };
+
 /// Records in `checkpoint.log` past which the next checkpoint is written
 /// whole instead (a restart reads and applies each record).
 const CHECKPOINT_MAX_RECORDS: u32 = 256;
@@ -581,6 +641,9 @@ struct CheckpointFiles {
     /// one written are too many for `checkpoint.bin` (the build after a
     /// bulk load): it serves once that snapshot is in place.
     next: PathBuf,
+    /// `checkpoint.next.log`: the checkpoints since `checkpoint.next.bin`,
+    /// as changes.
+    next_log: PathBuf,
 }
 
 impl CheckpointFiles {
@@ -589,6 +652,7 @@ impl CheckpointFiles {
             path: data_dir.join("checkpoint.bin"),
             log: data_dir.join("checkpoint.log"),
             next: data_dir.join("checkpoint.next.bin"),
+            next_log: data_dir.join("checkpoint.next.log"),
         }
     }
 }
@@ -639,8 +703,9 @@ impl Checkpoints {
 /// the state is layered as it was then (no snapshot froze or rebased it
 /// in between), else the whole changes since the snapshot. When those are
 /// more than [`CHECKPOINT_MAX_CHANGES`] (a bulk load since the snapshot),
-/// the changes since the snapshot being built instead, to
-/// `checkpoint.next.bin`; else none.
+/// the changes since the capture of the snapshot being built instead, to
+/// `checkpoint.next.bin` and then `checkpoint.next.log` the same way, while
+/// they are at most [`NEXT_MAX_CHANGES`]; else none.
 fn write_checkpoint_of(
     shared: &Shared,
     files: &CheckpointFiles,
@@ -655,44 +720,68 @@ fn write_checkpoint_of(
     let index = log_id.map_or(0, |l| l.index);
     let sizes = namespace_sizes(&kv);
     let captures = kv.captures().to_vec();
-    // Taken out while this writes: kept only if this is written.
-    let earlier = shared.checkpoint_chain.lock().ok().and_then(|mut c| c.last.take());
-    let since = earlier
-        .as_ref()
-        .filter(|e| e.records < CHECKPOINT_MAX_RECORDS)
-        .and_then(|e| kv.changes_since(&e.kv).map(|changes| (e.log_id, e.records, changes)));
-    // (bytes, changes, records in the log after it; none: not a link of
-    // the chain, written to `checkpoint.next.bin`).
-    let written = match since {
-        Some((after, records, changes)) => {
-            let n = changes.len();
-            let image = image.map_kv(|_| changes);
-            let delta = CheckpointDelta { after, checkpoint: Checkpoint { snapshot, captures, image, sizes } };
-            postcard::to_allocvec(&delta)
-                .map_err(std::io::Error::other)
-                .and_then(|body| append_checkpoint_log(&files.log, &body).map(|()| (body.len(), n, Some(records + 1))))
-        }
+    // The changes since a link of a chain (taken out while this writes:
+    // put back only if this is written), if layered alike and not too many
+    // records since its whole checkpoint.
+    let take = |next: bool| {
+        shared.checkpoint_chain.lock().ok().and_then(|mut c| if next { c.next.take() } else { c.last.take() })
+    };
+    fn since<'a>(
+        kv: &'a KvState,
+        earlier: &'a Option<ChainLink>,
+    ) -> Option<(Option<LogId<NodeId>>, u32, ChangesSince<'a>)> {
+        earlier
+            .as_ref()
+            .filter(|e| e.records < CHECKPOINT_MAX_RECORDS)
+            .and_then(|e| kv.changes_since(&e.kv).map(|changes| (e.log_id, e.records, changes)))
+    }
+    let delta = |log: &std::path::Path, image: Image<KvState>, after, records, changes: ChangesSince<'_>, snapshot| {
+        let n = changes.len();
+        let image = image.map_kv(|_| changes);
+        let (captures, sizes) = (captures.clone(), sizes.clone());
+        let delta = CheckpointDelta { after, checkpoint: Checkpoint { snapshot, captures, image, sizes } };
+        postcard::to_allocvec(&delta)
+            .map_err(std::io::Error::other)
+            .and_then(|body| append_checkpoint_log(log, &body).map(|()| (body.len(), n, records + 1)))
+    };
+    let whole = |path: &std::path::Path, log: &std::path::Path, body: std::io::Result<Vec<u8>>, n| {
+        body.and_then(|body| write_checkpoint(path, &body).map(|()| body.len()))
+            .and_then(|bytes| clear_checkpoint_log(log).map(|()| (bytes, n, 0)))
+    };
+    let earlier = take(false);
+    let (written, next) = match since(&kv, &earlier) {
+        Some((after, records, changes)) => (delta(&files.log, image, after, records, changes, snapshot), false),
         None if kv.changed_entries() <= CHECKPOINT_MAX_CHANGES => {
             let n = kv.changed_entries();
             let image = image.map_kv(|_| crate::state::Changes(&kv));
-            postcard::to_allocvec(&Checkpoint { snapshot, captures, image, sizes })
-                .map_err(std::io::Error::other)
-                .and_then(|body| write_checkpoint(&files.path, &body).map(|()| body.len()))
-                .and_then(|bytes| clear_checkpoint_log(&files.log).map(|()| (bytes, n, Some(0))))
-                .and_then(|written| remove_if_there(&files.next).map(|()| written))
+            let body =
+                postcard::to_allocvec(&Checkpoint { snapshot, captures, image, sizes }).map_err(std::io::Error::other);
+            let written = whole(&files.path, &files.log, body, n).and_then(|written| {
+                remove_if_there(&files.next)?;
+                remove_if_there(&files.next_log)?;
+                Ok(written)
+            });
+            (written, false)
         }
         None => {
-            let Some((at, changes)) =
-                kv.changes_since_capture().filter(|(_, changes)| changes.len() <= CHECKPOINT_MAX_CHANGES)
-            else {
-                return;
+            let Some((at, changes)) = kv.changes_since_capture() else { return };
+            let earlier = take(true);
+            let written = match since(&kv, &earlier) {
+                Some((after, records, changes)) if changes.len() <= NEXT_MAX_CHANGES => {
+                    delta(&files.next_log, image, after, records, changes, Some(at))
+                }
+                Some(_) => return,
+                None if changes.len() <= NEXT_MAX_CHANGES => {
+                    let n = changes.len();
+                    let image = image.map_kv(|_| changes);
+                    let body =
+                        postcard::to_allocvec(&Checkpoint { snapshot: Some(at), captures: Vec::new(), image, sizes })
+                            .map_err(std::io::Error::other);
+                    whole(&files.next, &files.next_log, body, n)
+                }
+                None => return,
             };
-            let n = changes.len();
-            let image = image.map_kv(|_| changes);
-            let checkpoint = Checkpoint { snapshot: Some(at), captures: Vec::new(), image, sizes };
-            postcard::to_allocvec(&checkpoint)
-                .map_err(std::io::Error::other)
-                .and_then(|body| write_checkpoint(&files.next, &body).map(|()| (body.len(), n, None)))
+            (written, true)
         }
     };
     match written {
@@ -702,16 +791,16 @@ fn write_checkpoint_of(
                 snapshot,
                 changes,
                 bytes,
-                whole = records.is_none_or(|r| r == 0),
-                next = records.is_none(),
+                whole = records == 0,
+                next,
                 seconds = started.elapsed().as_secs_f64(),
                 "checkpoint written"
             );
-            if let Some(records) = records
-                && let Ok(mut chain) = shared.checkpoint_chain.lock()
+            if let Ok(mut chain) = shared.checkpoint_chain.lock()
                 && chain.generation == generation
             {
-                chain.last = Some(ChainLink { log_id, kv, records });
+                let link = Some(ChainLink { log_id, kv, records });
+                if next { chain.next = link } else { chain.last = link }
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
@@ -846,7 +935,7 @@ impl StateMachineStore {
             auth_bootstrapped: Default::default(),
             state_bytes: Default::default(),
             snapshot_wanted: Default::default(),
-            checkpoint_chain: std::sync::Mutex::new(CheckpointChain { generation: 0, last: None }),
+            checkpoint_chain: std::sync::Mutex::new(CheckpointChain { generation: 0, last: None, next: None }),
             snapshot_index: Default::default(),
             snapshot_after_entries: AtomicU64::new(crate::config::RaftConfig::default().snapshot_after_entries),
         });
@@ -945,54 +1034,21 @@ impl StateMachineStore {
             let replica = self.shared.replica.read().map_err(sm_err)?;
             (replica.log_id(), replica.kv().clone())
         };
-        let mut changes = 0;
-        // The state resumed so far, past the one opened.
-        let mut resumed = read_whole_checkpoint(&files.path, &kv, snapshot, opened, &mut changes);
-        let records = read_checkpoint_log(&files.log).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "checkpoint log not readable; the log is replayed from the last checkpoint");
-            Vec::new()
-        });
-        let mut applied = 0;
-        for body in &records {
-            let delta: CheckpointDelta<crate::state::ChangesImage> = match postcard::from_bytes(body) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "a checkpoint log record is not readable; it and the ones after are not used");
-                    break;
-                }
-            };
-            let at = resumed.as_ref().map_or(opened, |image| image.log_id);
-            if delta.after != at {
-                // Of an earlier checkpoint (the log is emptied after the
-                // whole checkpoint is written, and a crash in between
-                // leaves it), or after a state this restart did not reach.
-                continue;
-            }
-            // Moved, not cloned: a clone would make each write copy its
-            // path. So a record that does not add up costs what was
-            // resumed before it too, and the log is replayed from the
-            // snapshot (as for a whole checkpoint that does not).
-            let base = match resumed.take() {
-                Some(image) => image.kv,
-                None => kv.clone(),
-            };
-            let Some(image) = apply_checkpoint(base, delta.checkpoint, &mut changes) else { break };
-            resumed = Some(image);
-            applied += 1;
+        let mut resumed = resume_chain(&files.path, &files.log, &kv, snapshot, opened);
+        let next = resume_chain(&files.next, &files.next_log, &kv, snapshot, opened);
+        let from_next = next.0.as_ref().map(|image| image.log_id) > resumed.0.as_ref().map(|image| image.log_id);
+        if from_next {
+            resumed = next;
         }
-        let reached = resumed.as_ref().map_or(opened, |image| image.log_id);
-        let mut next_changes = 0;
-        if let Some(next) = read_whole_checkpoint(&files.next, &kv, snapshot, reached, &mut next_changes) {
-            (resumed, changes, applied) = (Some(next), next_changes, 0);
-        }
-        if let Some(image) = resumed {
+        if let (Some(image), changes, records) = resumed {
             let index = image.log_id.map(|l| l.index);
             drop(kv);
             self.install_image(image)?;
             tracing::info!(
                 index = ?index,
                 changes,
-                records = applied,
+                records,
+                next = from_next,
                 seconds = started.elapsed().as_secs_f64(),
                 "state resumed from its checkpoint"
             );
@@ -1717,7 +1773,9 @@ mod tests {
     /// keys): a node killed right after that build replayed every entry
     /// since (a 3.49 s restart in the state bench). The changes since the
     /// capture of the snapshot being built are written instead, to
-    /// `checkpoint.next.bin`, and a store opened once that snapshot is in
+    /// `checkpoint.next.bin`, and each one after as the changes since the
+    /// one before, to `checkpoint.next.log`, while they are few (none
+    /// while the load goes on). A store opened once that snapshot is in
     /// place resumes from them; before, it opened at the snapshot. Until
     /// then they serve nothing, and a whole checkpoint written later
     /// removes them.
@@ -1751,8 +1809,7 @@ mod tests {
         state.kv.apply("plugin9", &after);
         written_after_capture(&mut state, &after, 45, 9);
         assert!(state.kv.changed_entries() > CHECKPOINT_MAX_CHANGES);
-        let (expected, size) = (state.kv.image(), state.kv.size());
-        store.install_image(state).unwrap();
+        store.install_image(state.clone()).unwrap();
 
         let files = CheckpointFiles::in_dir(dir.path());
         let checkpoint = || {
@@ -1763,9 +1820,40 @@ mod tests {
             drop(replica);
             write_checkpoint_of(&store.shared, &files, captured, snapshot, generation);
         };
+        // The state put in place as applying entries leaves it: the
+        // checkpoint chain not cut.
+        let applied = |state: &Image<KvState>| {
+            *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
+        };
+        let records = |log: &std::path::Path| read_checkpoint_log(log).unwrap().len();
         checkpoint();
         assert!(!files.path.exists(), "a whole checkpoint of the load was written");
         assert!(files.next.exists(), "no checkpoint relative to the snapshot being built");
+        assert_eq!(records(&files.next_log), 0);
+
+        // A second: the changes since the first, appended to its log.
+        let mut more = WriteSet::default();
+        more.set("load/0000009".into(), b"later".to_vec());
+        more.delete("load/0000007".into());
+        state.kv.apply("plugin0", &more);
+        written_after_capture(&mut state, &WriteSet::default(), 47, 8);
+        let (expected, size) = (state.kv.image(), state.kv.size());
+        applied(&state);
+        checkpoint();
+        assert_eq!(records(&files.next_log), 1);
+
+        // A write of more keys than a checkpoint since the capture takes
+        // (the load goes on): none written.
+        let mut again = WriteSet::default();
+        for i in 0..2 * NEXT_MAX_CHANGES {
+            again.set(format!("load/{i:07}"), b"again".to_vec());
+        }
+        state.kv.apply("plugin0", &again);
+        written_after_capture(&mut state, &WriteSet::default(), 50, 7);
+        applied(&state);
+        checkpoint();
+        assert_eq!(records(&files.next_log), 1);
+        assert!(!files.path.exists());
         drop(store);
         let opened = || {
             let store = open_store(dir.path()).unwrap();
@@ -1776,15 +1864,15 @@ mod tests {
         // Killed before the build finished: the snapshot before the load.
         assert_eq!(opened().0, Some(11));
 
-        // The build renamed into place: the state of the checkpoint.
+        // The build renamed into place: the state of the last checkpoint.
         write_image(&dir.path().join("snapshot.bin"), &built);
         let (index, digest, kv, got_size) = opened();
-        assert_eq!((index, digest), (Some(45), [9; 32]));
+        assert_eq!((index, digest), (Some(47), [8; 32]));
         assert!(kv == expected, "the state opened from the changes since the capture differs");
         assert_eq!(got_size, size);
 
         // A whole checkpoint written later (the state rebased on the new
-        // snapshot) removes it.
+        // snapshot) removes them.
         let store = open_store(dir.path()).unwrap();
         let replica = store.shared.replica.read().unwrap();
         let snapshot = replica.kv().checkpoint_base().unwrap();
@@ -1792,7 +1880,7 @@ mod tests {
         let captured = replica.capture();
         drop(replica);
         write_checkpoint_of(&store.shared, &files, captured, snapshot, 0);
-        assert!(files.path.exists() && !files.next.exists());
+        assert!(files.path.exists() && !files.next.exists() && !files.next_log.exists());
     }
 
     /// openraft builds a snapshot on a task of its own, so a build captured
