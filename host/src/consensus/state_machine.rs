@@ -749,10 +749,10 @@ fn write_checkpoint_of(
             .and_then(|bytes| clear_checkpoint_log(log).map(|()| (bytes, n, 0)))
     };
     let earlier = take(false);
+    let n = kv.changed_entries();
     let (written, next) = match since(&kv, &earlier) {
         Some((after, records, changes)) => (delta(&files.log, image, after, records, changes, snapshot), false),
-        None if kv.changed_entries() <= CHECKPOINT_MAX_CHANGES => {
-            let n = kv.changed_entries();
+        None if n <= CHECKPOINT_MAX_CHANGES => {
             let image = image.map_kv(|_| crate::state::Changes(&kv));
             let body =
                 postcard::to_allocvec(&Checkpoint { snapshot, captures, image, sizes }).map_err(std::io::Error::other);
@@ -800,7 +800,16 @@ fn write_checkpoint_of(
                 && chain.generation == generation
             {
                 let link = Some(ChainLink { log_id, kv, records });
-                if next { chain.next = link } else { chain.last = link }
+                if next {
+                    chain.next = link;
+                } else {
+                    if records == 0 {
+                        // Its files were removed with it: a record
+                        // appended after it would follow no whole one.
+                        chain.next = None;
+                    }
+                    chain.last = link;
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
@@ -1881,6 +1890,122 @@ mod tests {
         drop(replica);
         write_checkpoint_of(&store.shared, &files, captured, snapshot, 0);
         assert!(files.path.exists() && !files.next.exists() && !files.next_log.exists());
+    }
+
+    /// The two chains side by side. A whole `checkpoint.bin` removes the
+    /// files of the chain relative to the snapshot being built, and it
+    /// kept their state in memory as the link to append to: the next
+    /// checkpoint of that chain went to a `checkpoint.next.log` with no
+    /// `checkpoint.next.bin` before it, which a restart cannot use. It
+    /// now starts the chain again. Also: when both chains serve the
+    /// snapshot opened, the later one is resumed; records left in
+    /// `checkpoint.next.log` from before its whole checkpoint (a crash
+    /// between the two) are skipped; and a whole `checkpoint.next.bin`
+    /// of more changes than its cap is not written.
+    #[test]
+    fn the_two_checkpoint_chains_start_resume_and_skip_as_they_should() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image(&dir.path().join("snapshot.bin"), &image_of(2, 3_000, (4, 11)));
+        let store = open_store(dir.path()).unwrap();
+        let small = store.shared.replica.read().unwrap().capture().into_state();
+        let mut state = small.clone();
+        let at = |index| Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
+        let files = CheckpointFiles::in_dir(dir.path());
+        let checkpoint = || {
+            let replica = store.shared.replica.read().unwrap();
+            let snapshot = replica.kv().checkpoint_base().expect("layered on the snapshot");
+            let generation = store.shared.checkpoint_chain.lock().unwrap().generation;
+            let captured = replica.capture();
+            drop(replica);
+            write_checkpoint_of(&store.shared, &files, captured, snapshot, generation);
+        };
+        let applied = |state: &Image<KvState>| {
+            *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
+        };
+        let writes = |state: &mut Image<KvState>, prefix: &str, keys: usize, index: u64| {
+            let mut set = WriteSet::default();
+            for i in 0..keys {
+                set.set(format!("{prefix}/{i:07}"), vec![(index % 251) as u8; 20]);
+            }
+            state.kv.apply("plugin0", &set);
+            written_after_capture(state, &WriteSet::default(), index, index as u8);
+        };
+        let opened = || {
+            let store = open_store(dir.path()).unwrap();
+            let replica = store.shared.replica.read().unwrap();
+            (replica.log_id().map(|l| l.index), replica.kv().image(), replica.kv().size())
+        };
+        let records = |log: &std::path::Path| read_checkpoint_log(log).unwrap().len();
+
+        // A load a checkpoint still takes, the capture of the snapshot
+        // that holds it, writes after it: a whole checkpoint.bin at 42,
+        // naming that capture.
+        writes(&mut state, "load", CHECKPOINT_MAX_CHANGES - 600, 39);
+        state.log_id = at(40);
+        state.kv.freeze_at(Some(40));
+        let built = state.clone().map_kv(|kv| kv.image());
+        writes(&mut state, "after", 100, 42);
+        store.install_image(state.clone()).unwrap();
+        checkpoint();
+        assert!(files.path.exists() && !files.next.exists());
+
+        // The chain cut (a rebase, say), and writes that take the changes
+        // since the snapshot past a checkpoint.bin's cap: a whole
+        // checkpoint.next.bin at 47, then a record at 48.
+        store.shared.cut_checkpoint_chain();
+        writes(&mut state, "after", 700, 47);
+        assert!(state.kv.changed_entries() > CHECKPOINT_MAX_CHANGES);
+        applied(&state);
+        checkpoint();
+        assert!(files.next.exists());
+        writes(&mut state, "late", 10, 48);
+        applied(&state);
+        checkpoint();
+        assert_eq!(records(&files.next_log), 1);
+        let stale = std::fs::read(&files.next_log).unwrap();
+
+        // Both chains serve the built snapshot once it is in place: the
+        // later one is resumed. Before, only checkpoint.bin serves.
+        let old_snapshot = std::fs::read(dir.path().join("snapshot.bin")).unwrap();
+        assert_eq!(opened().0, Some(42));
+        write_image(&dir.path().join("snapshot.bin"), &built);
+        let (index, kv, size) = opened();
+        assert_eq!(index, Some(48));
+        assert!(kv == state.kv.image(), "the state resumed from the later chain differs");
+        assert_eq!(size, state.kv.size());
+        std::fs::write(dir.path().join("snapshot.bin"), &old_snapshot).unwrap();
+
+        // A state with few changes since the snapshot (put in place without
+        // cutting the chain): a whole checkpoint.bin, which removes the next
+        // chain's files.
+        let mut few = small.clone();
+        writes(&mut few, "few", 10, 49);
+        applied(&few);
+        checkpoint();
+        assert!(files.path.exists() && !files.next.exists() && !files.next_log.exists());
+
+        // Back to the loaded state, written on: the next chain starts again
+        // with a whole checkpoint.next.bin, not a record with none before it.
+        writes(&mut state, "later", 10, 50);
+        applied(&state);
+        checkpoint();
+        assert!(files.next.exists(), "the next chain appended to a log its whole checkpoint was removed from");
+        assert_eq!(records(&files.next_log), 0);
+
+        // Records of the chain before it, left beside it: skipped.
+        std::fs::write(&files.next_log, &stale).unwrap();
+        write_image(&dir.path().join("snapshot.bin"), &built);
+        let (index, kv, _) = opened();
+        assert_eq!(index, Some(50));
+        assert!(kv == state.kv.image(), "the state resumed past stale records differs");
+
+        // The chain cut again, and more changes since the capture than a
+        // whole checkpoint.next.bin takes: none written, the one at 50 stays.
+        store.shared.cut_checkpoint_chain();
+        writes(&mut state, "much", NEXT_MAX_CHANGES, 55);
+        applied(&state);
+        checkpoint();
+        assert_eq!(opened().0, Some(50));
     }
 
     /// openraft builds a snapshot on a task of its own, so a build captured
