@@ -489,8 +489,9 @@ pub(super) fn next_temp() -> u64 {
 ///
 /// With `reuse_len` (the length the whole file will have), the temp file
 /// is the replaced file kept as a spare ([`super::retire::take_spare`]),
-/// when there is one: written over from the start and cut to that length,
-/// so that its blocks are neither freed nor allocated again.
+/// when there is one: written over from the start and cut to that length
+/// (a step at a time, [`super::retire::cut_slowly`]), so that its blocks
+/// are neither freed nor allocated again.
 fn replace_whole(
     path: &Path,
     reuse_len: Option<u64>,
@@ -501,8 +502,9 @@ fn replace_whole(
         let reused = reuse_len.is_some() && super::retire::take_spare(path, &tmp);
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(!reused).open(&tmp)?;
         let file = fill(file)?;
+        let (mut cuts, mut slowest_cut) = (0, std::time::Duration::ZERO);
         if let (true, Some(len)) = (reused, reuse_len) {
-            file.set_len(len)?;
+            (cuts, slowest_cut) = super::retire::cut_slowly(&file, len)?;
         }
         let syncing = std::time::Instant::now();
         file.sync_all()?;
@@ -526,6 +528,8 @@ fn replace_whole(
             file = %path.display(),
             sync_seconds = synced,
             rename_seconds = syncing.elapsed().as_secs_f64() - synced,
+            cuts,
+            slowest_cut_ms = slowest_cut.as_millis() as u64,
             "replaced a file whole"
         );
         Ok::<_, io::Error>(file)
