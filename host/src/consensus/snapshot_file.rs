@@ -376,6 +376,33 @@ pub(crate) fn write_checkpoint(path: &Path, body: &[u8]) -> io::Result<()> {
     .map(drop)
 }
 
+/// Write the checkpoint file `path` whole or not at all, as
+/// [`write_checkpoint`] does, with a body `fill` encodes straight into the
+/// file, paced like a snapshot ([`Paced`]): for a checkpoint of a whole
+/// bulk load's changes (tens or hundreds of MB), which would be held in
+/// memory whole and queued whole ahead of the log's syncs otherwise.
+/// Returns the body's length.
+pub(crate) fn write_checkpoint_paced(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut written = 0;
+    replace_whole(path, None, |mut f| {
+        f.write_all(CHECKPOINT_MAGIC)?;
+        // The length and the checksum, once known, go here.
+        f.write_all(&[0u8; 8 + 32])?;
+        let mut out = Paced::new(f, HEADER as u64);
+        fill(&mut out)?;
+        written = out.n;
+        let (mut f, hash) = out.finish()?;
+        f.seek(SeekFrom::Start(CHECKPOINT_MAGIC.len() as u64))?;
+        f.write_all(&written.to_le_bytes())?;
+        f.write_all(hash.as_bytes())?;
+        Ok(f)
+    })?;
+    Ok(written)
+}
+
 /// The body of the checkpoint file `path` (None when there is none),
 /// checked against its length and checksum.
 pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
