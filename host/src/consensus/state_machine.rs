@@ -1716,6 +1716,31 @@ mod tests {
     /// Writes after a snapshot's capture, as of entry `index` (term 4)
     /// with every digest byte `digest`: `after` to `plugin0`, and a key
     /// made and deleted in `plugin1`.
+    /// A store opened on `dir`: where it is (log index), its digest,
+    /// plugin data and size.
+    fn reopened(dir: &std::path::Path) -> (Option<u64>, [u8; 32], Vec<crate::replica::NamespaceImage>, (u64, u64)) {
+        let store = open_store(dir).unwrap();
+        let replica = store.shared.replica.read().unwrap();
+        (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
+    }
+
+    /// Write a checkpoint of `store`'s state now, as the apply thread's
+    /// timer would (in the background), on this thread.
+    fn checkpoint_now(store: &StateMachineStore, files: &CheckpointFiles) {
+        let replica = store.shared.replica.read().unwrap();
+        let snapshot = replica.kv().checkpoint_base().expect("layered on the snapshot");
+        let generation = store.shared.checkpoint_chain.lock().unwrap().generation;
+        let captured = replica.capture();
+        drop(replica);
+        write_checkpoint_of(&store.shared, files, captured, snapshot, generation);
+    }
+
+    /// Put `state` in place as applying entries leaves it: the checkpoint
+    /// chain not cut.
+    fn applied_in_place(store: &StateMachineStore, state: &Image<KvState>) {
+        *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
+    }
+
     fn written_after_capture(state: &mut Image<KvState>, after: &WriteSet, index: u64, digest: u8) {
         state.kv.apply("plugin0", after);
         let mut brief = WriteSet::default();
@@ -1779,11 +1804,7 @@ mod tests {
             };
             write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
         };
-        let opened = || {
-            let store = open_store(dir.path()).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
-        };
+        let opened = || reopened(dir.path());
 
         // The checkpoint, then the snapshot built renamed into place.
         write(state.kv.captures().to_vec());
@@ -1844,19 +1865,8 @@ mod tests {
         store.install_image(state.clone()).unwrap();
 
         let files = CheckpointFiles::in_dir(dir.path());
-        let checkpoint = || {
-            let replica = store.shared.replica.read().unwrap();
-            let snapshot = replica.kv().checkpoint_base().expect("layered on the snapshot");
-            let generation = store.shared.checkpoint_chain.lock().unwrap().generation;
-            let captured = replica.capture();
-            drop(replica);
-            write_checkpoint_of(&store.shared, &files, captured, snapshot, generation);
-        };
-        // The state put in place as applying entries leaves it: the
-        // checkpoint chain not cut.
-        let applied = |state: &Image<KvState>| {
-            *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
-        };
+        let checkpoint = || checkpoint_now(&store, &files);
+        let applied = |state: &Image<KvState>| applied_in_place(&store, state);
         let records = |log: &std::path::Path| read_checkpoint_log(log).unwrap().len();
         checkpoint();
         assert!(!files.path.exists(), "a whole checkpoint of the load was written");
@@ -1887,11 +1897,7 @@ mod tests {
         assert_eq!(records(&files.next_log), 1);
         assert!(!files.path.exists());
         drop(store);
-        let opened = || {
-            let store = open_store(dir.path()).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
-        };
+        let opened = || reopened(dir.path());
 
         // Killed before the build finished: the snapshot before the load.
         assert_eq!(opened().0, Some(11));
@@ -1946,19 +1952,11 @@ mod tests {
         store.install_image(state.clone()).unwrap();
 
         let files = CheckpointFiles::in_dir(dir.path());
-        let replica = store.shared.replica.read().unwrap();
-        let snapshot = replica.kv().checkpoint_base().unwrap();
-        let captured = replica.capture();
-        drop(replica);
-        write_checkpoint_of(&store.shared, &files, captured, snapshot, 1);
+        checkpoint_now(&store, &files);
         assert!(files.path.exists(), "no whole checkpoint of the load");
         assert!(!files.next.exists());
         drop(store);
-        let opened = || {
-            let store = open_store(dir.path()).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
-        };
+        let opened = || reopened(dir.path());
         // Killed during the build, and after it.
         for _ in 0..2 {
             let (index, digest, kv, size) = opened();
@@ -1988,17 +1986,8 @@ mod tests {
         let mut state = small.clone();
         let at = |index| Some(LogId::new(openraft::CommittedLeaderId::new(4, 1), index));
         let files = CheckpointFiles::in_dir(dir.path());
-        let checkpoint = || {
-            let replica = store.shared.replica.read().unwrap();
-            let snapshot = replica.kv().checkpoint_base().expect("layered on the snapshot");
-            let generation = store.shared.checkpoint_chain.lock().unwrap().generation;
-            let captured = replica.capture();
-            drop(replica);
-            write_checkpoint_of(&store.shared, &files, captured, snapshot, generation);
-        };
-        let applied = |state: &Image<KvState>| {
-            *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
-        };
+        let checkpoint = || checkpoint_now(&store, &files);
+        let applied = |state: &Image<KvState>| applied_in_place(&store, state);
         let writes = |state: &mut Image<KvState>, prefix: &str, keys: usize, index: u64| {
             let mut set = WriteSet::default();
             for i in 0..keys {
@@ -2007,11 +1996,7 @@ mod tests {
             state.kv.apply("plugin0", &set);
             written_after_capture(state, &WriteSet::default(), index, index as u8);
         };
-        let opened = || {
-            let store = open_store(dir.path()).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.kv().image(), replica.kv().size())
-        };
+        let opened = || reopened(dir.path());
         let records = |log: &std::path::Path| read_checkpoint_log(log).unwrap().len();
 
         // A load a checkpoint still takes, the capture of the snapshot
@@ -2046,7 +2031,7 @@ mod tests {
         let old_snapshot = std::fs::read(dir.path().join("snapshot.bin")).unwrap();
         assert_eq!(opened().0, Some(42));
         write_image(&dir.path().join("snapshot.bin"), &built);
-        let (index, kv, size) = opened();
+        let (index, _, kv, size) = opened();
         assert_eq!(index, Some(48));
         assert!(kv == state.kv.image(), "the state resumed from the later chain differs");
         assert_eq!(size, state.kv.size());
@@ -2072,7 +2057,7 @@ mod tests {
         // Records of the chain before it, left beside it: skipped.
         std::fs::write(&files.next_log, &stale).unwrap();
         write_image(&dir.path().join("snapshot.bin"), &built);
-        let (index, kv, _) = opened();
+        let (index, _, kv, _) = opened();
         assert_eq!(index, Some(50));
         assert!(kv == state.kv.image(), "the state resumed past stale records differs");
 
