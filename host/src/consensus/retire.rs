@@ -73,11 +73,38 @@ fn spare_in(dir: &Path) -> PathBuf {
     dir.join(format!("{SPARE_STEM}.spare"))
 }
 
+/// Bytes a spare may be longer than the file written over it: the rest
+/// is cut off under the writer ([`cut_slowly`]), which holds the snapshot
+/// lock (an install from the leader holds openraft's state machine worker
+/// too), so a much longer spare is left to the reaper instead.
+const SPARE_SHED_MAX: u64 = if cfg!(test) { 1 << 20 } else { 32 << 20 };
+
 /// Make the spare kept beside `path`, if there is one, the file `tmp`
-/// (renamed: its old bytes are there until written over). False when
-/// there is none.
-pub(crate) fn take_spare(path: &Path, tmp: &Path) -> bool {
-    let Some(spare) = path.parent().map(spare_in) else { return false };
+/// (renamed: its old bytes are there until written over), to be written
+/// `len` bytes long. False when there is none, or when it is more than
+/// [`SPARE_SHED_MAX`] longer (the state shrank): then it is retired, and
+/// the reaper frees it a step at a time off every lock.
+pub(crate) fn take_spare(path: &Path, tmp: &Path, len: u64) -> bool {
+    let Some(dir) = path.parent() else { return false };
+    let spare = spare_in(dir);
+    match std::fs::metadata(&spare) {
+        Ok(meta) if meta.len() > len.saturating_add(SPARE_SHED_MAX) => {
+            // Not named as a snapshot: the reaper would keep it as the
+            // spare again.
+            let n = super::snapshot_file::next_temp();
+            let shed = dir.join(format!("shed.{}.{n}{SUFFIX}", std::process::id()));
+            match std::fs::rename(&spare, &shed) {
+                Ok(()) => free_in(dir),
+                Err(e) => {
+                    tracing::debug!(file = %spare.display(), error = %e, "cannot set aside a spare much longer than the snapshot")
+                }
+            }
+            return false;
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        Err(_) => {}
+    }
     match std::fs::rename(&spare, tmp) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
@@ -427,8 +454,31 @@ mod tests {
         wait_until("with a spare kept, the next replaced one was not freed", || retired(dir.path()).is_empty());
         assert_eq!(std::fs::read(&spare).unwrap()[0], 1, "the spare was replaced");
         let tmp = dir.path().join("snapshot.x.tmp");
-        assert!(take_spare(&path, &tmp));
+        assert!(take_spare(&path, &tmp, len as u64));
         assert!(!spare.exists() && tmp.exists());
-        assert!(!take_spare(&path, &tmp), "no spare left to take");
+        assert!(!take_spare(&path, &tmp, len as u64), "no spare left to take");
+    }
+
+    /// A spare much longer than the snapshot to be written over it (the
+    /// state shrank) would be cut down under the snapshot lock, which an
+    /// install from the leader holds with openraft's state machine worker
+    /// waiting: seconds for a gigabyte shed. It is left to the reaper
+    /// instead, and a spare a little longer is still taken.
+    #[test]
+    fn a_spare_much_longer_than_the_snapshot_goes_to_the_reaper() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, spare, tmp) =
+            (dir.path().join("snapshot.bin"), dir.path().join("snapshot.spare"), dir.path().join("snapshot.x.tmp"));
+        let len = 3 * SPARE_SHED_MAX;
+        std::fs::write(&spare, vec![7u8; (len + SPARE_SHED_MAX / 2) as usize]).unwrap();
+        assert!(take_spare(&path, &tmp, len), "a spare a little longer was not taken");
+        std::fs::remove_file(&tmp).unwrap();
+
+        std::fs::write(&spare, vec![7u8; (len + 2 * SPARE_SHED_MAX) as usize]).unwrap();
+        assert!(!take_spare(&path, &tmp, len), "a much longer spare was taken");
+        assert!(!spare.exists() && !tmp.exists());
+        wait_until("the long spare was not freed", || retired(dir.path()).is_empty());
+        assert!(!spare.exists(), "the long spare was kept as the spare again");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

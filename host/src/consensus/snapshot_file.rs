@@ -516,9 +516,10 @@ pub(super) fn next_temp() -> u64 {
 ///
 /// With `reuse_len` (the length the whole file will have), the temp file
 /// is the replaced file kept as a spare ([`super::retire::take_spare`]),
-/// when there is one: written over from the start and cut to that length
-/// (a step at a time, [`super::retire::cut_slowly`]), so that its blocks
-/// are neither freed nor allocated again.
+/// when there is one and it is not much longer: written over from the
+/// start and cut to that length (a step at a time,
+/// [`super::retire::cut_slowly`]), so that its blocks are neither freed
+/// nor allocated again.
 fn replace_whole(
     path: &Path,
     reuse_len: Option<u64>,
@@ -526,7 +527,7 @@ fn replace_whole(
 ) -> io::Result<std::fs::File> {
     let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), next_temp()));
     let written = (|| {
-        let reused = reuse_len.is_some() && super::retire::take_spare(path, &tmp);
+        let reused = reuse_len.is_some_and(|len| super::retire::take_spare(path, &tmp, len));
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(!reused).open(&tmp)?;
         let file = fill(file)?;
         let (mut cuts, mut slowest_cut) = (0, std::time::Duration::ZERO);
@@ -592,8 +593,8 @@ pub(crate) fn remove_unfinished(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A snapshot file being written: hashes and counts what passes through,
-/// and paces the file's writeback.
+/// A snapshot file (or a large checkpoint) being written: hashes and
+/// counts what passes through, and paces the file's writeback.
 ///
 /// A snapshot of a large state is hundreds of megabytes. Left to the
 /// kernel, all of it waits in the page cache until the final `fsync`, and
@@ -814,6 +815,13 @@ mod tests {
         assert_eq!(read_checkpoint(&path).unwrap().unwrap(), body);
         let good = std::fs::read(&path).unwrap();
         assert_eq!(&good[MAGIC.len() + 8..HEADER], blake3::hash(&body).as_bytes());
+        // Encoded straight into the file, paced (over several blocks and
+        // writeback steps): the same bytes.
+        let paced = dir.path().join("paced.bin");
+        let n = write_checkpoint_paced(&paced, |out| body.chunks(7_777).try_for_each(|piece| out.write_all(piece)))
+            .unwrap();
+        assert_eq!(n, body.len() as u64);
+        assert!(std::fs::read(&paced).unwrap() == good, "a paced checkpoint differs from one written whole");
         let mut flipped = good.clone();
         flipped[HEADER + 2 * WRITEBACK_STEP as usize] ^= 1;
         std::fs::write(&path, &flipped).unwrap();

@@ -614,10 +614,13 @@ const CHECKPOINT_AFTER_ENTRIES: u64 = 200;
 /// Least time between two checkpoints.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Changed entries past which no checkpoint is written, unless they are
-/// at most a [`WHOLE_CHECKPOINT_SHARE`]th of the state: it would cost
+/// Changed entries (counted per layer: a key written before and after a
+/// capture counts twice) past which no whole `checkpoint.bin` is written,
+/// unless they are at most a [`WHOLE_CHECKPOINT_SHARE`]th of the state
+/// (then it is written paced, see [`whole_checkpoint_cap`]): it would cost
 /// about as much as the snapshot that will follow (the plugin data was
-/// loaded while no snapshot was taken yet, say).
+/// loaded while no snapshot was taken yet, say). Past the cap, the
+/// changes since a snapshot being built may go to `checkpoint.next.bin`.
 const CHECKPOINT_MAX_CHANGES: usize = if cfg!(test) { 4_096 } else { 262_144 };
 
 /// A whole checkpoint may hold the changes of up to this share of the
@@ -780,6 +783,10 @@ fn write_checkpoint_of(
                 .and_then(|bytes| clear_checkpoint_log(&files.log).map(|()| (bytes as usize, n, 0)))
             };
             let written = written.and_then(|written| {
+                // Its files go: so does the link to them, even if one of
+                // the removals fails (a record appended to what is left
+                // would follow no whole checkpoint).
+                drop(take(true));
                 remove_if_there(&files.next)?;
                 remove_if_there(&files.next_log)?;
                 Ok(written)
@@ -823,16 +830,7 @@ fn write_checkpoint_of(
                 && chain.generation == generation
             {
                 let link = Some(ChainLink { log_id, kv, records });
-                if next {
-                    chain.next = link;
-                } else {
-                    if records == 0 {
-                        // Its files were removed with it: a record
-                        // appended after it would follow no whole one.
-                        chain.next = None;
-                    }
-                    chain.last = link;
-                }
+                if next { chain.next = link } else { chain.last = link }
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
@@ -1713,9 +1711,6 @@ mod tests {
         assert_eq!(opened(dir.path()).0, Some(20));
     }
 
-    /// Writes after a snapshot's capture, as of entry `index` (term 4)
-    /// with every digest byte `digest`: `after` to `plugin0`, and a key
-    /// made and deleted in `plugin1`.
     /// A store opened on `dir`: where it is (log index), its digest,
     /// plugin data and size.
     fn reopened(dir: &std::path::Path) -> (Option<u64>, [u8; 32], Vec<crate::replica::NamespaceImage>, (u64, u64)) {
@@ -1741,6 +1736,9 @@ mod tests {
         *store.shared.replica.write().unwrap() = Replica::restore(state.clone(), &NoPlugins).unwrap();
     }
 
+    /// Writes after a snapshot's capture, as of entry `index` (term 4)
+    /// with every digest byte `digest`: `after` to `plugin0`, and a key
+    /// made and deleted in `plugin1`.
     fn written_after_capture(state: &mut Image<KvState>, after: &WriteSet, index: u64, digest: u8) {
         state.kv.apply("plugin0", after);
         let mut brief = WriteSet::default();
