@@ -763,10 +763,6 @@ fn write_checkpoint_of(
             .map_err(std::io::Error::other)
             .and_then(|body| append_checkpoint_log(log, &body).map(|()| (body.len(), n, records + 1)))
     };
-    let whole = |path: &std::path::Path, log: &std::path::Path, body: std::io::Result<Vec<u8>>, n| {
-        body.and_then(|body| write_checkpoint(path, &body).map(|()| body.len()))
-            .and_then(|bytes| clear_checkpoint_log(log).map(|()| (bytes, n, 0)))
-    };
     let earlier = take(false);
     let n = kv.changed_entries();
     let (written, next) = match since(&kv, &earlier) {
@@ -774,22 +770,15 @@ fn write_checkpoint_of(
         None if n <= whole_checkpoint_cap(&kv) => {
             let image = image.map_kv(|_| crate::state::Changes(&kv));
             let checkpoint = Checkpoint { snapshot, captures, image, sizes };
-            let written = if n <= CHECKPOINT_MAX_CHANGES {
-                whole(&files.path, &files.log, postcard::to_allocvec(&checkpoint).map_err(std::io::Error::other), n)
-            } else {
-                write_checkpoint_paced(&files.path, |out| {
-                    postcard::to_io(&checkpoint, out).map(drop).map_err(std::io::Error::other)
-                })
-                .and_then(|bytes| clear_checkpoint_log(&files.log).map(|()| (bytes as usize, n, 0)))
-            };
-            let written = written.and_then(|written| {
+            let paced = n > CHECKPOINT_MAX_CHANGES;
+            let written = write_whole_checkpoint(&files.path, &files.log, &checkpoint, paced).and_then(|bytes| {
                 // Its files go: so does the link to them, even if one of
                 // the removals fails (a record appended to what is left
                 // would follow no whole checkpoint).
                 drop(take(true));
                 remove_if_there(&files.next)?;
                 remove_if_there(&files.next_log)?;
-                Ok(written)
+                Ok((bytes, n, 0))
             });
             (written, false)
         }
@@ -804,10 +793,8 @@ fn write_checkpoint_of(
                 None if changes.len() <= NEXT_MAX_CHANGES => {
                     let n = changes.len();
                     let image = image.map_kv(|_| changes);
-                    let body =
-                        postcard::to_allocvec(&Checkpoint { snapshot: Some(at), captures: Vec::new(), image, sizes })
-                            .map_err(std::io::Error::other);
-                    whole(&files.next, &files.next_log, body, n)
+                    let checkpoint = Checkpoint { snapshot: Some(at), captures: Vec::new(), image, sizes };
+                    write_whole_checkpoint(&files.next, &files.next_log, &checkpoint, false).map(|bytes| (bytes, n, 0))
                 }
                 None => return,
             };
@@ -835,6 +822,30 @@ fn write_checkpoint_of(
         }
         Err(e) => tracing::warn!(error = %e, "cannot write a checkpoint; a restart replays more of the log"),
     }
+}
+
+/// Write `checkpoint` whole to `path` (encoded straight into the file and
+/// paced, when `paced`; else encoded in memory and written at once), then
+/// empty `log`, whose records followed the checkpoint it replaces.
+/// Returns its bytes.
+fn write_whole_checkpoint(
+    path: &std::path::Path,
+    log: &std::path::Path,
+    checkpoint: &impl Serialize,
+    paced: bool,
+) -> std::io::Result<usize> {
+    let bytes = if paced {
+        let bytes = write_checkpoint_paced(path, |out| {
+            postcard::to_io(checkpoint, out).map(drop).map_err(std::io::Error::other)
+        })?;
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    } else {
+        let body = postcard::to_allocvec(checkpoint).map_err(std::io::Error::other)?;
+        write_checkpoint(path, &body)?;
+        body.len()
+    };
+    clear_checkpoint_log(log)?;
+    Ok(bytes)
 }
 
 /// Remove `path` if it is there.
@@ -1568,11 +1579,7 @@ mod tests {
             write_checkpoint(&dir.path().join("checkpoint.bin"), &postcard::to_allocvec(&checkpoint).unwrap()).unwrap();
         };
         let write = |snapshot: Option<u64>, state: &Image<KvState>| write_changes(snapshot, state, &state.kv);
-        let opened = |dir: &std::path::Path| {
-            let store = open_store(dir).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image(), replica.kv().size())
-        };
+        let opened = reopened;
 
         write(Some(11), &state);
         let (index, digest, kv, got_size) = opened(dir.path());
@@ -1660,9 +1667,8 @@ mod tests {
             states.push(state.clone());
         }
         let opened = |dir: &std::path::Path| {
-            let store = open_store(dir).unwrap();
-            let replica = store.shared.replica.read().unwrap();
-            (replica.log_id().map(|l| l.index), replica.digest().0, replica.kv().image())
+            let (index, digest, kv, _) = reopened(dir);
+            (index, digest, kv)
         };
         let (index, digest, kv) = opened(dir.path());
         assert_eq!((index, digest), (Some(60), [2; 32]));
