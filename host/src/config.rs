@@ -253,6 +253,16 @@ pub struct RaftConfig {
     /// second, each but the first after a snapshot as the changes since
     /// the one before) and replays the log after the last.
     pub snapshot_after_entries: u64,
+    /// Changes to the state (keys set or deleted, counted per snapshot
+    /// interval) since the last snapshot a node finished, past which the
+    /// leader holds new writes (at most 30 s each batch) until snapshots
+    /// catch up: when its own state is past it, or so many members' are
+    /// (by their gossip) that the rest are no quorum. Nodes killed right
+    /// after a bulk load then come back from a snapshot and one checkpoint
+    /// each, not by replaying the load. 0 (the default): what one whole checkpoint holds, an eighth of
+    /// the state's keys and at least 262,144. Steady writes stay far below
+    /// it; only a bulk load faster than snapshots are built meets it.
+    pub max_unsnapshotted_changes: u64,
     /// Entries kept in the log behind a snapshot, for slightly lagging
     /// followers that need not a whole snapshot.
     pub keep_entries_after_snapshot: u64,
@@ -265,6 +275,7 @@ impl Default for RaftConfig {
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_after_entries: 2_000,
+            max_unsnapshotted_changes: 0,
             keep_entries_after_snapshot: 1_000,
         }
     }

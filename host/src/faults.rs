@@ -2,8 +2,9 @@
 //! named members, a jump of the node's clock, one perturbed write (a
 //! divergence on purpose), one lost answer from the leader, and held
 //! appends (a follower that takes heartbeats but no entries, like a slow
-//! disk), held log syncs (a disk whose flushes do not return) and slow log
-//! syncs (a disk whose every flush takes a while).
+//! disk), held log syncs (a disk whose flushes do not return), slow log
+//! syncs (a disk whose every flush takes a while) and held snapshot builds
+//! (a node whose snapshots fall behind its writes).
 //!
 //! The state lives here in every build, so the code paths that consult it
 //! are the ones production runs; only the way to set it — `POST
@@ -36,6 +37,10 @@ static HOLD_APPENDS: AtomicBool = AtomicBool::new(false);
 /// Hold this node's Raft log syncs (its `fdatasync` after each append)
 /// until this is cleared: written entries are not durable yet.
 static HOLD_LOG_SYNC: AtomicBool = AtomicBool::new(false);
+
+/// Hold this node's snapshot builds, before they capture the state, until
+/// this is cleared.
+static HOLD_SNAPSHOT_BUILDS: AtomicBool = AtomicBool::new(false);
 
 /// Milliseconds added to each of this node's Raft log syncs (0: none).
 static SLOW_LOG_SYNC_MS: AtomicU64 = AtomicU64::new(0);
@@ -79,6 +84,10 @@ pub struct FaultSettings {
     /// longer (a slow disk; at most 10,000); 0 restores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_log_sync_ms: Option<u64>,
+    /// Hold this node's snapshot builds before they capture the state, until
+    /// set back to false or 30 s (a node whose snapshots fall behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_snapshot_builds: Option<bool>,
 }
 
 /// The faults in force.
@@ -91,6 +100,7 @@ pub fn current() -> FaultSettings {
         hold_appends: Some(HOLD_APPENDS.load(Ordering::Relaxed)),
         hold_log_sync: Some(HOLD_LOG_SYNC.load(Ordering::Relaxed)),
         slow_log_sync_ms: Some(SLOW_LOG_SYNC_MS.load(Ordering::Relaxed)),
+        hold_snapshot_builds: Some(HOLD_SNAPSHOT_BUILDS.load(Ordering::Relaxed)),
     }
 }
 
@@ -113,6 +123,9 @@ pub fn set(settings: &FaultSettings) {
     }
     if let Some(ms) = settings.slow_log_sync_ms {
         SLOW_LOG_SYNC_MS.store(ms.min(10_000), Ordering::Relaxed);
+    }
+    if let Some(hold) = settings.hold_snapshot_builds {
+        HOLD_SNAPSHOT_BUILDS.store(hold, Ordering::Relaxed);
     }
     if let Some(wanted) = &settings.cut {
         *CUT.lock().unwrap_or_else(|e| e.into_inner()) = wanted.clone();
@@ -140,6 +153,15 @@ pub fn take_lost_answer() -> bool {
 pub async fn hold_append() {
     let deadline = tokio::time::Instant::now() + MAX_HOLD;
     while HOLD_APPENDS.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Wait while snapshot builds are held, at most [`MAX_HOLD`] (returns at
+/// once when they are not).
+pub async fn hold_snapshot_build() {
+    let deadline = tokio::time::Instant::now() + MAX_HOLD;
+    while HOLD_SNAPSHOT_BUILDS.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -155,6 +155,12 @@ pub struct Metrics {
     pub state_bytes: Gauge,
     /// This node's `limits.state_quota_bytes` (0: off).
     pub state_quota_bytes: Gauge,
+    /// Changes in the state since the last snapshot this node finished.
+    pub state_unsnapshotted_changes: Gauge,
+    /// The most of them before the leader holds writes (0: no limit).
+    pub state_unsnapshotted_max: Gauge,
+    /// Time the leader held a batch of writes for a snapshot to catch up.
+    pub write_hold_seconds: Histogram,
     /// Writing a batch of entries to the log, including its fsync.
     pub log_append_seconds: Histogram,
     /// The fsync alone.
@@ -223,6 +229,9 @@ impl Metrics {
             state_keys: Gauge::default(),
             state_bytes: Gauge::default(),
             state_quota_bytes: Gauge::default(),
+            state_unsnapshotted_changes: Gauge::default(),
+            state_unsnapshotted_max: Gauge::default(),
+            write_hold_seconds: latency(),
             raft_applied_index: Gauge::default(),
             raft_last_log_index: Gauge::default(),
             raft_log_entries: Gauge::default(),
@@ -273,6 +282,22 @@ impl Metrics {
             "limits.state_quota_bytes: past it commands are refused (0: off)",
             Unit::Bytes,
             m.state_quota_bytes.clone(),
+        );
+        r.register(
+            "state_unsnapshotted_changes",
+            "Changes in the state since the last snapshot this node finished",
+            m.state_unsnapshotted_changes.clone(),
+        );
+        r.register(
+            "state_unsnapshotted_max",
+            "Changes since the last snapshot past which the leader holds writes (0: no limit)",
+            m.state_unsnapshotted_max.clone(),
+        );
+        r.register_with_unit(
+            "write_hold",
+            "Time the leader held a batch of writes for a snapshot to catch up",
+            s.clone(),
+            m.write_hold_seconds.clone(),
         );
         r.register("raft_applied_index", "Last log index applied here", m.raft_applied_index.clone());
         r.register("raft_last_log_index", "Last log index in this node's log", m.raft_last_log_index.clone());

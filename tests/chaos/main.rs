@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod backlog;
 mod battery;
 mod clock;
 mod divergence;

@@ -581,7 +581,7 @@ async fn set_faults(
     who.require(Access::Admin)?;
     let settings: crate::faults::FaultSettings = serde_json::from_slice(&body).map_err(|e| {
         ServiceError::bad_request(format!(
-            "expected {{\"cut\": [ids], \"clock_offset_ms\": n, \"perturb_next_write\": bool, \"lose_next_answer\": bool, \"hold_appends\": bool, \"hold_log_sync\": bool, \"slow_log_sync_ms\": n}}: {e}"
+            "expected {{\"cut\": [ids], \"clock_offset_ms\": n, \"perturb_next_write\": bool, \"lose_next_answer\": bool, \"hold_appends\": bool, \"hold_log_sync\": bool, \"slow_log_sync_ms\": n, \"hold_snapshot_builds\": bool}}: {e}"
         ))
     })?;
     ok(serde_json::json!(node.inject_faults(&settings)))

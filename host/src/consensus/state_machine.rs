@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
@@ -88,6 +88,41 @@ pub struct Shared {
     /// `raft.snapshot_after_entries` of the node's config: see
     /// [`Shared::snapshot_due`].
     pub snapshot_after_entries: AtomicU64,
+    /// `raft.max_unsnapshotted_changes` of the node's config (0: what one
+    /// whole checkpoint holds): see [`Shared::unsnapshotted_max`].
+    pub max_unsnapshotted_changes: AtomicUsize,
+    /// Changes in the state since the last snapshot this node finished
+    /// ([`KvState::changed_entries`]), after the last applied batch.
+    unsnapshotted: AtomicUsize,
+    /// [`Shared::unsnapshotted_max`] of the state after the last applied
+    /// batch.
+    unsnapshotted_limit: AtomicUsize,
+    /// The same two of the other members, as their digest gossip last
+    /// told (see [`Shared::hold_writes`]).
+    peers_unsnapshotted: std::sync::Mutex<BTreeMap<NodeId, PeerBacklog>>,
+}
+
+/// A member's changes since its last finished snapshot and their most (0:
+/// no limit), as its gossip told at `at`.
+#[derive(Debug, Clone, Copy)]
+struct PeerBacklog {
+    changes: u64,
+    max: u64,
+    at: std::time::Instant,
+}
+
+/// How long a member's gossiped backlog counts ([`Shared::hold_writes`]):
+/// a member silent longer is down or cut off, and applies nothing.
+const PEER_BACKLOG_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why the leader holds writes ([`Shared::hold_writes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backlogged {
+    /// Its own state holds `changes` since its last snapshot, past `max`.
+    Own { changes: usize, max: usize },
+    /// These members' states are past theirs, and with them too few
+    /// voters are within theirs to make a quorum.
+    Members(Vec<NodeId>),
 }
 
 /// State bytes per step of the snapshot interval: a state of `n` times
@@ -126,13 +161,89 @@ impl Shared {
         if kv.changed_bytes() >= SNAPSHOT_AFTER_CHANGED_BYTES {
             return Some("the writes since the last snapshot hold too much memory");
         }
-        if kv.changed_entries() >= SNAPSHOT_AFTER_CHANGED_ENTRIES {
+        if kv.changed_entries() >= SNAPSHOT_AFTER_CHANGED_ENTRIES.min(self.unsnapshotted_max(kv)) {
             return Some("the writes since the last snapshot change too many keys");
         }
         let since = replica.log_id().map_or(0, |l| l.index).saturating_sub(self.snapshot_index.load(Ordering::Relaxed));
         let steps = (kv.size().1 / SNAPSHOT_SCALE_BYTES).clamp(1, SNAPSHOT_SCALE_MAX);
         (since >= self.snapshot_after_entries.load(Ordering::Relaxed).saturating_mul(steps))
             .then_some("entries since the last snapshot")
+    }
+
+    /// The most changes since its last finished snapshot a state may hold
+    /// before the leader holds new writes (see [`Shared::hold_writes`]): `raft.max_unsnapshotted_changes`,
+    /// by default what one whole checkpoint holds (an eighth of the keys,
+    /// at least [`CHECKPOINT_MAX_CHANGES`]). So a node killed at any time,
+    /// a bulk load's tail included, comes back from its snapshot and one
+    /// checkpoint (and the log since the checkpoint, at most about a second
+    /// of writes) instead of replaying the load. No limit while the state
+    /// cannot be checkpointed at all (a namespace decoded into memory).
+    pub fn unsnapshotted_max(&self, kv: &KvState) -> usize {
+        if kv.checkpoint_base().is_none() {
+            return usize::MAX;
+        }
+        match self.max_unsnapshotted_changes.load(Ordering::Relaxed) {
+            0 => whole_checkpoint_cap(kv),
+            set => set,
+        }
+    }
+
+    /// Record the changes `kv` holds since its last finished snapshot, for
+    /// the leader's intake and the metrics.
+    fn note_unsnapshotted(&self, kv: &KvState) {
+        let (n, max) = (kv.changed_entries(), self.unsnapshotted_max(kv));
+        self.unsnapshotted.store(n, Ordering::Relaxed);
+        self.unsnapshotted_limit.store(max, Ordering::Relaxed);
+        let m = crate::metrics::get();
+        crate::metrics::set(&m.state_unsnapshotted_changes, n as u64);
+        crate::metrics::set(&m.state_unsnapshotted_max, if max == usize::MAX { 0 } else { max as u64 });
+    }
+
+    /// This node's changes since its last finished snapshot and their
+    /// most (`u64::MAX`: no limit), as of the last applied batch or the
+    /// last snapshot finished.
+    pub fn unsnapshotted(&self) -> (u64, u64) {
+        let (n, max) = (self.unsnapshotted.load(Ordering::Relaxed), self.unsnapshotted_limit.load(Ordering::Relaxed));
+        (n as u64, if max == usize::MAX { u64::MAX } else { max as u64 })
+    }
+
+    /// Member `node`'s [`Shared::unsnapshotted`], as its gossip told.
+    pub fn note_peer_unsnapshotted(&self, node: NodeId, changes: u64, max: u64) {
+        if let Ok(mut peers) = self.peers_unsnapshotted.lock() {
+            peers.insert(node, PeerBacklog { changes, max, at: std::time::Instant::now() });
+        }
+    }
+
+    /// Why the leader (`me`) should hold new writes now, if it should:
+    /// its own state holds more changes since its last finished snapshot
+    /// than [`Shared::unsnapshotted_max`], or so many members' do (by
+    /// their last gossip, if at most [`PEER_BACKLOG_FRESH`] old) that the
+    /// voters within theirs are no quorum. A write then waits until
+    /// snapshots catch up, so a quorum of nodes killed at any moment comes
+    /// back from a snapshot and a checkpoint each; one slow member alone
+    /// holds nothing back.
+    pub fn hold_writes(&self, me: NodeId) -> Option<Backlogged> {
+        let (changes, max) =
+            (self.unsnapshotted.load(Ordering::Relaxed), self.unsnapshotted_limit.load(Ordering::Relaxed));
+        if changes > max {
+            return Some(Backlogged::Own { changes, max });
+        }
+        let voters: Vec<NodeId> = self.membership.borrow().membership().voter_ids().collect();
+        if !voters.contains(&me) {
+            // No membership applied yet, or not a voter: no quorum to count.
+            return None;
+        }
+        let peers = self.peers_unsnapshotted.lock().ok()?;
+        let behind: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|&id| id != me)
+            .filter(|id| {
+                peers.get(id).is_some_and(|p| p.at.elapsed() <= PEER_BACKLOG_FRESH && p.max > 0 && p.changes > p.max)
+            })
+            .collect();
+        let quorum = voters.len() / 2 + 1;
+        (voters.len() - behind.len() < quorum).then_some(Backlogged::Members(behind))
     }
 
     /// `snapshot.bin` now holds the state at `log_id`.
@@ -934,6 +1045,7 @@ fn apply_thread(
             let m = crate::metrics::get();
             crate::metrics::set(&m.state_keys, keys);
             crate::metrics::set(&m.state_bytes, bytes);
+            shared.note_unsnapshotted(replica.kv());
             if shared.snapshot_due(&replica).is_some() {
                 shared.snapshot_wanted.notify_one();
             }
@@ -979,6 +1091,10 @@ impl StateMachineStore {
             checkpoint_chain: std::sync::Mutex::new(CheckpointChain { generation: 0, last: None, next: None }),
             snapshot_index: Default::default(),
             snapshot_after_entries: AtomicU64::new(crate::config::RaftConfig::default().snapshot_after_entries),
+            max_unsnapshotted_changes: Default::default(),
+            unsnapshotted: Default::default(),
+            unsnapshotted_limit: AtomicUsize::new(usize::MAX),
+            peers_unsnapshotted: Default::default(),
         });
         let store = StateMachineStore {
             shared: shared.clone(),
@@ -1106,6 +1222,7 @@ impl StateMachineStore {
             self.shared.replica.read().map(|r| r.devices().view().keys().cloned().collect()).unwrap_or_default();
         self.shared.publish_auth(&replica);
         self.shared.state_bytes.store(replica.kv().size().1, Ordering::Relaxed);
+        self.shared.note_unsnapshotted(replica.kv());
         let mut held = self.shared.replica.write().map_err(sm_err)?;
         *held = replica;
         self.shared.cut_checkpoint_chain();
@@ -1173,6 +1290,7 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
+        crate::faults::hold_snapshot_build().await;
         let captured = self.capture_for_snapshot()?;
         let this = self.clone();
         // Serialising a large state is CPU work: off the async workers, on
@@ -1248,6 +1366,7 @@ impl StateMachineStore {
                 if let Ok(mut replica) = self.shared.replica.write() {
                     replica.rebase(&captured, written.image.kv);
                     self.shared.cut_checkpoint_chain();
+                    self.shared.note_unsnapshotted(replica.kv());
                 }
                 // The frozen writes are freed here, with the capture, off
                 // the lock.
@@ -1487,6 +1606,29 @@ mod tests {
             snapshot_id: "snapshot".into(),
         };
         write_state(path, &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] }).unwrap();
+    }
+
+    #[test]
+    fn the_leader_holds_writes_for_its_own_backlog_and_a_quorums_but_not_one_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).unwrap();
+        let shared = &store.shared;
+        shared.note_peer_unsnapshotted(2, 10, 5);
+        shared.note_peer_unsnapshotted(3, 10, 5);
+        assert_eq!(shared.hold_writes(1), None, "no membership applied yet: no quorum to count");
+        let info =
+            |id: NodeId| NodeInfo { peer_id: format!("p{id}"), p2p_addr: String::new(), http_addr: String::new() };
+        let nodes = BTreeMap::from([(1, info(1)), (2, info(2)), (3, info(3))]);
+        let membership = openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], nodes);
+        shared.membership.send_replace(StoredMembership::new(None, membership));
+        assert_eq!(shared.hold_writes(1), Some(Backlogged::Members(vec![2, 3])), "both followers past theirs");
+        shared.note_peer_unsnapshotted(3, 5, 5);
+        assert_eq!(shared.hold_writes(1), None, "one follower past its most holds nothing");
+        shared.note_peer_unsnapshotted(3, 10, 0);
+        assert_eq!(shared.hold_writes(1), None, "a member with no limit is within it");
+        shared.unsnapshotted.store(11, Ordering::Relaxed);
+        shared.unsnapshotted_limit.store(10, Ordering::Relaxed);
+        assert_eq!(shared.hold_writes(1), Some(Backlogged::Own { changes: 11, max: 10 }));
     }
 
     fn open_store(dir: &std::path::Path) -> Result<StateMachineStore> {

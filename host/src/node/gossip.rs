@@ -242,13 +242,31 @@ pub struct DigestNotice {
     /// When it was sent (Unix ms): gossip drops a message identical to
     /// one seen in the last minute, and an idle node's digest repeats.
     pub sent_ms: u64,
+    /// Changes to its state since the last snapshot it finished (0 from a
+    /// node that does not say): the leader holds writes while too many
+    /// members are past their most.
+    #[serde(default)]
+    pub unsnapshotted_changes: u64,
+    /// The most it lets stand (`raft.max_unsnapshotted_changes` or its
+    /// default; 0: no limit).
+    #[serde(default)]
+    pub unsnapshotted_max: u64,
 }
 
 impl DigestNotice {
     /// This node's notice for its current digest, if the state is readable.
     pub fn ours(node: &NodeInner) -> Option<DigestNotice> {
         let (digest_index, digest) = node.with_replica(|r| (r.last_applied(), r.digest().to_hex()))?;
-        Some(DigestNotice { node: node.id, digest_index, digest, sent_ms: super::now_ms() })
+        let (unsnapshotted_changes, max) = node.shared.unsnapshotted();
+        let unsnapshotted_max = if max == u64::MAX { 0 } else { max };
+        Some(DigestNotice {
+            node: node.id,
+            digest_index,
+            digest,
+            sent_ms: super::now_ms(),
+            unsnapshotted_changes,
+            unsnapshotted_max,
+        })
     }
 
     /// Gossips this notice; a notice that cannot be queued is dropped (the
@@ -371,8 +389,24 @@ mod tests {
         assert_eq!(decoded, 1000, "every reading in exactly one batch");
         assert!(batches(BTreeMap::new(), 4096).is_empty());
 
-        let notice = DigestNotice { node: 3, digest_index: 42, digest: "ab".into(), sent_ms: 5 };
+        let notice = DigestNotice {
+            node: 3,
+            digest_index: 42,
+            digest: "ab".into(),
+            sent_ms: 5,
+            unsnapshotted_changes: 7,
+            unsnapshotted_max: 262_144,
+        };
         let json = serde_json::to_value(&notice).unwrap();
-        assert_eq!(json, serde_json::json!({"node": 3, "digest_index": 42, "digest": "ab", "sent_ms": 5}));
+        assert_eq!(
+            json,
+            serde_json::json!({"node": 3, "digest_index": 42, "digest": "ab", "sent_ms": 5,
+                "unsnapshotted_changes": 7, "unsnapshotted_max": 262_144})
+        );
+        // From a node that does not tell its backlog: none.
+        let old: DigestNotice =
+            serde_json::from_value(serde_json::json!({"node": 3, "digest_index": 42, "digest": "ab", "sent_ms": 5}))
+                .unwrap();
+        assert_eq!((old.unsnapshotted_changes, old.unsnapshotted_max), (0, 0));
     }
 }

@@ -293,6 +293,10 @@ impl RunningNode {
         let shared = sm.shared();
         let r = &config.raft;
         shared.snapshot_after_entries.store(r.snapshot_after_entries, std::sync::atomic::Ordering::Relaxed);
+        shared.max_unsnapshotted_changes.store(
+            usize::try_from(r.max_unsnapshotted_changes).unwrap_or(usize::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let raft_config = openraft::Config {
             cluster_name: "synod".into(),
             heartbeat_interval: r.heartbeat_ms,
@@ -337,7 +341,13 @@ impl RunningNode {
             telemetry: gossip::Telemetry::default(),
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
+        tasks.spawn(write_path::batcher(
+            inner.raft.clone(),
+            inner.id,
+            inner.shared.clone(),
+            Queue::new(batch_queue),
+            max_entry_bytes,
+        ));
         tasks.spawn(snapshot_when_due(inner.raft.clone(), inner.shared.clone()));
         tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
         let _ = cell.set(inner.clone());
@@ -561,6 +571,7 @@ async fn compare_digests(node: Arc<NodeInner>) {
             },
         };
         let Some(status) = gossip::DigestNotice::received(&node, &gossip) else { continue };
+        node.shared.note_peer_unsnapshotted(status.node, status.unsnapshotted_changes, status.unsnapshotted_max);
         let ours = node.with_replica(|r| r.digest_at(status.digest_index)).flatten();
         if let Some(ours) = ours
             && ours.to_hex() != status.digest

@@ -1,0 +1,129 @@
+//! A bulk load faster than the snapshots is held at
+//! `raft.max_unsnapshotted_changes` until snapshots catch up, so a quorum
+//! of nodes killed right after it comes back from a snapshot and a
+//! checkpoint each instead of replaying the load. Shown with snapshot
+//! builds held (`hold_snapshot_builds`): on the leader, its writes wait
+//! once the changes since its last snapshot are past the most; on one
+//! follower, nothing waits (the leader and the other follower are a
+//! quorum within theirs); on both followers, writes wait again, on their
+//! gossip. Released, the builds finish and the held write is answered.
+//! Without the hold, every write of the load was taken at once, however
+//! far the states ran ahead of their snapshots.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use synod::client::ClientError;
+
+use crate::harness::{Cluster, led_by_node_1, serial};
+use crate::plugins::component;
+
+const MAX: u64 = 3_000;
+const PER_FILL: u64 = 1_000;
+
+/// One sample of `/metrics` on `node`.
+async fn sample(c: &Cluster, node: u64, name: &str) -> f64 {
+    let text = c.client(node).get("/metrics").await.unwrap();
+    text.as_str()
+        .expect("metrics are text")
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on node {node}"))
+}
+
+/// A write of the load that was not answered within 3 s, and its round.
+type Held = (u64, JoinHandle<Result<serde_json::Value, ClientError>>);
+
+/// Fill `rounds` slices of `PER_FILL` keys through the leader (node 1), one
+/// at a time (an entry each), from slice `from`: the first write not
+/// answered within 3 s, if any, still running.
+async fn fill_until_held(c: &Cluster, from: u64, rounds: u64) -> Option<Held> {
+    for round in from..from + rounds {
+        let client = c.client(1);
+        let body = serde_json::to_vec(&json!({ "from": round * PER_FILL, "count": PER_FILL })).unwrap();
+        let write = tokio::spawn(async move { client.post("/v1/commands/misbehave/fill", body).await });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !write.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !write.is_finished() {
+            return Some((round, write));
+        }
+        write.await.unwrap().unwrap();
+    }
+    None
+}
+
+/// Three nodes led by node 1 with the most changes since a snapshot at
+/// `MAX`, and the misbehave plugin.
+async fn cluster() -> Cluster {
+    let c = Cluster::start(3, |config| {
+        led_by_node_1(config);
+        config.raft.max_unsnapshotted_changes = MAX;
+    });
+    assert_eq!(c.leader().await, 1);
+    c.push(1, "misbehave", "1", component("misbehave")).await.unwrap();
+    for id in 1..=3 {
+        assert_eq!(sample(&c, id, "synod_state_unsnapshotted_max").await, MAX as f64);
+    }
+    c
+}
+
+/// Answered once the builds are released.
+async fn answered(c: &Cluster, (_, write): Held) {
+    let reply = tokio::time::timeout(Duration::from_secs(20), write)
+        .await
+        .expect("the held write was not answered once the snapshots were built")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply["result"], json!(PER_FILL), "{reply}");
+    assert!(sample(c, 1, "synod_write_hold_seconds_count").await >= 1.0);
+    c.same_digest().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_outrunning_the_leaders_snapshots_is_held_until_one_catches_up() {
+    let _serial = serial().await;
+    let c = cluster().await;
+    crate::fault(&c, 1, json!({ "hold_snapshot_builds": true })).await;
+    let held = fill_until_held(&c, 0, 8).await;
+    let changes = sample(&c, 1, "synod_state_unsnapshotted_changes").await;
+    // Release the builds before any assertion, so a failure leaves no node
+    // holding them for the 30 s the fault lasts at most.
+    crate::fault(&c, 1, json!({ "hold_snapshot_builds": false })).await;
+    let held = held.expect("every write of the load was taken while no snapshot caught up");
+    // The fills before it took the changes just past the most (each sets
+    // PER_FILL keys, and all set `victim`); it was not proposed.
+    assert_eq!(held.0, MAX / PER_FILL, "held at round {} with {changes} changes", held.0);
+    assert_eq!(changes, (MAX + 1) as f64, "changes since the snapshot");
+    answered(&c, held).await;
+    assert!(sample(&c, 1, "synod_state_unsnapshotted_changes").await <= (2 * PER_FILL) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_outrunning_a_quorums_snapshots_is_held_and_one_slow_follower_holds_nothing() {
+    let _serial = serial().await;
+    let c = cluster().await;
+    // One follower behind: the leader and the other follower are a quorum.
+    crate::fault(&c, 2, json!({ "hold_snapshot_builds": true })).await;
+    let alone = fill_until_held(&c, 0, 8).await;
+    let behind = sample(&c, 2, "synod_state_unsnapshotted_changes").await;
+    // Both followers behind: writes wait once their gossip tells it.
+    crate::fault(&c, 3, json!({ "hold_snapshot_builds": true })).await;
+    let both = match alone {
+        None => fill_until_held(&c, 8, 8).await,
+        Some(_) => None,
+    };
+    let leader = sample(&c, 1, "synod_state_unsnapshotted_changes").await;
+    for id in [2, 3] {
+        crate::fault(&c, id, json!({ "hold_snapshot_builds": false })).await;
+    }
+    assert!(alone.is_none(), "held at round {} with only node 2's snapshots behind", alone.unwrap().0);
+    assert!(behind > (8 * PER_FILL) as f64, "node 2 held {behind} changes since its snapshot");
+    let held = both.expect("every write was taken while both followers' snapshots were behind");
+    assert!(leader <= (MAX + PER_FILL + 1) as f64, "the leader's own snapshots kept up: {leader}");
+    answered(&c, held).await;
+}
