@@ -262,6 +262,9 @@ pub struct RaftConfig {
     /// each, not by replaying the load. 0 (the default): what one whole checkpoint holds, an eighth of
     /// the state's keys and at least 262,144. Steady writes stay far below
     /// it; only a bulk load faster than snapshots are built meets it.
+    /// Left out of a written config while 0, so a config written by this
+    /// version still starts the previous one (a rolling upgrade's nodes).
+    #[serde(skip_serializing_if = "is_zero")]
     pub max_unsnapshotted_changes: u64,
     /// Entries kept in the log behind a snapshot, for slightly lagging
     /// followers that need not a whole snapshot.
@@ -341,6 +344,10 @@ pub struct LimitsConfig {
 
 /// The default `limits.state_quota_bytes`: 4 GiB of keys and values.
 const DEFAULT_STATE_QUOTA: u64 = 4 << 30;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 fn is_default_quota(q: &u64) -> bool {
     *q == DEFAULT_STATE_QUOTA
@@ -564,6 +571,19 @@ mod tests {
         let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
         assert_eq!(c.network_key().unwrap(), None);
         assert!(!c.to_toml().unwrap().contains("network_key"));
+    }
+
+    #[test]
+    fn a_default_unsnapshotted_limit_is_left_out_of_a_written_config() {
+        // The previous release refuses a key it does not know: a config
+        // this version writes must still start it (a rolling upgrade).
+        let c: NodeConfig = toml::from_str("id = 1\ndata_dir = \"d\"").unwrap();
+        assert_eq!(c.raft.max_unsnapshotted_changes, 0);
+        assert!(!c.to_toml().unwrap().contains("max_unsnapshotted_changes"));
+        let c: NodeConfig =
+            toml::from_str("id = 1\ndata_dir = \"d\"\n[raft]\nmax_unsnapshotted_changes = 500000").unwrap();
+        let again: NodeConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again.raft.max_unsnapshotted_changes, 500_000);
     }
 
     #[test]
