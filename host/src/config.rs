@@ -255,13 +255,15 @@ pub struct RaftConfig {
     pub snapshot_after_entries: u64,
     /// Changes to the state (keys set or deleted, counted per snapshot
     /// interval) since the last snapshot a node finished, past which the
-    /// leader holds new writes (at most 30 s each batch) until snapshots
+    /// leader holds each client command (at most 5 s) until snapshots
     /// catch up: when its own state is past it, or so many members' are
-    /// (by their gossip) that the rest are no quorum. Nodes killed right
-    /// after a bulk load then come back from a snapshot and one checkpoint
-    /// each, not by replaying the load. 0 (the default): what one whole checkpoint holds, an eighth of
-    /// the state's keys and at least 262,144. Steady writes stay far below
-    /// it; only a bulk load faster than snapshots are built meets it.
+    /// (by their gossip) that the rest are no quorum. A quorum of nodes
+    /// killed right after a bulk load then comes back from a snapshot and
+    /// one checkpoint each, not by replaying the load. 0 (the default):
+    /// what one whole checkpoint holds, an eighth of the state's keys and
+    /// at least 262,144; steady writes stay far below it, only a bulk load
+    /// faster than snapshots are built meets it. Below 200,000 it also
+    /// makes snapshots that much more frequent.
     /// Left out of a written config while 0, so a config written by this
     /// version still starts the previous one (a rolling upgrade's nodes).
     #[serde(skip_serializing_if = "is_zero")]

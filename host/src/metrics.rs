@@ -159,7 +159,7 @@ pub struct Metrics {
     pub state_unsnapshotted_changes: Gauge,
     /// The most of them before the leader holds writes (0: no limit).
     pub state_unsnapshotted_max: Gauge,
-    /// Time the leader held a batch of writes for a snapshot to catch up.
+    /// Time the leader held a client command for snapshots to catch up.
     pub write_hold_seconds: Histogram,
     /// Writing a batch of entries to the log, including its fsync.
     pub log_append_seconds: Histogram,
@@ -295,7 +295,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "write_hold",
-            "Time the leader held a batch of writes for a snapshot to catch up",
+            "Time the leader held a client command for snapshots to catch up",
             s.clone(),
             m.write_hold_seconds.clone(),
         );

@@ -100,6 +100,9 @@ pub struct Shared {
     /// The same two of the other members, as their digest gossip last
     /// told (see [`Shared::hold_writes`]).
     peers_unsnapshotted: std::sync::Mutex<BTreeMap<NodeId, PeerBacklog>>,
+    /// Notified whenever this node's or a member's count of changes since
+    /// its last snapshot is told anew: held commands look again.
+    pub backlog_changed: tokio::sync::Notify,
 }
 
 /// A member's changes since its last finished snapshot and their most (0:
@@ -173,11 +176,12 @@ impl Shared {
     /// The most changes since its last finished snapshot a state may hold
     /// before the leader holds new writes (see [`Shared::hold_writes`]): `raft.max_unsnapshotted_changes`,
     /// by default what one whole checkpoint holds (an eighth of the keys,
-    /// at least [`CHECKPOINT_MAX_CHANGES`]). So a node killed at any time,
-    /// a bulk load's tail included, comes back from its snapshot and one
-    /// checkpoint (and the log since the checkpoint, at most about a second
-    /// of writes) instead of replaying the load. No limit while the state
-    /// cannot be checkpointed at all (a namespace decoded into memory).
+    /// at least [`CHECKPOINT_MAX_CHANGES`]). So a quorum of nodes killed at
+    /// any time, a bulk load's tail included, comes back from a snapshot
+    /// and one checkpoint each (and the log since the checkpoint, about a
+    /// second of writes) instead of replaying the load. No limit while the
+    /// state cannot be checkpointed at all (a namespace decoded into
+    /// memory).
     pub fn unsnapshotted_max(&self, kv: &KvState) -> usize {
         if kv.checkpoint_base().is_none() {
             return usize::MAX;
@@ -197,6 +201,7 @@ impl Shared {
         let m = crate::metrics::get();
         crate::metrics::set(&m.state_unsnapshotted_changes, n as u64);
         crate::metrics::set(&m.state_unsnapshotted_max, if max == usize::MAX { 0 } else { max as u64 });
+        self.backlog_changed.notify_waiters();
     }
 
     /// This node's changes since its last finished snapshot and their
@@ -212,6 +217,7 @@ impl Shared {
         if let Ok(mut peers) = self.peers_unsnapshotted.lock() {
             peers.insert(node, PeerBacklog { changes, max, at: std::time::Instant::now() });
         }
+        self.backlog_changed.notify_waiters();
     }
 
     /// Why the leader (`me`) should hold new writes now, if it should:
@@ -1095,6 +1101,7 @@ impl StateMachineStore {
             unsnapshotted: Default::default(),
             unsnapshotted_limit: AtomicUsize::new(usize::MAX),
             peers_unsnapshotted: Default::default(),
+            backlog_changed: Default::default(),
         });
         let store = StateMachineStore {
             shared: shared.clone(),

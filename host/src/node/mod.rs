@@ -341,13 +341,7 @@ impl RunningNode {
             telemetry: gossip::Telemetry::default(),
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(write_path::batcher(
-            inner.raft.clone(),
-            inner.id,
-            inner.shared.clone(),
-            Queue::new(batch_queue),
-            max_entry_bytes,
-        ));
+        tasks.spawn(write_path::batcher(inner.raft.clone(), Queue::new(batch_queue), max_entry_bytes));
         tasks.spawn(snapshot_when_due(inner.raft.clone(), inner.shared.clone()));
         tasks.spawn(write_path::forwarder(Arc::downgrade(&inner), Queue::new(forward_queue), max_entry_bytes));
         let _ = cell.set(inner.clone());
@@ -480,10 +474,17 @@ fn while_starting(
 /// ([`crate::consensus::state_machine::Shared::snapshot_due`], which the
 /// apply thread checks after each batch): a no-op while one is being
 /// built, and at most one ask a second. Looked at again when woken, so an
-/// ask left over from while a build ran does not start another.
+/// ask left over from while a build ran does not start another. Also
+/// every second while the changes since the last snapshot are past their
+/// most: the leader then holds client commands, so no entry may come to
+/// be applied and ask (a build that ended still past it, or failed).
 async fn snapshot_when_due(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
     loop {
-        shared.snapshot_wanted.notified().await;
+        let woken = tokio::time::timeout(Duration::from_secs(1), shared.snapshot_wanted.notified()).await.is_ok();
+        let (changes, max) = shared.unsnapshotted();
+        if !woken && changes <= max {
+            continue;
+        }
         let due = shared.replica.read().ok().and_then(|replica| shared.snapshot_due(&replica));
         let Some(why) = due else { continue };
         tracing::debug!(why, "asking for a snapshot");

@@ -17,6 +17,7 @@
 //! (HTTP and NATS say 429 with `Retry-After`), never unbounded memory.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::Raft;
@@ -24,7 +25,6 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::mpsc;
 
 use crate::consensus::rpc::{Forwarded, RaftReply, RaftRpc, WriteError};
-use crate::consensus::state_machine::Shared;
 use crate::consensus::types::OPS_PER_ENTRY;
 use crate::consensus::{NodeId, Op, Request, Response, TypeConfig};
 use crate::replica::auth::TokenHash;
@@ -108,51 +108,12 @@ pub(super) async fn enqueue(
     answer.await.unwrap_or_else(|_| Err(WriteError::Failed("the node is shutting down".into())))
 }
 
-/// The longest the leader holds one batch of writes for a snapshot to
-/// catch up (see [`hold_for_snapshot`]): a snapshot that cannot be
-/// finished (a failing disk) slows writes down, it does not stop them.
-const MAX_WRITE_HOLD: Duration = Duration::from_secs(30);
-
-/// Wait, before the next batch is proposed, while the leader's state (or
-/// too many members' for a quorum) holds more changes since the last
-/// finished snapshot than a restart may have to read back
-/// ([`Shared::hold_writes`]), until snapshots catch up or
-/// [`MAX_WRITE_HOLD`] passed. Only a bulk load faster than snapshots are
-/// built gets here; its writes then go at the pace of the snapshots.
-async fn hold_for_snapshot(shared: &Shared, me: NodeId) {
-    let Some(why) = shared.hold_writes(me) else { return };
-    let started = std::time::Instant::now();
-    tracing::info!(?why, "holding writes until snapshots hold the changes since the last ones");
-    while shared.hold_writes(me).is_some() && started.elapsed() < MAX_WRITE_HOLD {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let held = started.elapsed();
-    crate::metrics::get().write_hold_seconds.observe(held.as_secs_f64());
-    match shared.hold_writes(me) {
-        None => tracing::info!(ms = held.as_millis() as u64, "writes go on: snapshots caught up"),
-        Some(why) => tracing::warn!(
-            ?why,
-            seconds = held.as_secs(),
-            "proposing writes past raft.max_unsnapshotted_changes: no snapshot caught up in time"
-        ),
-    }
-}
-
 /// Propose queued writes as batches: one log entry (one append, one fsync
 /// on each node) for every write that arrived while the previous proposal
 /// was in flight. openraft 0.9 flushes each append before it takes the
-/// next, so without this a leader does one fsync per client write. Held
-/// while the leader's state is too far ahead of its snapshots
-/// ([`hold_for_snapshot`]).
-pub(super) async fn batcher(
-    raft: Raft<TypeConfig>,
-    me: NodeId,
-    shared: Arc<Shared>,
-    mut queue: Queue,
-    max_entry_bytes: usize,
-) {
+/// next, so without this a leader does one fsync per client write.
+pub(super) async fn batcher(raft: Raft<TypeConfig>, mut queue: Queue, max_entry_bytes: usize) {
     while let Some(first) = queue.next().await {
-        hold_for_snapshot(&shared, me).await;
         let (forwarded, replies) = queue.take_batch(first, max_entry_bytes);
         crate::metrics::get().proposal_batch.observe(forwarded.len() as f64);
         let mut requests: Vec<Request> = forwarded.into_iter().map(|f| f.request).collect();
@@ -211,6 +172,16 @@ pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue
     }
 }
 
+/// The longest the leader holds one client command for snapshots to
+/// catch up ([`NodeInner::hold_for_snapshot`](super::NodeInner)): well
+/// inside the 10 s a follower waits for the writes it forwards, and a
+/// snapshot that cannot be finished (a failing disk) slows commands down
+/// rather than stopping them.
+const MAX_WRITE_HOLD: Duration = Duration::from_secs(5);
+
+/// Whether client commands are being held (for one log line per hold).
+static HOLDING: AtomicBool = AtomicBool::new(false);
+
 /// How long a leader tries to confirm its leadership for a linearizable
 /// read (a heartbeat round with a quorum and, in a new term, its first
 /// entry committed and applied) before the read fails.
@@ -221,9 +192,54 @@ impl super::NodeInner {
     /// Propose on this node (it believes it leads) in the next batch; the
     /// batch stamps the time. Answers with the operation's index.
     pub(super) async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
+        if matches!(request.op, Op::Command { .. }) {
+            self.hold_for_snapshot().await;
+        }
         match enqueue(&self.batch, request, None).await {
             Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
             other => other,
+        }
+    }
+
+    /// Wait, before a client's command is queued, while the leader's state
+    /// (or too many members' for a quorum) holds more changes since the
+    /// last finished snapshot than a restart may have to read back
+    /// ([`Shared::hold_writes`](crate::consensus::state_machine::Shared::hold_writes)),
+    /// until snapshots catch up, this node no longer leads, or
+    /// [`MAX_WRITE_HOLD`] passed. Only a bulk load faster than snapshots
+    /// are built gets here; its commands then go at the pace of the
+    /// snapshots. The node's own writes (device heartbeats, settings) and
+    /// plugin changes are never held.
+    async fn hold_for_snapshot(&self) {
+        if self.shared.hold_writes(self.id).is_none() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        if !HOLDING.swap(true, Ordering::Relaxed) {
+            let why = self.shared.hold_writes(self.id);
+            tracing::info!(?why, "holding client commands until snapshots hold the changes since the last ones");
+        }
+        loop {
+            let changed = self.shared.backlog_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.shared.hold_writes(self.id).is_none()
+                || started.elapsed() >= MAX_WRITE_HOLD
+                || self.leader().0 != Some(self.id)
+            {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
+        }
+        let held = started.elapsed();
+        crate::metrics::get().write_hold_seconds.observe(held.as_secs_f64());
+        if held >= MAX_WRITE_HOLD {
+            tracing::warn!(
+                seconds = held.as_secs(),
+                "a client command goes past raft.max_unsnapshotted_changes: no snapshot caught up in time"
+            );
+        } else if HOLDING.swap(false, Ordering::Relaxed) {
+            tracing::info!(ms = held.as_millis() as u64, "client commands go on: snapshots caught up");
         }
     }
 

@@ -878,9 +878,13 @@ mod tests {
         let got = timeout(WAIT, c_dig.recv()).await.unwrap().unwrap();
         assert_eq!(got, Gossip { from: b.id(), data: b"digest 7".to_vec() });
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(drain(&mut c_dig).is_empty(), "delivered twice");
-        assert!(drain(&mut b_dig).is_empty(), "delivered to its publisher");
-        assert!(drain(&mut a_tel).is_empty() && drain(&mut c_tel).is_empty(), "delivered on the wrong topic");
+        // Only this message counts: one of the messages published above
+        // until the mesh was up may still arrive late (gossipsub's lazy
+        // push), on its own topic, which is no fault.
+        let copies = |rx: &mut broadcast::Receiver<Gossip>| drain(rx).iter().filter(|g| g.data == b"digest 7").count();
+        assert_eq!(copies(&mut c_dig), 0, "delivered twice");
+        assert_eq!(copies(&mut b_dig), 0, "delivered to its publisher");
+        assert_eq!(copies(&mut a_tel) + copies(&mut c_tel), 0, "delivered on the wrong topic");
         assert_eq!(b.p2p.gossip_dropped(), 0);
     }
 
