@@ -100,7 +100,7 @@ async fn assert_each_stored_event_counted_once(c: &Cluster, url: &str) {
     let stored = stream_messages(url).await.len() as u64;
     let mut published = 0;
     for id in c.live() {
-        published += sample(c, id, "synod_events_published_total").await;
+        published += c.metric(id, "synod_events_published_total").await as u64;
     }
     assert_eq!(published, stored, "events counted as published against events in the stream");
 }
@@ -146,8 +146,8 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
     }
     let ready = c.client(leader).get("/readyz").await.unwrap();
     assert_ne!(ready["bus"], json!("connected"));
-    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="connected"}"#).await, 0);
-    assert_eq!(sample(&c, leader, "synod_bus_connected").await, 0);
+    assert_eq!(c.metric(leader, r#"synod_bus_state{state="connected"}"#).await as u64, 0);
+    assert_eq!(c.metric(leader, "synod_bus_connected").await as u64, 0);
 
     nats.restart();
     // The bus reconnects by itself and the events of the outage arrive.
@@ -157,8 +157,8 @@ async fn nats_outage_does_not_stop_the_cluster_or_lose_events() {
         assert!(tokio::time::Instant::now() < deadline, "the bus did not reconnect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="connected"}"#).await, 1);
-    assert_eq!(sample(&c, leader, r#"synod_bus_state{state="disconnected"}"#).await, 0);
+    assert_eq!(c.metric(leader, r#"synod_bus_state{state="connected"}"#).await as u64, 1);
+    assert_eq!(c.metric(leader, r#"synod_bus_state{state="disconnected"}"#).await as u64, 0);
     assert_each_stored_event_counted_once(&c, &url).await;
 }
 
@@ -222,12 +222,12 @@ async fn nats_killed_mid_pipeline_keeps_events_in_order() {
     assert_exactly_once(&url, &acked).await;
 
     for round in 0..3u64 {
-        let before = sample(&c, leader, "synod_events_published_total").await;
+        let before = c.metric(leader, "synod_events_published_total").await as u64;
         backlog(&c, leader, &mut nats, 1 + round * 700..701 + round * 700, &mut acked).await;
         // Kill NATS again as soon as the backlog has started to go out.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let published = sample(&c, leader, "synod_events_published_total").await;
+            let published = c.metric(leader, "synod_events_published_total").await as u64;
             if published > before {
                 eprintln!("round {round}: killed NATS after {} events of the backlog", published - before);
                 break;
@@ -240,12 +240,4 @@ async fn nats_killed_mid_pipeline_keeps_events_in_order() {
         nats.restart();
         assert_exactly_once(&url, &acked).await;
     }
-}
-
-/// A sample's value on `node`, from its `/metrics` (`name` with its
-/// labels, as written there).
-async fn sample(c: &Cluster, node: u64, name: &str) -> u64 {
-    let text = c.client(node).get("/metrics").await.unwrap();
-    let line = text.as_str().expect("metrics are text").lines().find(|l| l.split_whitespace().next() == Some(name));
-    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
 }

@@ -27,17 +27,6 @@ const PER_FILL: u64 = 1_000;
 /// Long enough for every node's gossip (once a second) to arrive.
 const GOSSIP: Duration = Duration::from_millis(2_500);
 
-/// One sample of `/metrics` on `node`.
-async fn sample(c: &Cluster, node: u64, name: &str) -> f64 {
-    let text = c.client(node).get("/metrics").await.unwrap();
-    text.as_str()
-        .expect("metrics are text")
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} on node {node}"))
-}
-
 /// A write of the load that was not answered within 3 s, and its round.
 type Held = (u64, JoinHandle<Result<serde_json::Value, ClientError>>);
 
@@ -72,7 +61,7 @@ async fn cluster(leaders: u64) -> Cluster {
     c.push(1, "misbehave", "1", component("misbehave")).await.unwrap();
     for id in 1..=3 {
         let max = if id == 1 { leaders } else { MAX };
-        assert_eq!(sample(&c, id, "synod_state_unsnapshotted_max").await, max as f64);
+        assert_eq!(c.metric(id, "synod_state_unsnapshotted_max").await, max as f64);
     }
     c
 }
@@ -85,7 +74,7 @@ async fn answered(c: &Cluster, (_, write): Held) {
         .unwrap()
         .unwrap();
     assert_eq!(reply["result"], json!(PER_FILL), "{reply}");
-    assert!(sample(c, 1, "synod_write_hold_seconds_count").await >= 1.0);
+    assert!(c.metric(1, "synod_write_hold_seconds_count").await >= 1.0);
     c.same_digest().await;
 }
 
@@ -95,7 +84,7 @@ async fn a_load_outrunning_the_leaders_snapshots_is_held_until_one_catches_up() 
     let c = cluster(MAX).await;
     crate::fault(&c, 1, json!({ "hold_snapshot_builds": true })).await;
     let held = fill_until_held(&c, 0, 8).await;
-    let changes = sample(&c, 1, "synod_state_unsnapshotted_changes").await;
+    let changes = c.metric(1, "synod_state_unsnapshotted_changes").await;
     // Meanwhile a plugin change, not a client command, is not held.
     let pushed = tokio::time::timeout(Duration::from_secs(3), c.push(1, "counter", "1", component("counter"))).await;
     // Release the builds before any assertion, so a failure leaves no node
@@ -108,7 +97,7 @@ async fn a_load_outrunning_the_leaders_snapshots_is_held_until_one_catches_up() 
     assert_eq!(held.0, MAX / PER_FILL, "held at round {} with {changes} changes", held.0);
     assert_eq!(changes, (MAX + 1) as f64, "changes since the snapshot");
     answered(&c, held).await;
-    assert!(sample(&c, 1, "synod_state_unsnapshotted_changes").await <= (2 * PER_FILL) as f64);
+    assert!(c.metric(1, "synod_state_unsnapshotted_changes").await <= (2 * PER_FILL) as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +114,7 @@ async fn a_load_outrunning_a_quorums_snapshots_is_held_and_one_slow_follower_hol
         tokio::time::sleep(GOSSIP).await;
         alone = fill_until_held(&c, 4, 4).await;
     }
-    let behind = sample(&c, 2, "synod_state_unsnapshotted_changes").await;
+    let behind = c.metric(2, "synod_state_unsnapshotted_changes").await;
     // Both followers behind: commands wait once their gossip tells it.
     crate::fault(&c, 3, json!({ "hold_snapshot_builds": true })).await;
     let both = match alone {
@@ -138,7 +127,7 @@ async fn a_load_outrunning_a_quorums_snapshots_is_held_and_one_slow_follower_hol
         },
         Some(_) => None,
     };
-    let third = sample(&c, 3, "synod_state_unsnapshotted_changes").await;
+    let third = c.metric(3, "synod_state_unsnapshotted_changes").await;
     for id in [2, 3] {
         crate::fault(&c, id, json!({ "hold_snapshot_builds": false })).await;
     }

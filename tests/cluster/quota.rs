@@ -9,17 +9,6 @@ use crate::auth::{body_of, status_of, token};
 use crate::harness::{Cluster, serial};
 use crate::plugins::component;
 
-/// One sample of `/metrics` on `node`.
-async fn sample(c: &Cluster, node: u64, name: &str) -> f64 {
-    let text = c.client(node).get("/metrics").await.unwrap();
-    text.as_str()
-        .expect("metrics are text")
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} on node {node}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_quota_commands_are_refused_except_an_admins() {
     let _serial = serial().await;
@@ -67,9 +56,9 @@ async fn past_the_quota_commands_are_refused_except_an_admins() {
     // The metrics show it on every node.
     c.converged().await;
     for id in c.live() {
-        assert_eq!(sample(&c, id, "synod_state_keys").await, 502.0, "node {id}");
+        assert_eq!(c.metric(id, "synod_state_keys").await, 502.0, "node {id}");
         // 501 keys of 10 + 100 bytes, and `victim` = "\"fill\"".
-        assert_eq!(sample(&c, id, "synod_state_bytes").await, 501.0 * 110.0 + 12.0, "node {id}");
-        assert_eq!(sample(&c, id, "synod_state_quota_bytes").await, QUOTA as f64, "node {id}");
+        assert_eq!(c.metric(id, "synod_state_bytes").await, 501.0 * 110.0 + 12.0, "node {id}");
+        assert_eq!(c.metric(id, "synod_state_quota_bytes").await, QUOTA as f64, "node {id}");
     }
 }

@@ -338,6 +338,14 @@ impl Cluster {
         self.client(via).post(&format!("/v1/commands/{plugin}/{command}"), serde_json::to_vec(&payload).unwrap()).await
     }
 
+    /// A sample's value on node `id`, from its `/metrics` (`name` with its
+    /// labels, as written there).
+    pub async fn metric(&self, id: u64, name: &str) -> f64 {
+        let text = self.client(id).get("/metrics").await.unwrap();
+        let line = text.as_str().expect("metrics are text").lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     /// A node's local view of a plugin's state.
     pub async fn local_state(&self, id: u64, plugin: &str) -> Value {
         self.client(id).get(&format!("/v1/state/{plugin}?consistency=local&limit=1000000")).await.unwrap()["entries"]
