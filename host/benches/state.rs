@@ -206,6 +206,11 @@ struct StageResult {
     load_seconds: f64,
     writes: BTreeMap<usize, Stats>,
     snapshots_during_writes: f64,
+    /// Client commands the leader held for snapshots to catch up
+    /// (`raft.max_unsnapshotted_changes`) during the load, and during the
+    /// measured writes after it, with the seconds held in all.
+    held_during_load: (f64, f64),
+    held_during_writes: (f64, f64),
     snapshot_build_seconds_mean: f64,
     snapshot_mb: f64,
     rss_mb: Vec<f64>,
@@ -424,6 +429,10 @@ async fn main() -> anyhow::Result<()> {
             let sum = metric(&after, "synod_snapshot_build_seconds_sum")
                 - metric(&before, "synod_snapshot_build_seconds_sum");
             r.snapshots_during_writes = count;
+            let held =
+                |m: &str| (metric(m, "synod_write_hold_seconds_count"), metric(m, "synod_write_hold_seconds_sum"));
+            r.held_during_load = held(&before);
+            r.held_during_writes = (held(&after).0 - held(&before).0, held(&after).1 - held(&before).1);
             r.snapshot_build_seconds_mean = if count > 0.0 { sum / count } else { 0.0 };
             let snap = synod.configs[&leader].1.data_dir.join("snapshot.bin");
             r.snapshot_mb = std::fs::metadata(&snap).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
@@ -566,6 +575,14 @@ fn print_backup(system: &str, r: &StageResult) {
 }
 
 fn print_rows(system: &str, r: &StageResult) {
+    if system == "synod" {
+        let ((n, s), (wn, ws)) = (r.held_during_load, r.held_during_writes);
+        eprintln!(
+            "synod at {} keys: the leader held {n:.0} commands ({s:.1} s in all) during the load, \
+             {wn:.0} ({ws:.1} s) during the writes after it",
+            r.keys
+        );
+    }
     let rss: Vec<String> = r.rss_mb.iter().map(|m| format!("{m:.0}")).collect();
     let anon: Vec<String> = r.anon_rss_mb.iter().map(|m| format!("{m:.0}")).collect();
     let peak: Vec<String> = r.peak_rss_mb.iter().map(|m| format!("{m:.0}")).collect();

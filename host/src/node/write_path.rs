@@ -17,7 +17,6 @@
 //! (HTTP and NATS say 429 with `Retry-After`), never unbounded memory.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use openraft::Raft;
@@ -179,8 +178,9 @@ pub(super) async fn forwarder(node: std::sync::Weak<super::NodeInner>, mut queue
 /// rather than stopping them.
 const MAX_WRITE_HOLD: Duration = Duration::from_secs(5);
 
-/// Whether client commands are being held (for one log line per hold).
-static HOLDING: AtomicBool = AtomicBool::new(false);
+/// Since when client commands are being held, if they are (one log line
+/// when a hold begins, one with its length when it ends).
+static HOLD: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
 
 /// How long a leader tries to confirm its leadership for a linearizable
 /// read (a heartbeat round with a quorum and, in a new term, its first
@@ -215,7 +215,10 @@ impl super::NodeInner {
             return;
         }
         let started = std::time::Instant::now();
-        if !HOLDING.swap(true, Ordering::Relaxed) {
+        if let Ok(mut hold) = HOLD.lock()
+            && hold.is_none()
+        {
+            *hold = Some(started);
             let why = self.shared.hold_writes(self.id);
             tracing::info!(?why, "holding client commands until snapshots hold the changes since the last ones");
         }
@@ -238,8 +241,9 @@ impl super::NodeInner {
                 seconds = held.as_secs(),
                 "a client command goes past raft.max_unsnapshotted_changes: no snapshot caught up in time"
             );
-        } else if HOLDING.swap(false, Ordering::Relaxed) {
-            tracing::info!(ms = held.as_millis() as u64, "client commands go on: snapshots caught up");
+        } else if let Some(since) = HOLD.lock().ok().and_then(|mut hold| hold.take()) {
+            let ms = since.elapsed().as_millis() as u64;
+            tracing::info!(ms, "client commands go on: snapshots caught up, or this node no longer leads");
         }
     }
 
