@@ -93,10 +93,10 @@ pub struct Shared {
     pub max_unsnapshotted_changes: AtomicUsize,
     /// Changes in the state since the last snapshot this node finished
     /// ([`KvState::changed_entries`]), after the last applied batch.
-    unsnapshotted: AtomicUsize,
+    unsnapshotted: AtomicU64,
     /// [`Shared::unsnapshotted_max`] of the state after the last applied
-    /// batch.
-    unsnapshotted_limit: AtomicUsize,
+    /// batch, as the metrics and the gossip tell it (0: no limit).
+    unsnapshotted_limit: AtomicU64,
     /// The same two of the other members, as their digest gossip last
     /// told (see [`Shared::hold_writes`]).
     peers_unsnapshotted: std::sync::Mutex<BTreeMap<NodeId, PeerBacklog>>,
@@ -114,6 +114,12 @@ struct PeerBacklog {
     at: std::time::Instant,
 }
 
+/// Whether `changes` since a node's last finished snapshot are past their
+/// most `max` (0: no limit), as [`Shared::unsnapshotted`] tells them.
+fn past_max(changes: u64, max: u64) -> bool {
+    max > 0 && changes > max
+}
+
 /// How long a member's gossiped backlog counts ([`Shared::hold_writes`]):
 /// a member silent longer is down or cut off, and applies nothing.
 const PEER_BACKLOG_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
@@ -122,7 +128,7 @@ const PEER_BACKLOG_FRESH: std::time::Duration = std::time::Duration::from_secs(5
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backlogged {
     /// Its own state holds `changes` since its last snapshot, past `max`.
-    Own { changes: usize, max: usize },
+    Own { changes: u64, max: u64 },
     /// These members' states are past theirs, and with them too few
     /// voters are within theirs to make a quorum.
     Members(Vec<NodeId>),
@@ -195,21 +201,30 @@ impl Shared {
     /// Record the changes `kv` holds since its last finished snapshot, for
     /// the leader's intake and the metrics.
     fn note_unsnapshotted(&self, kv: &KvState) {
-        let (n, max) = (kv.changed_entries(), self.unsnapshotted_max(kv));
+        let n = kv.changed_entries() as u64;
+        let max = match self.unsnapshotted_max(kv) {
+            usize::MAX => 0,
+            max => max as u64,
+        };
         self.unsnapshotted.store(n, Ordering::Relaxed);
         self.unsnapshotted_limit.store(max, Ordering::Relaxed);
         let m = crate::metrics::get();
-        crate::metrics::set(&m.state_unsnapshotted_changes, n as u64);
-        crate::metrics::set(&m.state_unsnapshotted_max, if max == usize::MAX { 0 } else { max as u64 });
+        crate::metrics::set(&m.state_unsnapshotted_changes, n);
+        crate::metrics::set(&m.state_unsnapshotted_max, max);
         self.backlog_changed.notify_waiters();
     }
 
     /// This node's changes since its last finished snapshot and their
-    /// most (`u64::MAX`: no limit), as of the last applied batch or the
-    /// last snapshot finished.
+    /// most (0: no limit), as of the last applied batch or the last
+    /// snapshot finished.
     pub fn unsnapshotted(&self) -> (u64, u64) {
-        let (n, max) = (self.unsnapshotted.load(Ordering::Relaxed), self.unsnapshotted_limit.load(Ordering::Relaxed));
-        (n as u64, if max == usize::MAX { u64::MAX } else { max as u64 })
+        (self.unsnapshotted.load(Ordering::Relaxed), self.unsnapshotted_limit.load(Ordering::Relaxed))
+    }
+
+    /// [`Shared::unsnapshotted`], when the changes are past their most.
+    pub fn past_unsnapshotted_max(&self) -> Option<(u64, u64)> {
+        let (changes, max) = self.unsnapshotted();
+        past_max(changes, max).then_some((changes, max))
     }
 
     /// Member `node`'s [`Shared::unsnapshotted`], as its gossip told.
@@ -229,9 +244,7 @@ impl Shared {
     /// back from a snapshot and a checkpoint each; one slow member alone
     /// holds nothing back.
     pub fn hold_writes(&self, me: NodeId) -> Option<Backlogged> {
-        let (changes, max) =
-            (self.unsnapshotted.load(Ordering::Relaxed), self.unsnapshotted_limit.load(Ordering::Relaxed));
-        if changes > max {
+        if let Some((changes, max)) = self.past_unsnapshotted_max() {
             return Some(Backlogged::Own { changes, max });
         }
         let voters: Vec<NodeId> = self.membership.borrow().membership().voter_ids().collect();
@@ -245,7 +258,7 @@ impl Shared {
             .copied()
             .filter(|&id| id != me)
             .filter(|id| {
-                peers.get(id).is_some_and(|p| p.at.elapsed() <= PEER_BACKLOG_FRESH && p.max > 0 && p.changes > p.max)
+                peers.get(id).is_some_and(|p| p.at.elapsed() <= PEER_BACKLOG_FRESH && past_max(p.changes, p.max))
             })
             .collect();
         let quorum = voters.len() / 2 + 1;
@@ -1099,7 +1112,7 @@ impl StateMachineStore {
             snapshot_after_entries: AtomicU64::new(crate::config::RaftConfig::default().snapshot_after_entries),
             max_unsnapshotted_changes: Default::default(),
             unsnapshotted: Default::default(),
-            unsnapshotted_limit: AtomicUsize::new(usize::MAX),
+            unsnapshotted_limit: Default::default(),
             peers_unsnapshotted: Default::default(),
             backlog_changed: Default::default(),
         });

@@ -257,8 +257,7 @@ impl DigestNotice {
     /// This node's notice for its current digest, if the state is readable.
     pub fn ours(node: &NodeInner) -> Option<DigestNotice> {
         let (digest_index, digest) = node.with_replica(|r| (r.last_applied(), r.digest().to_hex()))?;
-        let (unsnapshotted_changes, max) = node.shared.unsnapshotted();
-        let unsnapshotted_max = if max == u64::MAX { 0 } else { max };
+        let (unsnapshotted_changes, unsnapshotted_max) = node.shared.unsnapshotted();
         Some(DigestNotice {
             node: node.id,
             digest_index,

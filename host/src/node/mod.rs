@@ -481,8 +481,7 @@ fn while_starting(
 async fn snapshot_when_due(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
     loop {
         let woken = tokio::time::timeout(Duration::from_secs(1), shared.snapshot_wanted.notified()).await.is_ok();
-        let (changes, max) = shared.unsnapshotted();
-        if !woken && changes <= max {
+        if !woken && shared.past_unsnapshotted_max().is_none() {
             continue;
         }
         let due = shared.replica.read().ok().and_then(|replica| shared.snapshot_due(&replica));

@@ -211,15 +211,12 @@ impl super::NodeInner {
     /// snapshots. The node's own writes (device heartbeats, settings) and
     /// plugin changes are never held.
     async fn hold_for_snapshot(&self) {
-        if self.shared.hold_writes(self.id).is_none() {
-            return;
-        }
+        let Some(why) = self.shared.hold_writes(self.id) else { return };
         let started = std::time::Instant::now();
         if let Ok(mut hold) = HOLD.lock()
             && hold.is_none()
         {
             *hold = Some(started);
-            let why = self.shared.hold_writes(self.id);
             tracing::info!(?why, "holding client commands until snapshots hold the changes since the last ones");
         }
         loop {
