@@ -41,3 +41,44 @@ async fn a_forwarded_write_whose_answer_is_lost_is_applied_once() {
     let now = value(c.client(leader).post("/v1/queries/counter/get", b"{}".to_vec()).await.unwrap());
     assert_eq!(now, before + 2);
 }
+
+/// A change made through a follower is in force on that follower when its
+/// answer arrives, even one whose log lags the quorum (its syncs slowed
+/// here, so the leader and the other follower commit without it): a token
+/// created there authenticates there at once, a revoked one is refused
+/// there at once, and an installed plugin answers a local query there. CI
+/// found this: a token created through a follower was "not valid (unknown
+/// or revoked)" on its next request to that follower, which had not yet
+/// applied the entry the leader had answered for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answers() {
+    let _serial = serial().await;
+    let c = Cluster::start(3, crate::harness::led_by_node_1);
+    assert_eq!(c.leader().await, 1);
+    let slow = c.nodes[&3].config.raft.heartbeat_ms * 3;
+    crate::fault(&c, 3, json!({ "slow_log_sync_ms": slow })).await;
+    let status = |r: &Result<serde_json::Value, synod::client::ClientError>| match r {
+        Ok(_) => 200,
+        Err(synod::client::ClientError::Status { status, .. }) => *status,
+        Err(e) => panic!("{e}"),
+    };
+
+    for round in 0..3 {
+        let body = json!({ "principal": format!("panel-{round}"), "roles": ["reader"] });
+        let created = c.client(3).post("/v1/tokens", serde_json::to_vec(&body).unwrap()).await.unwrap();
+        let token = created["token"].as_str().unwrap();
+        let reader = c.client_with(3, Some(token));
+        let read = reader.get("/v1/cluster").await;
+        assert_eq!(status(&read), 200, "round {round}: a token created through node 3 is refused there: {read:?}");
+
+        c.client(3).delete(&format!("/v1/tokens/panel-{round}")).await.unwrap();
+        let read = reader.get("/v1/cluster").await;
+        assert_eq!(status(&read), 401, "round {round}: a token revoked through node 3 still reads there: {read:?}");
+    }
+
+    c.push(3, "counter", "1", component("counter")).await.unwrap();
+    let local = c.client(3).post("/v1/queries/counter/get?consistency=local", Vec::new()).await;
+    assert_eq!(local.unwrap()["result"], json!({"value": 0}), "the plugin installed through node 3 is not there yet");
+    crate::fault(&c, 3, json!({ "slow_log_sync_ms": 0 })).await;
+    c.same_digest().await;
+}

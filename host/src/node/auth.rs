@@ -211,6 +211,7 @@ impl NodeInner {
         let token = new_token().map_err(|e| ServiceError::new(500, "internal", e))?;
         let op = Op::Auth(AuthOp::Create { hash: token_hash(&token), principal: principal.to_owned(), roles });
         let (index, out) = self.write_applied(op, who, None).await?;
+        self.seen_here(index).await;
         let mut record: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
         record["token"] = json!(token);
         Ok((index, record))
@@ -221,6 +222,7 @@ impl NodeInner {
         who.require(Access::Admin)?;
         let (index, out) =
             self.write_applied(Op::Auth(AuthOp::Revoke { target: target.to_owned() }), who, None).await?;
+        self.seen_here(index).await;
         Ok((index, serde_json::from_slice(&out).unwrap_or_default()))
     }
 

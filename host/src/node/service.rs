@@ -591,7 +591,9 @@ impl NodeInner {
                 },
             )
             .await;
-        Ok(result?)
+        let (index, response) = result?;
+        self.seen_here(index).await;
+        Ok((index, response))
     }
 
     /// On the leader: validate a lifecycle change (an install's component

@@ -441,7 +441,28 @@ impl super::NodeInner {
             .map(|_| ())
             .map_err(|e| WriteError::Failed(format!("waiting to apply index {index}: {e}")))
     }
+
+    /// Wait until this node has applied operation `index` — a change made
+    /// through it — so it is in force here when its answer arrives: a token
+    /// created through a follower authenticates there at once, a revoked
+    /// one is refused there at once, an activated plugin answers its
+    /// queries there. The leader has applied it already; a follower learns
+    /// the commit with the next append, within a heartbeat. The change is
+    /// committed whatever this wait says, so past [`SEEN_HERE_WAIT`] (a
+    /// follower cut off since) it answers anyway, with a warning in the log.
+    pub(crate) async fn seen_here(&self, index: u64) {
+        let entry = index / OPS_PER_ENTRY;
+        if let Err(e) =
+            self.raft.wait(Some(SEEN_HERE_WAIT)).applied_index_at_least(Some(entry), "a change made here").await
+        {
+            tracing::warn!(index, error = %e, "answering before this node applied its own change");
+        }
+    }
 }
+
+/// How long a node's answer to a change it forwarded waits for the change
+/// to apply here (see [`NodeInner::seen_here`]).
+const SEEN_HERE_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
