@@ -254,7 +254,7 @@ async fn authenticate(
         return next.run(request).await;
     }
     let header = request.headers().get(axum::http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
-    match node.authenticate(header) {
+    match node.authenticate_caught_up(header).await {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
             next.run(request).await
@@ -786,7 +786,9 @@ async fn get_telemetry(
     who.require(Access::Read)?;
     let metrics = node.telemetry.device(&id);
     if metrics.is_empty() {
-        node.device_get(&who, &id, Consistency::Local).await?;
+        // No readings yet: a 404 only for a device the cluster does not
+        // know, not one defined a moment ago that this node has yet to apply.
+        node.device_get(&who, &id, Consistency::Linearizable).await?;
     }
     typed(schema::DeviceTelemetry { device: id, metrics })
 }

@@ -218,7 +218,7 @@ async fn reply(client: &Client, msg: &async_nats::Message, result: Result<(u64, 
 async fn run(node: &NodeInner, msg: &async_nats::Message) -> Result<(u64, Vec<u8>), ServiceError> {
     // The same bearer tokens as HTTP, in an `Authorization` header.
     let authorization = msg.headers.as_ref().and_then(|h| h.get("Authorization")).map(|v| v.as_str());
-    let who = node.authenticate(authorization)?;
+    let who = node.authenticate_caught_up(authorization).await?;
     let parts: Vec<&str> = msg.subject.split('.').collect();
     if let [_, "dev", id, verb] = parts.as_slice() {
         return run_device(node, &who, msg, id, verb).await;

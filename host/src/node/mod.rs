@@ -177,6 +177,10 @@ pub struct NodeInner {
     pub fence: Arc<Fence>,
     /// The latest reading of each device metric, from every member's gossip.
     pub telemetry: gossip::Telemetry,
+    /// Held while this node catches up to look for a token it does not
+    /// know (see [`NodeInner::authenticate_caught_up`]): one read barrier
+    /// at a time, however many unknown tokens arrive.
+    token_catch_up: tokio::sync::Mutex<()>,
 }
 
 /// A started node.
@@ -337,6 +341,7 @@ impl RunningNode {
             forward,
             drivers,
             driver_cache: Default::default(),
+            token_catch_up: Default::default(),
             fence: Arc::new(Fence::default()),
             telemetry: gossip::Telemetry::default(),
         });

@@ -149,6 +149,10 @@ impl NodeInner {
         if request.commands == 0 || request.commands > MAX_REPLAY {
             return Err(ServiceError::bad_request(format!("commands must be 1 to {MAX_REPLAY}")));
         }
+        // The recent commands and versions as of now, not as of where this
+        // node's apply has got to: a version installed a moment ago, through
+        // another node, is known, and no recent command is left out.
+        self.read_barrier().await?;
         let found = self.with_replica(|r| {
             let active = r.registry().get(name).and_then(|p| p.active.clone());
             let record = r.version(name, &request.version).cloned();
