@@ -97,12 +97,21 @@ async fn backlog(c: &Cluster, via: u64, nats: &mut NatsServer, range: Range<u64>
 /// Each event in the stream was counted once as published, on the node
 /// that published it; one JetStream dropped as a duplicate is not.
 async fn assert_each_stored_event_counted_once(c: &Cluster, url: &str) {
-    let stored = stream_messages(url).await.len() as u64;
-    let mut published = 0;
-    for id in c.live() {
-        published += c.metric(id, "synod_events_published_total").await as u64;
+    // JetStream stores an event before the publisher has its ack and
+    // counts it: the count may trail the stream for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stored = stream_messages(url).await.len() as u64;
+        let mut published = 0;
+        for id in c.live() {
+            published += c.metric(id, "synod_events_published_total").await as u64;
+        }
+        if published == stored || std::time::Instant::now() > deadline {
+            assert_eq!(published, stored, "events counted as published against events in the stream");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(published, stored, "events counted as published against events in the stream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,7 +118,10 @@ async fn two_nodes_lost_for_good_and_the_survivor_recovers() {
     // it held in its log but had not seen committed may commit now.
     let digest_after = c.client(survivor).get(&format!("/v1/digest?index={applied_before}")).await.unwrap();
     assert_eq!(digest_after["digest"], digest_before["digest"], "the state at {applied_before} changed");
-    let value = c.local_state(survivor, "counter").await["value"].as_u64().unwrap();
+    // A linearizable read: it waits for the entries that commit now.
+    let value = c.client(survivor).post("/v1/queries/counter/get", Vec::new()).await.unwrap()["result"]["value"]
+        .as_u64()
+        .unwrap();
     assert!((value_before..=invoked).contains(&value), "{value_before} before recovery, {value} after, {invoked} sent");
     let r = c.cmd(survivor, "counter", "increment", json!({})).await.unwrap();
     assert_eq!(r["result"]["value"], json!(value + 1));

@@ -168,7 +168,19 @@ async fn a_command_is_traced_from_intake_to_reply_over_otlp() {
     // A refused command is traced with its status, and nothing is proposed.
     let refused = c.cmd(leader, "counter", "nonesuch", json!({})).await.unwrap_err();
     assert!(refused.to_string().contains("unknown_command"), "{refused}");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Spans are exported in batches: wait for the refused command's (then
+    // half a second more, for any second one to show).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.name == "command" && s.attrs.get("status").map(String::as_str) == Some("404"))
+    {
+        assert!(std::time::Instant::now() < deadline, "the refused command's span was not exported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let spans = seen.lock().unwrap();
     let failed: Vec<&Seen> = spans
         .iter()
