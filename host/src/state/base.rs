@@ -275,6 +275,25 @@ impl Base {
         (self.end, false)
     }
 
+    /// [`Base::find_from`] for keys taken in ascending order: `from` is
+    /// where the last one was found (or would be), so the record sought is
+    /// usually a few records on. Those are scanned first — no binary search
+    /// over the index — and past a stride it seeks as `find_from` does.
+    /// Also the length of the value found.
+    pub(super) fn find_near(&self, key: &[u8], from: usize) -> (usize, Option<usize>) {
+        let mut at = from;
+        for _ in 0..=STRIDE {
+            let Some((k, v, next)) = self.record(at) else { return (self.end, None) };
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => at = next,
+                std::cmp::Ordering::Equal => return (at, Some(v.len())),
+                std::cmp::Ordering::Greater => return (at, None),
+            }
+        }
+        let (at, found) = self.find_from(key, at);
+        (at, if found { self.record(at).map(|(_, v, _)| v.len()) } else { None })
+    }
+
     /// The offset of the record after the one at `at`.
     pub(super) fn next_record(&self, at: usize) -> usize {
         self.record(at).map_or(self.end, |(_, _, next)| next)
