@@ -183,8 +183,8 @@ impl MappedData {
     fn new(file: &std::fs::File, base: usize) -> io::Result<MappedData> {
         // SAFETY: the mapping is read-only, and nothing writes to the file
         // while it lives: a received file has no name left, and
-        // `snapshot.bin` is only ever replaced by a rename, never written
-        // in place.
+        // `snapshot.bin` and `checkpoint*.bin` are only ever replaced by a
+        // rename (`replace_whole`), never written in place.
         let map = unsafe { memmap2::Mmap::map(file)? };
         Ok(MappedData { map: std::sync::Arc::new(map), base })
     }
@@ -404,14 +404,21 @@ pub(crate) fn write_checkpoint_paced(
 }
 
 /// The body of the checkpoint file `path` (None when there is none),
-/// checked against its length and checksum.
-pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let mut bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+/// checked against its length and checksum. Mapped, not read: a bulk
+/// load's checkpoint is a hundred MB or more, which a read would copy into
+/// fresh memory (and then shift past its header) only to be decoded once.
+pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<MappedData>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{} {what}", path.display()));
+    if file.metadata()?.len() < HEADER as u64 {
+        return Err(bad("is not a Synod checkpoint"));
+    }
+    let mapped = MappedData::new(&file, HEADER)?;
+    let bytes: &[u8] = &mapped.map;
     if bytes.len() < HEADER || &bytes[..MAGIC.len()] != CHECKPOINT_MAGIC {
         return Err(bad("is not a Synod checkpoint"));
     }
@@ -420,9 +427,8 @@ pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<Vec<u8>>> {
     if u64::from_le_bytes(len) != (bytes.len() - HEADER) as u64 {
         return Err(bad("is cut short or too long"));
     }
-    check_whole(&bytes, path)?;
-    bytes.drain(..HEADER);
-    Ok(Some(bytes))
+    check_whole(bytes, path)?;
+    Ok(Some(mapped))
 }
 
 /// Leads every record of a checkpoint's log.
@@ -812,7 +818,7 @@ mod tests {
         let path = dir.path().join("checkpoint.bin");
         let body: Vec<u8> = (0..3 * WRITEBACK_STEP as usize + 12_345).map(|i| (i * 31 % 251) as u8).collect();
         write_checkpoint(&path, &body).unwrap();
-        assert_eq!(read_checkpoint(&path).unwrap().unwrap(), body);
+        assert_eq!(read_checkpoint(&path).unwrap().unwrap().data(), &body[..]);
         let good = std::fs::read(&path).unwrap();
         assert_eq!(&good[MAGIC.len() + 8..HEADER], blake3::hash(&body).as_bytes());
         // Encoded straight into the file, paced (over several blocks and

@@ -707,7 +707,7 @@ fn read_whole_checkpoint(
             return None;
         }
     };
-    let checkpoint = match postcard::from_bytes::<Checkpoint<crate::state::ChangesImage>>(&body) {
+    let checkpoint = match postcard::from_bytes::<Checkpoint<crate::state::ChangesImage>>(body.data()) {
         Ok(checkpoint) => checkpoint,
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "checkpoint not readable; the log is replayed from the snapshot");
