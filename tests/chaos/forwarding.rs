@@ -86,6 +86,21 @@ async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answ
     assert_eq!(status(&read), 200, "a token created through the leader is refused on node 3: {read:?}");
     let forged = c.client_with(3, Some("synod_0000")).get("/v1/cluster").await;
     assert_eq!(status(&forged), 401, "{forged:?}");
+    // A burst of unknown tokens shares its catch-ups: each is refused, and
+    // a valid token's request among them is served.
+    let good = created["token"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let client = c.client_with(3, Some(&if i == 20 { good.clone() } else { format!("synod_{i:04}") }));
+            tokio::spawn(async move { client.get("/v1/cluster").await })
+        })
+        .collect();
+    for (i, request) in burst.into_iter().enumerate() {
+        let answer = request.await.unwrap();
+        assert_eq!(status(&answer), if i == 20 { 200 } else { 401 }, "request {i} of the burst: {answer:?}");
+    }
+    eprintln!("a burst of 40 requests, 39 with unknown tokens, answered in {:?}", started.elapsed());
 
     c.push(3, "counter", "1", component("counter")).await.unwrap();
     let local = c.client(3).post("/v1/queries/counter/get?consistency=local", Vec::new()).await;

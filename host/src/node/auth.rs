@@ -122,6 +122,11 @@ pub fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The longest a request with a token its node does not know waits in
+/// line to catch up, and then for the catch-up itself (see
+/// [`NodeInner::authenticate_caught_up`]).
+const TOKEN_CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The token in a token file (first line, trimmed).
 pub fn read_token_file(path: &Path) -> std::io::Result<String> {
     Ok(std::fs::read_to_string(path)?.lines().next().unwrap_or("").trim().to_owned())
@@ -157,21 +162,43 @@ impl NodeInner {
     /// looked up once more after the node has caught up with the leader (a
     /// read barrier: everything committed when it asked is applied here),
     /// so a token just made through another member works on this one at
-    /// once. Only an unknown token costs the round trip, and one at a time
-    /// per node: a stream of bad tokens waits in line for it rather than
-    /// multiplying the leader's work.
+    /// once. Only an unknown token of Synod's form costs the round trip,
+    /// and the round trips are shared: one runs at a time per node, and a
+    /// request that waited while one that started after it arrived ran
+    /// takes its outcome (a stream of bad tokens costs about one barrier
+    /// per barrier's length, however many). A request waits at most
+    /// [`TOKEN_CATCH_UP_WAIT`] in line; one that cannot catch up is told
+    /// 503 (the token may be valid), not 401.
     pub async fn authenticate_caught_up(&self, authorization: Option<&str>) -> Result<Principal, ServiceError> {
         let first = self.authenticate(authorization);
-        let Some(hash) = authorization.and_then(bearer).map(token_hash) else { return first };
-        if first.is_ok() {
+        let eligible = first.is_err() && self.auth_on();
+        let Some(token) = authorization.and_then(bearer).filter(|t| eligible && t.starts_with(TOKEN_PREFIX)) else {
             return first;
+        };
+        let hash = token_hash(token);
+        let arrived = tokio::time::Instant::now();
+        let unknown = || unauthenticated("the bearer token is not valid (unknown or revoked)");
+        let cannot = |why: String| {
+            ServiceError::new(
+                503,
+                "unavailable",
+                format!(
+                    "this node does not know the token yet and cannot catch up with the leader to look again: {why}"
+                ),
+            )
+        };
+        let Ok(mut last) = tokio::time::timeout(TOKEN_CATCH_UP_WAIT, self.token_catch_up.lock()).await else {
+            return Err(cannot("too many unknown tokens waiting".into()));
+        };
+        if last.is_none_or(|started| started < arrived) {
+            let started = tokio::time::Instant::now();
+            match tokio::time::timeout(TOKEN_CATCH_UP_WAIT, self.read_barrier()).await {
+                Ok(Ok(())) => *last = Some(started),
+                Ok(Err(e)) => return Err(cannot(e.to_string())),
+                Err(_) => return Err(cannot("no answer from the leader in time".into())),
+            }
         }
-        let _one_at_a_time = self.token_catch_up.lock().await;
-        if let Err(e) = self.read_barrier().await {
-            tracing::debug!(error = %e, "cannot catch up to look for an unknown token");
-            return first;
-        }
-        self.principal_of(hash).ok_or_else(|| unauthenticated("the bearer token is not valid (unknown or revoked)"))
+        self.principal_of(hash).ok_or_else(unknown)
     }
 
     /// The principal whose token hashes to `hash`, by this node's table.

@@ -179,8 +179,9 @@ pub struct NodeInner {
     pub telemetry: gossip::Telemetry,
     /// Held while this node catches up to look for a token it does not
     /// know (see [`NodeInner::authenticate_caught_up`]): one read barrier
-    /// at a time, however many unknown tokens arrive.
-    token_catch_up: tokio::sync::Mutex<()>,
+    /// at a time, however many unknown tokens arrive; when the last one
+    /// that succeeded started.
+    token_catch_up: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// A started node.
