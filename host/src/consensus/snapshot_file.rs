@@ -419,7 +419,7 @@ pub(crate) fn read_checkpoint(path: &Path) -> io::Result<Option<MappedData>> {
     }
     let mapped = MappedData::new(&file, HEADER)?;
     let bytes: &[u8] = &mapped.map;
-    if bytes.len() < HEADER || &bytes[..MAGIC.len()] != CHECKPOINT_MAGIC {
+    if &bytes[..MAGIC.len()] != CHECKPOINT_MAGIC {
         return Err(bad("is not a Synod checkpoint"));
     }
     let mut len = [0u8; 8];

@@ -120,6 +120,27 @@ pub struct Namespace {
     bytes: u64,
 }
 
+/// A walk through a base for keys taken in increasing order
+/// ([`Base::find_near`]): where the last key was found, or would be.
+struct BaseWalk {
+    base: Arc<Base>,
+    at: usize,
+}
+
+impl BaseWalk {
+    fn new(base: Arc<Base>) -> BaseWalk {
+        BaseWalk { at: base.start(), base }
+    }
+
+    /// The length of `key`'s value in the base, if it has one there; `key`
+    /// must be above every key asked before.
+    fn below(&mut self, key: &str) -> Option<usize> {
+        let (at, len) = self.base.find_near(key.as_bytes(), self.at);
+        self.at = at;
+        len
+    }
+}
+
 /// Writes a snapshot capture froze ([`Namespace::freeze`]), and the bytes
 /// they hold in memory (as `Namespace::live_bytes` counted them).
 #[derive(Clone)]
@@ -276,20 +297,15 @@ impl Namespace {
     /// The changes since the base, in strictly increasing key order, made
     /// `live` (empty, with no frozen layers: a state just opened from its
     /// snapshot, resuming a checkpoint) at once: counted as
-    /// [`Namespace::write`] counts each, with the base walked in key order
-    /// alongside, and the tree built bottom-up rather than by an insert
-    /// each (at 10M keys a checkpoint holds up to 1.25M changes).
-    fn live_from_changes(&mut self, entries: Vec<(String, Option<serde_bytes::ByteBuf>)>) {
+    /// [`Namespace::write`] counts each, with the base walked alongside
+    /// (`walk`, over this namespace's base if it has one), and the tree
+    /// built bottom-up rather than by an insert each (at 10M keys a
+    /// checkpoint holds up to 1.25M changes).
+    fn live_from_changes(&mut self, entries: Vec<(String, Option<serde_bytes::ByteBuf>)>, mut walk: Option<BaseWalk>) {
         debug_assert!(self.live.is_empty() && self.frozen.is_empty());
-        let base = self.base.clone();
-        let mut at = base.as_ref().map_or(0, |b| b.start());
         let mut live = Vec::with_capacity(entries.len());
         for (key, value) in entries {
-            let below = base.as_ref().and_then(|b| {
-                let (found_at, len) = b.find_near(key.as_bytes(), at);
-                at = found_at;
-                len
-            });
+            let below = walk.as_mut().and_then(|w| w.below(&key));
             let entry = match &value {
                 Some(v) => {
                     let Some(e) = Entry::new(&key, v) else {
@@ -874,27 +890,18 @@ impl KvState {
         // since the snapshot here).
         for (name, entries) in changes {
             let ns = self.namespaces.entry(name).or_default();
-            if ns.live.is_empty() && ns.frozen.is_empty() && entries.windows(2).all(|w| w[0].0 < w[1].0) {
-                ns.live_from_changes(entries);
+            // In strictly increasing key order (as a checkpoint holds them)
+            // over a base alone (no frozen layers: a state just opened), the
+            // keys are found in the base by walking it, not by a search each.
+            let ordered = entries.windows(2).all(|w| w[0].0 < w[1].0);
+            let mut walk = ns.base.clone().filter(|_| ordered && ns.frozen.is_empty()).map(BaseWalk::new);
+            if ordered && ns.live.is_empty() && ns.frozen.is_empty() {
+                ns.live_from_changes(entries, walk);
                 continue;
             }
-            // Over a base alone (no frozen layers: a state just opened), the
-            // keys, in ascending order, are found in the base by walking it
-            // from where the last one was, not by a search each.
-            let base = ns.base.clone().filter(|_| ns.frozen.is_empty());
-            let mut at = base.as_ref().map_or(0, |b| b.start());
-            let mut last: Option<String> = None;
             for (key, value) in entries {
-                let below = base.as_ref().map(|b| {
-                    if last.as_ref().is_some_and(|l| *l >= key) {
-                        at = b.start();
-                    }
-                    let (found_at, len) = b.find_near(key.as_bytes(), at);
-                    at = found_at;
-                    len
-                });
+                let below = walk.as_mut().map(|w| w.below(&key));
                 ns.write_over(&key, value.as_ref().map(|v| &v[..]), below);
-                last = Some(key);
             }
         }
     }
