@@ -27,11 +27,7 @@ async fn a_perturbed_write_is_found_at_its_index() {
     }
     // Node 3 applies every write before the fault, or the fault would
     // perturb the last of them instead of the next.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.client(3).get("/v1/digest").await.unwrap()["last_applied"].as_u64().unwrap() < last {
-        assert!(Instant::now() < deadline, "node 3 did not apply index {last}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.wait_applied(3, last).await;
     crate::fault(&c, 3, json!({ "perturb_next_write": true })).await;
     let perturbed = c.cmd(leader, "counter", "increment", json!({ "by": 1 })).await.unwrap();
     let index = perturbed["index"].as_u64().unwrap();

@@ -6,7 +6,7 @@
 
 use serde_json::json;
 
-use crate::harness::{Cluster, serial};
+use crate::harness::{Cluster, serial, status_of};
 use crate::plugins::component;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,11 +58,6 @@ async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answ
     assert_eq!(c.leader().await, 1);
     let slow = c.nodes[&3].config.raft.heartbeat_ms * 3;
     crate::fault(&c, 3, json!({ "slow_log_sync_ms": slow })).await;
-    let status = |r: &Result<serde_json::Value, synod::client::ClientError>| match r {
-        Ok(_) => 200,
-        Err(synod::client::ClientError::Status { status, .. }) => *status,
-        Err(e) => panic!("{e}"),
-    };
 
     for round in 0..3 {
         let body = json!({ "principal": format!("panel-{round}"), "roles": ["reader"] });
@@ -70,11 +65,11 @@ async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answ
         let token = created["token"].as_str().unwrap();
         let reader = c.client_with(3, Some(token));
         let read = reader.get("/v1/cluster").await;
-        assert_eq!(status(&read), 200, "round {round}: a token created through node 3 is refused there: {read:?}");
+        assert_eq!(status_of(&read), 200, "round {round}: a token created through node 3 is refused there: {read:?}");
 
         c.client(3).delete(&format!("/v1/tokens/panel-{round}")).await.unwrap();
         let read = reader.get("/v1/cluster").await;
-        assert_eq!(status(&read), 401, "round {round}: a token revoked through node 3 still reads there: {read:?}");
+        assert_eq!(status_of(&read), 401, "round {round}: a token revoked through node 3 still reads there: {read:?}");
     }
 
     // Made through the leader, a token works at once on the lagging
@@ -83,9 +78,9 @@ async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answ
     let body = json!({ "principal": "elsewhere", "roles": ["reader"] });
     let created = c.client(1).post("/v1/tokens", serde_json::to_vec(&body).unwrap()).await.unwrap();
     let read = c.client_with(3, created["token"].as_str()).get("/v1/cluster").await;
-    assert_eq!(status(&read), 200, "a token created through the leader is refused on node 3: {read:?}");
+    assert_eq!(status_of(&read), 200, "a token created through the leader is refused on node 3: {read:?}");
     let forged = c.client_with(3, Some("synod_0000")).get("/v1/cluster").await;
-    assert_eq!(status(&forged), 401, "{forged:?}");
+    assert_eq!(status_of(&forged), 401, "{forged:?}");
     // A burst of unknown tokens shares its catch-ups: each is refused, and
     // a valid token's request among them is served.
     let good = created["token"].as_str().unwrap().to_owned();
@@ -98,7 +93,7 @@ async fn a_change_made_through_a_lagging_follower_is_in_force_there_when_it_answ
         .collect();
     for (i, request) in burst.into_iter().enumerate() {
         let answer = request.await.unwrap();
-        assert_eq!(status(&answer), if i == 20 { 200 } else { 401 }, "request {i} of the burst: {answer:?}");
+        assert_eq!(status_of(&answer), if i == 20 { 200 } else { 401 }, "request {i} of the burst: {answer:?}");
     }
     eprintln!("a burst of 40 requests, 39 with unknown tokens, answered in {:?}", started.elapsed());
 

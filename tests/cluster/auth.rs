@@ -1,29 +1,13 @@
 //! Who may do what: bearer tokens and roles on a real cluster, the caller a
 //! plugin sees, revocation on every node, and HTTPS.
 
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use synod::client::{Client, ClientError};
 
 use crate::harness::{Cluster, serial};
 use crate::plugins::component;
 
-pub(crate) fn status_of(r: &Result<Value, ClientError>) -> u16 {
-    match r {
-        Ok(_) => 200,
-        Err(ClientError::Status { status, .. }) => *status,
-        Err(e) => panic!("no answer: {e}"),
-    }
-}
-
-pub(crate) fn body_of(r: &Result<Value, ClientError>) -> Value {
-    match r {
-        Ok(v) => v.clone(),
-        Err(ClientError::Status { body, .. }) => body.clone(),
-        Err(e) => panic!("no answer: {e}"),
-    }
-}
+pub(crate) use crate::harness::{body_of, status_of};
 
 /// A token made through node `via` by the admin.
 pub(crate) async fn token(c: &Cluster, via: u64, principal: &str, roles: &[&str]) -> String {
@@ -122,11 +106,7 @@ async fn tokens_and_roles_decide_who_may_do_what() {
     let index = revoked["index"].as_u64().unwrap();
     assert_eq!(revoked["revoked"].as_array().unwrap().len(), 1);
     for id in c.live() {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while c.client(id).get("/v1/digest").await.unwrap()["last_applied"].as_u64().unwrap() < index {
-            assert!(tokio::time::Instant::now() < deadline, "node {id} did not apply the revocation");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        c.wait_applied(id, index).await;
         let after = c.client_with(id, Some(&ops)).post("/v1/commands/counter/increment", b"{}".to_vec()).await;
         assert_eq!(status_of(&after), 401, "node {id} still takes a revoked token: {after:?}");
     }

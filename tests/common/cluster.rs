@@ -346,6 +346,15 @@ impl Cluster {
         line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
     }
 
+    /// Wait (at most 10 s) until node `id` has applied operation `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.client(id).get("/v1/digest").await.unwrap()["last_applied"].as_u64().unwrap() < index {
+            assert!(std::time::Instant::now() < deadline, "node {id} did not apply index {index}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A node's local view of a plugin's state.
     pub async fn local_state(&self, id: u64, plugin: &str) -> Value {
         self.client(id).get(&format!("/v1/state/{plugin}?consistency=local&limit=1000000")).await.unwrap()["entries"]
@@ -385,5 +394,23 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// The HTTP status of a client call (200 for a success).
+pub fn status_of(r: &Result<Value, ClientError>) -> u16 {
+    match r {
+        Ok(_) => 200,
+        Err(ClientError::Status { status, .. }) => *status,
+        Err(e) => panic!("no answer: {e}"),
+    }
+}
+
+/// The JSON body of a client call's answer, success or error.
+pub fn body_of(r: &Result<Value, ClientError>) -> Value {
+    match r {
+        Ok(v) => v.clone(),
+        Err(ClientError::Status { body, .. }) => body.clone(),
+        Err(e) => panic!("no answer: {e}"),
     }
 }
