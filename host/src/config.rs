@@ -257,13 +257,16 @@ pub struct RaftConfig {
     /// interval) since the last snapshot a node finished, past which the
     /// leader holds each client command (at most 5 s) until snapshots
     /// catch up: when its own state is past it, or so many members' are
-    /// (by their gossip) that the rest are no quorum. A quorum of nodes
+    /// (by their gossip) that the rest are no quorum. A bulk command (one
+    /// whose last run changed at least 128 keys) is held from seven eighths
+    /// of it, so the rest stays free for small writes. A quorum of nodes
     /// killed right after a bulk load then comes back from a snapshot and
     /// one checkpoint each, not by replaying the load. 0 (the default):
     /// what one whole checkpoint holds, an eighth of the state's keys and
     /// at least 262,144; steady writes stay far below it, only a bulk load
-    /// faster than snapshots are built meets it. Below 200,000 it also
-    /// makes snapshots that much more frequent.
+    /// faster than snapshots are built meets it. Below about 228,000 it
+    /// also makes snapshots more frequent (one once seven eighths of it
+    /// are changed).
     /// Left out of a written config while 0, so a config written by this
     /// version still starts the previous one (a rolling upgrade's nodes).
     #[serde(skip_serializing_if = "is_zero")]

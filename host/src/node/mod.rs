@@ -481,13 +481,14 @@ fn while_starting(
 /// apply thread checks after each batch): a no-op while one is being
 /// built, and at most one ask a second. Looked at again when woken, so an
 /// ask left over from while a build ran does not start another. Also
-/// every second while the changes since the last snapshot are past their
-/// most: the leader then holds client commands, so no entry may come to
-/// be applied and ask (a build that ended still past it, or failed).
+/// every second while the changes since the last snapshot are past the
+/// most for bulk commands: the leader then holds those, so no entry may
+/// come to be applied and ask (a build that ended still past it, or
+/// failed).
 async fn snapshot_when_due(raft: Raft<TypeConfig>, shared: Arc<Shared>) {
     loop {
         let woken = tokio::time::timeout(Duration::from_secs(1), shared.snapshot_wanted.notified()).await.is_ok();
-        if !woken && shared.past_unsnapshotted_max().is_none() {
+        if !woken && shared.past_unsnapshotted_max(true).is_none() {
             continue;
         }
         let due = shared.replica.read().ok().and_then(|replica| shared.snapshot_due(&replica));

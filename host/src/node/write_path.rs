@@ -192,8 +192,8 @@ impl super::NodeInner {
     /// Propose on this node (it believes it leads) in the next batch; the
     /// batch stamps the time. Answers with the operation's index.
     pub(super) async fn write_local(&self, request: Request) -> Result<(u64, Response), WriteError> {
-        if matches!(request.op, Op::Command { .. }) {
-            self.hold_for_snapshot().await;
+        if let Op::Command { plugin, command, .. } = &request.op {
+            self.hold_for_snapshot(self.shared.is_bulk(plugin, command)).await;
         }
         match enqueue(&self.batch, request, None).await {
             Err(WriteError::NotLeader { .. }) => Err(self.not_leader()),
@@ -208,10 +208,12 @@ impl super::NodeInner {
     /// until snapshots catch up, this node no longer leads, or
     /// [`MAX_WRITE_HOLD`] passed. Only a bulk load faster than snapshots
     /// are built gets here; its commands then go at the pace of the
-    /// snapshots. The node's own writes (device heartbeats, settings) and
-    /// plugin changes are never held.
-    async fn hold_for_snapshot(&self) {
-        let Some(why) = self.shared.hold_writes(self.id) else { return };
+    /// snapshots. A `bulk` command (one that changed many keys the last
+    /// time it ran) is held an eighth of the most sooner than the others,
+    /// so small writes are not held behind a load. The node's own writes
+    /// (device heartbeats, settings) and plugin changes are never held.
+    async fn hold_for_snapshot(&self, bulk: bool) {
+        let Some(why) = self.shared.hold_writes(self.id, bulk) else { return };
         let started = std::time::Instant::now();
         if let Ok(mut hold) = HOLD.lock()
             && hold.is_none()
@@ -223,7 +225,7 @@ impl super::NodeInner {
             let changed = self.shared.backlog_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.shared.hold_writes(self.id).is_none()
+            if self.shared.hold_writes(self.id, bulk).is_none()
                 || started.elapsed() >= MAX_WRITE_HOLD
                 || self.leader().0 != Some(self.id)
             {

@@ -26,7 +26,7 @@ pub mod dedup;
 pub mod devices;
 pub mod trail;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use openraft::{EntryPayload, LogId, StoredMembership};
@@ -268,7 +268,19 @@ pub struct Replica {
     op_caller: String,
     /// Recent effect summaries and commands (not replicated).
     trail: trail::Trail,
+    /// The commands, by plugin, whose last run changed at least
+    /// [`BULK_COMMAND_CHANGES`] keys (not replicated: the leader's intake
+    /// holds these first when snapshots fall behind).
+    bulk: BTreeMap<String, BTreeSet<String>>,
+    /// Whether `bulk` changed since the adapter last looked.
+    bulk_changed: bool,
 }
+
+/// A command whose last run changed at least this many keys is a bulk
+/// command: when the changes since the last snapshot near their most, the
+/// leader holds it before the others (see
+/// [`crate::consensus::state_machine::Shared::hold_writes`]).
+pub const BULK_COMMAND_CHANGES: usize = 128;
 
 /// How many recent digests to keep for comparison and divergence
 /// bisection (40 bytes each).
@@ -630,9 +642,33 @@ impl Replica {
             );
         }
         self.kv.apply(plugin, &outcome.writes);
+        self.note_bulk(plugin, command, outcome.writes.len() >= BULK_COMMAND_CHANGES);
         self.chain(ctx.index, plugin, command, payload, &outcome.effects());
         self.advance(ctx.index);
         Ok(outcome)
+    }
+
+    /// Record whether `plugin`'s `command` just ran as a bulk command.
+    fn note_bulk(&mut self, plugin: &str, command: &str, bulk: bool) {
+        let known = self.bulk.get(plugin).is_some_and(|commands| commands.contains(command));
+        if bulk == known {
+            return;
+        }
+        if bulk {
+            self.bulk.entry(plugin.to_owned()).or_default().insert(command.to_owned());
+        } else if let Some(commands) = self.bulk.get_mut(plugin) {
+            commands.remove(command);
+            if commands.is_empty() {
+                self.bulk.remove(plugin);
+            }
+        }
+        self.bulk_changed = true;
+    }
+
+    /// The bulk commands by plugin ([`BULK_COMMAND_CHANGES`]), if they
+    /// changed since the last call.
+    pub fn take_bulk_changed(&mut self) -> Option<BTreeMap<String, BTreeSet<String>>> {
+        std::mem::take(&mut self.bulk_changed).then(|| self.bulk.clone())
     }
 
     /// Load `record`'s plugin: `Ok(Err(_))` is a deterministic refusal (the
@@ -1053,6 +1089,8 @@ impl Replica {
             clock_ms: image.clock_ms,
             op_caller: String::new(),
             trail: trail::Trail::default(),
+            bulk: BTreeMap::new(),
+            bulk_changed: false,
         })
     }
 }
