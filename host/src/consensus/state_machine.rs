@@ -1281,6 +1281,8 @@ impl StateMachineStore {
         self.shared.publish_auth(&replica);
         self.shared.state_bytes.store(replica.kv().size().1, Ordering::Relaxed);
         self.shared.note_unsnapshotted(replica.kv());
+        // A restored replica knows no bulk commands yet (not replicated).
+        self.shared.note_bulk_commands(BTreeMap::new());
         let mut held = self.shared.replica.write().map_err(sm_err)?;
         *held = replica;
         self.shared.cut_checkpoint_chain();

@@ -487,6 +487,8 @@ impl Replica {
     /// Run `loaded` as `name` from now on: a handler takes commands; a
     /// driver takes none (its instances run on devices' owners).
     fn set_running(&mut self, name: &str, loaded: Loaded) {
+        // Another version: its commands are judged bulk or not anew.
+        self.forget_bulk(name);
         match loaded {
             Loaded::Handler(p) => {
                 self.plugins.insert(name.to_owned(), p);
@@ -665,6 +667,13 @@ impl Replica {
         self.bulk_changed = true;
     }
 
+    /// Forget which of `plugin`'s commands are bulk commands.
+    fn forget_bulk(&mut self, plugin: &str) {
+        if self.bulk.remove(plugin).is_some() {
+            self.bulk_changed = true;
+        }
+    }
+
     /// The bulk commands by plugin ([`BULK_COMMAND_CHANGES`]), if they
     /// changed since the last call.
     pub fn take_bulk_changed(&mut self) -> Option<BTreeMap<String, BTreeSet<String>>> {
@@ -790,6 +799,7 @@ impl Replica {
             Some(_) => {
                 self.plugins.remove(name);
                 self.trail.forget(name);
+                self.forget_bulk(name);
                 Ok(serde_json::to_vec(&serde_json::json!({ "removed": name })).unwrap_or_default())
             }
             None => Err(CommandError::UnknownPlugin { name: name.to_owned() }),
