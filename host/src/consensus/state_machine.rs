@@ -1668,6 +1668,15 @@ mod tests {
         write_state(path, &meta, &SnapshotDataRef { image: captured.state(), blobs: &[] }).unwrap();
     }
 
+    /// Apply a membership of voters 1, 2 and 3 to `shared`.
+    fn voters_1_2_3(shared: &Shared) {
+        let info =
+            |id: NodeId| NodeInfo { peer_id: format!("p{id}"), p2p_addr: String::new(), http_addr: String::new() };
+        let nodes = BTreeMap::from([(1, info(1)), (2, info(2)), (3, info(3))]);
+        let membership = openraft::Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes);
+        shared.membership.send_replace(StoredMembership::new(None, membership));
+    }
+
     #[test]
     fn the_leader_holds_writes_for_its_own_backlog_and_a_quorums_but_not_one_members() {
         let dir = tempfile::tempdir().unwrap();
@@ -1676,11 +1685,7 @@ mod tests {
         shared.note_peer_unsnapshotted(2, 10, 5);
         shared.note_peer_unsnapshotted(3, 10, 5);
         assert_eq!(shared.hold_writes(1, false), None, "no membership applied yet: no quorum to count");
-        let info =
-            |id: NodeId| NodeInfo { peer_id: format!("p{id}"), p2p_addr: String::new(), http_addr: String::new() };
-        let nodes = BTreeMap::from([(1, info(1)), (2, info(2)), (3, info(3))]);
-        let membership = openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], nodes);
-        shared.membership.send_replace(StoredMembership::new(None, membership));
+        voters_1_2_3(shared);
         assert_eq!(shared.hold_writes(1, false), Some(Backlogged::Members(vec![2, 3])), "both followers past theirs");
         shared.note_peer_unsnapshotted(3, 5, 5);
         assert_eq!(shared.hold_writes(1, false), None, "one follower past its most holds nothing");
@@ -1708,11 +1713,7 @@ mod tests {
         shared.unsnapshotted.store(801, Ordering::Relaxed);
         assert_eq!(shared.hold_writes(1, false), Some(Backlogged::Own { changes: 801, max: 800 }));
         shared.unsnapshotted.store(0, Ordering::Relaxed);
-        let info =
-            |id: NodeId| NodeInfo { peer_id: format!("p{id}"), p2p_addr: String::new(), http_addr: String::new() };
-        let nodes = BTreeMap::from([(1, info(1)), (2, info(2)), (3, info(3))]);
-        let membership = openraft::Membership::new(vec![std::collections::BTreeSet::from([1, 2, 3])], nodes);
-        shared.membership.send_replace(StoredMembership::new(None, membership));
+        voters_1_2_3(shared);
         shared.note_peer_unsnapshotted(2, 750, 800);
         shared.note_peer_unsnapshotted(3, 750, 800);
         assert_eq!(shared.hold_writes(1, true), Some(Backlogged::Members(vec![2, 3])));
